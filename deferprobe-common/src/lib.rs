@@ -1,0 +1,171 @@
+//! The kernel <-> userspace ABI of deferprobe: every type that crosses the boundary, once.
+//!
+//! Both `deferprobe-ebpf` (BPF target, no_std) and `deferprobe` (userspace) compile this crate,
+//! so a layout change is a change in one place. Everything here is `#[repr(C)]`, plain old data,
+//! and padded explicitly so the layout is the same on both sides.
+#![no_std]
+
+/// Size of the BPF ring buffer that carries events (must be a power of two, multiple of the
+/// page size).
+pub const EVENT_RING_BYTES: u32 = 1 << 22;
+
+/// Index of one per-CPU counter in [`Counters::values`].
+///
+/// Counters are exact: every probe hit bumps its counter before anything can fail, so they stay
+/// right even when the ring buffer overflows (losses are counted by cause).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Calls of any `runtime.mapassign*` variant.
+    MapAssign = 0,
+    /// Heap defer registrations: `runtime.deferproc` + `runtime.deferprocat`.
+    DeferProc,
+    /// Stack defer registrations: `runtime.deferprocStack`.
+    DeferProcStack,
+    /// Calls of `runtime.deferreturn`.
+    DeferReturn,
+    /// Allocations (mallocgc and, on Go 1.27, the size-specialized entries), each counted once.
+    Malloc,
+    /// Sum of requested allocation sizes, in bytes.
+    AllocBytes,
+    /// Goroutine exits (`runtime.goexit1`).
+    GoroutineExit,
+    /// Events not written because the ring buffer was full.
+    LostRingFull,
+    /// Probe hits whose user-memory read (g, goid) failed; the event carries goid 0.
+    UserReadFailed,
+}
+
+impl Counter {
+    /// Number of counters; the length of [`Counters::values`].
+    pub const COUNT: usize = Counter::UserReadFailed as usize + 1;
+
+    /// Every counter, in index order.
+    pub const ALL: [Counter; Counter::COUNT] = [
+        Counter::MapAssign,
+        Counter::DeferProc,
+        Counter::DeferProcStack,
+        Counter::DeferReturn,
+        Counter::Malloc,
+        Counter::AllocBytes,
+        Counter::GoroutineExit,
+        Counter::LostRingFull,
+        Counter::UserReadFailed,
+    ];
+}
+
+/// The single value of the per-CPU `COUNTERS` array: one slot per [`Counter`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub values: [u64; Counter::COUNT],
+}
+
+impl Counters {
+    pub const ZERO: Counters = Counters { values: [0; Counter::COUNT] };
+
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values[counter as usize]
+    }
+}
+
+/// Where in the Go runtime's structures the probes find things. Filled by userspace from the
+/// probe plan (DWARF or the per-release table) and written into the BPF object before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// Offset of `goid` in `runtime.g`.
+    pub g_goid: u64,
+    /// Offset of `m` in `runtime.g`.
+    pub g_m: u64,
+    /// Offset of `curg` in `runtime.m`.
+    pub m_curg: u64,
+    /// ELF virtual address range `[start, end)` of `runtime.mallocgc`. Size-specialized malloc
+    /// entries called from inside it were already counted by the mallocgc probe.
+    pub mallocgc_start: u64,
+    pub mallocgc_end: u64,
+    /// ELF virtual address of the mallocgc probe. The mallocgc program compares it with the
+    /// address it really fires at to learn the load bias of position-independent binaries.
+    pub mallocgc_probe: u64,
+}
+
+impl ProbeConfig {
+    pub const ZERO: ProbeConfig = ProbeConfig {
+        g_goid: 0,
+        g_m: 0,
+        m_curg: 0,
+        mallocgc_start: 0,
+        mallocgc_end: 0,
+        mallocgc_probe: 0,
+    };
+}
+
+/// Discriminant of a ring-buffer record; the first field of every event.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    DeferRegistered = 1,
+    DeferReturn = 2,
+    GoroutineExit = 3,
+}
+
+impl EventKind {
+    pub fn from_u32(raw: u32) -> Option<EventKind> {
+        match raw {
+            1 => Some(EventKind::DeferRegistered),
+            2 => Some(EventKind::DeferReturn),
+            3 => Some(EventKind::GoroutineExit),
+            _ => None,
+        }
+    }
+}
+
+/// Common prefix of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] value.
+    pub kind: u32,
+    /// CPU the probe ran on.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()` at the probe: orders events that arrive interleaved across CPUs.
+    pub ktime_ns: u64,
+    /// Goroutine id (`g.goid`), 0 if it could not be read.
+    pub goid: u64,
+}
+
+/// A heap defer record was registered (`runtime.deferproc` / `runtime.deferprocat`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeferRegistered {
+    pub header: EventHeader,
+    /// The deferred closure (`*funcval`): word 0 is its code PC, captured variables follow.
+    pub closure: u64,
+    /// Return address into the function that executed the `defer` statement.
+    pub caller_pc: u64,
+    /// That function's SP (what the runtime stores as `_defer.sp`).
+    pub caller_sp: u64,
+}
+
+/// `runtime.deferreturn` ran the records of the frame whose SP is `caller_sp`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeferReturn {
+    pub header: EventHeader,
+    pub caller_pc: u64,
+    pub caller_sp: u64,
+}
+
+/// A goroutine ended (`runtime.goexit1`); all its records are gone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoroutineExit {
+    pub header: EventHeader,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain #[repr(C)] integers with no padding holes.
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::ProbeConfig {}
+}

@@ -1,0 +1,213 @@
+//! deferprobe's kernel side: entry-style uprobes on Go runtime functions.
+//!
+//! Each probe family has one program. Every hit first bumps its per-CPU counter (exact, even
+//! when the ring buffer is full), then, for defer bookkeeping, writes a compact event to the
+//! ring buffer without waking the reader (userspace drains on a timer).
+//!
+//! Go passes arguments in registers (ABIInternal: RAX, RBX, RCX, RDI, ...; R14 = current g), so
+//! the probes read `pt_regs` fields directly instead of `ctx.arg(n)` (C ABI order).
+//! Probes sit just after each function's stack-check branch (see the probe plan in userspace),
+//! where RSP still points at the return address and the arguments are still in registers.
+#![no_std]
+#![no_main]
+// The BPF target has no AtomicU64::fetch_add; the intrinsic lowers to BPF_ATOMIC_ADD.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    Global,
+    bindings::{BPF_RB_NO_WAKEUP, pt_regs},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user},
+    macros::{map, uprobe},
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::ProbeContext,
+};
+use deferprobe_common::{
+    Counter, Counters, DeferRegistered, DeferReturn, EVENT_RING_BYTES, EventHeader, EventKind,
+    GoroutineExit, ProbeConfig,
+};
+
+/// Runtime struct offsets and address ranges, written by userspace before load.
+#[unsafe(no_mangle)]
+static PROBE_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
+
+#[map]
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where the mallocgc probe really fired (its runtime address), once it has: with
+/// `PROBE_CONFIG.mallocgc_probe` this gives the load bias of a PIE binary without reading the
+/// target's memory maps. 0 until the first mallocgc hit.
+#[map]
+static MALLOCGC_PROBE_SEEN_AT: Array<u64> = Array::with_max_entries(1, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+
+/// Adds `by` to a per-CPU counter. Atomic because uprobe programs run with migration, not
+/// preemption, disabled: two tasks on one CPU can interleave a plain read-modify-write.
+#[inline(always)]
+fn bump(counter: Counter, by: u64) {
+    if let Some(counters) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: the map value lives as long as the map; index is a compile-time constant.
+        unsafe {
+            let slot = &raw mut (*counters).values[counter as usize];
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, by);
+        }
+    }
+}
+
+#[inline(always)]
+fn regs(ctx: &ProbeContext) -> &pt_regs {
+    // SAFETY: the kernel hands every uprobe program a valid pt_regs.
+    unsafe { &*ctx.regs }
+}
+
+#[inline(always)]
+fn read_user_u64(addr: u64) -> Option<u64> {
+    // SAFETY: bpf_probe_read_user checks the address; failure is an Err, not a fault.
+    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+}
+
+/// `g.goid` of the goroutine in `g` (R14), or 0 (counted) when it can't be read.
+#[inline(always)]
+fn goid_of(g: u64) -> u64 {
+    let config = PROBE_CONFIG.load();
+    match read_user_u64(g + config.g_goid) {
+        Some(goid) => goid,
+        None => {
+            bump(Counter::UserReadFailed, 1);
+            0
+        }
+    }
+}
+
+#[inline(always)]
+fn header(kind: EventKind, goid: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        // SAFETY: plain helper calls without arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        goid,
+    }
+}
+
+/// Writes `event` to the ring buffer without waking the reader; counts it when the buffer is
+/// full.
+#[inline(always)]
+fn emit<T: 'static>(event: T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut entry) => {
+            entry.write(event);
+            entry.submit(BPF_RB_NO_WAKEUP as u64);
+        }
+        None => bump(Counter::LostRingFull, 1),
+    }
+}
+
+/// `runtime.mapassign`, `_fast32`, `_fast64`, `_fast64ptr`, `_faststr`: RBX = the map.
+#[uprobe]
+pub fn mapassign(_ctx: ProbeContext) -> u32 {
+    bump(Counter::MapAssign, 1);
+    0
+}
+
+/// `runtime.deferproc(fn)` and `runtime.deferprocat(fn, frame)`: RAX = the closure.
+#[uprobe]
+pub fn deferproc(ctx: ProbeContext) -> u32 {
+    bump(Counter::DeferProc, 1);
+    let r = regs(&ctx);
+    let caller_pc = read_user_u64(r.rsp).unwrap_or(0);
+    emit(DeferRegistered {
+        header: header(EventKind::DeferRegistered, goid_of(r.r14)),
+        closure: r.rax,
+        caller_pc,
+        caller_sp: r.rsp + 8,
+    });
+    0
+}
+
+/// `runtime.deferprocStack(d)`: a stack record; it can't accumulate, so it is only counted.
+#[uprobe]
+pub fn deferproc_stack(_ctx: ProbeContext) -> u32 {
+    bump(Counter::DeferProcStack, 1);
+    0
+}
+
+/// `runtime.deferreturn()`: runs the pending records whose sp is the caller's SP.
+#[uprobe]
+pub fn deferreturn(ctx: ProbeContext) -> u32 {
+    bump(Counter::DeferReturn, 1);
+    let r = regs(&ctx);
+    let caller_pc = read_user_u64(r.rsp).unwrap_or(0);
+    emit(DeferReturn {
+        header: header(EventKind::DeferReturn, goid_of(r.r14)),
+        caller_pc,
+        caller_sp: r.rsp + 8,
+    });
+    0
+}
+
+/// `runtime.mallocgc(size, typ, needzero)`: RAX = size.
+#[uprobe]
+pub fn mallocgc(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    bump(Counter::Malloc, 1);
+    bump(Counter::AllocBytes, r.rax);
+    if let Some(seen_at) = MALLOCGC_PROBE_SEEN_AT.get_ptr_mut(0) {
+        // SAFETY: map value pointer from the kernel. Written once; later hits only read.
+        unsafe {
+            if *seen_at == 0 {
+                // The kernel sets the ip to the probed instruction before running handlers.
+                *seen_at = r.rip;
+            }
+        }
+    }
+    0
+}
+
+/// Go 1.27's size-specialized entries (`mallocgcTinySC*`, `mallocgcSmall*SC*`), same registers
+/// as mallocgc. mallocgc forwards small sizes to them: a call whose return address lies inside
+/// mallocgc was already counted there.
+#[uprobe]
+pub fn mallocgc_size_class(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    let config = PROBE_CONFIG.load();
+    // Before the first mallocgc hit nothing can have come through mallocgc.
+    let seen_at = MALLOCGC_PROBE_SEEN_AT.get(0).copied().unwrap_or(0);
+    if seen_at != 0 {
+        let bias = seen_at.wrapping_sub(config.mallocgc_probe);
+        match read_user_u64(r.rsp) {
+            Some(return_pc) => {
+                let return_pc = return_pc.wrapping_sub(bias);
+                if return_pc >= config.mallocgc_start && return_pc < config.mallocgc_end {
+                    return 0;
+                }
+            }
+            None => bump(Counter::UserReadFailed, 1),
+        }
+    }
+    bump(Counter::Malloc, 1);
+    bump(Counter::AllocBytes, r.rax);
+    0
+}
+
+/// `runtime.goexit1()`: the goroutine in R14 is ending; g structs are reused afterwards.
+#[uprobe]
+pub fn goexit1(ctx: ProbeContext) -> u32 {
+    bump(Counter::GoroutineExit, 1);
+    emit(GoroutineExit { header: header(EventKind::GoroutineExit, goid_of(regs(&ctx).r14)) });
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

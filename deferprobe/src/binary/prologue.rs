@@ -1,0 +1,330 @@
+//! Where to put probes inside a function, found by decoding its machine code with iced-x86:
+//! just after the Go stack-check prologue (entry), and on every RET (returns). Offsets are
+//! relative to the function's entry.
+
+use iced_x86::{
+    Code, Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind, Register,
+};
+use serde::Serialize;
+
+use super::BinaryError;
+
+/// `g.stackguard0` (Go functions) and `g.stackguard1` (the runtime's C-like functions).
+const STACK_GUARD_OFFSETS: [u64; 2] = [0x10, 0x18];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ProbeOffset {
+    pub offset: u64,
+    /// False for functions without a stack check (nosplit): the probe is on the entry.
+    pub after_stack_check: bool,
+}
+
+/// The offset where a probe sees each call exactly once: just after the stack-check branch.
+/// When the check fails the function calls morestack and jumps back to its first instruction,
+/// so an entry probe would fire twice. Recognised prologues (R14 = g, R12 = scratch), each
+/// ending in `JBE` (short or near) to the morestack call:
+///
+/// - small frames: `CMPQ SP, 0x10(R14)`
+/// - frames up to 4 KiB: `LEAQ -N(SP), R12; CMPQ R12, 0x10(R14)`
+/// - larger frames: `MOVQ SP, R12; SUBQ $N, R12; JCS morestack; CMPQ R12, 0x10(R14)`
+///
+/// optionally preceded by a load of g from TLS into R14 (ABI0 assembly functions). Functions
+/// that do not start with one of these (nosplit, e.g. `runtime.deferprocStack`) get offset 0; a
+/// prologue that starts like a stack check but does not finish like one is an error.
+pub fn probe_offset(code: &[u8], address: u64) -> Result<ProbeOffset, BinaryError> {
+    let end =
+        stack_check_end(code, address).map_err(|reason| BinaryError::Code { address, reason })?;
+    Ok(match end {
+        Some(offset) => ProbeOffset {
+            offset,
+            after_stack_check: true,
+        },
+        None => ProbeOffset {
+            offset: 0,
+            after_stack_check: false,
+        },
+    })
+}
+
+/// Offsets of every RET instruction in the function body. (Tail calls leave a function with a
+/// JMP instead; Go emits those only in wrappers and assembly.)
+pub fn ret_offsets(code: &[u8], address: u64) -> Result<Vec<u64>, BinaryError> {
+    let mut offsets = Vec::new();
+    for instruction in instructions(code, address) {
+        let instruction = instruction.map_err(|reason| BinaryError::Code { address, reason })?;
+        if instruction.mnemonic() == Mnemonic::Ret {
+            offsets.push(instruction.ip().wrapping_sub(address));
+        }
+    }
+    Ok(offsets)
+}
+
+/// The offset just past the stack-check JBE, or None if the code has no stack check.
+fn stack_check_end(code: &[u8], address: u64) -> Result<Option<u64>, String> {
+    let mut decoded = instructions(code, address);
+    let mut next = || {
+        decoded
+            .next()
+            .unwrap_or_else(|| Err("code ends inside the prologue".into()))
+    };
+
+    let mut first = next()?;
+    if is_tls_g_load(&first) {
+        first = next()?;
+    }
+    let (compare, checked) = if is_stack_guard_compare(&first, Register::RSP) {
+        (first, Register::RSP)
+    } else if first.code() == Code::Lea_r64_m
+        && first.op0_register() == Register::R12
+        && first.memory_base() == Register::RSP
+        && first.memory_index() == Register::None
+    {
+        (next()?, Register::R12)
+    } else if is_mov_r12_rsp(&first) {
+        let sub = next()?;
+        let jcs = next()?;
+        if sub.mnemonic() != Mnemonic::Sub
+            || sub.op0_kind() != OpKind::Register
+            || sub.op0_register() != Register::R12
+            || jcs.mnemonic() != Mnemonic::Jb
+        {
+            return Err(unrecognised(&first, address));
+        }
+        (next()?, Register::R12)
+    } else {
+        return Ok(None);
+    };
+    if !is_stack_guard_compare(&compare, checked) {
+        return Err(unrecognised(&first, address));
+    }
+    let branch = next()?;
+    if branch.mnemonic() != Mnemonic::Jbe {
+        return Err(format!(
+            "stack check at +{:#x} is not followed by JBE",
+            compare.ip().wrapping_sub(address)
+        ));
+    }
+    Ok(Some(branch.next_ip().wrapping_sub(address)))
+}
+
+fn unrecognised(first: &Instruction, address: u64) -> String {
+    format!(
+        "unrecognised stack-check prologue at +{:#x}",
+        first.ip().wrapping_sub(address)
+    )
+}
+
+/// `MOVQ (TLS), R14`: `mov r14, fs:[…]`.
+fn is_tls_g_load(instruction: &Instruction) -> bool {
+    instruction.mnemonic() == Mnemonic::Mov
+        && instruction.op0_kind() == OpKind::Register
+        && instruction.op0_register() == Register::R14
+        && instruction.op1_kind() == OpKind::Memory
+        && instruction.memory_segment() == Register::FS
+}
+
+/// `CMPQ reg, 0x10(R14)` (or 0x18).
+fn is_stack_guard_compare(instruction: &Instruction, register: Register) -> bool {
+    instruction.code() == Code::Cmp_r64_rm64
+        && instruction.op0_register() == register
+        && instruction.op1_kind() == OpKind::Memory
+        && instruction.memory_base() == Register::R14
+        && instruction.memory_index() == Register::None
+        && instruction.memory_segment() == Register::DS
+        && STACK_GUARD_OFFSETS.contains(&instruction.memory_displacement64())
+}
+
+/// `MOVQ SP, R12`, in either encoding.
+fn is_mov_r12_rsp(instruction: &Instruction) -> bool {
+    matches!(instruction.code(), Code::Mov_r64_rm64 | Code::Mov_rm64_r64)
+        && instruction.op0_kind() == OpKind::Register
+        && instruction.op0_register() == Register::R12
+        && instruction.op1_kind() == OpKind::Register
+        && instruction.op1_register() == Register::RSP
+}
+
+/// Decodes `code` linearly; an undecodable or truncated instruction is an error item.
+fn instructions(code: &[u8], address: u64) -> impl Iterator<Item = Result<Instruction, String>> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    std::iter::from_fn(move || {
+        if !decoder.can_decode() {
+            return None;
+        }
+        let offset = decoder.ip().wrapping_sub(address);
+        let instruction = decoder.decode();
+        Some(match decoder.last_error() {
+            DecoderError::None => Ok(instruction),
+            DecoderError::NoMoreBytes => Err(format!("truncated instruction at +{offset:#x}")),
+            _ => Err(format!("undecodable instruction at +{offset:#x}")),
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::binary::{GoBinary, testbin};
+
+    fn offset(code: &[u8]) -> Result<ProbeOffset, BinaryError> {
+        probe_offset(code, 0x1000)
+    }
+
+    fn after(offset: u64) -> ProbeOffset {
+        ProbeOffset {
+            offset,
+            after_stack_check: true,
+        }
+    }
+
+    const CMP_RSP: [u8; 4] = [0x49, 0x3b, 0x66, 0x10];
+    const CMP_R12: [u8; 4] = [0x4d, 0x3b, 0x66, 0x10];
+    const LEA_R12: [u8; 5] = [0x4c, 0x8d, 0x64, 0x24, 0xd0];
+    const JBE_SHORT: [u8; 2] = [0x76, 0x20];
+    const JBE_NEAR: [u8; 6] = [0x0f, 0x86, 0x00, 0x01, 0x00, 0x00];
+    const PUSH_RBP: [u8; 1] = [0x55];
+
+    #[test]
+    fn synthetic_prologues() {
+        assert_eq!(
+            offset(&[&CMP_RSP[..], &JBE_SHORT, &PUSH_RBP].concat()).unwrap(),
+            after(6)
+        );
+        assert_eq!(
+            offset(&[&CMP_RSP[..], &JBE_NEAR, &PUSH_RBP].concat()).unwrap(),
+            after(10)
+        );
+        assert_eq!(
+            offset(&[&LEA_R12[..], &CMP_R12, &JBE_NEAR, &PUSH_RBP].concat()).unwrap(),
+            after(15)
+        );
+        // MOVQ SP, R12; SUBQ $0x2000, R12; JCS; CMPQ R12, 0x10(R14); JBE
+        let huge = [
+            &[0x49, 0x89, 0xe4][..],
+            &[0x49, 0x81, 0xec, 0x00, 0x20, 0x00, 0x00],
+            &[0x72, 0x10],
+            &CMP_R12,
+            &JBE_SHORT,
+            &PUSH_RBP,
+        ]
+        .concat();
+        assert_eq!(offset(&huge).unwrap(), after(3 + 7 + 2 + 4 + 2));
+        // ABI0: MOVQ FS:-8, R14 first.
+        let abi0 = [
+            &[0x64, 0x4c, 0x8b, 0x34, 0x25, 0xf8, 0xff, 0xff, 0xff][..],
+            &CMP_RSP,
+            &JBE_SHORT,
+        ]
+        .concat();
+        assert_eq!(offset(&abi0).unwrap(), after(15));
+        // nosplit
+        let none = ProbeOffset {
+            offset: 0,
+            after_stack_check: false,
+        };
+        assert_eq!(offset(&[0x55, 0x48, 0x89, 0xe5, 0xc3]).unwrap(), none);
+        assert_eq!(offset(&[0xc3]).unwrap(), none);
+    }
+
+    #[test]
+    fn broken_prologues_are_errors() {
+        let no_jbe = [&CMP_RSP[..], &PUSH_RBP].concat();
+        assert_eq!(
+            offset(&no_jbe).unwrap_err().to_string(),
+            "machine code at 0x1000: stack check at +0x0 is not followed by JBE"
+        );
+        let lea_without_cmp = [&LEA_R12[..], &PUSH_RBP, &JBE_SHORT].concat();
+        assert!(offset(&lea_without_cmp).is_err());
+        assert!(offset(&CMP_RSP).is_err());
+        assert!(offset(&CMP_RSP[..2]).is_err());
+        assert!(offset(&[]).is_err());
+    }
+
+    #[test]
+    fn ret_offsets_synthetic() {
+        // push rbp; ret; nop; ret
+        assert_eq!(ret_offsets(&[0x55, 0xc3, 0x90, 0xc3], 0).unwrap(), [1, 3]);
+        assert_eq!(ret_offsets(&[], 0).unwrap(), Vec::<u64>::new());
+        let err = ret_offsets(&[0xc3, 0x0f], 0x2000).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "machine code at 0x2000: truncated instruction at +0x1"
+        );
+    }
+
+    /// Independent of iced-x86: the raw encodings from go-runtime.md.
+    fn expected_from_bytes(code: &[u8]) -> u64 {
+        let lea = match code {
+            [0x4c, 0x8d, 0x64, 0x24, _, ..] => 5,
+            [0x4c, 0x8d, 0xa4, 0x24, _, _, _, _, ..] => 8,
+            _ => 0,
+        };
+        let compare = if lea == 0 { CMP_RSP } else { CMP_R12 };
+        assert_eq!(
+            code[lea..lea + 4],
+            compare,
+            "stack check expected at +{lea}"
+        );
+        match code[lea + 4] {
+            0x76 => lea as u64 + 4 + 2,
+            0x0f if code[lea + 5] == 0x86 => lea as u64 + 4 + 6,
+            other => panic!("expected JBE after the stack check, found {other:#x}"),
+        }
+    }
+
+    #[test]
+    fn real_prologues() {
+        for release in testbin::releases() {
+            let binary = GoBinary::open(&testbin::path(&release, "workload")).unwrap();
+            let minor = binary.build_info().release.minor;
+            for name in [
+                "runtime.deferproc",
+                "runtime.mapassign_faststr",
+                "runtime.deferreturn",
+            ] {
+                let function = binary.function(name).unwrap();
+                let code = binary.function_code(&function).unwrap();
+                let probe = binary.probe_offset(&function).unwrap();
+                assert!(probe.after_stack_check, "go{release} {name}");
+                assert_eq!(
+                    probe.offset,
+                    expected_from_bytes(code),
+                    "go{release} {name}"
+                );
+            }
+            let mapassign = binary.function("runtime.mapassign_faststr").unwrap();
+            let expected = if minor <= 23 { 10 } else { 15 };
+            assert_eq!(
+                binary.probe_offset(&mapassign).unwrap(),
+                after(expected),
+                "go{release}"
+            );
+
+            let stack = binary.function("runtime.deferprocStack").unwrap();
+            let probe = binary.probe_offset(&stack).unwrap();
+            assert_eq!(
+                probe,
+                ProbeOffset {
+                    offset: 0,
+                    after_stack_check: false
+                },
+                "go{release}"
+            );
+        }
+    }
+
+    #[test]
+    fn real_ret_offsets() {
+        for release in testbin::releases() {
+            let binary = GoBinary::open(&testbin::path(&release, "workload")).unwrap();
+            for name in testbin::FUNCTIONS.iter().chain(&["runtime.deferprocStack"]) {
+                let function = binary.function(name).unwrap();
+                let code = binary.function_code(&function).unwrap();
+                let rets = binary.ret_offsets(&function).unwrap();
+                assert!(!rets.is_empty(), "go{release} {name}");
+                for ret in rets {
+                    assert_eq!(code[ret as usize], 0xc3, "go{release} {name}+{ret:#x}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Command-line interface (clap): subcommands, flags and their validation.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "deferprobe",
+    version,
+    about = "Find deferred closures piling up in a running Go program, and the maps they keep alive",
+    long_about = None,
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace a running Go process (--pid) or a command started under deferprobe (-- CMD ...).
+    Run(RunArgs),
+    /// Analyse a Go binary without running it: Go release and the probe plan.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("target").required(true).args(["pid", "command"]))]
+pub struct RunArgs {
+    /// Process id of the running Go program to attach to.
+    #[arg(long, value_parser = parse_pid)]
+    pub pid: Option<u32>,
+
+    /// Stop tracing after this long (e.g. 30s, 5m, 1h). Default: until Ctrl-C / SIGTERM or
+    /// the target exits.
+    #[arg(long, value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+
+    /// Time between count log lines.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    pub interval: Duration,
+
+    /// Also write the final report as JSON to this file.
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
+
+    /// Format of the log lines on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Command to start with probes attached before its first instruction (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The Go executable to analyse.
+    pub binary: PathBuf,
+
+    /// Print the analysis as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_pid(value: &str) -> Result<u32, String> {
+    match value.parse::<u32>() {
+        Ok(0) => Err("pid 0 is not a process".into()),
+        Ok(pid) if pid > i32::MAX as u32 => Err(format!("{pid} is not a valid pid")),
+        Ok(pid) => Ok(pid),
+        Err(_) => Err(format!("`{value}` is not a process id")),
+    }
+}
+
+fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(value)
+        .map_err(|err| format!("`{value}` is not a duration like 30s, 500ms or 5m ({err})"))?;
+    if duration.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("deferprobe").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_with_pid_and_flags() {
+        let cli = parse(&["run", "--pid", "42", "--duration", "1m", "--interval", "500ms"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.pid, Some(42));
+        assert_eq!(run.duration, Some(Duration::from_secs(60)));
+        assert_eq!(run.interval, Duration::from_millis(500));
+        assert_eq!(run.log_format, LogFormat::Text);
+        assert!(run.command.is_empty());
+    }
+
+    #[test]
+    fn run_with_command() {
+        let cli = parse(&["run", "--log-format", "json", "--", "/bin/prog", "-x", "--y"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.command, ["/bin/prog", "-x", "--y"]);
+        assert_eq!(run.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for args in [
+            &["run"][..],
+            &["run", "--pid", "1", "--", "prog"],
+            &["run", "--pid", "0"],
+            &["run", "--pid", "abc"],
+            &["run", "--pid", "1", "--duration", "0s"],
+            &["run", "--pid", "1", "--duration", "soon"],
+            &["run", "--pid", "1", "--interval", "-1s"],
+            &["run", "--pid", "1", "--log-format", "xml"],
+            &["run", "--pid", "1", "--bogus"],
+        ] {
+            let err = parse(args).expect_err(&format!("{args:?} should fail"));
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+    }
+}

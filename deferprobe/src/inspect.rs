@@ -1,0 +1,77 @@
+//! `deferprobe inspect BINARY`: the static analysis of a Go binary (release, struct offsets,
+//! the probe plan) as text or JSON, without running anything.
+
+use std::{fmt::Write as _, path::Path};
+
+use serde::Serialize;
+
+use crate::{binary::GoBinary, error::Result, plan::ProbePlan};
+
+#[derive(Serialize)]
+struct Inspection<'a> {
+    path: String,
+    module_path: Option<&'a str>,
+    main_package: Option<&'a str>,
+    plan: &'a ProbePlan,
+}
+
+/// Returns what `inspect` prints.
+pub fn inspect(path: &Path, json: bool) -> Result<String> {
+    let binary = GoBinary::open(path)?;
+    let plan = ProbePlan::build(&binary)?;
+    let info = binary.build_info();
+    if json {
+        let inspection = Inspection {
+            path: path.display().to_string(),
+            module_path: info.module_path.as_deref(),
+            main_package: info.main_package.as_deref(),
+            plan: &plan,
+        };
+        return Ok(serde_json::to_string_pretty(&inspection).expect("serializes") + "\n");
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "{}", path.display());
+    let _ = writeln!(out, "  go release   {}", plan.go_version);
+    if !plan.experiments.is_empty() {
+        let _ = writeln!(out, "  experiments  {}", plan.experiments.join(","));
+    }
+    if let Some(module) = &info.module_path {
+        let _ = writeln!(out, "  module       {module}");
+    }
+    if let Some(main) = &info.main_package {
+        let _ = writeln!(out, "  main package {main}");
+    }
+    let _ = writeln!(out, "  pie          {}", if plan.pie { "yes" } else { "no" });
+    let l = &plan.layout;
+    let _ = writeln!(
+        out,
+        "  offsets      g.goid={} g.m={} g._defer={} m.curg={} sizeof(_defer)={} ({:?})",
+        l.g_goid, l.g_m, l.g_defer, l.m_curg, l.defer_size, plan.layout_source
+    );
+    let _ = writeln!(out, "\nprobe plan ({} probes)", plan.probes.len());
+    let _ = writeln!(out, "  {:<38} {:>10} {:>7} {:>10}  {}", "function", "address", "attach", "file off", "program");
+    for probe in &plan.probes {
+        let _ = writeln!(
+            out,
+            "  {:<38} {:>#10x} {:>+7} {:>#10x}  {}",
+            probe.symbol,
+            probe.address,
+            probe.attach_offset,
+            probe.file_offset,
+            probe.program.name()
+        );
+    }
+    if !plan.absent.is_empty() {
+        let _ = writeln!(out, "\nnot in this binary (never called): {}", plan.absent.join(", "));
+    }
+    let _ = writeln!(out, "\nprograms");
+    let mut programs: Vec<_> = plan.probes.iter().map(|p| p.program).collect();
+    programs.dedup();
+    for program in programs {
+        let registers: Vec<String> =
+            program.registers().iter().map(|(reg, what)| format!("{reg}={what}")).collect();
+        let _ = writeln!(out, "  {:<20} {}", program.name(), program.reports());
+        let _ = writeln!(out, "  {:<20} reads {}", "", registers.join(", "));
+    }
+    Ok(out)
+}

@@ -1,0 +1,18 @@
+//! deferprobe: finds deferred closures piling up in running Go programs, and the maps they keep
+//! alive, with uprobes on the Go runtime.
+//!
+//! Pipeline: [`binary`] analyses the target executable → [`plan`] decides every probe →
+//! [`tracer`] loads and attaches the eBPF programs → [`session`] drains the ring buffer and the
+//! per-CPU counters on timers → [`aggregator`] (pure) turns events into state → [`report`].
+
+pub mod aggregator;
+pub mod binary;
+pub mod cli;
+pub mod error;
+pub mod inspect;
+pub mod layout;
+pub mod plan;
+pub mod report;
+pub mod session;
+pub mod target;
+pub mod tracer;

@@ -1,0 +1,60 @@
+//! The deferprobe command: parses the command line, sets up logging, runs a subcommand and turns
+//! every failure into one line on stderr and an exit code (see README.md, "Exit codes").
+
+use std::{io::IsTerminal as _, process::ExitCode};
+
+use clap::Parser as _;
+use deferprobe::{
+    cli::{Cli, Command, LogFormat},
+    error::{Error, ErrorKind},
+    inspect, session,
+};
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if err.use_stderr() => {
+            // clap's own message, cut to its first line: "error: unexpected argument ...".
+            let rendered = err.to_string();
+            let first = rendered.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("deferprobe: {} (see deferprobe --help)", first.trim_start_matches("error: "));
+            return ExitCode::from(ErrorKind::Usage.exit_code());
+        }
+        Err(help_or_version) => {
+            let _ = help_or_version.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let result = match &cli.command {
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            session::run(args)
+        }
+        Command::Inspect(args) => inspect::inspect(&args.binary, args.json).map(|text| {
+            print!("{text}");
+            0
+        }),
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(err) => fail(&err),
+    }
+}
+
+fn fail(err: &Error) -> ExitCode {
+    eprintln!("deferprobe: error: {err}");
+    ExitCode::from(err.kind.exit_code())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DEFERPROBE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+}

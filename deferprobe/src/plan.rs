@@ -1,0 +1,303 @@
+//! The probe plan: every probe deferprobe attaches to a given Go binary, decided in one place
+//! from one table of Go runtime functions and the binary's own analysis.
+//!
+//! [`RUNTIME_FUNCTIONS`] lists what to probe (symbol variants, the eBPF program that handles
+//! them, which registers hold what, the releases that have them). [`ProbePlan::build`] resolves
+//! it against a binary: addresses, file offsets, the attach offset just after each function's
+//! stack check (decoded, never hardcoded), and the runtime struct offsets (DWARF, else the
+//! per-release table). `inspect` prints the plan and `run` attaches exactly it.
+
+use serde::Serialize;
+
+use crate::{
+    binary::{Function, GoBinary, prologue},
+    error::{Error, Result},
+    layout::{self, GoRelease, LayoutSource, RuntimeLayout},
+};
+
+/// Oldest and newest Go releases deferprobe has verified probes and offsets for.
+pub const OLDEST_SUPPORTED: GoRelease = GoRelease::new(1, 21);
+pub const NEWEST_SUPPORTED: GoRelease = GoRelease::new(1, 27);
+
+/// The eBPF programs in deferprobe-ebpf; [`ProbeProgram::name`] is the program's name there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeProgram {
+    MapAssign,
+    DeferProc,
+    DeferProcStack,
+    DeferReturn,
+    Mallocgc,
+    MallocgcSizeClass,
+    Goexit1,
+}
+
+impl ProbeProgram {
+    pub const ALL: [ProbeProgram; 7] = [
+        ProbeProgram::MapAssign,
+        ProbeProgram::DeferProc,
+        ProbeProgram::DeferProcStack,
+        ProbeProgram::DeferReturn,
+        ProbeProgram::Mallocgc,
+        ProbeProgram::MallocgcSizeClass,
+        ProbeProgram::Goexit1,
+    ];
+
+    /// Name of the program in the eBPF object.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeProgram::MapAssign => "mapassign",
+            ProbeProgram::DeferProc => "deferproc",
+            ProbeProgram::DeferProcStack => "deferproc_stack",
+            ProbeProgram::DeferReturn => "deferreturn",
+            ProbeProgram::Mallocgc => "mallocgc",
+            ProbeProgram::MallocgcSizeClass => "mallocgc_size_class",
+            ProbeProgram::Goexit1 => "goexit1",
+        }
+    }
+
+    /// What a hit reports.
+    pub fn reports(self) -> &'static str {
+        match self {
+            ProbeProgram::MapAssign => "count of map writes",
+            ProbeProgram::DeferProc => "count + event: heap defer (goid, closure, caller pc/sp)",
+            ProbeProgram::DeferProcStack => "count of stack defers",
+            ProbeProgram::DeferReturn => "count + event: frame's defers run (goid, caller pc/sp)",
+            ProbeProgram::Mallocgc => "count + bytes of allocations",
+            ProbeProgram::MallocgcSizeClass => {
+                "count + bytes of allocations not made through mallocgc"
+            }
+            ProbeProgram::Goexit1 => "count + event: goroutine exit (goid)",
+        }
+    }
+
+    /// Registers the program reads, and what they hold (Go ABIInternal, amd64).
+    pub fn registers(self) -> &'static [(&'static str, &'static str)] {
+        const G: (&str, &str) = ("r14", "g (current goroutine)");
+        const RET: (&str, &str) = ("[rsp]", "return address");
+        match self {
+            ProbeProgram::MapAssign => &[("rax", "map type"), ("rbx", "map")],
+            ProbeProgram::DeferProc => &[("rax", "closure (*funcval)"), G, RET],
+            ProbeProgram::DeferProcStack => &[("rax", "*_defer (on the caller's stack)")],
+            ProbeProgram::DeferReturn => &[G, RET],
+            ProbeProgram::Mallocgc => &[("rax", "size"), ("rbx", "*_type")],
+            ProbeProgram::MallocgcSizeClass => &[("rax", "size"), RET],
+            ProbeProgram::Goexit1 => &[G],
+        }
+    }
+}
+
+/// How a table row names its functions.
+#[derive(Clone, Copy, Debug)]
+enum Symbols {
+    /// One function with this exact name.
+    Exact(&'static str),
+    /// Go 1.26+/1.27 size-specialized malloc entries: `runtime.mallocgc<Kind>SC<n>` or
+    /// `runtime.mallocgc<Kind>Size<n>` (not the `*SlowPath` helpers).
+    SizeSpecializedMalloc,
+}
+
+/// One row of the table: functions, the program probing them, and from which release.
+#[derive(Clone, Copy, Debug)]
+struct RuntimeFunction {
+    symbols: Symbols,
+    program: ProbeProgram,
+    since: GoRelease,
+}
+
+const fn row(symbol: &'static str, program: ProbeProgram) -> RuntimeFunction {
+    RuntimeFunction { symbols: Symbols::Exact(symbol), program, since: OLDEST_SUPPORTED }
+}
+
+/// What deferprobe probes, per Go release. A function a binary doesn't contain was never
+/// linked in (the program can't call it) and is listed as absent, not an error — except
+/// mallocgc and goexit1, which every Go program has.
+const RUNTIME_FUNCTIONS: &[RuntimeFunction] = &[
+    row("runtime.mapassign", ProbeProgram::MapAssign),
+    row("runtime.mapassign_fast32", ProbeProgram::MapAssign),
+    row("runtime.mapassign_fast64", ProbeProgram::MapAssign),
+    row("runtime.mapassign_fast64ptr", ProbeProgram::MapAssign),
+    row("runtime.mapassign_faststr", ProbeProgram::MapAssign),
+    row("runtime.deferproc", ProbeProgram::DeferProc),
+    RuntimeFunction {
+        symbols: Symbols::Exact("runtime.deferprocat"),
+        program: ProbeProgram::DeferProc,
+        since: GoRelease::new(1, 22),
+    },
+    row("runtime.deferprocStack", ProbeProgram::DeferProcStack),
+    row("runtime.deferreturn", ProbeProgram::DeferReturn),
+    row("runtime.mallocgc", ProbeProgram::Mallocgc),
+    RuntimeFunction {
+        symbols: Symbols::SizeSpecializedMalloc,
+        program: ProbeProgram::MallocgcSizeClass,
+        since: GoRelease::new(1, 26),
+    },
+    row("runtime.goexit1", ProbeProgram::Goexit1),
+];
+
+const ALWAYS_PRESENT: &[&str] = &["runtime.mallocgc", "runtime.goexit1"];
+
+/// One probe to attach.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlannedProbe {
+    pub program: ProbeProgram,
+    pub symbol: String,
+    /// Function entry (ELF virtual address).
+    pub address: u64,
+    pub size: u64,
+    /// Where the probe goes, relative to `address`.
+    pub attach_offset: u64,
+    /// Whether `attach_offset` skips the stack check (so a call is seen once, not twice).
+    pub after_stack_check: bool,
+    /// File offset of the attach point, what the kernel's uprobe API takes.
+    pub file_offset: u64,
+}
+
+/// Everything `run` attaches to one binary, and what `inspect` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbePlan {
+    pub go_version: String,
+    pub release: GoRelease,
+    pub experiments: Vec<String>,
+    pub pie: bool,
+    pub layout: RuntimeLayout,
+    pub layout_source: LayoutSource,
+    pub probes: Vec<PlannedProbe>,
+    /// Runtime functions this binary doesn't contain (never linked in).
+    pub absent: Vec<String>,
+    /// `[start, end)` of runtime.mallocgc (ELF virtual addresses).
+    pub mallocgc_range: (u64, u64),
+}
+
+impl ProbePlan {
+    pub fn build(binary: &GoBinary) -> Result<ProbePlan> {
+        let info = binary.build_info();
+        let release = info.release;
+        let path = binary.path().display();
+        if release < OLDEST_SUPPORTED || release > NEWEST_SUPPORTED {
+            return Err(Error::target(format!(
+                "{path}: built with {}, but deferprobe supports Go {OLDEST_SUPPORTED} to \
+                 {NEWEST_SUPPORTED}",
+                info.version
+            )));
+        }
+        let (layout, layout_source) = match binary.runtime_layout_from_dwarf()? {
+            Some(layout) => (layout, LayoutSource::Dwarf),
+            None => match layout::for_release(release) {
+                Some(layout) => (layout, LayoutSource::ReleaseTable),
+                None => {
+                    return Err(Error::target(format!(
+                        "{path}: {} has no DWARF and no built-in struct offsets",
+                        info.version
+                    )));
+                }
+            },
+        };
+
+        let mut probes = Vec::new();
+        let mut absent = Vec::new();
+        for row in RUNTIME_FUNCTIONS.iter().filter(|row| row.since <= release) {
+            let functions: Vec<Function> = match row.symbols {
+                Symbols::Exact(name) => binary.function(name).into_iter().collect(),
+                Symbols::SizeSpecializedMalloc => binary
+                    .functions_with_prefix("runtime.mallocgc")
+                    .into_iter()
+                    .filter(|f| is_size_specialized_malloc(&f.name))
+                    .collect(),
+            };
+            if functions.is_empty() {
+                if let Symbols::Exact(name) = row.symbols {
+                    if ALWAYS_PRESENT.contains(&name) {
+                        return Err(Error::target(format!(
+                            "{path}: no {name} symbol; not a complete Go program?"
+                        )));
+                    }
+                    absent.push(name.to_owned());
+                }
+                continue;
+            }
+            for function in functions {
+                probes.push(plan_probe(binary, row.program, function)?);
+            }
+        }
+        let mallocgc = probes
+            .iter()
+            .find(|p| p.program == ProbeProgram::Mallocgc)
+            .map(|p| (p.address, p.address + p.size))
+            .unwrap_or_default();
+        Ok(ProbePlan {
+            go_version: info.version.clone(),
+            release,
+            experiments: info.experiments.clone(),
+            pie: binary.is_pie(),
+            layout,
+            layout_source,
+            probes,
+            absent,
+            mallocgc_range: mallocgc,
+        })
+    }
+
+    /// Probes handled by `program`.
+    pub fn probes_of(&self, program: ProbeProgram) -> impl Iterator<Item = &PlannedProbe> {
+        self.probes.iter().filter(move |p| p.program == program)
+    }
+}
+
+fn plan_probe(binary: &GoBinary, program: ProbeProgram, function: Function) -> Result<PlannedProbe> {
+    let code = binary.function_code(&function)?;
+    let placement = prologue::probe_offset(code, function.address)?;
+    let file_offset = binary.file_offset(function.address + placement.offset)?;
+    Ok(PlannedProbe {
+        program,
+        symbol: function.name,
+        address: function.address,
+        size: function.size,
+        attach_offset: placement.offset,
+        after_stack_check: placement.after_stack_check,
+        file_offset,
+    })
+}
+
+/// `runtime.mallocgcTinySC2`, `runtime.mallocgcSmallScanNoHeaderSC5`, `runtime.mallocgcTinySize8`
+/// (1.26 experiment), but not `runtime.mallocgcSmallNoScanSlowPath` or `runtime.mallocgc`.
+fn is_size_specialized_malloc(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("runtime.mallocgc") else { return false };
+    let digits = rest.trim_end_matches(|c: char| c.is_ascii_digit());
+    digits.len() < rest.len() && (digits.ends_with("SC") || digits.ends_with("Size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_specialized_malloc_names() {
+        for yes in [
+            "runtime.mallocgcTinySC2",
+            "runtime.mallocgcSmallNoScanSC7",
+            "runtime.mallocgcSmallScanNoHeaderSC1",
+            "runtime.mallocgcTinySize15",
+            "runtime.mallocgcSmallScanNoHeaderSize512",
+        ] {
+            assert!(is_size_specialized_malloc(yes), "{yes}");
+        }
+        for no in [
+            "runtime.mallocgc",
+            "runtime.mallocgcTinySlowPath",
+            "runtime.mallocgcSmallNoscan",
+            "runtime.mallocgcLarge",
+            "runtime.mallocgcSC",
+            "runtime.mapassign",
+        ] {
+            assert!(!is_size_specialized_malloc(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn every_program_has_a_table_row() {
+        for program in ProbeProgram::ALL {
+            assert!(RUNTIME_FUNCTIONS.iter().any(|row| row.program == program), "{program:?}");
+        }
+    }
+}

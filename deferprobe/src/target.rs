@@ -1,0 +1,287 @@
+//! The traced process: finding a running one by pid, or starting a command gated so probes are
+//! attached before its first instruction (fork, attach to the child's pid, then exec), and
+//! noticing when it exits (pidfd).
+
+use std::{
+    ffi::CString,
+    fs::File,
+    io::{ErrorKind as IoErrorKind, Read, Write},
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::{ffi::OsStrExt, fs::PermissionsExt},
+    },
+    path::{Path, PathBuf},
+};
+
+use crate::error::{Error, Result};
+
+/// A process deferprobe traces.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub pid: u32,
+    /// What the probes attach to and the analysis reads: `/proc/PID/exe` for running processes
+    /// (right even if the file was replaced or deleted on disk), the resolved path for commands.
+    pub exe: PathBuf,
+    /// The executable's path, for humans.
+    pub exe_name: String,
+}
+
+impl Target {
+    /// A running process.
+    pub fn running(pid: u32) -> Result<Target> {
+        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+        if !proc_dir.exists() {
+            return Err(Error::target(format!("no process with pid {pid}")));
+        }
+        let exe = proc_dir.join("exe");
+        let exe_name = match std::fs::read_link(&exe) {
+            Ok(path) => path.to_string_lossy().into_owned(),
+            Err(err) if err.kind() == IoErrorKind::NotFound => {
+                return Err(Error::target(format!(
+                    "pid {pid} has no executable (a kernel thread, or it just exited)"
+                )));
+            }
+            Err(err) if err.kind() == IoErrorKind::PermissionDenied => {
+                return Err(Error::permission(format!(
+                    "cannot read /proc/{pid}/exe: permission denied (run deferprobe as root)"
+                )));
+            }
+            Err(err) => return Err(Error::target(format!("reading /proc/{pid}/exe: {err}"))),
+        };
+        Ok(Target { pid, exe, exe_name })
+    }
+}
+
+/// A forked child that waits, before exec, until [`GatedChild::release`].
+#[derive(Debug)]
+pub struct GatedChild {
+    pub target: Target,
+    gate: File,
+    exec_status: File,
+}
+
+impl GatedChild {
+    /// Forks a child that will exec `path` with `command` as its argv once released. Resolve
+    /// `path` with [`resolve_program`] first.
+    pub fn spawn(path: &Path, command: &[String]) -> Result<GatedChild> {
+        let program = command.first().ok_or_else(|| Error::usage("no command after --"))?;
+        let c_path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| Error::usage(format!("{program}: NUL byte in path")))?;
+        let c_args = command
+            .iter()
+            .map(|arg| CString::new(arg.as_bytes()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| Error::usage("NUL byte in a command argument"))?;
+        let mut argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+
+        let (gate_read, gate_write) = cloexec_pipe()?;
+        let (status_read, status_write) = cloexec_pipe()?;
+        // SAFETY: between fork and exec the child only calls async-signal-safe functions
+        // (read, write, execv, _exit) on memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(Error::internal(format!("fork: {}", std::io::Error::last_os_error())));
+        }
+        if pid == 0 {
+            unsafe { child_after_fork(gate_read.as_raw_fd(), status_write.as_raw_fd(), &c_path, &argv) }
+        }
+        drop(gate_read);
+        drop(status_write);
+        Ok(GatedChild {
+            target: Target {
+                pid: pid as u32,
+                exe: path.to_path_buf(),
+                exe_name: path.to_string_lossy().into_owned(),
+            },
+            gate: File::from(gate_write),
+            exec_status: File::from(status_read),
+        })
+    }
+
+    /// Lets the child exec its command. Returns once the exec has happened (or failed).
+    pub fn release(mut self) -> Result<()> {
+        self.gate
+            .write_all(b"x")
+            .map_err(|err| Error::internal(format!("releasing the child: {err}")))?;
+        let mut errno = [0u8; 4];
+        match self.exec_status.read(&mut errno) {
+            // The status pipe is close-on-exec: EOF means exec succeeded.
+            Ok(0) => Ok(()),
+            Ok(_) => {
+                reap(self.target.pid);
+                let err = std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
+                Err(Error::target(format!("cannot execute {}: {err}", self.target.exe_name)))
+            }
+            Err(err) => Err(Error::internal(format!("waiting for exec: {err}"))),
+        }
+    }
+
+    /// Ends the child without running the command (closing the gate makes it exit).
+    pub fn abort(self) {
+        let pid = self.target.pid;
+        drop(self);
+        reap(pid);
+    }
+}
+
+/// Runs in the forked child: wait at the gate, then exec; report exec failure through the
+/// status pipe.
+unsafe fn child_after_fork(
+    gate: RawFd,
+    status: RawFd,
+    path: &CString,
+    argv: &[*const libc::c_char],
+) -> ! {
+    unsafe {
+        let mut byte = 0u8;
+        let n = libc::read(gate, (&raw mut byte).cast(), 1);
+        if n != 1 {
+            // The parent gave up (or died) before releasing us.
+            libc::_exit(126);
+        }
+        libc::execv(path.as_ptr(), argv.as_ptr());
+        let errno = *libc::__errno_location();
+        libc::write(status, (&raw const errno).cast(), 4);
+        libc::_exit(127);
+    }
+}
+
+fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::internal(format!("pipe2: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: pipe2 returned two fresh descriptors we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn reap(pid: u32) {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+}
+
+/// `program` as a shell would find it: a path if it contains '/', else the first executable
+/// file of that name in PATH.
+pub fn resolve_program(program: &str) -> Result<PathBuf> {
+    let is_executable = |path: &Path| {
+        path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        if !path.exists() {
+            return Err(Error::target(format!("{program}: no such file")));
+        }
+        if !is_executable(&path) {
+            return Err(Error::target(format!("{program}: not an executable file")));
+        }
+        return path
+            .canonicalize()
+            .map_err(|err| Error::target(format!("{program}: {err}")));
+    }
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(program))
+        .find(|path| is_executable(path))
+        .ok_or_else(|| Error::target(format!("{program}: command not found in PATH")))
+}
+
+/// Load bias of `pid`'s main executable (0 for non-PIE): start of the mapping of file offset 0
+/// of /proc/PID/exe, minus the first PT_LOAD's page-aligned virtual address, which is 0 for
+/// the PIE binaries Go links. None if the process is gone.
+pub fn pie_load_bias(pid: u32) -> Option<u64> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let exe = exe.to_string_lossy();
+    let exe = exe.trim_end_matches(" (deleted)");
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let range = fields.next()?;
+        let offset = fields.nth(1)?;
+        let path = fields.nth(2)?;
+        (path == exe && u64::from_str_radix(offset, 16).ok()? == 0)
+            .then(|| u64::from_str_radix(range.split('-').next()?, 16).ok())
+            .flatten()
+    })
+}
+
+/// How a process ended, as a shell reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The exit code a shell would give: the code, or 128 + signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(code) => code,
+            ExitStatus::Signal(signal) => 128 + signal,
+        }
+    }
+}
+
+/// A pidfd for `pid`: readable once the process has exited.
+pub fn pidfd(pid: u32) -> Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(match err.raw_os_error() {
+            Some(libc::ESRCH) => Error::target(format!("no process with pid {pid}")),
+            _ => Error::kernel(format!("pidfd_open({pid}): {err} (need Linux >= 5.3)")),
+        });
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Reaps our exited child `pid` and returns how it ended.
+pub fn wait_child(pid: u32) -> Result<ExitStatus> {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let rc = unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+    if rc < 0 {
+        return Err(Error::internal(format!("waitpid: {}", std::io::Error::last_os_error())));
+    }
+    Ok(if libc::WIFSIGNALED(status) {
+        ExitStatus::Signal(libc::WTERMSIG(status))
+    } else {
+        ExitStatus::Code(libc::WEXITSTATUS(status))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_target_errors() {
+        let err = Target::running(i32::MAX as u32).unwrap_err();
+        assert_eq!(err.to_string(), format!("no process with pid {}", i32::MAX));
+        let me = Target::running(std::process::id()).unwrap();
+        assert_eq!(me.exe, PathBuf::from(format!("/proc/{}/exe", std::process::id())));
+    }
+
+    #[test]
+    fn resolves_programs_like_a_shell() {
+        assert!(resolve_program("sh").unwrap().is_absolute());
+        assert!(resolve_program("no-such-program-xyz").unwrap_err().to_string().contains("not found"));
+        assert!(resolve_program("/etc/hostname").unwrap_err().to_string().contains("not an executable"));
+    }
+
+    #[test]
+    fn gated_child_runs_only_when_released() {
+        let sh = resolve_program("sh").unwrap();
+        let child = GatedChild::spawn(&sh, &["sh".into(), "-c".into(), "exit 7".into()]).unwrap();
+        let pid = child.target.pid;
+        child.release().unwrap();
+        assert_eq!(wait_child(pid).unwrap(), ExitStatus::Code(7));
+
+        let child = GatedChild::spawn(&sh, &["sh".into(), "-c".into(), "exit 0".into()]).unwrap();
+        child.abort();
+    }
+}

@@ -1,0 +1,154 @@
+//! The kernel side, seen from userspace: loads the embedded eBPF object with the plan's
+//! configuration, attaches every planned probe to one process, and reads what the probes
+//! produce (per-CPU counters and ring-buffer events). Dropping a [`Tracer`] detaches everything;
+//! the kernel also does so if deferprobe dies (links are held by file descriptors only).
+
+use std::{num::NonZeroU32, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, MapType, PerCpuArray, RingBuf},
+    programs::{
+        UProbe,
+        uprobe::{UProbeAttachLocation, UProbeScope},
+    },
+};
+use deferprobe_common::{Counters, ProbeConfig};
+
+use crate::{
+    error::{Error, Result},
+    plan::{ProbePlan, ProbeProgram},
+};
+
+/// The compiled deferprobe-ebpf object, built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/deferprobe"));
+
+pub struct Tracer {
+    // Owns the programs and their links: dropping it detaches.
+    _ebpf: Ebpf,
+    events: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, Counters>,
+    attached: usize,
+}
+
+impl Tracer {
+    /// Loads the programs and attaches every probe of `plan` to `exe` (the target's executable,
+    /// e.g. /proc/PID/exe), firing only in process `pid`.
+    pub fn attach(plan: &ProbePlan, exe: &Path, pid: u32) -> Result<Tracer> {
+        check_kernel_features()?;
+        if EBPF_OBJECT.is_empty() {
+            return Err(Error::internal(
+                "this deferprobe was built with AYA_BUILD_SKIP=1 and has no eBPF programs",
+            ));
+        }
+        let config = probe_config(plan);
+        let mut ebpf = EbpfLoader::new()
+            .override_global("PROBE_CONFIG", &config, true)
+            .load(EBPF_OBJECT)
+            .map_err(|err| bpf_error("loading the eBPF programs", &err))?;
+
+        let pid = NonZeroU32::new(pid).ok_or_else(|| Error::usage("pid 0 is not a process"))?;
+        let mut attached = 0;
+        for program in ProbeProgram::ALL {
+            let offsets: Vec<u64> = plan.probes_of(program).map(|p| p.file_offset).collect();
+            if offsets.is_empty() {
+                continue;
+            }
+            let uprobe: &mut UProbe = ebpf
+                .program_mut(program.name())
+                .ok_or_else(|| Error::internal(format!("no eBPF program {}", program.name())))?
+                .try_into()
+                .map_err(|err| bpf_error(program.name(), &err))?;
+            uprobe.load().map_err(|err| bpf_error(&format!("loading {}", program.name()), &err))?;
+            let points = offsets.iter().map(|&offset| UProbeAttachLocation::AbsoluteOffset(offset));
+            uprobe.attach(points, exe, UProbeScope::OneProcess(pid)).map_err(|err| {
+                bpf_error(&format!("attaching {} to {}", program.name(), exe.display()), &err)
+            })?;
+            attached += offsets.len();
+        }
+
+        let events = ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| Error::internal("no EVENTS map"))
+            .and_then(|map| RingBuf::try_from(map).map_err(|err| bpf_error("EVENTS", &err)))?;
+        let counters = ebpf
+            .take_map("COUNTERS")
+            .ok_or_else(|| Error::internal("no COUNTERS map"))
+            .and_then(|map| PerCpuArray::try_from(map).map_err(|err| bpf_error("COUNTERS", &err)))?;
+        Ok(Tracer { _ebpf: ebpf, events, counters, attached })
+    }
+
+    /// Number of attach points (one per probed function).
+    pub fn attached(&self) -> usize {
+        self.attached
+    }
+
+    /// The counters summed over all CPUs.
+    pub fn counters(&self) -> Result<Counters> {
+        let per_cpu =
+            self.counters.get(&0, 0).map_err(|err| bpf_error("reading the counters", &err))?;
+        let mut total = Counters::ZERO;
+        for cpu in per_cpu.iter() {
+            for (sum, value) in total.values.iter_mut().zip(cpu.values) {
+                *sum += value;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Hands every event waiting in the ring buffer to `on_event`; returns how many.
+    pub fn drain(&mut self, mut on_event: impl FnMut(&[u8])) -> usize {
+        let mut drained = 0;
+        while let Some(item) = self.events.next() {
+            on_event(&item);
+            drained += 1;
+        }
+        drained
+    }
+}
+
+/// The configuration the probes read (ELF virtual addresses; the probes work out the load bias
+/// of PIE binaries themselves).
+fn probe_config(plan: &ProbePlan) -> ProbeConfig {
+    let mallocgc = plan.probes_of(ProbeProgram::Mallocgc).next();
+    ProbeConfig {
+        g_goid: plan.layout.g_goid,
+        g_m: plan.layout.g_m,
+        m_curg: plan.layout.m_curg,
+        mallocgc_start: plan.mallocgc_range.0,
+        mallocgc_end: plan.mallocgc_range.1,
+        mallocgc_probe: mallocgc.map_or(0, |p| p.address + p.attach_offset),
+    }
+}
+
+/// BTF and ring buffers are required (kernel >= 5.8); say which is missing.
+fn check_kernel_features() -> Result<()> {
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return Err(Error::kernel(
+            "kernel has no BTF (/sys/kernel/btf/vmlinux missing): need a kernel built with \
+             CONFIG_DEBUG_INFO_BTF=y",
+        ));
+    }
+    match aya::sys::is_map_supported(MapType::RingBuf) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::kernel("kernel has no BPF ring buffer support (need Linux >= 5.8)")),
+        Err(err) => Err(bpf_error("probing for BPF ring buffer support", &err)),
+    }
+}
+
+/// Maps an aya error to one line of the right kind: permission problems are the common case.
+fn bpf_error(what: &str, err: &dyn std::error::Error) -> Error {
+    let mut message = format!("{what}: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    if message.contains("Operation not permitted") || message.contains("Permission denied") {
+        Error::permission(format!(
+            "{message} (deferprobe needs root, or CAP_BPF + CAP_PERFMON + CAP_SYS_PTRACE)"
+        ))
+    } else {
+        Error::internal(message)
+    }
+}

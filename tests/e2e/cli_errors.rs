@@ -1,0 +1,61 @@
+//! Bad input gets one clear line on stderr and a documented exit code (README "Exit codes").
+
+use crate::support::*;
+
+fn assert_fails(args: &[&str], code: i32, message: &str) {
+    let output = deferprobe().args(args).output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(code), "{args:?}\n{stdout}\n{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line for {args:?}: {stderr}");
+    assert!(stderr.starts_with("deferprobe: "), "{stderr}");
+    assert!(stderr.contains(message), "{args:?}: {stderr:?} lacks {message:?}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_fails(&["run"], 2, "required");
+    assert_fails(&["run", "--pid", "0"], 2, "pid 0 is not a process");
+    assert_fails(&["run", "--pid", "1", "--duration", "soon"], 2, "not a duration");
+    assert_fails(&["run", "--pid", "1", "--interval", "0s"], 2, "longer than zero");
+    assert_fails(&["run", "--pid", "1", "--log-format", "xml"], 2, "xml");
+    assert_fails(&["run", "--pid", "1", "--frobnicate"], 2, "--frobnicate");
+    assert_fails(&["frobnicate"], 2, "frobnicate");
+}
+
+#[test]
+fn target_errors_exit_3() {
+    require_root();
+    assert_fails(&["run", "--pid", "2147483646"], 3, "no process with pid 2147483646");
+    // A process that isn't Go: this test binary's parent shell is not, but we know `sleep`.
+    let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    assert_fails(&["run", "--pid", &sleeper.id().to_string()], 3, "not a Go binary");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert_fails(&["run", "--", "/nonexistent/prog"], 3, "no such file");
+    assert_fails(&["run", "--", "true"], 3, "not a Go binary");
+    assert_fails(&["inspect", "/nonexistent/prog"], 3, "/nonexistent/prog");
+    assert_fails(&["inspect", "/etc/hostname"], 3, "not an ELF file");
+}
+
+#[test]
+fn inspect_prints_release_and_plan() {
+    for release in go_releases() {
+        let program = go_program(&release, "workload");
+        let output = deferprobe().arg("inspect").arg(&program).output().unwrap();
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{stderr}");
+        assert!(stdout.contains(&format!("go release   go{release}")), "{stdout}");
+        for symbol in ["runtime.deferproc ", "runtime.deferreturn", "runtime.mapassign_faststr", "runtime.mallocgc", "runtime.goexit1"] {
+            assert!(stdout.contains(symbol), "{symbol} missing:\n{stdout}");
+        }
+        let output = deferprobe().args(["inspect", "--json"]).arg(&program).output().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(json["plan"]["go_version"], format!("go{release}"));
+        assert_eq!(json["main_package"], "deferprobe.test/programs/workload");
+        let probes = json["plan"]["probes"].as_array().unwrap();
+        let deferproc = probes.iter().find(|p| p["symbol"] == "runtime.deferproc").unwrap();
+        assert_eq!(deferproc["after_stack_check"], true, "{deferproc}");
+        assert!(deferproc["attach_offset"].as_u64().unwrap() > 0);
+    }
+}

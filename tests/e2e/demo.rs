@@ -1,0 +1,43 @@
+//! The bundled demo service (what `./x demo` traces): the leaking batch pump shows up as a
+//! site with pending defers, the per-request handler as a site whose defers are all released.
+
+use std::{thread, time::Duration};
+
+use crate::support::*;
+
+#[test]
+fn demo_leak_is_visible() {
+    require_root();
+    let release = &go_releases()[0];
+    let mut service = std::process::Command::new(go_program(release, "demo")).spawn().unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let report_file = report_path("demo");
+    let output = deferprobe()
+        .args(["run", "--pid", &service.id().to_string(), "--duration", "2s", "--report"])
+        .arg(&report_file)
+        .output()
+        .unwrap();
+    let _ = service.kill();
+    let _ = service.wait();
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let report = read_json(&report_file);
+    let sites = report["sites"].as_array().unwrap();
+    let site = |prefix: &str| {
+        sites
+            .iter()
+            .find(|s| s["function"].as_str().is_some_and(|f| f.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("no {prefix} site in {report}"))
+    };
+    // One batch every 20 ms for 2 s, none released.
+    let pump = site("main.pumpBatches+");
+    assert!(pump["pending"].as_u64().unwrap() >= 40, "{pump}");
+    assert_eq!(pump["released"], 0);
+    assert_eq!(sites[0], *pump, "the leak is the top site");
+    // Handlers: 3 defers per request, released on return (one may be mid-flight).
+    let handler = site("main.handleRequest+");
+    assert!(handler["registered"].as_u64().unwrap() >= 30, "{handler}");
+    assert!(handler["pending"].as_u64().unwrap() <= 3, "{handler}");
+    assert_eq!(report["pending"]["goroutines"], 1 + handler["pending"].as_u64().unwrap().min(1));
+    assert!(stdout.contains("main.pumpBatches"), "{stdout}");
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real deferprobe binary loads real eBPF programs into this kernel and
+//! traces real Go programs (tests/go) built with several Go releases. Every count is checked
+//! against the ground truth the Go program computes itself. Run as root, after
+//! `cargo xtask go-programs` (`./x test` does both).
+
+mod cli_errors;
+mod counts;
+mod demo;
+mod support;

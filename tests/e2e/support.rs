@@ -1,0 +1,206 @@
+//! Shared plumbing for the end-to-end tests: the deferprobe binary, the Go programs built by
+//! `cargo xtask go-programs`, and reading what both print. Missing prerequisites fail the test
+//! with a message saying how to get them; nothing is skipped.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Output, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// The Go releases the programs are built with (tests/go/releases.txt), default first.
+pub fn go_releases() -> Vec<String> {
+    let path = workspace_root().join("tests/go/releases.txt");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A Go test program built with `release`. Panics (fails the test) if it isn't built.
+pub fn go_program(release: &str, name: &str) -> PathBuf {
+    let path = workspace_root().join("target/go-programs").join(format!("go{release}")).join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the Go test programs with `cargo xtask go-programs` (or run `./x test`)",
+        path.display()
+    );
+    path
+}
+
+/// eBPF tests need root; say so instead of failing obscurely (or passing vacuously).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "end-to-end tests load eBPF programs and must run as root");
+}
+
+pub fn deferprobe() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_deferprobe"));
+    cmd.env_remove("DEFERPROBE_LOG");
+    cmd
+}
+
+/// A fresh path for a JSON report.
+pub fn report_path(test: &str) -> PathBuf {
+    let dir = workspace_root().join("target/e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(format!("{test}-{}.json", std::process::id()))
+}
+
+pub fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", path.display()))
+}
+
+/// What the workload program says it did (its own accounting).
+#[derive(Debug, Deserialize)]
+pub struct GroundTruth {
+    pub heap_defers: u64,
+    pub str_map_writes: u64,
+    pub int_map_writes: u64,
+    pub goroutines_ended: u64,
+    pub mallocs: u64,
+    pub go_version: String,
+}
+
+/// Finds the workload's ground-truth JSON line in `stdout`.
+pub fn ground_truth(stdout: &str) -> GroundTruth {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("{\"heap_defers\""))
+        .unwrap_or_else(|| panic!("no ground truth line in:\n{stdout}"));
+    serde_json::from_str(line).unwrap()
+}
+
+pub fn text(output: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&output.stdout).into(), String::from_utf8_lossy(&output.stderr).into())
+}
+
+/// A deferprobe process whose stderr lines arrive on a channel, so a test can wait for
+/// "probes attached" before letting the target work.
+pub struct Running {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    pub stderr: Vec<String>,
+}
+
+impl Running {
+    pub fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start deferprobe");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines, stderr: Vec::new() }
+    }
+
+    /// Waits (up to 60 s) for a stderr line containing `needle`; panics with what was seen.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    self.stderr.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no stderr line with {needle:?}; got:\n{}", self.stderr.join("\n")),
+            }
+        }
+    }
+
+    /// Waits for exit; returns (exit code, stdout, all stderr lines).
+    pub fn finish(mut self) -> (i32, String, Vec<String>) {
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+        let status = self.child.wait().unwrap();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.stderr.push(line);
+        }
+        (status.code().expect("deferprobe killed by a signal"), stdout, self.stderr)
+    }
+}
+
+/// A workload started with -wait -hold: it prints "ready", works when told, prints its ground
+/// truth, and exits when its stdin closes.
+pub struct Workload {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Workload {
+    pub fn start(program: &Path, args: &[&str]) -> Workload {
+        let mut child = Command::new(program)
+            .args(["-wait", "-hold"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start workload");
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "ready\n");
+        Workload { child, stdin, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lets it work; returns its ground truth.
+    pub fn work(&mut self) -> GroundTruth {
+        self.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        ground_truth(&line)
+    }
+
+    /// Closes its stdin (it exits) and reaps it.
+    pub fn end(mut self) {
+        drop(self.stdin.take());
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "workload failed: {status}");
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The JSON log lines among `stderr` whose message is `message`.
+pub fn json_logs(stderr: &[String], message: &str) -> Vec<Value> {
+    stderr
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|v| v["message"] == message)
+        .collect()
+}

