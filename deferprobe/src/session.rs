@@ -10,7 +10,7 @@ use std::{
 
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    signal::unix::{SignalKind, signal},
+    signal::unix::{Signal, SignalKind, signal},
     time::{MissedTickBehavior, interval, interval_at, sleep},
 };
 use tracing::{info, warn};
@@ -32,6 +32,14 @@ const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// Runs `deferprobe run`; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32> {
     check_privileges()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| Error::internal(format!("starting the tokio runtime: {err}")))?;
+    // Catch SIGINT / SIGTERM from now on: one arriving while probes are being attached still
+    // ends tracing cleanly, with a report.
+    let _runtime_context = runtime.enter();
+    let signals = Signals::install()?;
     let started_command = !args.command.is_empty();
     let running = args.pid.map(Target::running).transpose()?;
     let exe = match &running {
@@ -76,11 +84,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let bias = if plan.pie { target::pie_load_bias(target.pid).unwrap_or(0) } else { 0 };
     let exit_watch = target::pidfd(target.pid)?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| Error::internal(format!("starting the tokio runtime: {err}")))?;
-    let traced = runtime.block_on(trace(&mut tracer, exit_watch, args, started_command.then_some(target.pid)))?;
+    let child = started_command.then_some(target.pid);
+    let traced = runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child))?;
     drop(tracer); // detach before anything else
 
     let exit_code = match started_command {
@@ -130,18 +135,33 @@ struct Traced {
     attached: usize,
 }
 
+/// The signals that end tracing.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    /// Needs a tokio runtime context.
+    fn install() -> Result<Signals> {
+        let error = |err| Error::internal(format!("installing signal handlers: {err}"));
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).map_err(error)?,
+            terminate: signal(SignalKind::terminate()).map_err(error)?,
+        })
+    }
+}
+
 /// The loop. `child` is set when deferprobe started the target: signals are then forwarded to
 /// it and tracing lasts until it exits.
 async fn trace(
     tracer: &mut Tracer,
     exit_watch: OwnedFd,
+    mut signals: Signals,
     args: &RunArgs,
     child: Option<u32>,
 ) -> Result<Traced> {
     let started = Instant::now();
-    let signal_error = |err| Error::internal(format!("installing signal handlers: {err}"));
-    let mut sigint = signal(SignalKind::interrupt()).map_err(signal_error)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(signal_error)?;
     // SAFETY: the fd stays open (owned by `exited`) for as long as it is registered.
     let exited = unsafe { AsyncFd::register_with_interest(exit_watch, Interest::READABLE) }
         .map_err(|err| Error::internal(format!("watching the target: {:?}", err)))?;
@@ -165,11 +185,11 @@ async fn trace(
                 log_counts(&counts, &last_logged, &aggregator);
                 last_logged = counts;
             }
-            _ = sigint.recv() => match child {
+            _ = signals.interrupt.recv() => match child {
                 Some(pid) => { forward(pid, libc::SIGINT); interrupted = true; }
                 None => break EndReason::Signal,
             },
-            _ = sigterm.recv() => match child {
+            _ = signals.terminate.recv() => match child {
                 Some(pid) => { forward(pid, libc::SIGTERM); interrupted = true; }
                 None => break EndReason::Signal,
             },

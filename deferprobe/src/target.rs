@@ -84,7 +84,13 @@ impl GatedChild {
             return Err(Error::internal(format!("fork: {}", std::io::Error::last_os_error())));
         }
         if pid == 0 {
-            unsafe { child_after_fork(gate_read.as_raw_fd(), status_write.as_raw_fd(), &c_path, &argv) }
+            let fds = ChildFds {
+                gate: gate_read.as_raw_fd(),
+                gate_parent_end: gate_write.as_raw_fd(),
+                status: status_write.as_raw_fd(),
+                status_parent_end: status_read.as_raw_fd(),
+            };
+            unsafe { child_after_fork(fds, &c_path, &argv) }
         }
         drop(gate_read);
         drop(status_write);
@@ -125,24 +131,30 @@ impl GatedChild {
     }
 }
 
+/// The pipe ends as the forked child sees them.
+struct ChildFds {
+    gate: RawFd,
+    gate_parent_end: RawFd,
+    status: RawFd,
+    status_parent_end: RawFd,
+}
+
 /// Runs in the forked child: wait at the gate, then exec; report exec failure through the
 /// status pipe.
-unsafe fn child_after_fork(
-    gate: RawFd,
-    status: RawFd,
-    path: &CString,
-    argv: &[*const libc::c_char],
-) -> ! {
+unsafe fn child_after_fork(fds: ChildFds, path: &CString, argv: &[*const libc::c_char]) -> ! {
     unsafe {
+        // Only the parent may hold these: the gate must read EOF when the parent lets go.
+        libc::close(fds.gate_parent_end);
+        libc::close(fds.status_parent_end);
         let mut byte = 0u8;
-        let n = libc::read(gate, (&raw mut byte).cast(), 1);
+        let n = libc::read(fds.gate, (&raw mut byte).cast(), 1);
         if n != 1 {
             // The parent gave up (or died) before releasing us.
             libc::_exit(126);
         }
         libc::execv(path.as_ptr(), argv.as_ptr());
         let errno = *libc::__errno_location();
-        libc::write(status, (&raw const errno).cast(), 4);
+        libc::write(fds.status, (&raw const errno).cast(), 4);
         libc::_exit(127);
     }
 }
@@ -270,7 +282,12 @@ mod tests {
     fn resolves_programs_like_a_shell() {
         assert!(resolve_program("sh").unwrap().is_absolute());
         assert!(resolve_program("no-such-program-xyz").unwrap_err().to_string().contains("not found"));
-        assert!(resolve_program("/etc/hostname").unwrap_err().to_string().contains("not an executable"));
+        let plain_file = std::env::temp_dir().join(format!("deferprobe-test-{}", std::process::id()));
+        std::fs::write(&plain_file, "not a program").unwrap();
+        std::fs::set_permissions(&plain_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = resolve_program(plain_file.to_str().unwrap()).unwrap_err();
+        std::fs::remove_file(&plain_file).unwrap();
+        assert!(err.to_string().contains("not an executable"), "{err}");
     }
 
     #[test]
