@@ -9,6 +9,13 @@
 /// page size).
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
 
+/// Captured words of a deferred closure the kernel inspects (the words after the code pointer).
+/// Userspace narrows this to the closure's real size (decoded from the closure's code).
+pub const CAPTURE_WORDS: usize = 4;
+
+/// Capacity of the in-kernel LRU set of maps seen by mapassign.
+pub const KNOWN_MAPS_CAPACITY: u32 = 1 << 16;
+
 /// Index of one per-CPU counter in [`Counters::values`].
 ///
 /// Counters are exact: every probe hit bumps its counter before anything can fail, so they stay
@@ -34,11 +41,13 @@ pub enum Counter {
     LostRingFull,
     /// Probe hits whose user-memory read (g, goid) failed; the event carries goid 0.
     UserReadFailed,
+    /// Maps that entered the known-maps set (first seen, or seen again after eviction).
+    MapsSeen,
 }
 
 impl Counter {
     /// Number of counters; the length of [`Counters::values`].
-    pub const COUNT: usize = Counter::UserReadFailed as usize + 1;
+    pub const COUNT: usize = Counter::MapsSeen as usize + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT] = [
@@ -51,6 +60,7 @@ impl Counter {
         Counter::GoroutineExit,
         Counter::LostRingFull,
         Counter::UserReadFailed,
+        Counter::MapsSeen,
     ];
 }
 
@@ -107,6 +117,7 @@ pub enum EventKind {
     DeferRegistered = 1,
     DeferReturn = 2,
     GoroutineExit = 3,
+    MapSeen = 4,
 }
 
 impl EventKind {
@@ -115,6 +126,7 @@ impl EventKind {
             1 => Some(EventKind::DeferRegistered),
             2 => Some(EventKind::DeferReturn),
             3 => Some(EventKind::GoroutineExit),
+            4 => Some(EventKind::MapSeen),
             _ => None,
         }
     }
@@ -134,6 +146,27 @@ pub struct EventHeader {
     pub goid: u64,
 }
 
+/// How a closure word refers to a known map.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CaptureKind {
+    None = 0,
+    /// The word is the map pointer itself.
+    ByValue = 1,
+    /// The word points to a variable that held the map pointer at registration time.
+    ByReference = 2,
+}
+
+impl CaptureKind {
+    pub fn from_u8(raw: u8) -> CaptureKind {
+        match raw {
+            1 => CaptureKind::ByValue,
+            2 => CaptureKind::ByReference,
+            _ => CaptureKind::None,
+        }
+    }
+}
+
 /// A heap defer record was registered (`runtime.deferproc` / `runtime.deferprocat`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -141,10 +174,46 @@ pub struct DeferRegistered {
     pub header: EventHeader,
     /// The deferred closure (`*funcval`): word 0 is its code PC, captured variables follow.
     pub closure: u64,
+    /// Word 0 of the closure: the PC of the deferred function's code (0 if unreadable).
+    pub closure_fn: u64,
     /// Return address into the function that executed the `defer` statement.
     pub caller_pc: u64,
     /// That function's SP (what the runtime stores as `_defer.sp`).
     pub caller_sp: u64,
+    /// The goroutine's `g`, to read its `_defer` chain later.
+    pub g: u64,
+    /// For captured word i (closure word i + 1): the known map it refers to, or 0.
+    pub captured_maps: [u64; CAPTURE_WORDS],
+    /// For captured word i: a [`CaptureKind`] value.
+    pub capture_kinds: [u8; CAPTURE_WORDS],
+    pub _padding: [u8; 8 - CAPTURE_WORDS % 8],
+}
+
+// Events are read back with unaligned reads, but keep them padding-free and 8-byte multiples so
+// the layout is the same on both sides.
+const _: () = assert!(core::mem::size_of::<DeferRegistered>() % 8 == 0);
+
+/// mapassign saw a map not in the kernel's set of known maps (first write while tracing, or
+/// again after LRU eviction).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapSeen {
+    pub header: EventHeader,
+    /// The map (`*hmap` / `*maps.Map`); its first word is the element count.
+    pub map: u64,
+    /// The map's type (`*maptype`), for key and element sizes.
+    pub map_type: u64,
+    /// Return address into the function that wrote it.
+    pub caller_pc: u64,
+}
+
+/// Value of the in-kernel known-maps LRU set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KnownMap {
+    /// mapassign calls on this map since it entered the set.
+    pub writes: u64,
+    pub map_type: u64,
 }
 
 /// `runtime.deferreturn` ran the records of the frame whose SP is `caller_sp`.
@@ -168,4 +237,5 @@ mod user {
     // SAFETY: plain #[repr(C)] integers with no padding holes.
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::ProbeConfig {}
+    unsafe impl aya::Pod for super::KnownMap {}
 }

@@ -21,12 +21,12 @@ use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, pt_regs},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 use deferprobe_common::{
-    Counter, Counters, DeferRegistered, DeferReturn, EVENT_RING_BYTES, EventHeader, EventKind,
-    GoroutineExit, ProbeConfig,
+    CAPTURE_WORDS, CaptureKind, Counter, Counters, DeferRegistered, DeferReturn, EVENT_RING_BYTES,
+    EventHeader, EventKind, GoroutineExit, KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig,
 };
 
 /// Runtime struct offsets and address ranges, written by userspace before load.
@@ -41,6 +41,12 @@ static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 /// target's memory maps. 0 until the first mallocgc hit.
 #[map]
 static MALLOCGC_PROBE_SEEN_AT: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Maps written while tracing (key: map pointer), so deferproc can recognise captured maps in
+/// the kernel, at registration time. Bounded: least recently written maps are evicted.
+#[map]
+static KNOWN_MAPS: LruHashMap<u64, KnownMap> =
+    LruHashMap::with_max_entries(KNOWN_MAPS_CAPACITY, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
@@ -107,25 +113,70 @@ fn emit<T: 'static>(event: T) {
     }
 }
 
-/// `runtime.mapassign`, `_fast32`, `_fast64`, `_fast64ptr`, `_faststr`: RBX = the map.
+/// `runtime.mapassign`, `_fast32`, `_fast64`, `_fast64ptr`, `_faststr`: RAX = map type,
+/// RBX = the map. Known maps get their write count bumped; a new one enters the set and is
+/// announced to userspace once.
 #[uprobe]
-pub fn mapassign(_ctx: ProbeContext) -> u32 {
+pub fn mapassign(ctx: ProbeContext) -> u32 {
     bump(Counter::MapAssign, 1);
+    let r = regs(&ctx);
+    let map = r.rbx;
+    if let Some(known) = KNOWN_MAPS.get_ptr_mut(&map) {
+        // SAFETY: a value pointer from the map; the atomic add tolerates concurrent writers.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*known).writes, 1) };
+        return 0;
+    }
+    let known = KnownMap { writes: 1, map_type: r.rax };
+    if KNOWN_MAPS.insert(&map, &known, 0).is_ok() {
+        bump(Counter::MapsSeen, 1);
+        emit(MapSeen {
+            header: header(EventKind::MapSeen, goid_of(r.r14)),
+            map,
+            map_type: r.rax,
+            caller_pc: read_user_u64(r.rsp).unwrap_or(0),
+        });
+    }
     0
 }
 
-/// `runtime.deferproc(fn)` and `runtime.deferprocat(fn, frame)`: RAX = the closure.
+/// `runtime.deferproc(fn)` and `runtime.deferprocat(fn, frame)`: RAX = the closure. Its
+/// captured words are checked against the known maps now, before anything can change them:
+/// a word that is a known map is a capture by value; a word pointing to a variable holding a
+/// known map is a capture by reference (how Go captures a variable the closure assigns).
 #[uprobe]
 pub fn deferproc(ctx: ProbeContext) -> u32 {
     bump(Counter::DeferProc, 1);
     let r = regs(&ctx);
-    let caller_pc = read_user_u64(r.rsp).unwrap_or(0);
-    emit(DeferRegistered {
+    let closure = r.rax;
+    let mut event = DeferRegistered {
         header: header(EventKind::DeferRegistered, goid_of(r.r14)),
-        closure: r.rax,
-        caller_pc,
+        closure,
+        closure_fn: read_user_u64(closure).unwrap_or(0),
+        caller_pc: read_user_u64(r.rsp).unwrap_or(0),
         caller_sp: r.rsp + 8,
-    });
+        g: r.r14,
+        captured_maps: [0; CAPTURE_WORDS],
+        capture_kinds: [0; CAPTURE_WORDS],
+        _padding: [0; 8 - CAPTURE_WORDS % 8],
+    };
+    for i in 0..CAPTURE_WORDS {
+        // Words past the closure's end are filtered out in userspace (it knows the size).
+        let Some(word) = read_user_u64(closure + 8 * (i as u64 + 1)) else { break };
+        if word == 0 {
+            continue;
+        }
+        // SAFETY: lookups only; the values are not used.
+        if unsafe { KNOWN_MAPS.get(&word) }.is_some() {
+            event.captured_maps[i] = word;
+            event.capture_kinds[i] = CaptureKind::ByValue as u8;
+        } else if let Some(target) = read_user_u64(word) {
+            if target != 0 && unsafe { KNOWN_MAPS.get(&target) }.is_some() {
+                event.captured_maps[i] = target;
+                event.capture_kinds[i] = CaptureKind::ByReference as u8;
+            }
+        }
+    }
+    emit(event);
     0
 }
 

@@ -1,14 +1,22 @@
 //! The aggregator: pure state built from probe events, no I/O. Events in ([`Event::decode`],
-//! [`Aggregator::apply`]); pending heap defers per goroutine and per-site totals out.
+//! [`Aggregator::apply`]), the runtime's own view of goroutines in ([`Aggregator::reconcile`]);
+//! pending heap defers per goroutine, the maps their closures captured, and per-site totals out.
 //!
 //! Model: a heap defer registration adds a pending record to its goroutine, keyed by the frame
 //! (caller SP) and site (caller PC). `deferreturn` runs the records of the frame whose SP it is
-//! called with; a goroutine's exit ends all its records. Goroutines are keyed by goid, which,
-//! unlike the g struct, is never reused.
+//! called with; a goroutine's exit ends all its records. Panics, recover and runtime.Goexit run
+//! records without `deferreturn`, and stack growth moves frames: reconciling with the
+//! goroutine's `g._defer` chain (the runtime's truth) corrects all of these. Goroutines are keyed
+//! by goid, which, unlike the g struct, is never reused.
 
 use std::collections::HashMap;
 
-use deferprobe_common::{DeferRegistered, DeferReturn, EventHeader, EventKind, GoroutineExit};
+use deferprobe_common::{
+    CAPTURE_WORDS, CaptureKind, DeferRegistered, DeferReturn, EventHeader, EventKind,
+    GoroutineExit, MapSeen,
+};
+
+use crate::memory::RuntimeGoroutine;
 
 /// One decoded ring-buffer event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,6 +24,7 @@ pub enum Event {
     DeferRegistered(DeferRegistered),
     DeferReturn(DeferReturn),
     GoroutineExit(GoroutineExit),
+    MapSeen(MapSeen),
 }
 
 /// Why a ring-buffer record could not be decoded.
@@ -52,6 +61,7 @@ impl Event {
             EventKind::DeferRegistered => Event::DeferRegistered(read_pod(kind, bytes)?),
             EventKind::DeferReturn => Event::DeferReturn(read_pod(kind, bytes)?),
             EventKind::GoroutineExit => Event::GoroutineExit(read_pod(kind, bytes)?),
+            EventKind::MapSeen => Event::MapSeen(read_pod(kind, bytes)?),
         })
     }
 
@@ -60,17 +70,45 @@ impl Event {
             Event::DeferRegistered(e) => &e.header,
             Event::DeferReturn(e) => &e.header,
             Event::GoroutineExit(e) => &e.header,
+            Event::MapSeen(e) => &e.header,
         }
     }
+}
+
+/// A known map a deferred closure captured, as seen in the kernel at registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capture {
+    /// Index of the captured word (closure word `word + 1`).
+    pub word: u8,
+    pub kind: CaptureKind,
+    pub map: u64,
 }
 
 /// A heap defer record not yet run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingDefer {
     pub closure: u64,
+    /// Code PC of the deferred closure (identifies the closure function and so its size).
+    pub closure_fn: u64,
     pub caller_pc: u64,
     pub caller_sp: u64,
     pub registered_ns: u64,
+    pub captures: [Option<Capture>; CAPTURE_WORDS],
+}
+
+impl PendingDefer {
+    pub fn captures(&self) -> impl Iterator<Item = &Capture> {
+        self.captures.iter().flatten()
+    }
+}
+
+/// A map seen by a mapassign probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    pub map_type: u64,
+    pub first_goid: u64,
+    /// Return address into the function that first wrote it while traced.
+    pub first_pc: u64,
 }
 
 /// Registered and released heap defers of one defer site (the PC after the deferproc call).
@@ -92,15 +130,45 @@ pub struct EventTotals {
     pub defer_registered: u64,
     pub defer_return: u64,
     pub goroutine_exit: u64,
+    pub map_seen: u64,
     /// Registrations and returns whose goroutine id could not be read (not tracked).
     pub without_goid: u64,
     pub undecodable: u64,
 }
 
+/// What one reconciliation changed: the differences between our state and the runtime's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Pending records the runtime no longer has (run by a panic, recover, Goexit, ...).
+    pub released: u64,
+    /// Records whose frame moved (stack growth copies the stack and adjusts `_defer.sp`).
+    pub moved: u64,
+}
+
+impl std::ops::AddAssign for Reconciled {
+    fn add_assign(&mut self, other: Reconciled) {
+        self.released += other.released;
+        self.moved += other.moved;
+    }
+}
+
+/// A goroutine that registered heap defers while traced; dropped when it exits (or its g is
+/// found running another goroutine).
+#[derive(Debug, Default)]
+struct GoroutineState {
+    /// The goroutine's g struct, from its latest registration.
+    g: u64,
+    /// Oldest first.
+    pending: Vec<PendingDefer>,
+    /// This goroutine's totals per defer site.
+    sites: HashMap<u64, SiteTotals>,
+}
+
 #[derive(Debug, Default)]
 pub struct Aggregator {
-    pending: HashMap<u64, Vec<PendingDefer>>,
+    goroutines: HashMap<u64, GoroutineState>,
     sites: HashMap<u64, SiteTotals>,
+    maps: HashMap<u64, MapInfo>,
     events: EventTotals,
 }
 
@@ -114,18 +182,31 @@ impl Aggregator {
         match event {
             Event::DeferRegistered(e) => {
                 self.events.defer_registered += 1;
-                self.sites.entry(e.caller_pc).or_default().registered += 1;
+                let site = self.sites.entry(e.caller_pc).or_default();
+                site.registered += 1;
                 if goid == 0 {
-                    // Counted in the site, but without a goroutine it can't be released.
-                    self.sites.entry(e.caller_pc).or_default().released += 1;
+                    // Counted in the site, but without a goroutine it can't be tracked.
+                    site.released += 1;
                     self.events.without_goid += 1;
                     return;
                 }
-                self.pending.entry(goid).or_default().push(PendingDefer {
+                let mut captures = [None; CAPTURE_WORDS];
+                for (word, capture) in captures.iter_mut().enumerate() {
+                    let kind = CaptureKind::from_u8(e.capture_kinds[word]);
+                    if kind != CaptureKind::None && e.captured_maps[word] != 0 {
+                        *capture = Some(Capture { word: word as u8, kind, map: e.captured_maps[word] });
+                    }
+                }
+                let goroutine = self.goroutines.entry(goid).or_default();
+                goroutine.g = e.g;
+                goroutine.sites.entry(e.caller_pc).or_default().registered += 1;
+                goroutine.pending.push(PendingDefer {
                     closure: e.closure,
+                    closure_fn: e.closure_fn,
                     caller_pc: e.caller_pc,
                     caller_sp: e.caller_sp,
                     registered_ns: e.header.ktime_ns,
+                    captures,
                 });
             }
             Event::DeferReturn(e) => {
@@ -139,6 +220,15 @@ impl Aggregator {
             Event::GoroutineExit(_) => {
                 self.events.goroutine_exit += 1;
                 self.release(goid, |_| true);
+                self.goroutines.remove(&goid);
+            }
+            Event::MapSeen(e) => {
+                self.events.map_seen += 1;
+                self.maps.entry(e.map).or_insert(MapInfo {
+                    map_type: e.map_type,
+                    first_goid: goid,
+                    first_pc: e.caller_pc,
+                });
             }
         }
     }
@@ -148,19 +238,75 @@ impl Aggregator {
         self.events.undecodable += 1;
     }
 
-    fn release(&mut self, goid: u64, mut runs: impl FnMut(&PendingDefer) -> bool) {
-        let Some(records) = self.pending.get_mut(&goid) else { return };
-        records.retain(|record| {
+    /// Releases the pending records of `goid` that `runs` selects; returns how many.
+    fn release(&mut self, goid: u64, mut runs: impl FnMut(&PendingDefer) -> bool) -> u64 {
+        let Some(goroutine) = self.goroutines.get_mut(&goid) else { return 0 };
+        let before = goroutine.pending.len();
+        let GoroutineState { pending, sites, .. } = goroutine;
+        pending.retain(|record| {
             if runs(record) {
                 self.sites.entry(record.caller_pc).or_default().released += 1;
+                sites.entry(record.caller_pc).or_default().released += 1;
                 false
             } else {
                 true
             }
         });
-        if records.is_empty() {
-            self.pending.remove(&goid);
+        (before - pending.len()) as u64
+    }
+
+    /// Goroutines with pending records and their g, for reading their `_defer` chains.
+    pub fn goroutines_to_reconcile(&self) -> Vec<(u64, u64)> {
+        self.goroutines
+            .iter()
+            .filter(|(_, state)| !state.pending.is_empty())
+            .map(|(goid, state)| (*goid, state.g))
+            .collect()
+    }
+
+    /// Makes `goid`'s pending records agree with the runtime's view of its g, read after
+    /// every event up to now was applied. The runtime wins:
+    /// - the g now runs another goroutine (or none): all records of `goid` are gone;
+    /// - a pending record whose closure is no longer in the chain was run (panic, recover,
+    ///   Goexit) — unless it was registered after `settled_ns`, because the probe fires a moment
+    ///   before the runtime links the record into the chain;
+    /// - a record found in the chain takes the chain's SP (its frame moved with the stack).
+    ///
+    /// Chain records we never saw registered (older than the trace) are not ours and ignored.
+    pub fn reconcile(&mut self, goid: u64, runtime: &RuntimeGoroutine, settled_ns: u64) -> Reconciled {
+        if runtime.goid != goid {
+            let released = self.release(goid, |_| true);
+            self.goroutines.remove(&goid);
+            return Reconciled { released, moved: 0 };
         }
+        // Multiset of the chain's records per closure (closures without captures are shared).
+        let mut in_chain: HashMap<u64, Vec<u64>> = HashMap::new();
+        for record in &runtime.defers {
+            in_chain.entry(record.closure).or_default().push(record.sp);
+        }
+        let mut moved = 0;
+        let mut gone = Vec::new();
+        if let Some(goroutine) = self.goroutines.get_mut(&goid) {
+            gone.resize(goroutine.pending.len(), false);
+            // Newest first, like the chain.
+            for (index, record) in goroutine.pending.iter_mut().enumerate().rev() {
+                match in_chain.get_mut(&record.closure).and_then(Vec::pop) {
+                    Some(sp) => {
+                        if sp != record.caller_sp {
+                            record.caller_sp = sp;
+                            moved += 1;
+                        }
+                    }
+                    None => gone[index] = record.registered_ns <= settled_ns,
+                }
+            }
+        }
+        let mut index = 0;
+        let released = self.release(goid, |_| {
+            index += 1;
+            gone[index - 1]
+        });
+        Reconciled { released, moved }
     }
 
     pub fn events(&self) -> EventTotals {
@@ -169,17 +315,30 @@ impl Aggregator {
 
     /// Heap defers registered and not yet run, over all goroutines.
     pub fn pending_heap_defers(&self) -> u64 {
-        self.pending.values().map(|records| records.len() as u64).sum()
+        self.goroutines.values().map(|g| g.pending.len() as u64).sum()
     }
 
     /// Goroutines with at least one pending heap defer, and their records (oldest first).
     pub fn pending_by_goroutine(&self) -> impl Iterator<Item = (u64, &[PendingDefer])> {
-        self.pending.iter().map(|(goid, records)| (*goid, records.as_slice()))
+        self.goroutines
+            .iter()
+            .filter(|(_, g)| !g.pending.is_empty())
+            .map(|(goid, g)| (*goid, g.pending.as_slice()))
+    }
+
+    /// `goid`'s totals per defer site (caller PC).
+    pub fn goroutine_sites(&self, goid: u64) -> impl Iterator<Item = (u64, SiteTotals)> + '_ {
+        self.goroutines.get(&goid).into_iter().flat_map(|g| g.sites.iter().map(|(pc, t)| (*pc, *t)))
     }
 
     /// Per-site totals, keyed by caller PC.
     pub fn sites(&self) -> impl Iterator<Item = (u64, SiteTotals)> + '_ {
         self.sites.iter().map(|(pc, totals)| (*pc, *totals))
+    }
+
+    /// Maps seen by mapassign while tracing.
+    pub fn map(&self, map: u64) -> Option<&MapInfo> {
+        self.maps.get(&map)
     }
 }
 
@@ -197,6 +356,8 @@ mod tests {
             closure: 0xc000_0000 + pc,
             caller_pc: pc,
             caller_sp: sp,
+            g: 0xc000_1000 + goid,
+            ..Default::default()
         })
     }
 
@@ -220,11 +381,18 @@ mod tests {
 
     #[test]
     fn decodes_every_kind_and_rejects_garbage() {
-        for event in [registered(7, 0x401000, 0xc000100), returned(7, 0xc000100), exited(7)] {
+        let seen = Event::MapSeen(MapSeen {
+            header: header(EventKind::MapSeen, 7, 0),
+            map: 0xc000_2000,
+            map_type: 0x4a0000,
+            caller_pc: 0x401234,
+        });
+        for event in [registered(7, 0x401000, 0xc000100), returned(7, 0xc000100), exited(7), seen] {
             let bytes = match &event {
                 Event::DeferRegistered(e) => bytes_of(e),
                 Event::DeferReturn(e) => bytes_of(e),
                 Event::GoroutineExit(e) => bytes_of(e),
+                Event::MapSeen(e) => bytes_of(e),
             };
             assert_eq!(Event::decode(&bytes), Ok(event));
             assert!(Event::decode(&bytes[..bytes.len() - 1]).is_err());
@@ -306,5 +474,123 @@ mod tests {
         assert_eq!(agg.pending_heap_defers(), 0);
         assert_eq!(agg.events().without_goid, 2);
         assert_eq!(agg.events().undecodable, 1);
+    }
+
+    fn registered_at(goid: u64, closure: u64, sp: u64, ktime_ns: u64) -> Event {
+        Event::DeferRegistered(DeferRegistered {
+            header: header(EventKind::DeferRegistered, goid, ktime_ns),
+            closure,
+            caller_pc: 0x401000,
+            caller_sp: sp,
+            g: 0xc000_1000,
+            ..Default::default()
+        })
+    }
+
+    fn chain(goid: u64, records: &[(u64, u64)]) -> RuntimeGoroutine {
+        RuntimeGoroutine {
+            goid,
+            defers: records.iter().map(|&(closure, sp)| crate::memory::ChainRecord { closure, sp }).collect(),
+        }
+    }
+
+    #[test]
+    fn captures_are_kept_per_record() {
+        let mut agg = Aggregator::new();
+        let mut event = DeferRegistered {
+            header: header(EventKind::DeferRegistered, 3, 0),
+            caller_pc: 0x401000,
+            caller_sp: 0xc000_8000,
+            g: 0xc000_1000,
+            ..Default::default()
+        };
+        event.captured_maps = [0xc100_0000, 0, 0xc200_0000, 0];
+        event.capture_kinds = [CaptureKind::ByValue as u8, 0, CaptureKind::ByReference as u8, 0];
+        agg.apply(&Event::DeferRegistered(event));
+        let (_, records) = agg.pending_by_goroutine().next().unwrap();
+        let captures: Vec<_> = records[0].captures().copied().collect();
+        assert_eq!(
+            captures,
+            [
+                Capture { word: 0, kind: CaptureKind::ByValue, map: 0xc100_0000 },
+                Capture { word: 2, kind: CaptureKind::ByReference, map: 0xc200_0000 },
+            ]
+        );
+        assert_eq!(agg.goroutines_to_reconcile(), [(3, 0xc000_1000)]);
+    }
+
+    #[test]
+    fn reconcile_releases_what_a_panic_ran() {
+        let mut agg = Aggregator::new();
+        for i in 0..5 {
+            agg.apply(&registered_at(4, 0xc000_0100 + i * 16, 0xc000_8000, 100 + i));
+        }
+        // The runtime still has the two oldest; the three newest ran during a panic.
+        let runtime = chain(4, &[(0xc000_0110, 0xc000_8000), (0xc000_0100, 0xc000_8000)]);
+        let outcome = agg.reconcile(4, &runtime, 1_000);
+        assert_eq!(outcome, Reconciled { released: 3, moved: 0 });
+        assert_eq!(agg.pending_heap_defers(), 2);
+        let totals = agg.sites().next().unwrap().1;
+        assert_eq!((totals.registered, totals.released), (5, 3));
+    }
+
+    #[test]
+    fn reconcile_leaves_records_the_runtime_has_not_linked_yet() {
+        let mut agg = Aggregator::new();
+        agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 100));
+        agg.apply(&registered_at(4, 0xc000_0110, 0xc000_8000, 5_000));
+        // Chain read at 2_000: the record registered at 5_000 can't be judged yet.
+        let outcome = agg.reconcile(4, &chain(4, &[]), 2_000);
+        assert_eq!(outcome.released, 1);
+        assert_eq!(agg.pending_heap_defers(), 1);
+    }
+
+    #[test]
+    fn reconcile_follows_frames_moved_by_stack_growth() {
+        let mut agg = Aggregator::new();
+        agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 1));
+        agg.apply(&registered_at(4, 0xc000_0110, 0xc000_8000, 2));
+        let runtime = chain(4, &[(0xc000_0110, 0xc004_8000), (0xc000_0100, 0xc004_8000)]);
+        assert_eq!(agg.reconcile(4, &runtime, 1_000), Reconciled { released: 0, moved: 2 });
+        // deferreturn now comes with the new SP and releases them.
+        agg.apply(&returned(4, 0xc004_8000));
+        assert_eq!(agg.pending_heap_defers(), 0);
+    }
+
+    #[test]
+    fn reconcile_matches_shared_closures_as_a_multiset() {
+        // Closures without captures are one static funcval: same pointer for every record.
+        let mut agg = Aggregator::new();
+        for i in 0..4 {
+            agg.apply(&registered_at(4, 0x4f_0000, 0xc000_8000, i));
+        }
+        let runtime = chain(4, &[(0x4f_0000, 0xc000_8000), (0x4f_0000, 0xc000_8000)]);
+        assert_eq!(agg.reconcile(4, &runtime, 1_000).released, 2);
+        assert_eq!(agg.pending_heap_defers(), 2);
+    }
+
+    #[test]
+    fn reconcile_drops_a_goroutine_whose_g_was_reused() {
+        let mut agg = Aggregator::new();
+        agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 1));
+        agg.apply(&registered_at(4, 0xc000_0110, 0xc000_8000, 2));
+        // The g now runs goroutine 99: goroutine 4 is gone with its records.
+        let runtime = chain(99, &[(0xc000_0100, 0xc000_8000)]);
+        assert_eq!(agg.reconcile(4, &runtime, 1_000).released, 2);
+        assert_eq!(agg.pending_heap_defers(), 0);
+        assert!(agg.goroutines_to_reconcile().is_empty());
+    }
+
+    #[test]
+    fn goroutine_site_totals_survive_until_exit() {
+        let mut agg = Aggregator::new();
+        agg.apply(&registered(8, 0x401000, 0xc000_8000));
+        agg.apply(&returned(8, 0xc000_8000));
+        agg.apply(&registered(8, 0x401000, 0xc000_8000));
+        let sites: Vec<_> = agg.goroutine_sites(8).collect();
+        assert_eq!(sites, [(0x401000, SiteTotals { registered: 2, released: 1 })]);
+        agg.apply(&exited(8));
+        assert_eq!(agg.goroutine_sites(8).count(), 0);
+        assert_eq!(agg.pending_heap_defers(), 0);
     }
 }

@@ -44,6 +44,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
 
+    /// Report a frame as a defer_accumulation finding from this many pending heap defers.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_pending: u64,
+
     /// Format of the log lines on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -105,6 +109,7 @@ mod tests {
         assert_eq!(run.duration, Some(Duration::from_secs(60)));
         assert_eq!(run.interval, Duration::from_millis(500));
         assert_eq!(run.log_format, LogFormat::Text);
+        assert_eq!(run.min_pending, 16);
         assert!(run.command.is_empty());
     }
 
@@ -128,6 +133,7 @@ mod tests {
             &["run", "--pid", "1", "--interval", "-1s"],
             &["run", "--pid", "1", "--log-format", "xml"],
             &["run", "--pid", "1", "--bogus"],
+            &["run", "--pid", "1", "--min-pending", "0"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -8,9 +8,11 @@
 pub mod aggregator;
 pub mod binary;
 pub mod cli;
+pub mod closure_words;
 pub mod error;
 pub mod inspect;
 pub mod layout;
+pub mod memory;
 pub mod plan;
 pub mod report;
 pub mod session;

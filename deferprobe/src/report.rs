@@ -1,12 +1,15 @@
 //! The final report: built from the counters, the aggregator and the target, written as JSON
 //! (`--report`, schema version 1) and as text for a terminal (stdout).
 
-use std::fmt::Write as _;
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Write as _,
+};
 
-use deferprobe_common::{Counter, Counters};
+use deferprobe_common::{CaptureKind, Counter, Counters};
 use serde::Serialize;
 
-use crate::aggregator::Aggregator;
+use crate::aggregator::{Aggregator, Capture, PendingDefer};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -22,7 +25,11 @@ pub struct Report {
     pub lost: LostEvents,
     pub probes: ProbesReport,
     pub pending: PendingReport,
-    /// Heap defer sites seen while tracing, most pending first.
+    /// Frames holding at least `--min-pending` heap defers, most estimated bytes first.
+    pub findings: Vec<Finding>,
+    /// Goroutines with pending heap defers, most pending first.
+    pub goroutines: Vec<GoroutineReport>,
+    /// Every heap defer site seen while tracing, most pending first.
     pub sites: Vec<SiteReport>,
     pub notes: Vec<String>,
 }
@@ -112,47 +119,250 @@ pub struct PendingReport {
     pub heap_defers: u64,
     /// Goroutines holding them.
     pub goroutines: u64,
+    /// Distinct maps their closures captured.
+    pub captured_maps: u64,
+}
+
+/// Where a PC is in the source.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Location {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SiteReport {
     /// Return address of the deferproc call, as `0x…` (ELF virtual address).
     pub pc: String,
-    /// `function+0xoffset`, when the binary's symbols name it.
     pub function: Option<String>,
+    pub file: Option<String>,
+    /// Line of the `defer` statement.
+    pub line: Option<u32>,
     pub registered: u64,
     pub released: u64,
     pub pending: u64,
 }
 
-/// Pending state and site totals from the aggregator. `symbolize` names an ELF virtual
-/// address; `bias` is what to subtract from runtime PCs to get one (PIE load bias).
-pub fn pending_and_sites(
-    aggregator: &Aggregator,
-    bias: u64,
-    symbolize: impl Fn(u64) -> Option<String>,
-) -> (PendingReport, Vec<SiteReport>) {
-    let pending = PendingReport {
-        heap_defers: aggregator.pending_heap_defers(),
-        goroutines: aggregator.pending_by_goroutine().count() as u64,
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GoroutineReport {
+    pub goid: u64,
+    pub pending_defers: u64,
+    pub captured_maps: u64,
+    pub captured_map_entries: u64,
+    pub defer_sites: Vec<GoroutineSiteReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GoroutineSiteReport {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub pending: u64,
+    pub registered: u64,
+    pub released: u64,
+}
+
+/// One frame (goroutine + function invocation) holding many pending heap defers.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Finding {
+    /// "defer_accumulation".
+    pub kind: &'static str,
+    pub goid: u64,
+    pub function: Option<String>,
+    pub file: Option<String>,
+    /// Line of the `defer` statement with the most pending records in the frame.
+    pub line: Option<u32>,
+    pub pending_defers: u64,
+    pub oldest_pending_secs: f64,
+    /// Distinct maps captured (by value or by reference) by the frame's pending closures.
+    pub captured_maps: u64,
+    pub captured_maps_by_value: u64,
+    pub captured_maps_by_reference: u64,
+    /// Their element counts now, summed.
+    pub captured_map_entries: u64,
+    /// Estimate of what the frame keeps alive: `_defer` records + closures + captured maps.
+    pub est_bytes: u64,
+}
+
+/// What the report needs from the outside world (symbols, the target's memory), looked up by
+/// the session. All addresses here are ELF virtual addresses (load bias removed).
+pub struct Lookups<'a> {
+    /// PIE load bias: runtime address − ELF virtual address.
+    pub bias: u64,
+    /// Source location of a *return address* (the call before it).
+    pub location: &'a dyn Fn(u64) -> Location,
+    /// Captured words of the closure whose code is at this PC (None: unknown).
+    pub closure_words: &'a dyn Fn(u64) -> Option<usize>,
+    /// A map's element count now (runtime address).
+    pub map_entries: &'a dyn Fn(u64) -> Option<u64>,
+    /// Key + element size of a map type (runtime address).
+    pub map_slot_bytes: &'a dyn Fn(u64) -> Option<u64>,
+    /// `sizeof(runtime._defer)`.
+    pub defer_record_bytes: u64,
+    /// `bpf_ktime_get_ns()` now.
+    pub now_ns: u64,
+    /// Findings threshold (`--min-pending`).
+    pub min_pending: u64,
+}
+
+/// The captures of `record` that lie inside its closure; None when the closure's size is
+/// unknown (then nothing is attributed).
+fn real_captures<'r>(record: &'r PendingDefer, lookups: &Lookups) -> Option<impl Iterator<Item = &'r Capture> + 'r> {
+    let words = (lookups.closure_words)(record.closure_fn.wrapping_sub(lookups.bias))?;
+    Some(record.captures().filter(move |capture| usize::from(capture.word) < words))
+}
+
+/// Estimated bytes a map holds: its slots (key + element, plus a control byte) at Go's
+/// maximum load factor of 7/8, plus the header. An estimate: overflow buckets, pointed-to
+/// data (string bytes, ...) and allocation rounding are not counted.
+fn map_bytes_estimate(entries: u64, slot_bytes: u64) -> u64 {
+    entries * (slot_bytes + 1) * 8 / 7 + 48
+}
+
+/// Pending state, findings, goroutines and sites, from the aggregator and the lookups.
+pub struct Correlation {
+    pub pending: PendingReport,
+    pub findings: Vec<Finding>,
+    pub goroutines: Vec<GoroutineReport>,
+    pub sites: Vec<SiteReport>,
+    /// Pending records whose closure size could not be decoded (captures not attributed).
+    pub closures_of_unknown_size: u64,
+}
+
+pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
+    let mut locations: HashMap<u64, Location> = HashMap::new();
+    let mut locate = |pc: u64| {
+        locations.entry(pc).or_insert_with(|| (lookups.location)(pc.wrapping_sub(lookups.bias))).clone()
     };
+    let mut map_entries: HashMap<u64, Option<u64>> = HashMap::new();
+    let mut entries_of = |map: u64| *map_entries.entry(map).or_insert_with(|| (lookups.map_entries)(map));
+
+    let mut findings = Vec::new();
+    let mut goroutines = Vec::new();
+    let mut all_maps = HashSet::new();
+    let mut closures_of_unknown_size = 0;
+    for (goid, records) in aggregator.pending_by_goroutine() {
+        let mut goroutine_maps = HashSet::new();
+        // Frames of this goroutine: records grouped by SP.
+        let mut frames: HashMap<u64, Vec<&PendingDefer>> = HashMap::new();
+        for record in records {
+            frames.entry(record.caller_sp).or_default().push(record);
+        }
+        for frame in frames.values() {
+            let mut by_value = HashSet::new();
+            let mut by_reference = HashSet::new();
+            let mut closure_bytes = 0;
+            for record in frame {
+                match real_captures(record, lookups) {
+                    Some(captures) => {
+                        for capture in captures {
+                            match capture.kind {
+                                CaptureKind::ByReference => by_reference.insert(capture.map),
+                                _ => by_value.insert(capture.map),
+                            };
+                        }
+                    }
+                    None => closures_of_unknown_size += 1,
+                }
+                let words = (lookups.closure_words)(record.closure_fn.wrapping_sub(lookups.bias)).unwrap_or(0);
+                closure_bytes += ((words as u64 + 1) * 8).next_multiple_of(16);
+            }
+            let maps: HashSet<u64> = by_value.union(&by_reference).copied().collect();
+            goroutine_maps.extend(maps.iter().copied());
+            let pending = frame.len() as u64;
+            if pending < lookups.min_pending {
+                continue;
+            }
+            let mut entries = 0;
+            let mut map_bytes = 0;
+            for map in &maps {
+                let count = entries_of(*map).unwrap_or(0);
+                entries += count;
+                let slot = aggregator.map(*map).and_then(|m| (lookups.map_slot_bytes)(m.map_type));
+                map_bytes += map_bytes_estimate(count, slot.unwrap_or(16));
+            }
+            // The frame's site: the defer statement with the most pending records.
+            let mut per_site: HashMap<u64, u64> = HashMap::new();
+            for record in frame {
+                *per_site.entry(record.caller_pc).or_default() += 1;
+            }
+            let site_pc = per_site.iter().max_by_key(|(pc, n)| (**n, std::cmp::Reverse(**pc))).map(|(pc, _)| *pc).unwrap_or(0);
+            let location = locate(site_pc);
+            let oldest = frame.iter().map(|r| r.registered_ns).min().unwrap_or(lookups.now_ns);
+            findings.push(Finding {
+                kind: "defer_accumulation",
+                goid,
+                function: location.function,
+                file: location.file,
+                line: location.line,
+                pending_defers: pending,
+                oldest_pending_secs: lookups.now_ns.saturating_sub(oldest) as f64 / 1e9,
+                captured_maps: maps.len() as u64,
+                captured_maps_by_value: by_value.len() as u64,
+                captured_maps_by_reference: by_reference.len() as u64,
+                captured_map_entries: entries,
+                est_bytes: pending * lookups.defer_record_bytes + closure_bytes + map_bytes,
+            });
+        }
+        let defer_sites = aggregator
+            .goroutine_sites(goid)
+            .map(|(pc, totals)| {
+                let location = locate(pc);
+                let pending = records.iter().filter(|r| r.caller_pc == pc).count() as u64;
+                GoroutineSiteReport {
+                    function: location.function,
+                    file: location.file,
+                    line: location.line,
+                    pending,
+                    registered: totals.registered,
+                    released: totals.released,
+                }
+            })
+            .collect::<Vec<_>>();
+        let captured_map_entries = goroutine_maps.iter().map(|m| entries_of(*m).unwrap_or(0)).sum();
+        goroutines.push(GoroutineReport {
+            goid,
+            pending_defers: records.len() as u64,
+            captured_maps: goroutine_maps.len() as u64,
+            captured_map_entries,
+            defer_sites,
+        });
+        all_maps.extend(goroutine_maps);
+    }
+    findings.sort_by(|a, b| b.est_bytes.cmp(&a.est_bytes).then(a.goid.cmp(&b.goid)));
+    goroutines.sort_by(|a, b| b.pending_defers.cmp(&a.pending_defers).then(a.goid.cmp(&b.goid)));
+    for goroutine in &mut goroutines {
+        goroutine.defer_sites.sort_by(|a, b| b.pending.cmp(&a.pending).then(b.registered.cmp(&a.registered)));
+    }
+
     let mut sites: Vec<SiteReport> = aggregator
         .sites()
         .map(|(pc, totals)| {
-            let pc = pc.wrapping_sub(bias);
+            let location = locate(pc);
             SiteReport {
-                pc: format!("{pc:#x}"),
-                function: symbolize(pc),
+                pc: format!("{:#x}", pc.wrapping_sub(lookups.bias)),
+                function: location.function,
+                file: location.file,
+                line: location.line,
                 registered: totals.registered,
                 released: totals.released,
                 pending: totals.pending(),
             }
         })
         .collect();
-    sites.sort_by(|a, b| {
-        (b.pending, b.registered, &a.pc).cmp(&(a.pending, a.registered, &b.pc))
-    });
-    (pending, sites)
+    sites.sort_by(|a, b| (b.pending, b.registered, &a.pc).cmp(&(a.pending, a.registered, &b.pc)));
+    Correlation {
+        pending: PendingReport {
+            heap_defers: aggregator.pending_heap_defers(),
+            goroutines: goroutines.len() as u64,
+            captured_maps: all_maps.len() as u64,
+        },
+        findings,
+        goroutines,
+        sites,
+        closures_of_unknown_size,
+    }
 }
 
 impl Report {
@@ -190,16 +400,38 @@ impl Report {
         ] {
             let _ = writeln!(out, "  {label:<32}{value:>14}");
         }
+        let p = &self.pending;
         let _ = writeln!(
             out,
-            "\npending heap defers: {} in {} goroutine(s)",
-            self.pending.heap_defers, self.pending.goroutines
+            "\npending heap defers: {} in {} goroutine(s), capturing {} map(s)",
+            p.heap_defers, p.goroutines, p.captured_maps
         );
+        if !self.findings.is_empty() {
+            let _ = writeln!(out, "\nfindings (most memory first)");
+            for f in &self.findings {
+                let _ = writeln!(
+                    out,
+                    "  defer accumulation in goroutine {}: {} pending, oldest {:.1}s",
+                    f.goid, f.pending_defers, f.oldest_pending_secs
+                );
+                let _ = writeln!(out, "    at   {}", truncate(&place(&f.function, &f.file, f.line), 72));
+                let _ = writeln!(
+                    out,
+                    "    maps {} captured ({} by value, {} by reference), {} entries",
+                    f.captured_maps, f.captured_maps_by_value, f.captured_maps_by_reference,
+                    f.captured_map_entries
+                );
+                let _ = writeln!(out, "    holds ~{} (estimate)", human_bytes(f.est_bytes));
+            }
+        }
         if !self.sites.is_empty() {
             let _ = writeln!(out, "\n{:<44}{:>12}{:>12}{:>10}", "defer site", "registered", "released", "pending");
             for site in self.sites.iter().take(10) {
-                let name = site.function.as_deref().unwrap_or(&site.pc);
-                let name = truncate(name, 42);
+                let name = match (&site.function, &site.file) {
+                    (Some(_), _) | (_, Some(_)) => place(&site.function, &site.file, site.line),
+                    _ => site.pc.clone(),
+                };
+                let name = truncate(&name, 42);
                 let _ = writeln!(
                     out,
                     "  {name:<42}{:>12}{:>12}{:>10}",
@@ -213,11 +445,57 @@ impl Report {
         if !self.notes.is_empty() {
             let _ = writeln!(out, "\nnotes");
             for note in &self.notes {
-                let _ = writeln!(out, "  - {note}");
+                let mut prefix = "  - ";
+                for line in wrap(note, 74) {
+                    let _ = writeln!(out, "{prefix}{line}");
+                    prefix = "    ";
+                }
             }
         }
         out
     }
+}
+
+/// `function (file:line)`, with what is known.
+fn place(function: &Option<String>, file: &Option<String>, line: Option<u32>) -> String {
+    let function = function.as_deref().unwrap_or("?");
+    match (file, line) {
+        (Some(file), Some(line)) => {
+            let base = file.rsplit('/').next().unwrap_or(file);
+            format!("{function} ({base}:{line})")
+        }
+        _ => function.to_owned(),
+    }
+}
+
+/// `text` broken into lines of at most `width` characters at spaces (a longer word stands alone).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 /// `text` cut to `width` characters, with `…` marking the cut (keeps the end: the function
@@ -235,22 +513,95 @@ fn truncate(text: &str, width: usize) -> String {
 mod tests {
     use super::*;
     use crate::aggregator::Event;
-    use deferprobe_common::{DeferRegistered, EventHeader, EventKind};
+    use deferprobe_common::{DeferRegistered, EventHeader, EventKind, MapSeen};
+
+    const BIAS: u64 = 0x1000_0000;
+
+    fn header(kind: EventKind, goid: u64, ktime_ns: u64) -> EventHeader {
+        EventHeader { kind: kind as u32, cpu: 0, ktime_ns, goid }
+    }
+
+    /// `count` loop defers on goroutine 7, each capturing its own map by value; maps have 5
+    /// entries each.
+    fn leaky_aggregator(count: u64) -> Aggregator {
+        let mut agg = Aggregator::new();
+        for i in 0..count {
+            let map = 0xc100_0000 + i * 0x100;
+            agg.apply(&Event::MapSeen(MapSeen {
+                header: header(EventKind::MapSeen, 7, i),
+                map,
+                map_type: 0x4a_0000 + BIAS,
+                caller_pc: 0x1000_0100,
+            }));
+            let mut registered = DeferRegistered {
+                header: header(EventKind::DeferRegistered, 7, 1_000_000_000 + i),
+                closure: 0xc000_0000 + i * 16,
+                closure_fn: 0x40_2000 + BIAS,
+                caller_pc: 0x40_0123 + BIAS,
+                caller_sp: 0xc000_8000,
+                g: 0xc000_0100,
+                ..Default::default()
+            };
+            registered.captured_maps[0] = map;
+            registered.capture_kinds[0] = CaptureKind::ByValue as u8;
+            // The word after the closure is a neighbouring object: must not count.
+            registered.captured_maps[1] = map + 0x100;
+            registered.capture_kinds[1] = CaptureKind::ByValue as u8;
+            agg.apply(&Event::DeferRegistered(registered));
+        }
+        agg
+    }
+
+    fn lookups<'a>(location: &'a dyn Fn(u64) -> Location, words: &'a dyn Fn(u64) -> Option<usize>) -> Lookups<'a> {
+        Lookups {
+            bias: BIAS,
+            location,
+            closure_words: words,
+            map_entries: &|_| Some(5),
+            map_slot_bytes: &|_| Some(24),
+            defer_record_bytes: 48,
+            now_ns: 3_000_000_000,
+            min_pending: 16,
+        }
+    }
+
+    fn location(pc: u64) -> Location {
+        Location { function: Some(format!("main.leak@{pc:#x}")), file: Some("/src/main.go".into()), line: Some(42) }
+    }
+
+    #[test]
+    fn accumulation_becomes_a_finding_with_its_maps() {
+        let agg = leaky_aggregator(300);
+        let c = correlate(&agg, &lookups(&location, &|_| Some(1)));
+        assert_eq!(c.pending, PendingReport { heap_defers: 300, goroutines: 1, captured_maps: 300 });
+        assert_eq!(c.findings.len(), 1);
+        let f = &c.findings[0];
+        assert_eq!((f.goid, f.pending_defers, f.captured_maps, f.captured_map_entries), (7, 300, 300, 1500));
+        assert_eq!((f.captured_maps_by_value, f.captured_maps_by_reference), (300, 0));
+        assert_eq!(f.function.as_deref(), Some("main.leak@0x400123"));
+        assert_eq!(f.line, Some(42));
+        assert!((f.oldest_pending_secs - 2.0).abs() < 1e-6);
+        // 300 records + 300 closures of 2 words + 300 maps of 5 entries.
+        assert_eq!(f.est_bytes, 300 * 48 + 300 * 16 + 300 * (5 * 25 * 8 / 7 + 48));
+        assert_eq!(c.goroutines[0].defer_sites[0].pending, 300);
+        assert_eq!(c.sites[0].pc, "0x400123");
+        assert_eq!(c.closures_of_unknown_size, 0);
+    }
+
+    #[test]
+    fn small_frames_and_unknown_closures() {
+        let agg = leaky_aggregator(15);
+        let c = correlate(&agg, &lookups(&location, &|_| None));
+        assert!(c.findings.is_empty(), "15 < --min-pending 16");
+        assert_eq!(c.pending.captured_maps, 0, "closure size unknown: nothing attributed");
+        assert_eq!(c.closures_of_unknown_size, 15);
+    }
 
     fn sample() -> Report {
-        let mut agg = Aggregator::new();
-        for _ in 0..3 {
-            agg.apply(&Event::DeferRegistered(DeferRegistered {
-                header: EventHeader { kind: EventKind::DeferRegistered as u32, cpu: 0, ktime_ns: 1, goid: 7 },
-                closure: 0xc000_0000,
-                caller_pc: 0x1000_0123,
-                caller_sp: 0xc000_8000,
-            }));
-        }
-        let (pending, sites) =
-            pending_and_sites(&agg, 0x1000_0000, |pc| Some(format!("main.leaky.func1+{pc:#x}")));
+        let agg = leaky_aggregator(20);
+        let c = correlate(&agg, &lookups(&location, &|_| Some(1)));
         let mut counters = Counters::ZERO;
-        counters.values[Counter::DeferProc as usize] = 3;
+        counters.values[Counter::DeferProc as usize] = 20;
         counters.values[Counter::LostRingFull as usize] = 2;
         Report {
             schema_version: SCHEMA_VERSION,
@@ -260,9 +611,13 @@ mod tests {
             counts: Counts::from_counters(&counters, 1),
             lost: LostEvents { ring_buffer_full: 2, undecodable: 1, without_goroutine_id: 0 },
             probes: ProbesReport { attached: 20, layout_source: crate::layout::LayoutSource::Dwarf },
-            pending,
-            sites,
-            notes: vec!["a note".into()],
+            pending: c.pending,
+            findings: c.findings,
+            goroutines: c.goroutines,
+            sites: c.sites,
+            notes: vec!["a note long enough to need wrapping in an eighty column terminal, \
+                         which is what the text report promises to fit in"
+                .into()],
         }
     }
 
@@ -272,30 +627,48 @@ mod tests {
         assert_eq!(json["schema_version"], 1);
         assert_eq!(json["target"]["go_version"], "go1.27.3");
         assert_eq!(json["target"]["pid"], 42);
-        assert_eq!(json["counts"]["deferproc"], 3);
+        assert_eq!(json["counts"]["deferproc"], 20);
         assert_eq!(json["counts"]["lost_events"], 3);
         for key in ["mapassign", "deferproc_stack", "deferreturn", "mallocgc", "alloc_bytes", "goroutine_exits"] {
             assert_eq!(json["counts"][key], 0, "{key}");
         }
-        assert_eq!(json["pending"]["heap_defers"], 3);
-        assert_eq!(json["sites"][0]["pc"], "0x123");
-        assert_eq!(json["sites"][0]["pending"], 3);
+        assert_eq!(json["pending"]["heap_defers"], 20);
+        assert_eq!(json["sites"][0]["pc"], "0x400123");
+        assert_eq!(json["sites"][0]["line"], 42);
+        assert_eq!(json["sites"][0]["pending"], 20);
         assert_eq!(json["ended_by"], "duration");
+        let finding = &json["findings"][0];
+        assert_eq!(finding["kind"], "defer_accumulation");
+        for key in ["goid", "function", "file", "line", "pending_defers", "oldest_pending_secs", "captured_maps", "captured_map_entries", "est_bytes"] {
+            assert!(!finding[key].is_null(), "findings[0].{key}");
+        }
+        let goroutine = &json["goroutines"][0];
+        for key in ["goid", "pending_defers", "captured_maps", "captured_map_entries"] {
+            assert!(!goroutine[key].is_null(), "goroutines[0].{key}");
+        }
+        for key in ["function", "file", "line", "pending", "registered", "released"] {
+            assert!(!goroutine["defer_sites"][0][key].is_null(), "defer_sites[0].{key}");
+        }
     }
 
     #[test]
     fn text_fits_80_columns() {
         let text = sample().to_text();
         assert!(text.contains("heap defers (deferproc)"));
-        assert!(text.contains("main.leaky.func1+0x123"));
+        assert!(text.contains("defer accumulation in goroutine 7: 20 pending"), "{text}");
+        assert!(text.contains("main.leak@0x400123 (main.go:42)"), "{text}");
         for line in text.lines() {
             assert!(line.chars().count() <= 80, "{line:?}");
         }
     }
 
     #[test]
-    fn truncate_keeps_the_end() {
+    fn formatting_helpers() {
         assert_eq!(truncate("abc", 5), "abc");
         assert_eq!(truncate("abcdefgh", 5), "…efgh");
+        assert_eq!(wrap("aa bb cc", 5), ["aa bb", "cc"]);
+        assert_eq!(wrap("", 5), Vec::<String>::new());
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
     }
 }

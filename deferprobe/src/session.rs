@@ -1,13 +1,17 @@
 //! `deferprobe run`: the thin runtime shell around the pure parts. It finds or starts the
 //! target, attaches the probe plan, then runs one tokio loop that drains the ring buffer on a
-//! short timer into the [`Aggregator`], logs counts every `--interval`, and stops on the
-//! duration, SIGINT/SIGTERM or the target's exit. Then it writes the report.
+//! short timer into the [`Aggregator`], reconciles it with the runtime's `_defer` chains and
+//! logs counts every `--interval`, and stops on the duration, SIGINT/SIGTERM or the target's
+//! exit. Then it writes the report.
 
 use std::{
+    cell::RefCell,
+    collections::HashMap,
     os::fd::OwnedFd,
     time::{Duration, Instant},
 };
 
+use deferprobe_common::{CAPTURE_WORDS, Counter, Counters};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{Signal, SignalKind, signal},
@@ -16,18 +20,25 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    aggregator::{Aggregator, Event},
+    aggregator::{Aggregator, Event, Reconciled},
     binary::GoBinary,
     cli::RunArgs,
+    closure_words::captured_words,
     error::{Error, Result},
+    layout::RuntimeLayout,
+    memory::{ProcessMemory, read_goroutine},
     plan::ProbePlan,
-    report::{self, Counts, EndReason, LostEvents, ProbesReport, Report, TargetReport},
+    report::{self, Counts, EndReason, Location, Lookups, LostEvents, ProbesReport, Report, TargetReport},
     target::{self, GatedChild, Target},
     tracer::Tracer,
 };
 
 /// How often the ring buffer is drained (probes submit without waking us).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// Records registered this recently may not be linked into `g._defer` yet when the chain is
+/// read (the probe fires at deferproc's entry): reconciliation leaves them alone.
+const LINK_GRACE: Duration = Duration::from_millis(20);
 
 /// Runs `deferprobe run`; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32> {
@@ -40,6 +51,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // ends tracing cleanly, with a report.
     let _runtime_context = runtime.enter();
     let signals = Signals::install()?;
+
     let started_command = !args.command.is_empty();
     let running = args.pid.map(Target::running).transpose()?;
     let exe = match &running {
@@ -83,20 +95,66 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     );
     let bias = if plan.pie { target::pie_load_bias(target.pid).unwrap_or(0) } else { 0 };
     let exit_watch = target::pidfd(target.pid)?;
+    let memory = ProcessMemory::new(target.pid);
+    let closures = ClosureSizes::new(&binary, bias);
 
     let child = started_command.then_some(target.pid);
-    let traced = runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child))?;
+    let context = TraceContext { memory, layout: plan.layout, closures: &closures };
+    let traced = runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
     drop(tracer); // detach before anything else
 
     let exit_code = match started_command {
         true => Some(target::wait_child(target.pid)?.shell_code()),
         false => None,
     };
-    let (pending, sites) = report::pending_and_sites(&traced.aggregator, bias, |pc| {
-        binary.function_at(pc).map(|f| format!("{}+{:#x}", f.name, pc - f.address))
-    });
+    let location = |pc: u64| -> Location {
+        // A return address: the call is the instruction before it.
+        match binary.function_at(pc.wrapping_sub(1)) {
+            Some(f) => Location { function: Some(f.name), file: None, line: None },
+            None => Location::default(),
+        }
+    };
+    let map_entries = |map: u64| memory.read_u64(map);
+    let map_slot_bytes = |map_type: u64| map_slot_bytes(&memory, map_type);
+    let closure_words = |fn_pc: u64| closures.words_at_elf(fn_pc);
+    let lookups = Lookups {
+        bias,
+        location: &location,
+        closure_words: &closure_words,
+        map_entries: &map_entries,
+        map_slot_bytes: &map_slot_bytes,
+        defer_record_bytes: plan.layout.defer_size,
+        now_ns: traced.ended_ns,
+        min_pending: args.min_pending,
+    };
+    let correlation = report::correlate(&traced.aggregator, &lookups);
     let events = traced.aggregator.events();
     let counts = Counts::from_counters(&traced.counters, events.undecodable);
+    let mut notes = notes(&counts, traced.ended_by, started_command, events.without_goid);
+    if traced.reconciled.released + traced.reconciled.moved > 0 {
+        notes.push(format!(
+            "the runtime's _defer chains corrected the event-based state: {} records run without \
+             deferreturn (panic, recover, Goexit), {} frames moved by stack growth",
+            traced.reconciled.released, traced.reconciled.moved
+        ));
+    }
+    if correlation.closures_of_unknown_size > 0 {
+        notes.push(format!(
+            "{} pending closures have code deferprobe could not decode: their captures are not \
+             attributed",
+            correlation.closures_of_unknown_size
+        ));
+    }
+    notes.push(
+        "captured maps are recognised only if they were written (mapassign) while tracing".into(),
+    );
+    if !correlation.findings.is_empty() {
+        notes.push(
+            "est_bytes is an estimate: _defer records, closures, and map slots at Go's load \
+             factor; pointed-to data (strings, values behind pointers) is not included"
+                .into(),
+        );
+    }
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
         target: TargetReport {
@@ -109,14 +167,16 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         ended_by: traced.ended_by,
         counts,
         lost: LostEvents {
-            ring_buffer_full: traced.counters.get(deferprobe_common::Counter::LostRingFull),
+            ring_buffer_full: traced.counters.get(Counter::LostRingFull),
             undecodable: events.undecodable,
             without_goroutine_id: events.without_goid,
         },
         probes: ProbesReport { attached: traced.attached, layout_source: plan.layout_source },
-        pending,
-        sites,
-        notes: notes(&counts, traced.ended_by, started_command, events.without_goid),
+        pending: correlation.pending,
+        findings: correlation.findings,
+        goroutines: correlation.goroutines,
+        sites: correlation.sites,
+        notes,
     };
     print!("{}", report.to_text());
     if let Some(path) = &args.report {
@@ -126,13 +186,40 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     Ok(exit_code.unwrap_or(0))
 }
 
-/// What the trace loop produced.
-struct Traced {
-    aggregator: Aggregator,
-    counters: deferprobe_common::Counters,
-    ended_by: EndReason,
-    duration: Duration,
-    attached: usize,
+/// Key + element size of the map type at `map_type` (runtime address): `abi.MapType` (and
+/// `abi.SwissMapType`) keep `Key *Type` at 48 and `Elem *Type` at 56, and `Type.Size_` is the
+/// first word.
+fn map_slot_bytes(memory: &ProcessMemory, map_type: u64) -> Option<u64> {
+    let key = memory.read_u64(memory.read_u64(map_type + 48)?)?;
+    let elem = memory.read_u64(memory.read_u64(map_type + 56)?)?;
+    Some(key + elem)
+}
+
+/// Captured-word counts of closure functions, decoded from the binary once per function.
+struct ClosureSizes<'b> {
+    binary: &'b GoBinary,
+    bias: u64,
+    cache: RefCell<HashMap<u64, Option<usize>>>,
+}
+
+impl<'b> ClosureSizes<'b> {
+    fn new(binary: &'b GoBinary, bias: u64) -> Self {
+        ClosureSizes { binary, bias, cache: RefCell::default() }
+    }
+
+    /// For a closure's code PC as an ELF virtual address.
+    fn words_at_elf(&self, fn_pc: u64) -> Option<usize> {
+        *self.cache.borrow_mut().entry(fn_pc).or_insert_with(|| {
+            let function = self.binary.function_at(fn_pc).filter(|f| f.address == fn_pc)?;
+            let code = self.binary.function_code(&function).ok()?;
+            Some(captured_words(code, function.address))
+        })
+    }
+
+    /// For a closure's code PC as seen at runtime.
+    fn words_at_runtime(&self, fn_pc: u64) -> Option<usize> {
+        self.words_at_elf(fn_pc.wrapping_sub(self.bias))
+    }
 }
 
 /// The signals that end tracing.
@@ -152,6 +239,25 @@ impl Signals {
     }
 }
 
+/// What the loop reads besides the tracer.
+struct TraceContext<'a> {
+    memory: ProcessMemory,
+    layout: RuntimeLayout,
+    closures: &'a ClosureSizes<'a>,
+}
+
+/// What the trace loop produced.
+struct Traced {
+    aggregator: Aggregator,
+    counters: Counters,
+    ended_by: EndReason,
+    duration: Duration,
+    /// Monotonic ns when tracing stopped (the probes' clock).
+    ended_ns: u64,
+    attached: usize,
+    reconciled: Reconciled,
+}
+
 /// The loop. `child` is set when deferprobe started the target: signals are then forwarded to
 /// it and tracing lasts until it exits.
 async fn trace(
@@ -160,6 +266,7 @@ async fn trace(
     mut signals: Signals,
     args: &RunArgs,
     child: Option<u32>,
+    context: &TraceContext<'_>,
 ) -> Result<Traced> {
     let started = Instant::now();
     // SAFETY: the fd stays open (owned by `exited`) for as long as it is registered.
@@ -173,6 +280,7 @@ async fn trace(
     tokio::pin!(deadline);
 
     let mut aggregator = Aggregator::new();
+    let mut reconciled = Reconciled::default();
     let mut last_logged = Counts::default();
     let mut batch = Vec::new();
     let mut interrupted = false;
@@ -181,8 +289,9 @@ async fn trace(
             _ = drain_tick.tick() => drain(tracer, &mut aggregator, &mut batch),
             _ = log_tick.tick() => {
                 drain(tracer, &mut aggregator, &mut batch);
+                reconciled += reconcile(&mut aggregator, context);
                 let counts = Counts::from_counters(&tracer.counters()?, aggregator.events().undecodable);
-                log_counts(&counts, &last_logged, &aggregator);
+                log_counts(&counts, &last_logged, &aggregator, context.closures);
                 last_logged = counts;
             }
             _ = signals.interrupt.recv() => match child {
@@ -199,6 +308,9 @@ async fn trace(
     };
     // The probes fired synchronously in the target: everything is in the buffer by now.
     drain(tracer, &mut aggregator, &mut batch);
+    if ended_by != EndReason::TargetExited {
+        reconciled += reconcile(&mut aggregator, context);
+    }
     let counters = tracer.counters()?;
     let counts = Counts::from_counters(&counters, aggregator.events().undecodable);
     info!(
@@ -207,9 +319,18 @@ async fn trace(
         deferproc = counts.deferproc,
         mapassign = counts.mapassign,
         lost_events = counts.lost_events,
+        pending_heap_defers = aggregator.pending_heap_defers(),
         "tracing stopped"
     );
-    Ok(Traced { aggregator, counters, ended_by, duration: started.elapsed(), attached: tracer.attached() })
+    Ok(Traced {
+        aggregator,
+        counters,
+        ended_by,
+        duration: started.elapsed(),
+        ended_ns: monotonic_ns(),
+        attached: tracer.attached(),
+        reconciled,
+    })
 }
 
 /// Moves every waiting event into the aggregator, in probe-time order (records from different
@@ -229,7 +350,35 @@ fn drain(tracer: &mut Tracer, aggregator: &mut Aggregator, batch: &mut Vec<Event
     }
 }
 
-fn log_counts(now: &Counts, last: &Counts, aggregator: &Aggregator) {
+/// Brings every goroutine with pending records in line with its `g._defer` chain, read from
+/// the target's memory; logs what the runtime corrected.
+fn reconcile(aggregator: &mut Aggregator, context: &TraceContext) -> Reconciled {
+    let settled_ns = monotonic_ns().saturating_sub(LINK_GRACE.as_nanos() as u64);
+    let mut total = Reconciled::default();
+    for (goid, g) in aggregator.goroutines_to_reconcile() {
+        // An unreadable chain (target gone, chain changing under us) proves nothing.
+        let Some(runtime) = read_goroutine(&context.memory, &context.layout, g) else { continue };
+        total += aggregator.reconcile(goid, &runtime, settled_ns);
+    }
+    if total.released + total.moved > 0 {
+        info!(released = total.released, moved = total.moved, "reconciled with the runtime's _defer chains");
+    }
+    total
+}
+
+/// Distinct maps captured by pending closures (captures inside each closure's real size).
+fn captured_maps(aggregator: &Aggregator, closures: &ClosureSizes) -> usize {
+    let mut maps = std::collections::HashSet::new();
+    for (_, records) in aggregator.pending_by_goroutine() {
+        for record in records {
+            let words = closures.words_at_runtime(record.closure_fn).unwrap_or(0).min(CAPTURE_WORDS);
+            maps.extend(record.captures().filter(|c| usize::from(c.word) < words).map(|c| c.map));
+        }
+    }
+    maps.len()
+}
+
+fn log_counts(now: &Counts, last: &Counts, aggregator: &Aggregator, closures: &ClosureSizes) {
     let delta = now.since(last);
     info!(
         mapassign = delta.mapassign,
@@ -249,8 +398,17 @@ fn log_counts(now: &Counts, last: &Counts, aggregator: &Aggregator) {
         total_goroutine_exits = now.goroutine_exits,
         total_lost_events = now.lost_events,
         pending_heap_defers = aggregator.pending_heap_defers(),
+        captured_maps = captured_maps(aggregator, closures),
         "counts"
     );
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn forward(pid: u32, signal: i32) {

@@ -4,6 +4,7 @@
 //! `cargo xtask go-programs` (`./x test` does both).
 
 mod cli_errors;
+mod correlation;
 mod counts;
 mod demo;
 mod support;

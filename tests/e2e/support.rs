@@ -144,8 +144,8 @@ impl Running {
     }
 }
 
-/// A workload started with -wait -hold: it prints "ready", works when told, prints its ground
-/// truth, and exits when its stdin closes.
+/// A Go test program started with -wait (and, for the workload, -hold): it prints "ready",
+/// works when told, prints its ground truth as one JSON line, and exits when its stdin closes.
 pub struct Workload {
     pub child: Child,
     stdin: Option<ChildStdin>,
@@ -153,9 +153,15 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// The workload program, with -wait -hold and `args`.
     pub fn start(program: &Path, args: &[&str]) -> Workload {
+        let args: Vec<&str> = ["-wait", "-hold"].iter().chain(args).copied().collect();
+        Self::start_with_args(program, &args)
+    }
+
+    /// Any test program that speaks the ready/go protocol, with exactly `args`.
+    pub fn start_with_args(program: &Path, args: &[&str]) -> Workload {
         let mut child = Command::new(program)
-            .args(["-wait", "-hold"])
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -173,12 +179,17 @@ impl Workload {
         self.child.id()
     }
 
-    /// Lets it work; returns its ground truth.
+    /// Lets the workload work; returns its ground truth.
     pub fn work(&mut self) -> GroundTruth {
+        ground_truth(&self.work_json().to_string())
+    }
+
+    /// Lets it work; returns the JSON line it prints when done.
+    pub fn work_json(&mut self) -> Value {
         self.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
-        ground_truth(&line)
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
     }
 
     /// Closes its stdin (it exits) and reaps it.
