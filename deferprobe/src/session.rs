@@ -440,13 +440,11 @@ fn notes(counts: &Counts, ended_by: EndReason, started_command: bool, without_go
     notes
 }
 
-/// Root, or CAP_BPF + CAP_PERFMON (loading programs, attaching uprobes, reading the target's
-/// executable).
+/// Loading tracing programs and attaching uprobes needs CAP_SYS_ADMIN, or CAP_BPF and
+/// CAP_PERFMON, in the effective set: root normally has them, but a root whose capabilities
+/// were dropped does not, and an unprivileged user may have been granted them.
 fn check_privileges() -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return Ok(());
-    }
+    const CAP_SYS_ADMIN: u32 = 21;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -455,16 +453,17 @@ fn check_privileges() -> Result<()> {
         .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
-        .into_iter()
-        .filter(|(bit, _)| effective & (1 << bit) == 0)
-        .map(|(_, name)| name)
-        .collect();
-    if missing.is_empty() {
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
         return Ok(());
     }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(cap, _)| !has(*cap))
+        .map(|(_, name)| name)
+        .collect();
     Err(Error::permission(format!(
-        "deferprobe needs root or CAP_BPF and CAP_PERFMON (missing: {})",
+        "deferprobe needs root, or the capabilities CAP_BPF and CAP_PERFMON (missing: {})",
         missing.join(", ")
     )))
 }

@@ -59,3 +59,30 @@ fn inspect_prints_release_and_plan() {
         assert!(deferproc["attach_offset"].as_u64().unwrap() > 0);
     }
 }
+
+/// Without the capabilities to load tracing programs, deferprobe says so (exit 4), whether it
+/// runs as an unprivileged user or as a root whose capabilities were dropped.
+#[test]
+fn missing_privileges_exit_4() {
+    require_root();
+    let mut workload = Workload::start(&go_program(&go_releases()[0], "workload"), &[]);
+    let pid = workload.pid().to_string();
+    for setpriv_args in [
+        &["--reuid=65534", "--regid=65534", "--clear-groups"][..],
+        &["--bounding-set=-sys_admin,-bpf,-perfmon", "--inh-caps=-all"][..],
+    ] {
+        let output = std::process::Command::new("setpriv")
+            .args(setpriv_args)
+            .arg(env!("CARGO_BIN_EXE_deferprobe"))
+            .args(["run", "--pid", &pid])
+            .output()
+            .expect("setpriv (util-linux) is needed for this test");
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(4), "{setpriv_args:?}\n{stdout}\n{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON"), "{stderr}");
+    }
+    // The target was never touched.
+    assert_eq!(workload.work().heap_defers, 520);
+    workload.end();
+}
