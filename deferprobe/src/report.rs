@@ -183,6 +183,20 @@ pub struct Finding {
     pub captured_map_entries: u64,
     /// Estimate of what the frame keeps alive: `_defer` records + closures + captured maps.
     pub est_bytes: u64,
+    /// The captured maps grouped by where they were first written while traced.
+    pub captured_map_origins: Vec<MapOrigin>,
+}
+
+/// Captured maps first written at one place.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MapOrigin {
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub maps: u64,
+    pub entries: u64,
+    /// mapassign calls on them while traced (as far as the kernel's LRU set still knows them).
+    pub writes: u64,
 }
 
 /// What the report needs from the outside world (symbols, the target's memory), looked up by
@@ -198,6 +212,8 @@ pub struct Lookups<'a> {
     pub map_entries: &'a dyn Fn(u64) -> Option<u64>,
     /// Key + element size of a map type (runtime address).
     pub map_slot_bytes: &'a dyn Fn(u64) -> Option<u64>,
+    /// mapassign calls on a map while traced (runtime address).
+    pub map_writes: &'a dyn Fn(u64) -> Option<u64>,
     /// `sizeof(runtime._defer)`.
     pub defer_record_bytes: u64,
     /// `bpf_ktime_get_ns()` now.
@@ -276,12 +292,24 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
             }
             let mut entries = 0;
             let mut map_bytes = 0;
+            let mut origins: HashMap<u64, MapOrigin> = HashMap::new();
             for map in &maps {
                 let count = entries_of(*map).unwrap_or(0);
                 entries += count;
-                let slot = aggregator.map(*map).and_then(|m| (lookups.map_slot_bytes)(m.map_type));
+                let info = aggregator.map(*map);
+                let slot = info.and_then(|m| (lookups.map_slot_bytes)(m.map_type));
                 map_bytes += map_bytes_estimate(count, slot.unwrap_or(16));
+                let first_pc = info.map_or(0, |m| m.first_pc);
+                let origin = origins.entry(first_pc).or_insert_with(|| {
+                    let Location { function, file, line } = locate(first_pc);
+                    MapOrigin { function, file, line, maps: 0, entries: 0, writes: 0 }
+                });
+                origin.maps += 1;
+                origin.entries += count;
+                origin.writes += (lookups.map_writes)(*map).unwrap_or(0);
             }
+            let mut captured_map_origins: Vec<MapOrigin> = origins.into_values().collect();
+            captured_map_origins.sort_by(|a, b| b.maps.cmp(&a.maps).then(a.line.cmp(&b.line)));
             // The frame's site: the defer statement with the most pending records.
             let mut per_site: HashMap<u64, u64> = HashMap::new();
             for record in frame {
@@ -303,6 +331,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
                 captured_maps_by_reference: by_reference.len() as u64,
                 captured_map_entries: entries,
                 est_bytes: pending * lookups.defer_record_bytes + closure_bytes + map_bytes,
+                captured_map_origins,
             });
         }
         let defer_sites = aggregator
@@ -421,6 +450,10 @@ impl Report {
                     f.captured_maps, f.captured_maps_by_value, f.captured_maps_by_reference,
                     f.captured_map_entries
                 );
+                for origin in f.captured_map_origins.iter().take(3) {
+                    let place = place(&origin.function, &origin.file, origin.line);
+                    let _ = writeln!(out, "         {} written at {}", origin.maps, truncate(&place, 56));
+                }
                 let _ = writeln!(out, "    holds ~{} (estimate)", human_bytes(f.est_bytes));
             }
         }
@@ -531,7 +564,7 @@ mod tests {
                 header: header(EventKind::MapSeen, 7, i),
                 map,
                 map_type: 0x4a_0000 + BIAS,
-                caller_pc: 0x1000_0100,
+                caller_pc: 0x40_0100 + BIAS,
             }));
             let mut registered = DeferRegistered {
                 header: header(EventKind::DeferRegistered, 7, 1_000_000_000 + i),
@@ -559,6 +592,7 @@ mod tests {
             closure_words: words,
             map_entries: &|_| Some(5),
             map_slot_bytes: &|_| Some(24),
+            map_writes: &|_| Some(5),
             defer_record_bytes: 48,
             now_ns: 3_000_000_000,
             min_pending: 16,
@@ -584,6 +618,10 @@ mod tests {
         // 300 records + 300 closures of 2 words + 300 maps of 5 entries.
         assert_eq!(f.est_bytes, 300 * 48 + 300 * 16 + 300 * (5 * 25 * 8 / 7 + 48));
         assert_eq!(c.goroutines[0].defer_sites[0].pending, 300);
+        let origins = &f.captured_map_origins;
+        assert_eq!(origins.len(), 1);
+        assert_eq!((origins[0].maps, origins[0].entries, origins[0].writes), (300, 1500, 1500));
+        assert_eq!(origins[0].function.as_deref(), Some("main.leak@0x400100"));
         assert_eq!(c.sites[0].pc, "0x400123");
         assert_eq!(c.closures_of_unknown_size, 0);
     }

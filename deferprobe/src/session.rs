@@ -101,6 +101,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let child = started_command.then_some(target.pid);
     let context = TraceContext { memory, layout: plan.layout, closures: &closures };
     let traced = runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
+    let map_writes = captured_map_writes(&tracer, &traced.aggregator);
     drop(tracer); // detach before anything else
 
     let exit_code = match started_command {
@@ -117,12 +118,14 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let map_entries = |map: u64| memory.read_u64(map);
     let map_slot_bytes = |map_type: u64| map_slot_bytes(&memory, map_type);
     let closure_words = |fn_pc: u64| closures.words_at_elf(fn_pc);
+    let map_writes = |map: u64| map_writes.get(&map).copied();
     let lookups = Lookups {
         bias,
         location: &location,
         closure_words: &closure_words,
         map_entries: &map_entries,
         map_slot_bytes: &map_slot_bytes,
+        map_writes: &map_writes,
         defer_record_bytes: plan.layout.defer_size,
         now_ns: traced.ended_ns,
         min_pending: args.min_pending,
@@ -184,6 +187,21 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             .map_err(|err| Error::usage(format!("writing the report to {}: {err}", path.display())))?;
     }
     Ok(exit_code.unwrap_or(0))
+}
+
+/// Write counts of every map a pending closure captured, from the kernel's known-maps set.
+fn captured_map_writes(tracer: &Tracer, aggregator: &Aggregator) -> HashMap<u64, u64> {
+    let mut writes = HashMap::new();
+    for (_, records) in aggregator.pending_by_goroutine() {
+        for capture in records.iter().flat_map(|r| r.captures()) {
+            if let std::collections::hash_map::Entry::Vacant(entry) = writes.entry(capture.map) {
+                if let Some(count) = tracer.map_writes(capture.map) {
+                    entry.insert(count);
+                }
+            }
+        }
+    }
+    writes
 }
 
 /// Key + element size of the map type at `map_type` (runtime address): `abi.MapType` (and

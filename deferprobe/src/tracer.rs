@@ -7,13 +7,13 @@ use std::{num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, MapType, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
 };
-use deferprobe_common::{Counters, ProbeConfig};
+use deferprobe_common::{Counters, KnownMap, ProbeConfig};
 
 use crate::{
     error::{Error, Result},
@@ -28,6 +28,7 @@ pub struct Tracer {
     _ebpf: Ebpf,
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, Counters>,
+    known_maps: HashMap<MapData, u64, KnownMap>,
     attached: usize,
 }
 
@@ -75,7 +76,11 @@ impl Tracer {
             .take_map("COUNTERS")
             .ok_or_else(|| Error::internal("no COUNTERS map"))
             .and_then(|map| PerCpuArray::try_from(map).map_err(|err| bpf_error("COUNTERS", &err)))?;
-        Ok(Tracer { _ebpf: ebpf, events, counters, attached })
+        let known_maps = ebpf
+            .take_map("KNOWN_MAPS")
+            .ok_or_else(|| Error::internal("no KNOWN_MAPS map"))
+            .and_then(|map| HashMap::try_from(map).map_err(|err| bpf_error("KNOWN_MAPS", &err)))?;
+        Ok(Tracer { _ebpf: ebpf, events, counters, known_maps, attached })
     }
 
     /// Number of attach points (one per probed function).
@@ -94,6 +99,12 @@ impl Tracer {
             }
         }
         Ok(total)
+    }
+
+    /// mapassign calls on `map` since it entered the kernel's known-maps set; None if it is not
+    /// (or no longer) there.
+    pub fn map_writes(&self, map: u64) -> Option<u64> {
+        self.known_maps.get(&map, 0).ok().map(|known| known.writes)
     }
 
     /// Hands every event waiting in the ring buffer to `on_event`; returns how many.
