@@ -15,9 +15,18 @@ fn oldest_and_newest() -> Vec<String> {
     vec![releases[0].clone(), releases[releases.len() - 1].clone()]
 }
 
+/// What tracing one scenario gave.
+struct Traced {
+    report: Value,
+    /// The program's own accounting.
+    truth: Value,
+    stderr: Vec<String>,
+    peak_rss_kib: u64,
+}
+
 /// Traces `captures -scenario NAME` by --pid: attach, let it work, stop with SIGINT while it
-/// still holds its defers. Returns (report, the program's ground truth, deferprobe's stderr).
-fn trace_scenario(release: &str, scenario: &str, args: &[&str]) -> (Value, Value, Vec<String>) {
+/// still holds its defers.
+fn trace_scenario(release: &str, scenario: &str, args: &[&str]) -> Traced {
     let program = go_program(release, "captures");
     let mut program_args = vec!["-wait", "-scenario", scenario];
     program_args.extend(args);
@@ -33,10 +42,10 @@ fn trace_scenario(release: &str, scenario: &str, args: &[&str]) -> (Value, Value
     thread::sleep(Duration::from_millis(450)); // a couple of log intervals
     // SAFETY: signalling the child we started.
     unsafe { libc::kill(tracer.child.id() as i32, libc::SIGINT) };
-    let (code, stdout, stderr) = tracer.finish();
+    let (code, stdout, stderr, peak_rss_kib) = tracer.finish_with_peak_rss();
     assert_eq!(code, 0, "{stdout}\n{}", stderr.join("\n"));
     target.end();
-    (read_json(&report_file), truth, stderr)
+    Traced { report: read_json(&report_file), truth, stderr, peak_rss_kib }
 }
 
 fn u64_of(value: &Value, key: &str) -> u64 {
@@ -83,7 +92,7 @@ fn assert_single_finding(report: &Value, truth: &Value, by_reference: bool) {
 fn loop_defers_capturing_maps_by_value() {
     require_root();
     for release in oldest_and_newest() {
-        let (report, truth, stderr) = trace_scenario(&release, "byvalue", &["-n", "300"]);
+        let Traced { report, truth, stderr, .. } = trace_scenario(&release, "byvalue", &["-n", "300"]);
         assert_single_finding(&report, &truth, false);
         // The periodic log line carries pending defers and captured maps.
         let last = json_logs(&stderr, "counts").pop().expect("counts log lines");
@@ -96,7 +105,7 @@ fn loop_defers_capturing_maps_by_value() {
 fn loop_defers_capturing_maps_by_reference() {
     require_root();
     for release in oldest_and_newest() {
-        let (report, truth, _) = trace_scenario(&release, "byref", &["-n", "300"]);
+        let Traced { report, truth, .. } = trace_scenario(&release, "byref", &["-n", "300"]);
         assert_single_finding(&report, &truth, true);
     }
 }
@@ -105,7 +114,7 @@ fn loop_defers_capturing_maps_by_reference() {
 fn per_request_handler_releases_everything() {
     require_root();
     for release in oldest_and_newest() {
-        let (report, truth, _) = trace_scenario(&release, "handler", &["-n", "1000"]);
+        let Traced { report, truth, .. } = trace_scenario(&release, "handler", &["-n", "1000"]);
         assert_eq!(report["findings"].as_array().unwrap().len(), 0, "{report}");
         assert_eq!(u64_of(&report["pending"], "heap_defers"), 0, "{report}");
         let site = report["sites"]
@@ -124,7 +133,7 @@ fn per_request_handler_releases_everything() {
 fn panics_and_recover_keep_pending_exact() {
     require_root();
     for release in oldest_and_newest() {
-        let (report, truth, _) = trace_scenario(&release, "panics", &["-n", "40"]);
+        let Traced { report, truth, .. } = trace_scenario(&release, "panics", &["-n", "40"]);
         assert_single_finding(&report, &truth, false);
     }
 }
@@ -133,7 +142,7 @@ fn panics_and_recover_keep_pending_exact() {
 fn goexit_and_ended_goroutines_keep_pending_exact() {
     require_root();
     for release in oldest_and_newest() {
-        let (report, truth, _) = trace_scenario(&release, "goexit", &["-n", "40"]);
+        let Traced { report, truth, .. } = trace_scenario(&release, "goexit", &["-n", "40"]);
         assert_single_finding(&report, &truth, false);
         assert!(u64_of(&report["counts"], "goroutine_exits") >= 20);
     }
@@ -143,8 +152,11 @@ fn goexit_and_ended_goroutines_keep_pending_exact() {
 fn five_thousand_goroutines() {
     require_root();
     for release in oldest_and_newest() {
-        let (report, truth, _) =
+        let Traced { report, truth, peak_rss_kib, .. } =
             trace_scenario(&release, "many", &["-n", "3", "-goroutines", "5000"]);
+        // Bounded memory: 15,000 pending records and 5,000 goroutines in a few tens of MiB
+        // (the embedded eBPF object and the mapped target binary included).
+        assert!(peak_rss_kib < 64 * 1024, "deferprobe peak RSS {peak_rss_kib} KiB");
         assert_eq!(u64_of(&report["pending"], "heap_defers"), u64_of(&truth, "pending_defers"));
         assert_eq!(u64_of(&report["pending"], "goroutines"), 5000);
         assert_eq!(u64_of(&report["pending"], "captured_maps"), u64_of(&truth, "captured_maps"));

@@ -133,14 +133,25 @@ impl Running {
     }
 
     /// Waits for exit; returns (exit code, stdout, all stderr lines).
-    pub fn finish(mut self) -> (i32, String, Vec<String>) {
+    pub fn finish(self) -> (i32, String, Vec<String>) {
+        let (code, stdout, stderr, _) = self.finish_with_peak_rss();
+        (code, stdout, stderr)
+    }
+
+    /// Like [`Running::finish`], plus deferprobe's peak resident memory in KiB.
+    pub fn finish_with_peak_rss(mut self) -> (i32, String, Vec<String>, u64) {
         let mut stdout = String::new();
         std::io::Read::read_to_string(self.child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
-        let status = self.child.wait().unwrap();
+        let mut status = 0;
+        // SAFETY: reaping our own child; rusage is plain data the kernel fills.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let reaped = unsafe { libc::wait4(self.child.id() as i32, &mut status, 0, &mut usage) };
+        assert_eq!(reaped, self.child.id() as i32, "wait4 deferprobe");
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.stderr.push(line);
         }
-        (status.code().expect("deferprobe killed by a signal"), stdout, self.stderr)
+        assert!(libc::WIFEXITED(status), "deferprobe killed by a signal: {}", self.stderr.join("\n"));
+        (libc::WEXITSTATUS(status), stdout, self.stderr, usage.ru_maxrss as u64)
     }
 }
 
