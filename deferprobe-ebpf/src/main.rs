@@ -116,10 +116,10 @@ fn emit<T: 'static>(event: T) {
 /// `runtime.mapassign`, `_fast32`, `_fast64`, `_fast64ptr`, `_faststr`: RAX = map type,
 /// RBX = the map. Known maps get their write count bumped; a new one enters the set and is
 /// announced to userspace once.
-#[uprobe]
-pub fn mapassign(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_mapassign(ctx: &ProbeContext) -> u32 {
     bump(Counter::MapAssign, 1);
-    let r = regs(&ctx);
+    let r = regs(ctx);
     let map = r.rbx;
     if let Some(known) = KNOWN_MAPS.get_ptr_mut(&map) {
         // SAFETY: a value pointer from the map; the atomic add tolerates concurrent writers.
@@ -143,10 +143,10 @@ pub fn mapassign(ctx: ProbeContext) -> u32 {
 /// captured words are checked against the known maps now, before anything can change them:
 /// a word that is a known map is a capture by value; a word pointing to a variable holding a
 /// known map is a capture by reference (how Go captures a variable the closure assigns).
-#[uprobe]
-pub fn deferproc(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_deferproc(ctx: &ProbeContext) -> u32 {
     bump(Counter::DeferProc, 1);
-    let r = regs(&ctx);
+    let r = regs(ctx);
     let closure = r.rax;
     let mut event = DeferRegistered {
         header: header(EventKind::DeferRegistered, goid_of(r.r14)),
@@ -181,17 +181,17 @@ pub fn deferproc(ctx: ProbeContext) -> u32 {
 }
 
 /// `runtime.deferprocStack(d)`: a stack record; it can't accumulate, so it is only counted.
-#[uprobe]
-pub fn deferproc_stack(_ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_deferproc_stack(_ctx: &ProbeContext) -> u32 {
     bump(Counter::DeferProcStack, 1);
     0
 }
 
 /// `runtime.deferreturn()`: runs the pending records whose sp is the caller's SP.
-#[uprobe]
-pub fn deferreturn(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_deferreturn(ctx: &ProbeContext) -> u32 {
     bump(Counter::DeferReturn, 1);
-    let r = regs(&ctx);
+    let r = regs(ctx);
     let caller_pc = read_user_u64(r.rsp).unwrap_or(0);
     emit(DeferReturn {
         header: header(EventKind::DeferReturn, goid_of(r.r14)),
@@ -202,9 +202,9 @@ pub fn deferreturn(ctx: ProbeContext) -> u32 {
 }
 
 /// `runtime.mallocgc(size, typ, needzero)`: RAX = size.
-#[uprobe]
-pub fn mallocgc(ctx: ProbeContext) -> u32 {
-    let r = regs(&ctx);
+#[inline(always)]
+fn on_mallocgc(ctx: &ProbeContext) -> u32 {
+    let r = regs(ctx);
     bump(Counter::Malloc, 1);
     bump(Counter::AllocBytes, r.rax);
     if let Some(seen_at) = MALLOCGC_PROBE_SEEN_AT.get_ptr_mut(0) {
@@ -222,9 +222,9 @@ pub fn mallocgc(ctx: ProbeContext) -> u32 {
 /// Go 1.27's size-specialized entries (`mallocgcTinySC*`, `mallocgcSmall*SC*`), same registers
 /// as mallocgc. mallocgc forwards small sizes to them: a call whose return address lies inside
 /// mallocgc was already counted there.
-#[uprobe]
-pub fn mallocgc_size_class(ctx: ProbeContext) -> u32 {
-    let r = regs(&ctx);
+#[inline(always)]
+fn on_mallocgc_size_class(ctx: &ProbeContext) -> u32 {
+    let r = regs(ctx);
     let config = PROBE_CONFIG.load();
     // Before the first mallocgc hit nothing can have come through mallocgc.
     let seen_at = MALLOCGC_PROBE_SEEN_AT.get(0).copied().unwrap_or(0);
@@ -246,11 +246,40 @@ pub fn mallocgc_size_class(ctx: ProbeContext) -> u32 {
 }
 
 /// `runtime.goexit1()`: the goroutine in R14 is ending; g structs are reused afterwards.
-#[uprobe]
-pub fn goexit1(ctx: ProbeContext) -> u32 {
+#[inline(always)]
+fn on_goexit1(ctx: &ProbeContext) -> u32 {
     bump(Counter::GoroutineExit, 1);
-    emit(GoroutineExit { header: header(EventKind::GoroutineExit, goid_of(regs(&ctx).r14)) });
+    emit(GoroutineExit { header: header(EventKind::GoroutineExit, goid_of(regs(ctx).r14)) });
     0
+}
+
+
+// Every program exists twice: as a classic uprobe (one perf event per attach point, any
+// kernel >= 5.8) and as a multi-uprobe (one link for all points of a program: attaching and,
+// above all, detaching are far faster). Userspace picks the multi form when the kernel
+// supports process-scoped multi-uprobes.
+macro_rules! entry_points {
+    ($($single:ident, $multi:ident => $handler:ident;)*) => {$(
+        #[uprobe]
+        pub fn $single(ctx: ProbeContext) -> u32 {
+            $handler(&ctx)
+        }
+
+        #[uprobe(multi)]
+        pub fn $multi(ctx: ProbeContext) -> u32 {
+            $handler(&ctx)
+        }
+    )*};
+}
+
+entry_points! {
+    mapassign, mapassign_multi => on_mapassign;
+    deferproc, deferproc_multi => on_deferproc;
+    deferproc_stack, deferproc_stack_multi => on_deferproc_stack;
+    deferreturn, deferreturn_multi => on_deferreturn;
+    mallocgc, mallocgc_multi => on_mallocgc;
+    mallocgc_size_class, mallocgc_size_class_multi => on_mallocgc_size_class;
+    goexit1, goexit1_multi => on_goexit1;
 }
 
 #[cfg(not(test))]

@@ -1,11 +1,16 @@
 //! `deferprobe inspect BINARY`: the static analysis of a Go binary (release, struct offsets,
-//! the probe plan) as text or JSON, without running anything.
+//! the probe plan, the heap-defer sites) as text or JSON, without running anything.
 
 use std::{fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
-use crate::{binary::GoBinary, error::Result, plan::ProbePlan};
+use crate::{
+    binary::{DeferSite, GoBinary},
+    error::Result,
+    layout::{self, RuntimeLayout},
+    plan::ProbePlan,
+};
 
 #[derive(Serialize)]
 struct Inspection<'a> {
@@ -13,12 +18,17 @@ struct Inspection<'a> {
     module_path: Option<&'a str>,
     main_package: Option<&'a str>,
     plan: &'a ProbePlan,
+    /// The built-in struct offsets for this Go release (what `plan.layout` would be without
+    /// DWARF), checked against DWARF by `cargo xtask layout-table`.
+    release_table_layout: Option<RuntimeLayout>,
+    heap_defer_sites: &'a [DeferSite],
 }
 
 /// Returns what `inspect` prints.
 pub fn inspect(path: &Path, json: bool) -> Result<String> {
     let binary = GoBinary::open(path)?;
     let plan = ProbePlan::build(&binary)?;
+    let sites = binary.heap_defer_sites()?;
     let info = binary.build_info();
     if json {
         let inspection = Inspection {
@@ -26,6 +36,8 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
             module_path: info.module_path.as_deref(),
             main_package: info.main_package.as_deref(),
             plan: &plan,
+            release_table_layout: layout::for_release(plan.release),
+            heap_defer_sites: &sites,
         };
         return Ok(serde_json::to_string_pretty(&inspection).expect("serializes") + "\n");
     }
@@ -49,7 +61,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         l.g_goid, l.g_m, l.g_defer, l.m_curg, l.defer_size, plan.layout_source
     );
     let _ = writeln!(out, "\nprobe plan ({} probes)", plan.probes.len());
-    let _ = writeln!(out, "  {:<38} {:>10} {:>7} {:>10}  {}", "function", "address", "attach", "file off", "program");
+    let _ = writeln!(out, "  {:<38} {:>10} {:>7} {:>10}  program", "function", "address", "attach", "file off");
     for probe in &plan.probes {
         let _ = writeln!(
             out,
@@ -72,6 +84,14 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
             program.registers().iter().map(|(reg, what)| format!("{reg}={what}")).collect();
         let _ = writeln!(out, "  {:<20} {}", program.name(), program.reports());
         let _ = writeln!(out, "  {:<20} reads {}", "", registers.join(", "));
+    }
+    let _ = writeln!(out, "\nheap defer sites ({}: defers that allocate a record each run)", sites.len());
+    for site in &sites {
+        let _ = writeln!(
+            out,
+            "  {}  {}:{}  (return address {:#x})",
+            site.location.function, site.location.file, site.location.line, site.return_address
+        );
     }
     Ok(out)
 }

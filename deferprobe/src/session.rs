@@ -91,9 +91,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         go_version = %plan.go_version,
         pid = target.pid,
         layout = ?plan.layout_source,
+        attach_mode = ?tracer.mode(),
         "probes attached"
     );
-    let bias = if plan.pie { target::pie_load_bias(target.pid).unwrap_or(0) } else { 0 };
+    // Runtime address − ELF virtual address, for naming the PCs the probes report.
+    let bias = match plan.pie {
+        true => target::exe_mapping_start(target.pid)
+            .map_or(0, |start| start.wrapping_sub(binary.file_start_vaddr())),
+        false => 0,
+    };
     let exit_watch = target::pidfd(target.pid)?;
     let memory = ProcessMemory::new(target.pid);
     let closures = ClosureSizes::new(&binary, bias);
@@ -110,8 +116,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     let location = |pc: u64| -> Location {
         // A return address: the call is the instruction before it.
-        match binary.function_at(pc.wrapping_sub(1)) {
-            Some(f) => Location { function: Some(f.name), file: None, line: None },
+        match binary.source_location(pc.wrapping_sub(1)) {
+            Some(loc) => Location { function: Some(loc.function), file: Some(loc.file), line: Some(loc.line) },
             None => Location::default(),
         }
     };

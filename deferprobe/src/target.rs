@@ -200,10 +200,9 @@ pub fn resolve_program(program: &str) -> Result<PathBuf> {
         .ok_or_else(|| Error::target(format!("{program}: command not found in PATH")))
 }
 
-/// Load bias of `pid`'s main executable (0 for non-PIE): start of the mapping of file offset 0
-/// of /proc/PID/exe, minus the first PT_LOAD's page-aligned virtual address, which is 0 for
-/// the PIE binaries Go links. None if the process is gone.
-pub fn pie_load_bias(pid: u32) -> Option<u64> {
+/// Where `pid` mapped file offset 0 of its main executable (/proc/PID/maps). None if the
+/// process is gone.
+pub fn exe_mapping_start(pid: u32) -> Option<u64> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
     let exe = exe.to_string_lossy();
     let exe = exe.trim_end_matches(" (deleted)");

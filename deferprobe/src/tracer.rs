@@ -7,6 +7,7 @@ use std::{num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
+    sys::{UProbeMultiFeature, is_uprobe_multi_supported},
     maps::{HashMap, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         UProbe,
@@ -23,9 +24,20 @@ use crate::{
 /// The compiled deferprobe-ebpf object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/deferprobe"));
 
+/// How the probes are attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// One multi-uprobe link per program (Linux >= 6.9, process-scoped PID filter).
+    Multi,
+    /// One perf-event uprobe per attach point (any kernel deferprobe supports); detaching costs
+    /// the kernel a synchronisation per point.
+    PerPoint,
+}
+
 pub struct Tracer {
     // Owns the programs and their links: dropping it detaches.
     _ebpf: Ebpf,
+    mode: AttachMode,
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, Counters>,
     known_maps: HashMap<MapData, u64, KnownMap>,
@@ -49,15 +61,25 @@ impl Tracer {
             .map_err(|err| bpf_error("loading the eBPF programs", &err))?;
 
         let pid = NonZeroU32::new(pid).ok_or_else(|| Error::usage("pid 0 is not a process"))?;
+        // Go programs are multi-threaded: a multi-uprobe link must filter by process, not by
+        // thread (fixed in Linux 6.9).
+        let mode = match is_uprobe_multi_supported(UProbeMultiFeature::ProcessScopedPidFilter) {
+            Ok(true) => AttachMode::Multi,
+            _ => AttachMode::PerPoint,
+        };
         let mut attached = 0;
         for program in ProbeProgram::ALL {
             let offsets: Vec<u64> = plan.probes_of(program).map(|p| p.file_offset).collect();
             if offsets.is_empty() {
                 continue;
             }
+            let name = match mode {
+                AttachMode::Multi => format!("{}_multi", program.name()),
+                AttachMode::PerPoint => program.name().to_owned(),
+            };
             let uprobe: &mut UProbe = ebpf
-                .program_mut(program.name())
-                .ok_or_else(|| Error::internal(format!("no eBPF program {}", program.name())))?
+                .program_mut(&name)
+                .ok_or_else(|| Error::internal(format!("no eBPF program {name}")))?
                 .try_into()
                 .map_err(|err| bpf_error(program.name(), &err))?;
             uprobe.load().map_err(|err| bpf_error(&format!("loading {}", program.name()), &err))?;
@@ -80,12 +102,16 @@ impl Tracer {
             .take_map("KNOWN_MAPS")
             .ok_or_else(|| Error::internal("no KNOWN_MAPS map"))
             .and_then(|map| HashMap::try_from(map).map_err(|err| bpf_error("KNOWN_MAPS", &err)))?;
-        Ok(Tracer { _ebpf: ebpf, events, counters, known_maps, attached })
+        Ok(Tracer { _ebpf: ebpf, mode, events, counters, known_maps, attached })
     }
 
     /// Number of attach points (one per probed function).
     pub fn attached(&self) -> usize {
         self.attached
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
     }
 
     /// The counters summed over all CPUs.

@@ -23,21 +23,35 @@ fn demo_leak_is_visible() {
     assert!(output.status.success(), "{stdout}\n{stderr}");
     let report = read_json(&report_file);
     let sites = report["sites"].as_array().unwrap();
-    let site = |prefix: &str| {
+    let site = |function: &str| {
         sites
             .iter()
-            .find(|s| s["function"].as_str().is_some_and(|f| f.starts_with(prefix)))
-            .unwrap_or_else(|| panic!("no {prefix} site in {report}"))
+            .find(|s| s["function"] == function)
+            .unwrap_or_else(|| panic!("no {function} site in {report}"))
     };
     // One batch every 20 ms for 2 s, none released.
-    let pump = site("main.pumpBatches+");
+    let pump = site("main.pumpBatches");
     assert!(pump["pending"].as_u64().unwrap() >= 40, "{pump}");
     assert_eq!(pump["released"], 0);
     assert_eq!(sites[0], *pump, "the leak is the top site");
+    assert_eq!(pump["line"], source_line("tests/go/demo/main.go", "defer release(results)"));
+    // The leak is a finding: one frame, every pending record, each holding its batch's map.
+    let finding = &report["findings"][0];
+    assert_eq!(finding["function"], "main.pumpBatches");
+    assert_eq!(finding["pending_defers"], pump["pending"]);
+    assert_eq!(finding["captured_maps"], pump["pending"]);
+    assert_eq!(finding["captured_map_entries"], pump["pending"].as_u64().unwrap() * 16);
     // Handlers: 3 defers per request, released on return (one may be mid-flight).
-    let handler = site("main.handleRequest+");
+    let handler = site("main.handleRequest");
     assert!(handler["registered"].as_u64().unwrap() >= 30, "{handler}");
     assert!(handler["pending"].as_u64().unwrap() <= 3, "{handler}");
     assert_eq!(report["pending"]["goroutines"], 1 + handler["pending"].as_u64().unwrap().min(1));
     assert!(stdout.contains("main.pumpBatches"), "{stdout}");
+}
+
+/// 1-based number of the line of `path` (relative to the workspace) that contains `needle`.
+fn source_line(path: &str, needle: &str) -> u64 {
+    let text = std::fs::read_to_string(workspace_root().join(path)).unwrap();
+    let index = text.lines().position(|line| line.contains(needle)).expect(needle);
+    index as u64 + 1
 }

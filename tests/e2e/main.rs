@@ -7,4 +7,5 @@ mod cli_errors;
 mod correlation;
 mod counts;
 mod demo;
+mod matrix;
 mod support;

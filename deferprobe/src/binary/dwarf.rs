@@ -150,23 +150,28 @@ fn find_structs(
 #[cfg(test)]
 mod tests {
     use crate::{
-        binary::{GoBinary, testbin},
+        binary::{
+            GoBinary,
+            testbin::{self, Program, Variant},
+        },
         layout,
     };
 
     #[test]
     fn dwarf_matches_release_table() {
-        for release in testbin::releases() {
-            for program in testbin::PROGRAMS {
-                let binary = GoBinary::open(&testbin::path(&release, program)).unwrap();
+        for toolchain in testbin::toolchains() {
+            let release = &toolchain.version;
+            for program in Program::ALL {
+                let path = testbin::build(&toolchain, program, Variant::Plain);
+                let binary = GoBinary::open(&path).unwrap();
                 let from_dwarf = binary.runtime_layout_from_dwarf().unwrap();
                 let from_dwarf =
-                    from_dwarf.unwrap_or_else(|| panic!("go{release} {program}: no DWARF"));
+                    from_dwarf.unwrap_or_else(|| panic!("go{release} {program:?}: no DWARF"));
                 let table = layout::for_release(binary.build_info().release);
                 assert_eq!(
                     Some(from_dwarf),
                     table,
-                    "go{release} {program}: DWARF vs layout.rs"
+                    "go{release} {program:?}: DWARF vs layout.rs"
                 );
             }
         }

@@ -32,8 +32,8 @@ pub enum BinaryError {
     CorruptSymbols { path: PathBuf, reason: String },
     #[error("{}: corrupt .gopclntab: {reason}", path.display())]
     CorruptPclntab { path: PathBuf, reason: String },
-    #[error("{}: no function symbols (neither .symtab nor .gopclntab)", path.display())]
-    NoFunctions { path: PathBuf },
+    #[error("{}: no .gopclntab (the Go function table) found", path.display())]
+    NoPclntab { path: PathBuf },
     #[error("{}: address {address:#x} is in no loadable segment", path.display())]
     UnmappedAddress { path: PathBuf, address: u64 },
     #[error(

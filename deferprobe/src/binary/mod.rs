@@ -1,15 +1,17 @@
 //! Static analysis of the traced Go executable (linux/amd64 ELF): build info, function symbols,
-//! virtual address → file offset for uprobes, probe placement in machine code, and runtime
-//! struct offsets from DWARF. [`GoBinary`] memory-maps the file and owns the ELF-level parts;
-//! the submodules own one format each.
+//! pc → source line, virtual address → file offset for uprobes, probe placement in machine
+//! code, heap-defer call sites, and runtime struct offsets from DWARF. [`GoBinary`]
+//! memory-maps the file and owns the ELF-level parts; the submodules own one format each.
 
 mod buildinfo;
+mod calls;
 mod dwarf;
 mod error;
+mod pclntab;
 pub mod prologue;
 mod symbols;
 #[cfg(test)]
-mod testbin;
+pub(crate) mod testbin;
 
 use std::{
     fs::File,
@@ -24,11 +26,18 @@ use object::{
 
 pub use buildinfo::BuildInfo;
 pub use error::BinaryError;
+pub use pclntab::SourceLocation;
 pub use prologue::ProbeOffset;
 pub use symbols::{Function, FunctionSource};
 
 use crate::layout::RuntimeLayout;
+use pclntab::Pclntab;
+use serde::Serialize;
 use symbols::FunctionTable;
+
+/// The runtime functions a `defer` inside a loop calls (heap `_defer` records):
+/// `runtime.deferproc`, and from Go 1.22 `runtime.deferprocat` (range-over-func bodies).
+const HEAP_DEFER_FUNCTIONS: [&str; 2] = ["runtime.deferproc", "runtime.deferprocat"];
 
 /// A Go executable, memory-mapped and analysed once by [`GoBinary::open`].
 pub struct GoBinary {
@@ -39,6 +48,23 @@ pub struct GoBinary {
     segments: Vec<Segment>,
     build_info: BuildInfo,
     functions: FunctionTable,
+    pclntab: Pclntab,
+}
+
+/// A call of `runtime.deferproc` or `runtime.deferprocat` outside package runtime: a `defer`
+/// whose records go on the heap (one per execution, typically inside a loop).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeferSite {
+    /// The function containing the call and the file and line of the `defer` statement.
+    #[serde(flatten)]
+    pub location: SourceLocation,
+    /// `runtime.deferproc` or `runtime.deferprocat`.
+    pub callee: String,
+    /// The CALL instruction (ELF virtual address).
+    pub call_address: u64,
+    /// The address after the CALL: the return address the deferproc probe reports as the caller
+    /// pc (the report's `sites[].pc`).
+    pub return_address: u64,
 }
 
 #[derive(Debug)]
@@ -63,7 +89,8 @@ impl GoBinary {
         let segments = load_segments(path, &elf, map.len())?;
         let pie = elf.elf_header().e_type(endian) == elf::ET_DYN;
         let build_info = BuildInfo::read(path, &elf)?;
-        let functions = FunctionTable::read(path, &elf)?;
+        let pclntab = Pclntab::read(path, &elf, &map)?;
+        let functions = FunctionTable::read(path, &elf, &pclntab, &map)?;
         Ok(GoBinary {
             path: path.to_owned(),
             map,
@@ -71,6 +98,7 @@ impl GoBinary {
             segments,
             build_info,
             functions,
+            pclntab,
         })
     }
 
@@ -80,6 +108,15 @@ impl GoBinary {
 
     pub fn build_info(&self) -> &BuildInfo {
         &self.build_info
+    }
+
+    /// The ELF virtual address the start of the file is loaded at (Go links PIE binaries at
+    /// 0x400000, not 0). A process's load bias is where it mapped file offset 0 minus this.
+    pub fn file_start_vaddr(&self) -> u64 {
+        self.segments
+            .iter()
+            .min_by_key(|segment| segment.offset)
+            .map_or(0, |segment| segment.vaddr.saturating_sub(segment.offset) & !0xfff)
     }
 
     pub fn is_pie(&self) -> bool {
@@ -100,6 +137,63 @@ impl GoBinary {
     /// The function whose code contains `address` (for naming call sites).
     pub fn function_at(&self, address: u64) -> Option<Function> {
         self.functions.containing(address).cloned()
+    }
+
+    /// The Go function containing `pc` (an ELF virtual address), and the file and line of the
+    /// source it was compiled from, from `.gopclntab` (so also in stripped binaries). For a
+    /// return address (a caller pc from a probe, a stack trace entry) pass `pc - 1`: the return
+    /// address is the next instruction, which may belong to the next line or even function.
+    /// None for pcs outside Go code (C code in cgo binaries, padding past the last function) or
+    /// unreadable tables. Each function's tables are decoded on first use and cached, so
+    /// lookups stay cheap in large binaries.
+    pub fn source_location(&self, pc: u64) -> Option<SourceLocation> {
+        self.pclntab.source_location(&self.map, pc)
+    }
+
+    /// Every call of `runtime.deferproc` / `runtime.deferprocat` from a function outside package
+    /// `runtime`, sorted by address: the `defer` statements that allocate a heap record each
+    /// time they run (defers inside loops), known before anything runs.
+    pub fn heap_defer_sites(&self) -> Result<Vec<DeferSite>, BinaryError> {
+        let callees: Vec<Function> = HEAP_DEFER_FUNCTIONS
+            .iter()
+            .filter_map(|name| self.function(name))
+            .collect();
+        let targets: Vec<u64> = callees.iter().map(|callee| callee.address).collect();
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut sites = Vec::new();
+        for function in self.functions.all() {
+            if function.name.starts_with("runtime.") {
+                continue;
+            }
+            let code = self.function_code(function)?;
+            let calls = calls::direct_calls(code, function.address, &targets)
+                .map_err(|err| self.in_function(function, err))?;
+            for call in calls {
+                let callee = callees
+                    .iter()
+                    .find(|callee| callee.address == call.target)
+                    .map_or_else(String::new, |callee| callee.name.clone());
+                let location =
+                    self.source_location(call.address)
+                        .unwrap_or_else(|| SourceLocation {
+                            function: function.name.clone(),
+                            file: "?".to_owned(),
+                            line: 0,
+                        });
+                sites.push(DeferSite {
+                    location,
+                    callee,
+                    call_address: call.address,
+                    return_address: call.return_address,
+                });
+            }
+        }
+        // Aliases (two symbols for one function) would list a call twice.
+        sites.sort_by_key(|site| site.call_address);
+        sites.dedup_by_key(|site| site.call_address);
+        Ok(sites)
     }
 
     /// All functions whose name starts with `prefix`, sorted by address (e.g.
@@ -279,37 +373,51 @@ fn goarch(arch: Architecture) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use testbin::{FUNCTIONS, TempFile};
+    use testbin::{FUNCTIONS, Program, TempFile, Toolchain, Variant};
 
-    fn open(release: &str) -> GoBinary {
-        GoBinary::open(&testbin::path(release, "workload")).unwrap()
+    fn open(toolchain: &Toolchain, program: Program, variant: Variant) -> GoBinary {
+        GoBinary::open(&testbin::build(toolchain, program, variant)).unwrap()
     }
 
     #[test]
     fn functions() {
-        for release in testbin::releases() {
-            let binary = open(&release);
-            assert_eq!(binary.function_source(), FunctionSource::Symtab);
-            assert!(!binary.is_pie());
-            for name in FUNCTIONS {
-                let function = binary
-                    .function(name)
-                    .unwrap_or_else(|| panic!("go{release} {name}"));
-                assert_eq!(function.name, name);
-                assert!(
-                    function.size > 0 && function.address > 0,
-                    "go{release} {function:?}"
-                );
+        for toolchain in testbin::toolchains() {
+            for program in Program::ALL {
+                for variant in Variant::ALL {
+                    let binary = open(&toolchain, program, variant);
+                    let what = format!("go{} {program:?} {variant:?}", toolchain.version);
+                    let source = match variant.stripped() {
+                        true => FunctionSource::Pclntab,
+                        false => FunctionSource::Symtab,
+                    };
+                    assert_eq!(binary.function_source(), source, "{what}");
+                    assert_eq!(binary.is_pie(), variant.pie(), "{what}");
+                    for name in FUNCTIONS.iter().chain(&["main.loopDefers", "main.main"]) {
+                        if program == Program::Demo && *name == "main.loopDefers" {
+                            continue;
+                        }
+                        let function = binary
+                            .function(name)
+                            .unwrap_or_else(|| panic!("{what}: no {name}"));
+                        assert_eq!(function.name, *name);
+                        assert!(
+                            function.size > 0 && function.address > 0,
+                            "{what} {function:?}"
+                        );
+                        assert_eq!(binary.function_at(function.address + 1), Some(function));
+                    }
+                    assert_eq!(binary.function("runtime.deferproc2"), None);
+                    assert_eq!(binary.function("runtime.deferpro"), None);
+                }
             }
-            assert_eq!(binary.function("runtime.deferproc2"), None);
-            assert_eq!(binary.function("runtime.deferpro"), None);
         }
     }
 
     #[test]
     fn functions_with_prefix() {
-        for release in testbin::releases() {
-            let binary = open(&release);
+        for toolchain in testbin::toolchains() {
+            let binary = open(&toolchain, Program::Workload, Variant::Plain);
+            let release = &toolchain.version;
             let found = binary.functions_with_prefix("runtime.deferproc");
             let names: Vec<&str> = found.iter().map(|f| f.name.as_str()).collect();
             assert!(
@@ -343,112 +451,225 @@ mod tests {
 
     #[test]
     fn file_offsets() {
-        for release in testbin::releases() {
-            let binary = open(&release);
-            let bytes = std::fs::read(binary.path()).unwrap();
-            for name in FUNCTIONS {
-                let function = binary.function(name).unwrap();
-                let code = binary.function_code(&function).unwrap();
-                assert_eq!(code.len() as u64, function.size);
-                let offset = binary.file_offset(function.address).unwrap() as usize;
-                assert_eq!(
-                    &bytes[offset..offset + code.len()],
-                    code,
-                    "go{release} {name}"
-                );
+        for toolchain in testbin::toolchains() {
+            for program in [Program::Workload, Program::Cgo] {
+                for variant in Variant::ALL {
+                    let binary = open(&toolchain, program, variant);
+                    let what = format!("go{} {program:?} {variant:?}", toolchain.version);
+                    let bytes = std::fs::read(binary.path()).unwrap();
+                    for name in FUNCTIONS {
+                        let function = binary.function(name).unwrap();
+                        let code = binary.function_code(&function).unwrap();
+                        assert_eq!(code.len() as u64, function.size);
+                        let offset = binary.file_offset(function.address).unwrap() as usize;
+                        assert_eq!(&bytes[offset..offset + code.len()], code, "{what} {name}");
+                    }
+                    let err = binary.file_offset(0xdead_0000_0000).unwrap_err();
+                    let expected = format!(
+                        "{}: address 0xdead00000000 is in no loadable segment",
+                        binary.path().display()
+                    );
+                    assert_eq!(err.to_string(), expected);
+                    let bogus = Function {
+                        name: "bogus".into(),
+                        address: 0xdead_0000_0000,
+                        size: 1,
+                    };
+                    assert!(binary.function_code(&bogus).is_err());
+                    let mut too_long = binary.function("runtime.goexit1").unwrap();
+                    too_long.size = u64::MAX;
+                    let err = binary.function_code(&too_long).unwrap_err();
+                    assert!(
+                        matches!(err, BinaryError::FunctionOutsideFile { .. }),
+                        "{err}"
+                    );
+                }
             }
-            let err = binary.file_offset(0x10).unwrap_err();
-            let expected = format!(
-                "{}: address 0x10 is in no loadable segment",
-                binary.path().display()
-            );
-            assert_eq!(err.to_string(), expected);
-            let bogus = Function {
-                name: "bogus".into(),
-                address: 0x10,
-                size: 1,
-            };
-            assert!(binary.function_code(&bogus).is_err());
-            let mut too_long = binary.function("runtime.goexit1").unwrap();
-            too_long.size = u64::MAX;
-            let err = binary.function_code(&too_long).unwrap_err();
-            assert!(
-                matches!(err, BinaryError::FunctionOutsideFile { .. }),
-                "{err}"
-            );
         }
     }
 
+    /// Real `-s -w` binaries (also PIE, also cgo, whose Go text does not start `.text`, and
+    /// which up to Go 1.25 has no `.gopclntab` section when PIE) find every Go function at the
+    /// address the unstripped build of the same program has.
     #[test]
-    fn stripped_symbols_come_from_pclntab() {
-        for release in testbin::releases() {
-            let binary = open(&release);
-            let stripped = TempFile::patched(binary.path(), |bytes| {
-                testbin::set_section_type(bytes, ".symtab", elf::SHT_NULL.0)
-            });
-            let stripped = GoBinary::open(stripped.path()).unwrap();
-            assert_eq!(
-                stripped.function_source(),
-                FunctionSource::Pclntab,
-                "go{release}"
-            );
-            // Every .symtab function is in pclntab at the same address, under the same name less
-            // the `.abi0` ELF gives one of a function and its ABI wrapper. Sizes may include the
-            // padding up to the next function.
-            for function in binary.functions_with_prefix("") {
-                let twin = stripped.function_at(function.address);
-                let twin =
-                    twin.unwrap_or_else(|| panic!("go{release}: {function:?} not in pclntab"));
-                let name = twin.name.replace('·', ".");
-                let expected = (function.name.trim_end_matches(".abi0"), function.address);
-                assert_eq!((name.as_str(), twin.address), expected, "go{release}");
-                assert!(
-                    twin.size >= function.size,
-                    "go{release} {twin:?} vs {function:?}"
-                );
-                assert!(
-                    twin.size < function.size + 64,
-                    "go{release} {twin:?} vs {function:?}"
-                );
+    fn stripped_binaries_have_the_same_functions() {
+        for toolchain in testbin::toolchains() {
+            for program in Program::ALL {
+                for (plain, stripped) in [
+                    (Variant::Plain, Variant::Stripped),
+                    (Variant::Pie, Variant::PieStripped),
+                ] {
+                    let what = format!("go{} {program:?} {stripped:?}", toolchain.version);
+                    let binary = open(&toolchain, program, plain);
+                    let stripped = open(&toolchain, program, stripped);
+                    assert_eq!(stripped.function_source(), FunctionSource::Pclntab);
+                    // Every Go function of .symtab is in pclntab at the same address, under the
+                    // same name less the `.abi0` ELF gives one of a function and its ABI
+                    // wrapper. Sizes may include the padding up to the next function.
+                    let mut go_functions = 0;
+                    for function in binary.functions.all() {
+                        let Some(twin) = stripped.function_at(function.address) else {
+                            // C code of cgo binaries.
+                            assert_eq!(program, Program::Cgo, "{what}: {function:?}");
+                            assert_eq!(binary.source_location(function.address), None);
+                            continue;
+                        };
+                        go_functions += 1;
+                        let name = twin.name.replace('·', ".");
+                        let mut expected_name = function.name.trim_end_matches(".abi0").to_owned();
+                        if name.contains("[...]") {
+                            // Go 1.19 pclntab: `type..eq.[...]T` for ELF's `type..eq.[5]T`.
+                            expected_name = array_lengths_elided(&expected_name);
+                        }
+                        let expected = (expected_name.as_str(), function.address);
+                        assert_eq!((name.as_str(), twin.address), expected, "{what}");
+                        assert!(
+                            twin.size >= function.size,
+                            "{what} {twin:?} vs {function:?}"
+                        );
+                        assert!(
+                            twin.size < function.size + 64,
+                            "{what} {twin:?} vs {function:?}"
+                        );
+                    }
+                    assert!(go_functions > 1000, "{what}: {go_functions} functions");
+                    // A name shared with an ABI wrapper resolves to the real code: the Go
+                    // function (runtime.goexit1 has a runtime.goexit1.abi0 wrapper in 1.27), or
+                    // the assembly (ELF runtime.reflectcall.abi0, whose wrapper is
+                    // runtime.reflectcall).
+                    for name in FUNCTIONS {
+                        let function = stripped.function(name).unwrap();
+                        let original = binary.function(name).unwrap();
+                        assert_eq!(function.address, original.address, "{what} {name}");
+                        let probe = stripped.probe_offset(&function).unwrap();
+                        assert_eq!(
+                            probe,
+                            binary.probe_offset(&original).unwrap(),
+                            "{what} {name}"
+                        );
+                    }
+                    let reflectcall = stripped.function("runtime.reflectcall").unwrap();
+                    let assembly = binary.function("runtime.reflectcall.abi0").unwrap();
+                    assert_eq!(reflectcall.address, assembly.address, "{what}");
+                }
             }
-            // A name shared with an ABI wrapper resolves to the real code: the Go function
-            // (runtime.goexit1 has a runtime.goexit1.abi0 wrapper in 1.27), or the assembly
-            // (ELF runtime.reflectcall.abi0, whose wrapper is runtime.reflectcall).
-            for name in FUNCTIONS {
-                let function = stripped.function(name).unwrap();
-                let original = binary.function(name).unwrap();
-                assert_eq!(function.address, original.address, "go{release} {name}");
-                let probe = stripped.probe_offset(&function).unwrap();
-                assert_eq!(
-                    probe,
-                    binary.probe_offset(&original).unwrap(),
-                    "go{release} {name}"
-                );
+        }
+    }
+
+    /// `[5]T` → `[...]T`.
+    fn array_lengths_elided(name: &str) -> String {
+        let mut out = String::new();
+        let mut rest = name;
+        while let Some(open) = rest.find('[') {
+            out.push_str(&rest[..=open]);
+            rest = &rest[open + 1..];
+            let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+            if digits > 0 && rest[digits..].starts_with(']') {
+                out.push_str("...");
+                rest = &rest[digits..];
             }
-            let reflectcall = stripped.function("runtime.reflectcall").unwrap();
-            let assembly = binary.function("runtime.reflectcall.abi0").unwrap();
-            assert_eq!(reflectcall.address, assembly.address, "go{release}");
+        }
+        out + rest
+    }
+
+    /// The heap-defer sites of the test programs: the `defer` statements inside loops, at the
+    /// return address of their deferproc call.
+    #[test]
+    fn heap_defer_sites() {
+        let loop_defer = "defer func() { sink += len(m) }()";
+        for toolchain in testbin::toolchains() {
+            for variant in Variant::ALL {
+                let expectations = [
+                    (
+                        Program::Workload,
+                        vec![(
+                            "main.loopDefers",
+                            testbin::source_line(Program::Workload, loop_defer),
+                        )],
+                    ),
+                    (
+                        Program::Cgo,
+                        vec![(
+                            "main.loopDefers",
+                            testbin::source_line(Program::Cgo, loop_defer),
+                        )],
+                    ),
+                    (
+                        Program::Demo,
+                        vec![
+                            (
+                                "main.pumpBatches",
+                                testbin::source_line(Program::Demo, "defer release(results)"),
+                            ),
+                            (
+                                "main.handleRequest",
+                                testbin::source_line(
+                                    Program::Demo,
+                                    "defer func() { total += len(scratch) }()",
+                                ),
+                            ),
+                        ],
+                    ),
+                ];
+                for (program, expected) in expectations {
+                    let what = format!("go{} {program:?} {variant:?}", toolchain.version);
+                    let binary = open(&toolchain, program, variant);
+                    let deferproc = binary.function("runtime.deferproc").unwrap();
+                    let sites = binary.heap_defer_sites().unwrap();
+                    let main_sites: Vec<(&str, u32)> = sites
+                        .iter()
+                        .filter(|site| site.location.function.starts_with("main."))
+                        .map(|site| (site.location.function.as_str(), site.location.line))
+                        .collect();
+                    assert_eq!(main_sites, expected, "{what}: {sites:#?}");
+                    for site in &sites {
+                        assert!(!site.location.function.starts_with("runtime."), "{what}");
+                        assert_eq!(site.callee, "runtime.deferproc", "{what}");
+                        assert_eq!(site.return_address, site.call_address + 5, "{what}");
+                        let source = program.source().canonicalize().unwrap();
+                        if site.location.function.starts_with("main.") {
+                            assert_eq!(Path::new(&site.location.file), source, "{what}");
+                        }
+                        // What the deferproc probe sees: its return address, in the caller.
+                        let caller = binary.function_at(site.return_address - 1).unwrap();
+                        assert!(
+                            caller.name.trim_end_matches(".abi0") == site.location.function,
+                            "{what}: {caller:?} vs {site:?}"
+                        );
+                        let code = binary.function_code(&caller).unwrap();
+                        let at = (site.call_address - caller.address) as usize;
+                        let rel = i32::from_le_bytes(code[at + 1..at + 5].try_into().unwrap());
+                        assert_eq!(code[at], 0xe8, "{what}");
+                        assert_eq!(
+                            site.return_address.wrapping_add_signed(i64::from(rel)),
+                            deferproc.address,
+                            "{what}"
+                        );
+                    }
+                }
+            }
         }
     }
 
     #[test]
     fn no_dwarf_is_none() {
-        for release in testbin::releases() {
-            let path = testbin::path(&release, "workload");
-            let without =
-                TempFile::patched(&path, |bytes| testbin::rename_section(bytes, ".debug_info"));
-            let binary = GoBinary::open(without.path()).unwrap();
-            assert_eq!(
-                binary.runtime_layout_from_dwarf().unwrap(),
-                None,
-                "go{release}"
-            );
+        for toolchain in testbin::toolchains() {
+            for variant in [Variant::Stripped, Variant::PieStripped] {
+                let binary = open(&toolchain, Program::Workload, variant);
+                assert_eq!(
+                    binary.runtime_layout_from_dwarf().unwrap(),
+                    None,
+                    "go{} {variant:?}",
+                    toolchain.version
+                );
+            }
         }
     }
 
     #[test]
     fn scrambled_dwarf_is_an_error() {
-        let path = testbin::path(&testbin::releases()[0], "workload");
+        let toolchain = &testbin::toolchains()[0];
+        let path = testbin::build(toolchain, Program::Workload, Variant::Plain);
         for (section, from) in [
             (".debug_info", 0),
             (".debug_info", 40),
@@ -467,7 +688,9 @@ mod tests {
     }
 
     fn open_err(file: &TempFile) -> String {
-        let err = GoBinary::open(file.path()).err().expect("open should fail");
+        let err = GoBinary::open(file.path())
+            .err()
+            .unwrap_or_else(|| panic!("opening {} should fail", file.path().display()));
         let message = err.to_string();
         assert!(
             message.starts_with(&file.path().display().to_string()),
@@ -477,23 +700,54 @@ mod tests {
         message
     }
 
+    /// A cut that loses part of a loaded segment is an error. One that loses only what follows
+    /// (section names, `.symtab`) either is too, or leaves a binary analysed as before.
     #[test]
     fn truncated_files_are_errors() {
-        for release in testbin::releases() {
-            let path = testbin::path(&release, "workload");
-            let len = std::fs::metadata(&path).unwrap().len() as usize;
-            // Every cut loses loaded segments, or the symbol or string table at the end.
-            for keep in [0, 10, 100, 1024, len / 4, len / 2, len * 3 / 4, len - 4096] {
-                let truncated = TempFile::patched(&path, |bytes| bytes.truncate(keep));
-                open_err(&truncated);
+        for toolchain in testbin::toolchains() {
+            for variant in [Variant::Plain, Variant::Stripped, Variant::PieStripped] {
+                let path = testbin::build(&toolchain, Program::Workload, variant);
+                let original = GoBinary::open(&path).unwrap();
+                let loads_end = original
+                    .segments
+                    .iter()
+                    .map(|segment| (segment.offset + segment.filesz) as usize)
+                    .max()
+                    .unwrap();
+                let len = std::fs::metadata(&path).unwrap().len() as usize;
+                let cuts = [
+                    0,
+                    10,
+                    100,
+                    1024,
+                    len / 4,
+                    len / 2,
+                    loads_end - 1,
+                    len - 4096,
+                ];
+                for keep in cuts {
+                    let truncated = TempFile::patched(&path, |bytes| bytes.truncate(keep));
+                    let what = format!("go{} {variant:?} cut to {keep}", toolchain.version);
+                    match GoBinary::open(truncated.path()) {
+                        Ok(binary) => {
+                            assert!(keep >= loads_end, "{what} should fail");
+                            for name in FUNCTIONS {
+                                assert_eq!(binary.function(name), original.function(name));
+                            }
+                        }
+                        Err(_) => {
+                            open_err(&truncated);
+                        }
+                    }
+                }
             }
         }
     }
 
     #[test]
     fn scrambled_buildinfo() {
-        for release in testbin::releases() {
-            let path = testbin::path(&release, "workload");
+        for toolchain in testbin::toolchains() {
+            let path = testbin::build(&toolchain, Program::Workload, Variant::Stripped);
             let whole = TempFile::patched(&path, |bytes| {
                 testbin::scramble_section(bytes, ".go.buildinfo", 0)
             });
@@ -507,17 +761,36 @@ mod tests {
         }
     }
 
+    /// Both pclntab magics (Go 1.19 and 1.20+), with and without `.symtab`: a damaged header
+    /// or function table fails `open`.
     #[test]
-    fn scrambled_pclntab_in_stripped_binary() {
-        let release = &testbin::releases()[0];
-        let path = testbin::path(release, "workload");
-        for from in [0, 8, 64] {
-            let broken = TempFile::patched(&path, |bytes| {
-                testbin::set_section_type(bytes, ".symtab", elf::SHT_NULL.0);
-                testbin::scramble_section(bytes, ".gopclntab", from);
-            });
-            let message = open_err(&broken);
-            assert!(message.contains("corrupt .gopclntab"), "{message}");
+    fn scrambled_pclntab() {
+        for toolchain in testbin::toolchains() {
+            for variant in [Variant::Plain, Variant::Stripped] {
+                let path = testbin::build(&toolchain, Program::Workload, variant);
+                for from in [0, 8, 64] {
+                    let broken = TempFile::patched(&path, |bytes| {
+                        testbin::scramble_section(bytes, ".gopclntab", from);
+                    });
+                    let message = open_err(&broken);
+                    assert!(message.contains("corrupt .gopclntab"), "{message}");
+                }
+                // Without its section name (as in cgo PIEs), the table is found by its header.
+                let unnamed =
+                    TempFile::patched(&path, |bytes| testbin::rename_section(bytes, ".gopclntab"));
+                let binary = GoBinary::open(unnamed.path()).unwrap();
+                let original = GoBinary::open(&path).unwrap();
+                for name in FUNCTIONS {
+                    assert_eq!(binary.function(name), original.function(name));
+                }
+                let unnamed = TempFile::patched(&path, |bytes| {
+                    testbin::scramble_section(bytes, ".gopclntab", 0);
+                    testbin::rename_section(bytes, ".gopclntab");
+                });
+                let message = open_err(&unnamed);
+                let expected = "no .gopclntab (the Go function table) found";
+                assert!(message.ends_with(expected), "{message}");
+            }
         }
     }
 
@@ -541,7 +814,7 @@ mod tests {
 
     #[test]
     fn other_architectures() {
-        let path = testbin::path(&testbin::releases()[0], "workload");
+        let path = testbin::build(&testbin::toolchains()[0], Program::Workload, Variant::Plain);
         let arm64 = TempFile::patched(&path, |bytes| {
             bytes[18..20].copy_from_slice(&elf::EM_AARCH64.0.to_le_bytes());
         });

@@ -144,7 +144,10 @@ fn is_mov_r12_rsp(instruction: &Instruction) -> bool {
 }
 
 /// Decodes `code` linearly; an undecodable or truncated instruction is an error item.
-fn instructions(code: &[u8], address: u64) -> impl Iterator<Item = Result<Instruction, String>> {
+pub(super) fn instructions(
+    code: &[u8],
+    address: u64,
+) -> impl Iterator<Item = Result<Instruction, String>> {
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     std::iter::from_fn(move || {
         if !decoder.can_decode() {
@@ -163,7 +166,10 @@ fn instructions(code: &[u8], address: u64) -> impl Iterator<Item = Result<Instru
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::binary::{GoBinary, testbin};
+    use crate::binary::{
+        GoBinary,
+        testbin::{self, Program, Variant},
+    };
 
     fn offset(code: &[u8]) -> Result<ProbeOffset, BinaryError> {
         probe_offset(code, 0x1000)
@@ -273,8 +279,10 @@ mod tests {
 
     #[test]
     fn real_prologues() {
-        for release in testbin::releases() {
-            let binary = GoBinary::open(&testbin::path(&release, "workload")).unwrap();
+        for toolchain in testbin::toolchains() {
+            let release = &toolchain.version;
+            let path = testbin::build(&toolchain, Program::Workload, Variant::Stripped);
+            let binary = GoBinary::open(&path).unwrap();
             let minor = binary.build_info().release.minor;
             for name in [
                 "runtime.deferproc",
@@ -314,8 +322,10 @@ mod tests {
 
     #[test]
     fn real_ret_offsets() {
-        for release in testbin::releases() {
-            let binary = GoBinary::open(&testbin::path(&release, "workload")).unwrap();
+        for toolchain in testbin::toolchains() {
+            let release = &toolchain.version;
+            let path = testbin::build(&toolchain, Program::Workload, Variant::PieStripped);
+            let binary = GoBinary::open(&path).unwrap();
             for name in testbin::FUNCTIONS.iter().chain(&["runtime.deferprocStack"]) {
                 let function = binary.function(name).unwrap();
                 let code = binary.function_code(&function).unwrap();

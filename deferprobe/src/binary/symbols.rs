@@ -3,13 +3,10 @@
 
 use std::path::Path;
 
-use object::{
-    Endianness, Object as _, ObjectSection as _, ObjectSymbol as _, SymbolKind,
-    read::elf::ElfFile64,
-};
+use object::{Endianness, Object as _, ObjectSymbol as _, SymbolKind, read::elf::ElfFile64};
 use serde::Serialize;
 
-use super::BinaryError;
+use super::{BinaryError, pclntab::Pclntab};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Function {
@@ -45,10 +42,15 @@ struct Entry {
 }
 
 impl FunctionTable {
-    pub(super) fn read(path: &Path, elf: &ElfFile64<'_, Endianness>) -> Result<Self, BinaryError> {
+    pub(super) fn read(
+        path: &Path,
+        elf: &ElfFile64<'_, Endianness>,
+        pclntab: &Pclntab,
+        file: &[u8],
+    ) -> Result<Self, BinaryError> {
         let (mut entries, source) = match from_symtab(path, elf)? {
             entries if !entries.is_empty() => (entries, FunctionSource::Symtab),
-            _ => (from_pclntab(path, elf)?, FunctionSource::Pclntab),
+            _ => (from_pclntab(path, pclntab, file)?, FunctionSource::Pclntab),
         };
         entries.sort_by(|a, b| {
             (a.function.address, &a.function.name).cmp(&(b.function.address, &b.function.name))
@@ -97,6 +99,11 @@ impl FunctionTable {
         found
     }
 
+    /// Every function, sorted by address.
+    pub(super) fn all(&self) -> &[Function] {
+        &self.by_address
+    }
+
     /// The function whose code contains `address`.
     pub(super) fn containing(&self, address: u64) -> Option<&Function> {
         let after = self.by_address.partition_point(|f| f.address <= address);
@@ -129,122 +136,31 @@ fn from_symtab(path: &Path, elf: &ElfFile64<'_, Endianness>) -> Result<Vec<Entry
         .collect()
 }
 
-const PCLNTAB_MAGIC_GO118: u32 = 0xffff_fff0;
-const PCLNTAB_MAGIC_GO120: u32 = 0xffff_fff1;
-const PCLNTAB_PTR_SIZE_OFFSET: usize = 7;
-const PCLNTAB_NFUNC_OFFSET: usize = 8;
-const PCLNTAB_TEXT_START_OFFSET: usize = 24;
-const PCLNTAB_FUNCNAME_OFFSET: usize = 32;
-const PCLNTAB_PCLN_OFFSET: usize = 64;
-/// `_func.nameOff`, an offset into the function name table.
-const FUNC_NAME_OFFSET: usize = 4;
-/// `_func.funcID`; Go 1.20 inserted `startLine` before it.
-const FUNC_ID_OFFSET_GO118: usize = 36;
-const FUNC_ID_OFFSET_GO120: usize = 40;
 /// Its value for `abi.FuncIDWrapper` varies by release; the linker always gives it to
 /// `runtime.deferreturn`.
 const WRAPPER_ID_WITNESS: &str = "runtime.deferreturn";
 
-/// The pclntab function table: `nfunc` (entryOff, funcOff) pairs then the end PC offset. Entry
-/// offsets are relative to `runtime.text`: the header's textStart up to Go 1.25, the start of
-/// `.text` from 1.26 (which leaves textStart 0; externally linked binaries whose `.text` starts
-/// with C code are not handled).
-fn from_pclntab(path: &Path, elf: &ElfFile64<'_, Endianness>) -> Result<Vec<Entry>, BinaryError> {
-    let corrupt = |reason: String| BinaryError::CorruptPclntab {
-        path: path.to_owned(),
-        reason,
-    };
-    let Some(section) = elf
-        .section_by_name(".gopclntab")
-        .or_else(|| elf.section_by_name(".data.rel.ro.gopclntab"))
-    else {
-        return Err(BinaryError::NoFunctions {
-            path: path.to_owned(),
-        });
-    };
-    let data = section.data().map_err(|err| corrupt(err.to_string()))?;
-    let read = Reader { data };
-    let func_id_offset = match read
-        .u32(0)
-        .ok_or_else(|| corrupt("truncated header".into()))?
-    {
-        PCLNTAB_MAGIC_GO118 => FUNC_ID_OFFSET_GO118,
-        PCLNTAB_MAGIC_GO120 => FUNC_ID_OFFSET_GO120,
-        magic => return Err(corrupt(format!("unsupported magic {magic:#x}"))),
-    };
-    if data.get(PCLNTAB_PTR_SIZE_OFFSET) != Some(&8) {
-        return Err(corrupt("pointer size is not 8".into()));
-    }
-    let header_word = |offset| {
-        read.u64(offset)
-            .and_then(|value| usize::try_from(value).ok())
-            .ok_or_else(|| corrupt("truncated header".into()))
-    };
-    let nfunc = header_word(PCLNTAB_NFUNC_OFFSET)?;
-    let text_start = match header_word(PCLNTAB_TEXT_START_OFFSET)? {
-        0 => elf
-            .section_by_name(".text")
-            .ok_or_else(|| corrupt("no .text section".into()))?
-            .address(),
-        start => start as u64,
-    };
-    let names = header_word(PCLNTAB_FUNCNAME_OFFSET)?;
-    let table = header_word(PCLNTAB_PCLN_OFFSET)?;
-    // nfunc (entryOff, funcOff) pairs, then the end PC offset: 2 * nfunc + 1 words.
-    let words: Vec<u32> = nfunc
-        .checked_mul(8)
-        .and_then(|size| size.checked_add(4))
-        .and_then(|size| data.get(table..table.checked_add(size)?))
-        .ok_or_else(|| {
-            corrupt(format!(
-                "function table of {nfunc} entries exceeds the section"
-            ))
-        })?
-        .as_chunks::<4>()
-        .0
-        .iter()
-        .map(|&word| u32::from_le_bytes(word))
-        .collect();
-    let pairs = words
-        .as_chunks::<2>()
-        .0
-        .iter()
-        .map(|&[entry_off, func_off]| (entry_off, func_off));
-    let next_entries = words.iter().skip(2).step_by(2);
-    let mut functions = Vec::with_capacity(nfunc);
-    for (index, ((entry_off, func_off), &next_off)) in pairs.zip(next_entries).enumerate() {
-        let bad = |what: &str| corrupt(format!("function {index} {what}"));
-        let size = next_off
-            .checked_sub(entry_off)
-            .ok_or_else(|| bad("is not sorted by address"))?;
-        // `_func` fields, bounds-checked by the reads.
-        let func = table + func_off as usize;
-        let name_off = read
-            .u32(func + FUNC_NAME_OFFSET)
-            .ok_or_else(|| bad("lies outside the section"))?;
-        let func_id = *data
-            .get(func + func_id_offset)
-            .ok_or_else(|| bad("lies outside the section"))?;
-        let name = names
-            .checked_add(name_off as usize)
-            .and_then(|offset| read.c_string(offset))
-            .ok_or_else(|| bad("has a bad name offset"))?;
-        let address = text_start
-            .checked_add(u64::from(entry_off))
-            .ok_or_else(|| bad("has an address beyond 64 bits"))?;
-        functions.push((
-            Function {
-                name: name.to_owned(),
-                address,
-                size: u64::from(size),
-            },
-            func_id,
-        ));
-    }
+/// The pclntab function table. Sizes run to the next function's entry.
+fn from_pclntab(path: &Path, pclntab: &Pclntab, file: &[u8]) -> Result<Vec<Entry>, BinaryError> {
+    let functions: Vec<(Function, u8)> = pclntab
+        .functions(file)
+        .map(|entry| {
+            let entry = entry.map_err(|reason| BinaryError::CorruptPclntab {
+                path: path.to_owned(),
+                reason,
+            })?;
+            let function = Function {
+                name: entry.name.to_owned(),
+                address: entry.address,
+                size: entry.size,
+            };
+            Ok((function, entry.func_id))
+        })
+        .collect::<Result<_, BinaryError>>()?;
     let wrapper_id = functions
         .iter()
-        .find(|(function, _)| function.name == WRAPPER_ID_WITNESS);
-    let wrapper_id = wrapper_id.map(|&(_, func_id)| func_id);
+        .find(|(function, _)| function.name == WRAPPER_ID_WITNESS)
+        .map(|&(_, func_id)| func_id);
     Ok(functions
         .into_iter()
         .map(|(function, func_id)| Entry {
@@ -252,33 +168,4 @@ fn from_pclntab(path: &Path, elf: &ElfFile64<'_, Endianness>) -> Result<Vec<Entr
             wrapper: Some(func_id) == wrapper_id,
         })
         .collect())
-}
-
-/// Bounds-checked little-endian reads.
-struct Reader<'data> {
-    data: &'data [u8],
-}
-
-impl<'data> Reader<'data> {
-    fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        self.data
-            .get(offset..offset.checked_add(N)?)?
-            .try_into()
-            .ok()
-    }
-
-    fn u32(&self, offset: usize) -> Option<u32> {
-        self.bytes(offset).map(u32::from_le_bytes)
-    }
-
-    fn u64(&self, offset: usize) -> Option<u64> {
-        self.bytes(offset).map(u64::from_le_bytes)
-    }
-
-    /// A NUL-terminated UTF-8 string.
-    fn c_string(&self, offset: usize) -> Option<&'data str> {
-        let bytes = self.data.get(offset..)?;
-        let len = bytes.iter().position(|&byte| byte == 0)?;
-        std::str::from_utf8(&bytes[..len]).ok()
-    }
 }

@@ -1,0 +1,638 @@
+//! Issue 3's test matrix: the same Go programs built with every Go release × build variant of
+//! tests/go/matrix.txt (plain, stripped, PIE, cgo-linked, allocation experiments), traced with
+//! `deferprobe run -- CMD` and inspected; the double-hit proof (a deep recursion that grows its
+//! stack inside `runtime.deferproc`); and allocations counted once on Go 1.27, whose
+//! size-specialized malloc entries must count what a `nosizespecializedmalloc` build counts.
+//!
+//! Which targets: by default (CI, `./x test`) those of the releases in tests/go/releases.txt;
+//! with `DEFERPROBE_MATRIX=full` (`cargo xtask test-matrix`) every one. Each test checks all its
+//! targets, prints one result line per target (`--nocapture` shows them), and then fails
+//! naming every target that failed and why. A target that isn't built fails too.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    io::Read as _,
+    os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    panic::{self, AssertUnwindSafe},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// The variants whose program is the workload (or its cgo twin), one test each.
+const COUNT_VARIANTS: [&str; 4] = ["plain", "stripped", "pie", "cgo"];
+
+/// Work the workload does per target: 12 calls × 15 loop defers, 300 string-key and 300 int-key
+/// map writes, 6 goroutines with 2 loop defers each. A few thousand probe hits.
+const WORKLOAD_ARGS: [&str; 8] =
+    ["-calls", "12", "-defers", "15", "-map-writes", "300", "-goroutines", "6"];
+const WORKLOAD_HEAP_DEFERS: u64 = 12 * 15 + 6 * 2;
+
+/// One Go program built with one Go release in one variant.
+#[derive(Clone, Debug)]
+struct Target {
+    /// As in matrix.txt: a PyPI version (`1.27.3`) or a Debian one (`1.19`).
+    release: String,
+    variant: String,
+    program: String,
+}
+
+impl Target {
+    fn id(&self) -> String {
+        format!("go{}-{}", self.release, self.variant)
+    }
+
+    /// The built binary; panics (fails the target) if it isn't there.
+    fn binary(&self) -> PathBuf {
+        let path =
+            workspace_root().join("target/go-programs/matrix").join(self.id()).join(&self.program);
+        assert!(
+            path.exists(),
+            "{} is missing: build the matrix with `cargo xtask test-matrix` (all of it) or \
+             `cargo xtask go-programs` (the CI subset)",
+            path.display()
+        );
+        path
+    }
+}
+
+/// tests/go/matrix.txt: `variant NAME PROGRAM …` and `release VERSION TOOLCHAIN VARIANT…`
+/// lines (xtask reads the build flags; the tests only need names and programs).
+struct Matrix {
+    /// (variant, program)
+    variants: Vec<(String, String)>,
+    targets: Vec<Target>,
+}
+
+fn read_matrix() -> Matrix {
+    let path = workspace_root().join("tests/go/matrix.txt");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut matrix = Matrix { variants: Vec::new(), targets: Vec::new() };
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["variant", name, program, ..] => {
+                matrix.variants.push((name.to_string(), program.to_string()));
+            }
+            ["release", release, _toolchain, variants @ ..] => {
+                for variant in variants {
+                    let (_, program) =
+                        matrix.variants.iter().find(|(name, _)| name == variant).unwrap_or_else(
+                            || panic!("{}: unknown variant {variant}", path.display()),
+                        );
+                    matrix.targets.push(Target {
+                        release: release.to_string(),
+                        variant: variant.to_string(),
+                        program: program.clone(),
+                    });
+                }
+            }
+            _ => panic!("{}: can't read {line:?}", path.display()),
+        }
+    }
+    matrix
+}
+
+/// The targets this run tests: every one with DEFERPROBE_MATRIX=full, else those of the
+/// releases in tests/go/releases.txt.
+fn selected_targets() -> Vec<Target> {
+    let matrix = read_matrix();
+    match std::env::var("DEFERPROBE_MATRIX").as_deref() {
+        Ok("full") => matrix.targets,
+        Err(_) | Ok("ci") => {
+            let releases = go_releases();
+            for release in &releases {
+                assert!(
+                    matrix.targets.iter().any(|t| &t.release == release),
+                    "Go {release} (tests/go/releases.txt) has no targets in tests/go/matrix.txt"
+                );
+            }
+            matrix.targets.into_iter().filter(|t| releases.contains(&t.release)).collect()
+        }
+        Ok(other) => panic!("DEFERPROBE_MATRIX={other:?}: expected `full` or `ci` (the default)"),
+    }
+}
+
+/// Runs `check` on every item, each on its own (a failure doesn't stop the others), prints a
+/// line per item, and fails listing every item that failed with its panic message.
+fn check_each<T>(items: &[T], id: impl Fn(&T) -> String, check: impl Fn(&T)) {
+    require_root();
+    let mut failures = Vec::new();
+    for item in items {
+        let started = Instant::now();
+        let result = panic::catch_unwind(AssertUnwindSafe(|| check(item)));
+        let took = started.elapsed();
+        match result {
+            Ok(()) => println!("{:<40} ok      {took:.1?}", id(item)),
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "(no message)".into());
+                println!("{:<40} FAILED  {took:.1?}", id(item));
+                failures.push(format!("{}: {message}", id(item)));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} targets failed:\n\n{}",
+        failures.len(),
+        items.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// Checks every selected target of `variant` with `check`; there must be at least one.
+fn check_variant(variant: &str, check: impl Fn(&Target)) {
+    let targets: Vec<Target> =
+        selected_targets().into_iter().filter(|t| t.variant == variant).collect();
+    assert!(!targets.is_empty(), "no {variant} targets in tests/go/matrix.txt for this run");
+    check_each(&targets, Target::id, check);
+}
+
+/// `go1.27.3-X:nosizespecializedmalloc` and `go1.24.11 X:noswissmap` → `go1.27.3`, `go1.24.11`.
+fn base_version(version: &str) -> &str {
+    version.split([' ', '-']).next().unwrap_or(version)
+}
+
+/// The experiments a version string names (`go1.27.3-X:a,b` → [a, b]).
+fn version_experiments(version: &str) -> Vec<String> {
+    version
+        .split_once("X:")
+        .map(|(_, list)| list.split(',').map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Asserts that `version` (e.g. `go1.19.8`) is the matrix's `release` (`1.19`, or exactly
+/// `1.27.3`).
+fn assert_release(version: &str, release: &str) {
+    let base = base_version(version);
+    assert!(
+        base == format!("go{release}") || base.starts_with(&format!("go{release}.")),
+        "expected Go {release}, got {version:?}"
+    );
+}
+
+/// Whether the ELF file is position-independent (ET_DYN), read from its header.
+fn elf_is_pie(binary: &Path) -> bool {
+    let mut header = [0u8; 18];
+    File::open(binary).and_then(|mut f| f.read_exact(&mut header)).unwrap();
+    assert_eq!(&header[..4], b"\x7fELF", "{} is not ELF", binary.display());
+    u16::from_le_bytes([header[16], header[17]]) == 3
+}
+
+/// The `runtime.deferproc` probe of an `inspect --json` plan.
+fn deferproc_probe(inspection: &Value) -> &Value {
+    inspection["plan"]["probes"]
+        .as_array()
+        .expect("plan.probes")
+        .iter()
+        .find(|p| p["symbol"] == "runtime.deferproc")
+        .unwrap_or_else(|| panic!("no runtime.deferproc probe in {inspection}"))
+}
+
+/// 1-based line of the first line of tests/go/<program>/main.go containing `needle`.
+fn source_line(program: &str, needle: &str) -> usize {
+    let path = workspace_root().join("tests/go").join(program).join("main.go");
+    let source =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    1 + source
+        .lines()
+        .position(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("{needle:?} not in {}", path.display()))
+}
+
+/// Traces the workload (or cgoworkload) target: heap defers exact, map writes at least the
+/// program's, exit code passed through; then `inspect` names the release, reads the binary
+/// right (PIE, DWARF or not) and lists the loop-defer site with its file:line.
+fn check_workload(target: &Target) {
+    let binary = target.binary();
+    let traced =
+        trace_command(&target.id(), &binary, &[&WORKLOAD_ARGS[..], &["-exit-code", "7"]].concat());
+    let context = format!("deferprobe's stderr:\n{}\nreport: {}", traced.stderr, traced.report);
+    assert_eq!(traced.code, 7, "the program's exit code must pass through\n{context}");
+    let truth_json = ground_truth_json(&traced.stdout);
+    let truth = ground_truth(&traced.stdout);
+    assert_release(&truth.go_version, &target.release);
+    assert_eq!(truth.heap_defers, WORKLOAD_HEAP_DEFERS, "the program's own count");
+    if target.variant == "cgo" {
+        assert_eq!(truth_json["cgo"], true, "the cgo target must call C: {truth_json}");
+    }
+    assert_eq!(
+        traced.count("deferproc"),
+        truth.heap_defers,
+        "heap defers must be exact (program: {})\n{context}",
+        truth.heap_defers
+    );
+    let map_writes = truth.str_map_writes + truth.int_map_writes;
+    assert!(
+        traced.count("mapassign") >= map_writes,
+        "mapassign {} < the program's {map_writes} map writes\n{context}",
+        traced.count("mapassign")
+    );
+    assert_eq!(traced.report["target"]["go_version"], base_version(&truth.go_version), "{context}");
+    assert_eq!(traced.report["ended_by"], "target_exited", "{context}");
+    // The defer site, named from the binary (pclntab when stripped), its return address mapped
+    // back to an ELF address (PIE too).
+    let line = source_line(&target.program, "defer func() { sink += len(m) }()");
+    let file = format!("/{}/main.go", target.program);
+    let traced_site = traced.report["sites"]
+        .as_array()
+        .expect("sites")
+        .iter()
+        .find(|s| s["registered"] == truth.heap_defers)
+        .unwrap_or_else(|| panic!("no site with all {} heap defers\n{context}", truth.heap_defers));
+    assert!(
+        traced_site["function"] == "main.loopDefers"
+            && traced_site["file"].as_str().is_some_and(|f| f.ends_with(&file))
+            && traced_site["line"] == line,
+        "the site must be main.loopDefers at tests/go{file}:{line}: {traced_site}\n{context}"
+    );
+
+    let (text, json) = inspect(&binary);
+    let release_line =
+        text.lines().find(|l| l.trim_start().starts_with("go release")).unwrap_or("");
+    assert_eq!(
+        release_line.split_whitespace().last(),
+        Some(base_version(&truth.go_version)),
+        "inspect must print the release the program reports:\n{text}"
+    );
+    assert_eq!(json["plan"]["go_version"], base_version(&truth.go_version));
+    assert_eq!(json["plan"]["pie"], elf_is_pie(&binary), "PIE per the ELF header:\n{text}");
+    // `-s -w` removes DWARF: the offsets then come from the per-release table.
+    let layout = if target.variant == "stripped" { "release_table" } else { "dwarf" };
+    assert_eq!(json["plan"]["layout_source"], layout, "{text}");
+    let deferproc = deferproc_probe(&json);
+    assert_eq!(deferproc["after_stack_check"], true, "{deferproc}");
+
+    // The heap-defer sites known statically: the loop defer of main.loopDefers, with the file
+    // and line of its `defer` statement, at the return address the traced run reported.
+    let file_line = format!("{file}:{line}");
+    assert!(
+        text.lines().any(|l| {
+            l.contains("main.loopDefers") && l.split_whitespace().any(|w| w.ends_with(&file_line))
+        }),
+        "inspect must list the heap-defer site main.loopDefers at tests/go{file_line}:\n{text}"
+    );
+    let static_site = json["heap_defer_sites"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no heap_defer_sites in inspect --json"))
+        .iter()
+        .find(|s| s["function"] == "main.loopDefers")
+        .unwrap_or_else(|| panic!("no main.loopDefers in heap_defer_sites: {json}"));
+    assert_eq!(static_site["line"], line, "{static_site}");
+    let return_address = static_site["return_address"].as_u64().expect("return_address");
+    assert_eq!(
+        traced_site["pc"],
+        format!("{return_address:#x}"),
+        "the traced site's pc must be the ELF return address inspect lists: {static_site}"
+    );
+}
+
+#[test]
+fn plain() {
+    check_variant("plain", check_workload);
+}
+
+#[test]
+fn stripped() {
+    check_variant("stripped", check_workload);
+}
+
+#[test]
+fn pie() {
+    check_variant("pie", check_workload);
+}
+
+#[test]
+fn cgo() {
+    check_variant("cgo", check_workload);
+}
+
+/// Whether the allocs program was built with size-specialized malloc (the direct
+/// `mallocgc*SC*` / `mallocgcTiny*` entries): default on Go 1.27, an experiment on 1.26.
+fn has_size_specialized_malloc(version: &str) -> bool {
+    let experiments = version_experiments(version);
+    let release = base_version(version);
+    if release.starts_with("go1.27") {
+        !experiments.iter().any(|e| e == "nosizespecializedmalloc")
+    } else {
+        release.starts_with("go1.26") && experiments.iter().any(|e| e == "sizespecializedmalloc")
+    }
+}
+
+/// The allocs program's ground truth and deferprobe's allocation count for it.
+struct AllocationRun {
+    go_version: String,
+    /// The runtime's own count (MemStats.Mallocs), taken after the program's last allocation.
+    mallocs: u64,
+    loop_mallocs: u64,
+    /// deferprobe's counts.mallocgc.
+    counted: u64,
+}
+
+/// Traces the allocs target: every allocation counted exactly once, i.e. exactly the runtime's
+/// own count; inspect shows the experiments and, where the binary has them, probes on the
+/// size-specialized entries (so the count really went through the de-duplication).
+fn trace_allocs(target: &Target) -> AllocationRun {
+    let binary = target.binary();
+    let traced = trace_command(&target.id(), &binary, &["-rounds", "150", "-exit-code", "4"]);
+    let context = format!("deferprobe's stderr:\n{}\nreport: {}", traced.stderr, traced.report);
+    assert_eq!(traced.code, 4, "the program's exit code must pass through\n{context}");
+    let truth = ground_truth_json(&traced.stdout);
+    let number = |key: &str| truth[key].as_u64().unwrap_or_else(|| panic!("no {key} in {truth}"));
+    let run = AllocationRun {
+        go_version: truth["go_version"].as_str().expect("go_version").to_owned(),
+        mallocs: number("mallocs"),
+        loop_mallocs: number("loop_mallocs"),
+        counted: traced.count("mallocgc"),
+    };
+    assert_release(&run.go_version, &target.release);
+    assert_eq!(
+        run.loop_mallocs,
+        number("loop_expected"),
+        "the program's loop allocates a known amount: {truth}"
+    );
+    assert_eq!(
+        run.counted, run.mallocs,
+        "counts.mallocgc must equal the runtime's own count of the process's allocations \
+         ({} in its allocation loop)\n{context}",
+        run.loop_mallocs
+    );
+
+    let (text, json) = inspect(&binary);
+    let experiments: Vec<String> =
+        serde_json::from_value(json["plan"]["experiments"].clone()).expect("plan.experiments");
+    assert_eq!(experiments, version_experiments(&run.go_version), "{text}");
+    let size_class_probes = json["plan"]["probes"]
+        .as_array()
+        .expect("plan.probes")
+        .iter()
+        .filter(|p| p["program"] == "mallocgc_size_class")
+        .count();
+    assert_eq!(
+        size_class_probes > 0,
+        has_size_specialized_malloc(&run.go_version),
+        "{} has {size_class_probes} size-specialized malloc probes:\n{text}",
+        run.go_version
+    );
+    run
+}
+
+/// Every allocs target: each allocation counted once, on every release and malloc variant.
+#[test]
+fn allocations() {
+    let targets: Vec<Target> =
+        selected_targets().into_iter().filter(|t| t.program == "allocs").collect();
+    assert!(!targets.is_empty(), "no allocs targets in tests/go/matrix.txt for this run");
+    check_each(&targets, Target::id, |target| drop(trace_allocs(target)));
+}
+
+/// Go 1.27 (and 1.26 with its experiment): the same allocation program built with and without
+/// size-specialized malloc. The direct `mallocgc*SC*` entries must count what the generic path
+/// counts.
+///
+/// The two totals are not required to be equal, because they aren't deterministic even for one
+/// binary: traced 12 times, the same go1.27.3 allocs binary made 2834 or 2840 allocations by its
+/// own count (and deferprobe's), untraced 3742 to 3754 with the default -rounds: the runtime
+/// allocates for the threads it starts, which depends on scheduling. What is exact: each count
+/// equals the runtime's own count of its process, and the allocation loop makes the same number
+/// in both builds. So the totals must differ exactly as the runtimes' own counts do.
+#[test]
+fn size_specialized_malloc_counts_like_the_generic_build() {
+    let targets = selected_targets();
+    let pairs: Vec<(Target, Target)> = targets
+        .iter()
+        .filter(|t| t.variant.starts_with("allocs-"))
+        .map(|experiment| {
+            let generic = targets
+                .iter()
+                .find(|t| t.release == experiment.release && t.variant == "allocs")
+                .unwrap_or_else(|| {
+                    panic!("{} has no allocs target to compare with", experiment.id())
+                });
+            (generic.clone(), experiment.clone())
+        })
+        .collect();
+    assert!(
+        pairs.iter().any(|(t, _)| t.release.starts_with("1.27")),
+        "the matrix must compare Go 1.27's size-specialized malloc with a nosizespecializedmalloc build"
+    );
+    check_each(
+        &pairs,
+        |(generic, experiment)| format!("{} vs {}", generic.id(), experiment.variant),
+        |(generic, experiment)| {
+            let a = trace_allocs(generic);
+            let b = trace_allocs(experiment);
+            assert_ne!(
+                has_size_specialized_malloc(&a.go_version),
+                has_size_specialized_malloc(&b.go_version),
+                "exactly one of {} and {} must use size-specialized malloc",
+                a.go_version,
+                b.go_version
+            );
+            assert_eq!(a.loop_mallocs, b.loop_mallocs, "the same program allocates the same");
+            assert_eq!(
+                a.counted as i64 - b.counted as i64,
+                a.mallocs as i64 - b.mallocs as i64,
+                "counts.mallocgc {} ({}) vs {} ({}) must differ exactly as the runtimes' own \
+                 counts {} vs {}",
+                a.counted,
+                a.go_version,
+                b.counted,
+                b.go_version,
+                a.mallocs,
+                b.mallocs
+            );
+        },
+    );
+}
+
+/// Double-hit proof, on each release of tests/go/releases.txt: the recursion program grows its
+/// goroutines' stacks inside `runtime.deferproc` (see tests/go/recursion/main.go), so a probe at
+/// deferproc's first instruction fires more often than deferproc is called. deferprobe's probe,
+/// after the stack check, must count every heap defer exactly once.
+///
+/// The uprobe counters count every process running the recursion binary, so no other test may
+/// run it.
+#[test]
+fn deep_recursion_counts_each_heap_defer_once() {
+    const DEPTH: u64 = 400;
+    const GOROUTINES: u64 = 20;
+    let (depth, goroutines) = (DEPTH.to_string(), GOROUTINES.to_string());
+    let args = ["-depth", &depth, "-goroutines", &goroutines, "-exit-code", "5"];
+    check_each(
+        &go_releases(),
+        |release| format!("go{release}-recursion"),
+        |release| {
+            let program = go_program(release, "recursion");
+            let (_, inspection) = inspect(&program);
+            let probe = deferproc_probe(&inspection);
+            let attach_offset = probe["attach_offset"].as_u64().unwrap();
+            assert!(
+                probe["after_stack_check"] == true && attach_offset > 0,
+                "deferprobe must probe deferproc after its stack check: {probe}"
+            );
+            let after_check = probe["file_offset"].as_u64().unwrap();
+
+            // What a probe on the first instruction would see, and what one at deferprobe's
+            // attach point sees (kernel uprobe counters, in a run without deferprobe).
+            let entry_hits = UprobeCounter::new(&program, after_check - attach_offset);
+            let attach_hits = UprobeCounter::new(&program, after_check);
+            let output = Command::new(&program).args(args).output().unwrap();
+            assert_eq!(output.status.code(), Some(5), "{output:?}");
+            let truth = ground_truth(&text(&output).0);
+            let (entry_hits, attach_hits) = (entry_hits.hits(), attach_hits.hits());
+            assert_eq!(truth.heap_defers, GOROUTINES * (DEPTH + 1), "the program's own count");
+            assert_eq!(attach_hits, truth.heap_defers, "uprobe hits at deferprobe's attach point");
+            assert!(
+                entry_hits > truth.heap_defers,
+                "the program must re-enter deferproc after growing the stack: {entry_hits} \
+                 entry hits for {} calls",
+                truth.heap_defers
+            );
+            println!(
+                "go{release}: {} heap defers; an entry probe would count {entry_hits}",
+                truth.heap_defers
+            );
+
+            let traced = trace_command(&format!("recursion-{release}"), &program, &args);
+            let context =
+                format!("deferprobe's stderr:\n{}\nreport: {}", traced.stderr, traced.report);
+            assert_eq!(traced.code, 5, "the program's exit code must pass through\n{context}");
+            let truth = ground_truth(&traced.stdout);
+            assert_eq!(truth.heap_defers, GOROUTINES * (DEPTH + 1));
+            assert_eq!(
+                traced.count("deferproc"),
+                truth.heap_defers,
+                "heap defers must be exact\n{context}"
+            );
+            // Every level returns through deferreturn, which runs its defer.
+            assert!(traced.count("deferreturn") >= truth.heap_defers, "{context}");
+            assert_eq!(traced.report["pending"]["heap_defers"], 0, "{context}");
+        },
+    );
+}
+
+/// Every variant in tests/go/matrix.txt is checked by one of the tests above, and every variant
+/// those tests check is in it.
+#[test]
+fn every_variant_has_a_test() {
+    let variants = read_matrix().variants;
+    for (variant, program) in &variants {
+        assert!(
+            COUNT_VARIANTS.contains(&variant.as_str()) || program == "allocs",
+            "variant {variant} (tests/go/matrix.txt) is not checked by tests/e2e/matrix.rs"
+        );
+    }
+    for variant in COUNT_VARIANTS {
+        assert!(
+            variants.iter().any(|(v, _)| v == variant),
+            "tests/go/matrix.txt lacks variant {variant}"
+        );
+    }
+}
+
+/// Counts the hits of a uprobe at `file_offset` of `binary` in any process, with the kernel's
+/// uprobe perf PMU: one counting perf event per CPU, no eBPF program and no events. Counting
+/// starts when it is created.
+struct UprobeCounter {
+    per_cpu: Vec<OwnedFd>,
+}
+
+/// `struct perf_event_attr` up to `config2` (PERF_ATTR_SIZE_VER1).
+#[repr(C)]
+#[derive(Default)]
+struct PerfEventAttr {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    /// For the uprobe PMU: pointer to the binary's path.
+    config1: u64,
+    /// For the uprobe PMU: the probe's file offset.
+    config2: u64,
+}
+
+impl UprobeCounter {
+    fn new(binary: &Path, file_offset: u64) -> UprobeCounter {
+        let pmu = "/sys/bus/event_source/devices/uprobe/type";
+        let kind: u32 = std::fs::read_to_string(pmu)
+            .unwrap_or_else(|e| panic!("{pmu}: {e} (kernel without the uprobe perf PMU?)"))
+            .trim()
+            .parse()
+            .unwrap();
+        let path = CString::new(binary.as_os_str().as_bytes()).unwrap();
+        let attr = PerfEventAttr {
+            kind,
+            size: size_of::<PerfEventAttr>() as u32,
+            config1: path.as_ptr() as u64,
+            config2: file_offset,
+            ..Default::default()
+        };
+        let per_cpu = online_cpus()
+            .into_iter()
+            .map(|cpu| {
+                // SAFETY: attr and the path it points to outlive the call; pid -1 + a cpu
+                // counts every process on that cpu.
+                let fd = unsafe {
+                    libc::syscall(
+                        libc::SYS_perf_event_open,
+                        &attr as *const PerfEventAttr,
+                        -1,
+                        cpu,
+                        -1,
+                        0,
+                    )
+                };
+                assert!(
+                    fd >= 0,
+                    "perf_event_open(uprobe {}:{file_offset:#x}, cpu {cpu}): {}",
+                    binary.display(),
+                    std::io::Error::last_os_error()
+                );
+                // SAFETY: a fresh descriptor we own.
+                unsafe { OwnedFd::from_raw_fd(fd as i32) }
+            })
+            .collect();
+        UprobeCounter { per_cpu }
+    }
+
+    fn hits(self) -> u64 {
+        self.per_cpu
+            .into_iter()
+            .map(|fd| {
+                let mut count = [0u8; 8];
+                File::from(fd).read_exact(&mut count).expect("read perf counter");
+                u64::from_ne_bytes(count)
+            })
+            .sum()
+    }
+}
+
+/// The online CPUs, from /sys/devices/system/cpu/online (`0-3,5`).
+fn online_cpus() -> Vec<i32> {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/online").expect("online cpus");
+    list.trim()
+        .split(',')
+        .flat_map(|range| {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            first.parse::<i32>().unwrap()..=last.parse::<i32>().unwrap()
+        })
+        .collect()
+}
