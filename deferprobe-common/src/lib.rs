@@ -5,8 +5,8 @@
 //! and padded explicitly so the layout is the same on both sides.
 #![no_std]
 
-/// Size of the BPF ring buffer that carries events (must be a power of two, multiple of the
-/// page size).
+/// Default size of the BPF ring buffer that carries events (`--ring-buffer-kib` changes it at
+/// load time; it must be a power of two and a multiple of the page size).
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
 
 /// Captured words of a deferred closure the kernel inspects (the words after the code pointer).
@@ -39,7 +39,10 @@ pub enum Counter {
     GoroutineExit,
     /// Events not written because the ring buffer was full.
     LostRingFull,
-    /// Probe hits whose user-memory read (g, goid) failed; the event carries goid 0.
+    /// Probe hits with a failed user-memory read that had to succeed: an event delivered with a
+    /// field 0, or a size-class allocation that could not be deduplicated. Each hit counts
+    /// once. Not counted here: an unreadable `g.goid` of an event that needs the goroutine (it
+    /// carries goid 0 and userspace counts it), and the speculative reads of captured words.
     UserReadFailed,
     /// Maps that entered the known-maps set (first seen, or seen again after eviction).
     MapsSeen,
@@ -191,7 +194,7 @@ pub struct DeferRegistered {
 
 // Events are read back with unaligned reads, but keep them padding-free and 8-byte multiples so
 // the layout is the same on both sides.
-const _: () = assert!(core::mem::size_of::<DeferRegistered>() % 8 == 0);
+const _: () = assert!(core::mem::size_of::<DeferRegistered>().is_multiple_of(8));
 
 /// mapassign saw a map not in the kernel's set of known maps (first write while tracing, or
 /// again after LRU eviction).

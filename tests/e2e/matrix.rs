@@ -27,7 +27,7 @@ use serde_json::Value;
 
 use crate::support::*;
 
-/// The variants whose program is the workload (or its cgo twin), one test each.
+/// The variants whose program is the workload (cgo-linked or not), one test each.
 const COUNT_VARIANTS: [&str; 4] = ["plain", "stripped", "pie", "cgo"];
 
 /// Work the workload does per target: 12 calls × 15 loop defers, 300 string-key and 300 int-key
@@ -212,7 +212,7 @@ fn source_line(program: &str, needle: &str) -> usize {
         .unwrap_or_else(|| panic!("{needle:?} not in {}", path.display()))
 }
 
-/// Traces the workload (or cgoworkload) target: heap defers exact, map writes at least the
+/// Traces a workload target (the cgo variant included): heap defers exact, map writes at least the
 /// program's, exit code passed through; then `inspect` names the release, reads the binary
 /// right (PIE, DWARF or not) and lists the loop-defer site with its file:line.
 fn check_workload(target: &Target) {

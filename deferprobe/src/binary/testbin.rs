@@ -110,7 +110,7 @@ fn require(toolchain: &Toolchain, install: &str) {
 pub enum Program {
     Workload,
     Demo,
-    /// tests/go/cgoworkload, built with cgo (linked by gcc, against libc).
+    /// tests/go/workload built with cgo (linked by gcc, against libc; calls into C).
     Cgo,
 }
 
@@ -121,7 +121,7 @@ impl Program {
         match self {
             Program::Workload => "workload",
             Program::Demo => "demo",
-            Program::Cgo => "cgoworkload",
+            Program::Cgo => "workload",
         }
     }
 
@@ -173,7 +173,7 @@ impl Variant {
 
 type BuildKey = (String, Program, Variant);
 
-/// target/binary-tests/go<version>/<variant>/<program>, built now unless it is newer than its
+/// target/binary-tests/go<version>/<variant>/<workload|demo|cgo>, built now unless it is newer than its
 /// sources and toolchain (once per test process).
 pub fn build(toolchain: &Toolchain, program: Program, variant: Variant) -> PathBuf {
     static BUILDS: OnceLock<Mutex<HashMap<BuildKey, Arc<OnceLock<PathBuf>>>>> = OnceLock::new();
@@ -195,7 +195,7 @@ fn build_now(toolchain: &Toolchain, program: Program, variant: Variant) -> PathB
         .join("target/binary-tests")
         .join(format!("go{}", toolchain.version))
         .join(format!("{variant:?}").to_lowercase())
-        .join(program.dir());
+        .join(format!("{program:?}").to_lowercase());
     let modified = |path: &Path| {
         std::fs::metadata(path)
             .and_then(|meta| meta.modified())

@@ -7,6 +7,9 @@
 //	-wait                print "ready" and wait for a line on stdin before working
 //	-hold                after printing the result, wait for stdin to close before exiting
 //	-exit-code C         exit with status C
+//
+// Built with cgo (CGO_ENABLED=1), cgo.go adds a C call to every loop-defer call and the
+// ground truth says "cgo":true.
 package main
 
 import (
@@ -21,8 +24,14 @@ import (
 
 var sink int
 
+// cCall calls into C; set by cgo.go when the program is built with cgo.
+var cCall func(int) int
+
 //go:noinline
 func loopDefers(n int, m map[string]int) {
+	if cCall != nil {
+		sink += cCall(n)
+	}
 	for i := 0; i < n; i++ {
 		defer func() { sink += len(m) }()
 	}
@@ -35,6 +44,7 @@ type groundTruth struct {
 	GoroutinesEnded int    `json:"goroutines_ended"`
 	Mallocs         uint64 `json:"mallocs"`
 	GoVersion       string `json:"go_version"`
+	Cgo             bool   `json:"cgo"`
 }
 
 func main() {
@@ -90,6 +100,7 @@ func main() {
 	runtime.ReadMemStats(&stats)
 	truth.Mallocs = stats.Mallocs
 	truth.GoVersion = runtime.Version()
+	truth.Cgo = cCall != nil
 	out, _ := json.Marshal(truth)
 	os.Stdout.Write(append(out, '\n'))
 	if *hold {
