@@ -76,15 +76,44 @@ fn read_user_u64(addr: u64) -> Option<u64> {
     unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
-/// `g.goid` of the goroutine in `g` (R14), or 0 (counted) when it can't be read.
+/// `g.goid` of the goroutine in `g` (R14), or None when it can't be read. Events that need the
+/// goroutine carry goid 0 then, and userspace counts them (`without_goroutine_id`).
 #[inline(always)]
-fn goid_of(g: u64) -> u64 {
+fn goid_of(g: u64) -> Option<u64> {
     let config = PROBE_CONFIG.load();
-    match read_user_u64(g + config.g_goid) {
-        Some(goid) => goid,
-        None => {
+    read_user_u64(g + config.g_goid)
+}
+
+/// Tracks the user-memory reads of one probe hit that must succeed; a hit with any failed read
+/// is counted once ([`Counter::UserReadFailed`]). Speculative reads (a captured word that may or
+/// may not be a pointer) don't go through here.
+struct Reads {
+    failed: bool,
+}
+
+impl Reads {
+    #[inline(always)]
+    fn new() -> Reads {
+        Reads { failed: false }
+    }
+
+    /// The word at `addr`, or 0 (recorded as a failure).
+    #[inline(always)]
+    fn u64(&mut self, addr: u64) -> u64 {
+        match read_user_u64(addr) {
+            Some(value) => value,
+            None => {
+                self.failed = true;
+                0
+            }
+        }
+    }
+
+    /// Counts the hit if any read failed.
+    #[inline(always)]
+    fn finish(self) {
+        if self.failed {
             bump(Counter::UserReadFailed, 1);
-            0
         }
     }
 }
@@ -129,12 +158,12 @@ fn on_mapassign(ctx: &ProbeContext) -> u32 {
     let known = KnownMap { writes: 1, map_type: r.rax };
     if KNOWN_MAPS.insert(&map, &known, 0).is_ok() {
         bump(Counter::MapsSeen, 1);
-        emit(MapSeen {
-            header: header(EventKind::MapSeen, goid_of(r.r14)),
-            map,
-            map_type: r.rax,
-            caller_pc: read_user_u64(r.rsp).unwrap_or(0),
-        });
+        let mut reads = Reads::new();
+        // The goroutine is only informative here: a missing one makes the event incomplete.
+        let goid = reads.u64(r.r14 + PROBE_CONFIG.load().g_goid);
+        let caller_pc = reads.u64(r.rsp);
+        reads.finish();
+        emit(MapSeen { header: header(EventKind::MapSeen, goid), map, map_type: r.rax, caller_pc });
     }
     0
 }
@@ -148,19 +177,22 @@ fn on_deferproc(ctx: &ProbeContext) -> u32 {
     bump(Counter::DeferProc, 1);
     let r = regs(ctx);
     let closure = r.rax;
+    let mut reads = Reads::new();
     let mut event = DeferRegistered {
-        header: header(EventKind::DeferRegistered, goid_of(r.r14)),
+        header: header(EventKind::DeferRegistered, goid_of(r.r14).unwrap_or(0)),
         closure,
-        closure_fn: read_user_u64(closure).unwrap_or(0),
-        caller_pc: read_user_u64(r.rsp).unwrap_or(0),
+        closure_fn: reads.u64(closure),
+        caller_pc: reads.u64(r.rsp),
         caller_sp: r.rsp + 8,
         g: r.r14,
         captured_maps: [0; CAPTURE_WORDS],
         capture_kinds: [0; CAPTURE_WORDS],
         _padding: [0; 8 - CAPTURE_WORDS % 8],
     };
+    reads.finish();
+    // Speculative from here: words past the closure's end (filtered out in userspace, which
+    // knows the size) and the words they may point to can legitimately be unreadable.
     for i in 0..CAPTURE_WORDS {
-        // Words past the closure's end are filtered out in userspace (it knows the size).
         let Some(word) = read_user_u64(closure + 8 * (i as u64 + 1)) else { break };
         if word == 0 {
             continue;
@@ -192,9 +224,11 @@ fn on_deferproc_stack(_ctx: &ProbeContext) -> u32 {
 fn on_deferreturn(ctx: &ProbeContext) -> u32 {
     bump(Counter::DeferReturn, 1);
     let r = regs(ctx);
-    let caller_pc = read_user_u64(r.rsp).unwrap_or(0);
+    let mut reads = Reads::new();
+    let caller_pc = reads.u64(r.rsp);
+    reads.finish();
     emit(DeferReturn {
-        header: header(EventKind::DeferReturn, goid_of(r.r14)),
+        header: header(EventKind::DeferReturn, goid_of(r.r14).unwrap_or(0)),
         caller_pc,
         caller_sp: r.rsp + 8,
     });
@@ -249,10 +283,11 @@ fn on_mallocgc_size_class(ctx: &ProbeContext) -> u32 {
 #[inline(always)]
 fn on_goexit1(ctx: &ProbeContext) -> u32 {
     bump(Counter::GoroutineExit, 1);
-    emit(GoroutineExit { header: header(EventKind::GoroutineExit, goid_of(regs(ctx).r14)) });
+    emit(GoroutineExit {
+        header: header(EventKind::GoroutineExit, goid_of(regs(ctx).r14).unwrap_or(0)),
+    });
     0
 }
-
 
 // Every program exists twice: as a classic uprobe (one perf event per attach point, any
 // kernel >= 5.8) and as a multi-uprobe (one link for all points of a program: attaching and,

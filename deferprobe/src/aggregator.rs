@@ -16,7 +16,7 @@ use deferprobe_common::{
     GoroutineExit, MapSeen,
 };
 
-use crate::memory::RuntimeGoroutine;
+use crate::memory::{ChainRecord, RuntimeGoroutine};
 
 /// One decoded ring-buffer event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +94,14 @@ pub struct PendingDefer {
     pub caller_sp: u64,
     pub registered_ns: u64,
     pub captures: [Option<Capture>; CAPTURE_WORDS],
+    /// Found in the runtime's `_defer` chain rather than seen registered: already pending when
+    /// tracing started (or its event was lost). `registered_ns` is then when it was found, and
+    /// its captures are unknown.
+    pub adopted: bool,
+    /// Absent from the goroutine's chain at the last reconciliation. A record is released
+    /// only when two reconciliations in a row miss it: the runtime links a record some time
+    /// after the probe fires (deferproc may allocate, and so wait for the GC, in between).
+    pub missed: bool,
 }
 
 impl PendingDefer {
@@ -115,12 +123,15 @@ pub struct MapInfo {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SiteTotals {
     pub registered: u64,
+    /// Records found pending in the runtime's chains without a registration event (already
+    /// pending when tracing started).
+    pub adopted: u64,
     pub released: u64,
 }
 
 impl SiteTotals {
     pub fn pending(&self) -> u64 {
-        self.registered - self.released
+        self.registered + self.adopted - self.released
     }
 }
 
@@ -143,12 +154,15 @@ pub struct Reconciled {
     pub released: u64,
     /// Records whose frame moved (stack growth copies the stack and adjusts `_defer.sp`).
     pub moved: u64,
+    /// Records found pending without a registration (see [`Aggregator::adopt`]).
+    pub adopted: u64,
 }
 
 impl std::ops::AddAssign for Reconciled {
     fn add_assign(&mut self, other: Reconciled) {
         self.released += other.released;
         self.moved += other.moved;
+        self.adopted += other.adopted;
     }
 }
 
@@ -162,6 +176,47 @@ struct GoroutineState {
     pending: Vec<PendingDefer>,
     /// This goroutine's totals per defer site.
     sites: HashMap<u64, SiteTotals>,
+}
+
+/// Pairs pending records with the records of a `_defer` chain: first by closure and SP (the
+/// same record, where it was), then by closure alone (its frame moved with the stack). Shared
+/// closures (those capturing nothing are one static object) make the closure alone ambiguous;
+/// matching exact pairs first keeps records of unmoved frames where they are. Returns, for each
+/// pending record, its chain record, and for each chain record whether it was paired.
+fn pair_with_chain(pending: &[PendingDefer], chain: &[ChainRecord]) -> (Vec<Option<usize>>, Vec<bool>) {
+    let mut by_frame: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
+    for (index, record) in chain.iter().enumerate().rev() {
+        by_frame.entry((record.closure, record.sp)).or_default().push(index);
+    }
+    // Records seen registered (with their captures) pair before adopted ones, so that if both
+    // stand for one chain record, the adopted one is the duplicate left over.
+    let mut order: Vec<usize> = (0..pending.len()).collect();
+    order.sort_by_key(|&index| pending[index].adopted);
+    let mut pairs: Vec<Option<usize>> = vec![None; pending.len()];
+    for &index in &order {
+        let record = &pending[index];
+        pairs[index] = by_frame.get_mut(&(record.closure, record.caller_sp)).and_then(Vec::pop);
+    }
+    let mut by_closure: HashMap<u64, Vec<usize>> = HashMap::new();
+    for indexes in by_frame.into_values() {
+        for index in indexes {
+            by_closure.entry(chain[index].closure).or_default().push(index);
+        }
+    }
+    for indexes in by_closure.values_mut() {
+        // Pop the oldest (highest index: the chain is newest first) first.
+        indexes.sort_unstable();
+    }
+    for &index in &order {
+        if pairs[index].is_none() {
+            pairs[index] = by_closure.get_mut(&pending[index].closure).and_then(Vec::pop);
+        }
+    }
+    let mut paired = vec![false; chain.len()];
+    for index in pairs.iter().flatten() {
+        paired[*index] = true;
+    }
+    (pairs, paired)
 }
 
 #[derive(Debug, Default)]
@@ -199,15 +254,35 @@ impl Aggregator {
                 }
                 let goroutine = self.goroutines.entry(goid).or_default();
                 goroutine.g = e.g;
-                goroutine.sites.entry(e.caller_pc).or_default().registered += 1;
-                goroutine.pending.push(PendingDefer {
+                let record = PendingDefer {
                     closure: e.closure,
                     closure_fn: e.closure_fn,
                     caller_pc: e.caller_pc,
                     caller_sp: e.caller_sp,
                     registered_ns: e.header.ktime_ns,
                     captures,
-                });
+                    adopted: false,
+                    missed: false,
+                };
+                // A record adopted from a chain read after this registration is this record.
+                let is_twin = |pending: &PendingDefer, same_frame: bool| {
+                    pending.adopted
+                        && pending.closure == e.closure
+                        && pending.registered_ns > e.header.ktime_ns
+                        && (!same_frame || pending.caller_sp == e.caller_sp)
+                };
+                let adopted_twin = (goroutine.pending.iter().position(|p| is_twin(p, true)))
+                    .or_else(|| goroutine.pending.iter().position(|p| is_twin(p, false)));
+                match adopted_twin {
+                    Some(index) => {
+                        goroutine.pending[index] = record;
+                        for totals in [&mut goroutine.sites, &mut self.sites] {
+                            totals.entry(e.caller_pc).or_default().adopted -= 1;
+                        }
+                    }
+                    None => goroutine.pending.push(record),
+                }
+                goroutine.sites.entry(e.caller_pc).or_default().registered += 1;
             }
             Event::DeferReturn(e) => {
                 self.events.defer_return += 1;
@@ -219,6 +294,11 @@ impl Aggregator {
             }
             Event::GoroutineExit(_) => {
                 self.events.goroutine_exit += 1;
+                if goid == 0 {
+                    // Its records stay pending until reconciliation finds the chain empty.
+                    self.events.without_goid += 1;
+                    return;
+                }
                 self.release(goid, |_| true);
                 self.goroutines.remove(&goid);
             }
@@ -267,9 +347,9 @@ impl Aggregator {
     /// Makes `goid`'s pending records agree with the runtime's view of its g, read after
     /// every event up to now was applied. The runtime wins:
     /// - the g now runs another goroutine (or none): all records of `goid` are gone;
-    /// - a pending record whose closure is no longer in the chain was run (panic, recover,
-    ///   Goexit) — unless it was registered after `settled_ns`, because the probe fires a moment
-    ///   before the runtime links the record into the chain;
+    /// - a pending record no longer in the chain was run (panic, recover, Goexit) once two
+    ///   reconciliations in a row miss it, not counting those before `settled_ns`: the probe
+    ///   fires a while before the runtime links the record into the chain;
     /// - a record found in the chain takes the chain's SP (its frame moved with the stack).
     ///
     /// Chain records we never saw registered (older than the trace) are not ours and ignored.
@@ -277,27 +357,28 @@ impl Aggregator {
         if runtime.goid != goid {
             let released = self.release(goid, |_| true);
             self.goroutines.remove(&goid);
-            return Reconciled { released, moved: 0 };
-        }
-        // Multiset of the chain's records per closure (closures without captures are shared).
-        let mut in_chain: HashMap<u64, Vec<u64>> = HashMap::new();
-        for record in &runtime.defers {
-            in_chain.entry(record.closure).or_default().push(record.sp);
+            return Reconciled { released, ..Reconciled::default() };
         }
         let mut moved = 0;
         let mut gone = Vec::new();
         if let Some(goroutine) = self.goroutines.get_mut(&goid) {
             gone.resize(goroutine.pending.len(), false);
-            // Newest first, like the chain.
-            for (index, record) in goroutine.pending.iter_mut().enumerate().rev() {
-                match in_chain.get_mut(&record.closure).and_then(Vec::pop) {
-                    Some(sp) => {
+            let (pairs, _) = pair_with_chain(&goroutine.pending, &runtime.defers);
+            for ((record, pair), gone) in goroutine.pending.iter_mut().zip(pairs).zip(&mut gone) {
+                match pair {
+                    Some(chain_index) => {
+                        record.missed = false;
+                        let sp = runtime.defers[chain_index].sp;
                         if sp != record.caller_sp {
                             record.caller_sp = sp;
                             moved += 1;
                         }
                     }
-                    None => gone[index] = record.registered_ns <= settled_ns,
+                    None if record.registered_ns <= settled_ns => {
+                        *gone = record.missed;
+                        record.missed = true;
+                    }
+                    None => {}
                 }
             }
         }
@@ -306,7 +387,61 @@ impl Aggregator {
             index += 1;
             gone[index - 1]
         });
-        Reconciled { released, moved }
+        Reconciled { released, moved, adopted: 0 }
+    }
+
+    /// Adopts the heap records of a goroutine's `_defer` chain, read at `found_ns`, that no
+    /// registration accounts for: records already pending when tracing started, or whose events
+    /// were lost. Call it right after reading the chain, before applying more events. A record
+    /// whose registration event was still in flight is adopted too; when that event arrives it
+    /// takes the adopted record's place (see [`Aggregator::apply`]). `closure_fn` reads a
+    /// closure's code pointer. Returns how many records were adopted.
+    pub fn adopt(
+        &mut self,
+        g: u64,
+        runtime: &RuntimeGoroutine,
+        closure_fn: impl Fn(u64) -> u64,
+        found_ns: u64,
+    ) -> u64 {
+        if runtime.goid == 0 || runtime.defers.iter().all(|record| !record.heap) {
+            return 0;
+        }
+        let goroutine = self.goroutines.entry(runtime.goid).or_default();
+        let (_, paired) = pair_with_chain(&goroutine.pending, &runtime.defers);
+        // Oldest first, as `pending` is kept.
+        let found: Vec<PendingDefer> = runtime
+            .defers
+            .iter()
+            .zip(paired)
+            .rev()
+            .filter(|(record, paired)| record.heap && !paired)
+            .map(|(record, _)| PendingDefer {
+                closure: record.closure,
+                closure_fn: closure_fn(record.closure),
+                caller_pc: record.pc,
+                caller_sp: record.sp,
+                registered_ns: found_ns,
+                captures: [None; CAPTURE_WORDS],
+                adopted: true,
+                missed: false,
+            })
+            .collect();
+        if goroutine.g == 0 {
+            goroutine.g = g;
+        }
+        for record in &found {
+            goroutine.sites.entry(record.caller_pc).or_default().adopted += 1;
+            self.sites.entry(record.caller_pc).or_default().adopted += 1;
+        }
+        let adopted = found.len() as u64;
+        // Adopted records predate every record seen registered.
+        let mut found = found;
+        found.append(&mut goroutine.pending);
+        goroutine.pending = found;
+        if goroutine.pending.is_empty() {
+            self.goroutines.remove(&runtime.goid);
+        }
+        adopted
     }
 
     pub fn events(&self) -> EventTotals {
@@ -417,7 +552,7 @@ mod tests {
         agg.apply(&returned(5, 0xc000_8000));
         assert_eq!(agg.pending_heap_defers(), 0);
         let sites: Vec<_> = agg.sites().collect();
-        assert_eq!(sites, [(0x401000, SiteTotals { registered: 300, released: 300 })]);
+        assert_eq!(sites, [(0x401000, SiteTotals { registered: 300, adopted: 0, released: 300 })]);
     }
 
     #[test]
@@ -490,7 +625,10 @@ mod tests {
     fn chain(goid: u64, records: &[(u64, u64)]) -> RuntimeGoroutine {
         RuntimeGoroutine {
             goid,
-            defers: records.iter().map(|&(closure, sp)| crate::memory::ChainRecord { closure, sp }).collect(),
+            defers: records
+                .iter()
+                .map(|&(closure, sp)| crate::memory::ChainRecord { closure, sp, pc: 0x401000, heap: true })
+                .collect(),
         }
     }
 
@@ -527,8 +665,11 @@ mod tests {
         }
         // The runtime still has the two oldest; the three newest ran during a panic.
         let runtime = chain(4, &[(0xc000_0110, 0xc000_8000), (0xc000_0100, 0xc000_8000)]);
-        let outcome = agg.reconcile(4, &runtime, 1_000);
-        assert_eq!(outcome, Reconciled { released: 3, moved: 0 });
+        // One miss could be a record not linked yet; the second look settles it.
+        assert_eq!(agg.reconcile(4, &runtime, 1_000), Reconciled::default());
+        assert_eq!(agg.pending_heap_defers(), 5);
+        let outcome = agg.reconcile(4, &runtime, 2_000);
+        assert_eq!(outcome, Reconciled { released: 3, moved: 0, adopted: 0 });
         assert_eq!(agg.pending_heap_defers(), 2);
         let totals = agg.sites().next().unwrap().1;
         assert_eq!((totals.registered, totals.released), (5, 3));
@@ -539,7 +680,8 @@ mod tests {
         let mut agg = Aggregator::new();
         agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 100));
         agg.apply(&registered_at(4, 0xc000_0110, 0xc000_8000, 5_000));
-        // Chain read at 2_000: the record registered at 5_000 can't be judged yet.
+        // Chains read at 2_000: the record registered at 5_000 can't be judged yet.
+        agg.reconcile(4, &chain(4, &[]), 2_000);
         let outcome = agg.reconcile(4, &chain(4, &[]), 2_000);
         assert_eq!(outcome.released, 1);
         assert_eq!(agg.pending_heap_defers(), 1);
@@ -551,7 +693,7 @@ mod tests {
         agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 1));
         agg.apply(&registered_at(4, 0xc000_0110, 0xc000_8000, 2));
         let runtime = chain(4, &[(0xc000_0110, 0xc004_8000), (0xc000_0100, 0xc004_8000)]);
-        assert_eq!(agg.reconcile(4, &runtime, 1_000), Reconciled { released: 0, moved: 2 });
+        assert_eq!(agg.reconcile(4, &runtime, 1_000), Reconciled { released: 0, moved: 2, adopted: 0 });
         // deferreturn now comes with the new SP and releases them.
         agg.apply(&returned(4, 0xc004_8000));
         assert_eq!(agg.pending_heap_defers(), 0);
@@ -565,6 +707,7 @@ mod tests {
             agg.apply(&registered_at(4, 0x4f_0000, 0xc000_8000, i));
         }
         let runtime = chain(4, &[(0x4f_0000, 0xc000_8000), (0x4f_0000, 0xc000_8000)]);
+        agg.reconcile(4, &runtime, 1_000);
         assert_eq!(agg.reconcile(4, &runtime, 1_000).released, 2);
         assert_eq!(agg.pending_heap_defers(), 2);
     }
@@ -588,9 +731,81 @@ mod tests {
         agg.apply(&returned(8, 0xc000_8000));
         agg.apply(&registered(8, 0x401000, 0xc000_8000));
         let sites: Vec<_> = agg.goroutine_sites(8).collect();
-        assert_eq!(sites, [(0x401000, SiteTotals { registered: 2, released: 1 })]);
+        assert_eq!(sites, [(0x401000, SiteTotals { registered: 2, adopted: 0, released: 1 })]);
         agg.apply(&exited(8));
         assert_eq!(agg.goroutine_sites(8).count(), 0);
+        assert_eq!(agg.pending_heap_defers(), 0);
+    }
+
+    #[test]
+    fn adopts_records_pending_before_tracing_once() {
+        let mut agg = Aggregator::new();
+        // Registered while traced: known.
+        agg.apply(&registered_at(4, 0xc000_0300, 0xc000_8000, 10));
+        // The chain (newest first) also has two older heap records and a stack record.
+        let mut runtime = chain(4, &[(0xc000_0300, 0xc000_8000), (0xc000_0200, 0xc000_8000), (0xc000_0100, 0xc000_8000)]);
+        runtime.defers.push(crate::memory::ChainRecord { closure: 0xc000_0050, sp: 0xc000_9000, pc: 0x402000, heap: false });
+        let fns = |closure: u64| if closure == 0xc000_0100 { 0x4a_0000 } else { 0 };
+        assert_eq!(agg.adopt(0xc000_1000, &runtime, fns, 99), 2);
+        assert_eq!(agg.pending_heap_defers(), 3);
+        let (_, records) = agg.pending_by_goroutine().next().unwrap();
+        assert_eq!(records.iter().map(|r| (r.closure, r.adopted)).collect::<Vec<_>>(),
+            [(0xc000_0100, true), (0xc000_0200, true), (0xc000_0300, false)]);
+        assert_eq!(records[0].closure_fn, 0x4a_0000);
+        // A second look adopts nothing more.
+        assert_eq!(agg.adopt(0xc000_1000, &runtime, fns, 120), 0);
+        let totals = agg.sites().next().unwrap().1;
+        assert_eq!((totals.registered, totals.adopted, totals.pending()), (1, 2, 3));
+        // deferreturn of the frame releases adopted and registered records alike.
+        agg.apply(&returned(4, 0xc000_8000));
+        assert_eq!(agg.pending_heap_defers(), 0);
+        assert_eq!(agg.sites().next().unwrap().1.pending(), 0);
+    }
+
+    #[test]
+    fn adopts_goroutines_never_seen_registering() {
+        let mut agg = Aggregator::new();
+        let runtime = chain(12, &[(0xc000_0100, 0xc000_8000)]);
+        assert_eq!(agg.adopt(0xc000_5000, &runtime, |_| 0, 5), 1);
+        assert_eq!(agg.goroutines_to_reconcile(), [(12, 0xc000_5000)]);
+        // An empty chain adopts nothing and creates no goroutine.
+        assert_eq!(agg.adopt(0xc000_6000, &chain(13, &[]), |_| 0, 5), 0);
+        assert_eq!(agg.pending_by_goroutine().count(), 1);
+    }
+
+    #[test]
+    fn an_in_flight_registration_replaces_its_adopted_twin() {
+        let mut agg = Aggregator::new();
+        // The chain, read by 500, already links the record registered at 400 whose event
+        // had not been drained yet.
+        let runtime = chain(4, &[(0xc000_0100, 0xc000_8000)]);
+        assert_eq!(agg.adopt(0xc000_1000, &runtime, |_| 0, 500), 1);
+        agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 400));
+        assert_eq!(agg.pending_heap_defers(), 1);
+        let totals = agg.sites().next().unwrap().1;
+        assert_eq!((totals.registered, totals.adopted), (1, 0));
+        // A later registration of the same (static) closure is a new record.
+        agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 600));
+        assert_eq!(agg.pending_heap_defers(), 2);
+    }
+
+    #[test]
+    fn shared_closures_keep_their_frames_when_records_are_in_flight() {
+        // Recursion with a capture-free (static, shared) closure: one record per frame.
+        let mut agg = Aggregator::new();
+        for level in 0..3u64 {
+            agg.apply(&registered_at(4, 0x4f_0000, 0xc000_9000 - level * 0x100, level));
+        }
+        // The chain (newest first) also links a deeper frame's record whose event is in flight.
+        let runtime = chain(4, &[(0x4f_0000, 0xc000_8d00), (0x4f_0000, 0xc000_8e00), (0x4f_0000, 0xc000_8f00), (0x4f_0000, 0xc000_9000)]);
+        assert_eq!(agg.reconcile(4, &runtime, 1_000), Reconciled::default());
+        assert_eq!(agg.adopt(0xc000_1000, &runtime, |_| 0, 2_000), 1);
+        agg.apply(&registered_at(4, 0x4f_0000, 0xc000_8d00, 1_500));
+        assert_eq!(agg.pending_heap_defers(), 4);
+        // Each level returns through deferreturn with its own SP: nothing is left.
+        for sp in [0xc000_8d00, 0xc000_8e00, 0xc000_8f00, 0xc000_9000] {
+            agg.apply(&returned(4, sp));
+        }
         assert_eq!(agg.pending_heap_defers(), 0);
     }
 }

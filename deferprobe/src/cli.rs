@@ -3,6 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use deferprobe_common::EVENT_RING_BYTES;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +49,11 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub min_pending: u64,
 
+    /// Size of the ring buffer that carries events to deferprobe, in KiB: a power of two, at
+    /// least 4 pages. Events that don't fit are lost (and counted); counts stay exact.
+    #[arg(long, value_name = "KIB", default_value_t = DEFAULT_RING_BUFFER_KIB, value_parser = parse_ring_buffer_kib)]
+    pub ring_buffer_kib: u32,
+
     /// Format of the log lines on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -56,6 +62,19 @@ pub struct RunArgs {
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
+
+impl RunArgs {
+    /// `--ring-buffer-kib` in bytes.
+    pub fn ring_buffer_bytes(&self) -> u32 {
+        self.ring_buffer_kib * 1024
+    }
+}
+
+/// `--ring-buffer-kib` default: [`EVENT_RING_BYTES`], the size compiled into the eBPF object.
+pub const DEFAULT_RING_BUFFER_KIB: u32 = EVENT_RING_BYTES / 1024;
+
+/// Largest `--ring-buffer-kib`: 1 GiB.
+const MAX_RING_BUFFER_KIB: u32 = 1 << 20;
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -84,6 +103,19 @@ fn parse_pid(value: &str) -> Result<u32, String> {
     }
 }
 
+fn parse_ring_buffer_kib(value: &str) -> Result<u32, String> {
+    // SAFETY: sysconf has no preconditions.
+    let page_kib = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) / 1024) as u32;
+    let min = 4 * page_kib;
+    let kib: u32 = value.parse().map_err(|_| format!("`{value}` is not a size in KiB"))?;
+    if !kib.is_power_of_two() || kib < min || kib > MAX_RING_BUFFER_KIB {
+        return Err(format!(
+            "must be a power of two from {min} (4 pages) to {MAX_RING_BUFFER_KIB} KiB, not {kib}"
+        ));
+    }
+    Ok(kib)
+}
+
 fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value)
         .map_err(|err| format!("`{value}` is not a duration like 30s, 500ms or 5m ({err})"))?;
@@ -110,13 +142,16 @@ mod tests {
         assert_eq!(run.interval, Duration::from_millis(500));
         assert_eq!(run.log_format, LogFormat::Text);
         assert_eq!(run.min_pending, 16);
+        assert_eq!(run.ring_buffer_kib, 4096);
+        assert_eq!(run.ring_buffer_bytes(), EVENT_RING_BYTES);
         assert!(run.command.is_empty());
     }
 
     #[test]
     fn run_with_command() {
-        let cli = parse(&["run", "--log-format", "json", "--", "/bin/prog", "-x", "--y"]).unwrap();
+        let cli = parse(&["run", "--log-format", "json", "--ring-buffer-kib", "16", "--", "/bin/prog", "-x", "--y"]).unwrap();
         let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.ring_buffer_bytes(), 16 * 1024);
         assert_eq!(run.command, ["/bin/prog", "-x", "--y"]);
         assert_eq!(run.log_format, LogFormat::Json);
     }
@@ -134,6 +169,10 @@ mod tests {
             &["run", "--pid", "1", "--log-format", "xml"],
             &["run", "--pid", "1", "--bogus"],
             &["run", "--pid", "1", "--min-pending", "0"],
+            &["run", "--pid", "1", "--ring-buffer-kib", "8"],
+            &["run", "--pid", "1", "--ring-buffer-kib", "100"],
+            &["run", "--pid", "1", "--ring-buffer-kib", "2097152"],
+            &["run", "--pid", "1", "--ring-buffer-kib", "4MiB"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(err.exit_code(), 2, "{args:?}");

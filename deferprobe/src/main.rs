@@ -14,10 +14,18 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if err.use_stderr() => {
-            // clap's own message, cut to its first line: "error: unexpected argument ...".
+            // clap's own message up to its usage block, on one line: "error: the following
+            // required arguments were not provided:\n  <BINARY>\n\nUsage: ..." keeps `<BINARY>`.
             let rendered = err.to_string();
-            let first = rendered.lines().next().unwrap_or("error: invalid arguments");
-            eprintln!("deferprobe: {} (see deferprobe --help)", first.trim_start_matches("error: "));
+            let message: Vec<&str> = rendered
+                .lines()
+                .map(str::trim)
+                .take_while(|line| !line.is_empty())
+                .collect();
+            let message = message.join(" ");
+            let message = message.trim_start_matches("error: ");
+            let message = if message.is_empty() { "invalid arguments" } else { message };
+            eprintln!("deferprobe: {message} (see deferprobe --help)");
             return ExitCode::from(ErrorKind::Usage.exit_code());
         }
         Err(help_or_version) => {

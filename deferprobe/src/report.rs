@@ -66,6 +66,7 @@ pub struct Counts {
     pub lost_events: u64,
 }
 
+/// Events lost or incomplete, by cause; `counts.lost_events` is their sum.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct LostEvents {
     /// Events not written because the ring buffer was full.
@@ -74,10 +75,43 @@ pub struct LostEvents {
     pub undecodable: u64,
     /// Events written without a goroutine id (reading g.goid failed): counted, not tracked.
     pub without_goroutine_id: u64,
+    /// Probe hits whose user-memory reads failed (other than g.goid): events with a field
+    /// missing, or allocations that could not be deduplicated.
+    pub user_read_failed: u64,
+}
+
+impl LostEvents {
+    /// From the kernel's counters and what the aggregator could not use.
+    pub fn new(counters: &Counters, undecodable: u64, without_goroutine_id: u64) -> LostEvents {
+        LostEvents {
+            ring_buffer_full: counters.get(Counter::LostRingFull),
+            undecodable,
+            without_goroutine_id,
+            user_read_failed: counters.get(Counter::UserReadFailed),
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.ring_buffer_full + self.undecodable + self.without_goroutine_id + self.user_read_failed
+    }
+
+    /// "cause: n" for every cause that happened, e.g. "ring buffer full: 12".
+    pub fn causes(&self) -> Vec<String> {
+        [
+            ("ring buffer full", self.ring_buffer_full),
+            ("undecodable", self.undecodable),
+            ("without goroutine id", self.without_goroutine_id),
+            ("unreadable user memory", self.user_read_failed),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(cause, n)| format!("{cause}: {n}"))
+        .collect()
+    }
 }
 
 impl Counts {
-    pub fn from_counters(counters: &Counters, undecodable: u64) -> Counts {
+    pub fn from_counters(counters: &Counters, lost: &LostEvents) -> Counts {
         Counts {
             mapassign: counters.get(Counter::MapAssign),
             deferproc: counters.get(Counter::DeferProc),
@@ -86,7 +120,7 @@ impl Counts {
             mallocgc: counters.get(Counter::Malloc),
             alloc_bytes: counters.get(Counter::AllocBytes),
             goroutine_exits: counters.get(Counter::GoroutineExit),
-            lost_events: counters.get(Counter::LostRingFull) + undecodable,
+            lost_events: lost.total(),
         }
     }
 
@@ -140,6 +174,8 @@ pub struct SiteReport {
     /// Line of the `defer` statement.
     pub line: Option<u32>,
     pub registered: u64,
+    /// Records found already pending in the runtime (registered before tracing started).
+    pub pending_before_trace: u64,
     pub released: u64,
     pub pending: u64,
 }
@@ -160,6 +196,7 @@ pub struct GoroutineSiteReport {
     pub line: Option<u32>,
     pub pending: u64,
     pub registered: u64,
+    pub pending_before_trace: u64,
     pub released: u64,
 }
 
@@ -174,6 +211,9 @@ pub struct Finding {
     /// Line of the `defer` statement with the most pending records in the frame.
     pub line: Option<u32>,
     pub pending_defers: u64,
+    /// Of those, records already pending when tracing started (found in the runtime's chain):
+    /// for them `oldest_pending_secs` is a lower bound and captures are unknown.
+    pub pending_before_trace: u64,
     pub oldest_pending_secs: f64,
     /// Distinct maps captured (by value or by reference) by the frame's pending closures.
     pub captured_maps: u64,
@@ -325,6 +365,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
                 file: location.file,
                 line: location.line,
                 pending_defers: pending,
+                pending_before_trace: frame.iter().filter(|r| r.adopted).count() as u64,
                 oldest_pending_secs: lookups.now_ns.saturating_sub(oldest) as f64 / 1e9,
                 captured_maps: maps.len() as u64,
                 captured_maps_by_value: by_value.len() as u64,
@@ -345,6 +386,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
                     line: location.line,
                     pending,
                     registered: totals.registered,
+                    pending_before_trace: totals.adopted,
                     released: totals.released,
                 }
             })
@@ -375,6 +417,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
                 file: location.file,
                 line: location.line,
                 registered: totals.registered,
+                pending_before_trace: totals.adopted,
                 released: totals.released,
                 pending: totals.pending(),
             }
@@ -429,6 +472,9 @@ impl Report {
         ] {
             let _ = writeln!(out, "  {label:<32}{value:>14}");
         }
+        for cause in self.lost.causes() {
+            let _ = writeln!(out, "    {cause}");
+        }
         let p = &self.pending;
         let _ = writeln!(
             out,
@@ -458,17 +504,22 @@ impl Report {
             }
         }
         if !self.sites.is_empty() {
-            let _ = writeln!(out, "\n{:<44}{:>12}{:>12}{:>10}", "defer site", "registered", "released", "pending");
+            // "before": already pending when tracing started.
+            let _ = writeln!(
+                out,
+                "\n{:<38}{:>8}{:>12}{:>10}{:>10}",
+                "defer site", "before", "registered", "released", "pending"
+            );
             for site in self.sites.iter().take(10) {
                 let name = match (&site.function, &site.file) {
                     (Some(_), _) | (_, Some(_)) => place(&site.function, &site.file, site.line),
                     _ => site.pc.clone(),
                 };
-                let name = truncate(&name, 42);
+                let name = truncate(&name, 36);
                 let _ = writeln!(
                     out,
-                    "  {name:<42}{:>12}{:>12}{:>10}",
-                    site.registered, site.released, site.pending
+                    "  {name:<36}{:>8}{:>12}{:>10}{:>10}",
+                    site.pending_before_trace, site.registered, site.released, site.pending
                 );
             }
             if self.sites.len() > 10 {
@@ -646,8 +697,8 @@ mod tests {
             target: TargetReport { pid: 42, exe: "/srv/app".into(), go_version: "go1.27.3".into(), exit_code: None },
             duration_secs: 1.5,
             ended_by: EndReason::Duration,
-            counts: Counts::from_counters(&counters, 1),
-            lost: LostEvents { ring_buffer_full: 2, undecodable: 1, without_goroutine_id: 0 },
+            counts: Counts::from_counters(&counters, &LostEvents::new(&counters, 1, 0)),
+            lost: LostEvents::new(&counters, 1, 0),
             probes: ProbesReport { attached: 20, layout_source: crate::layout::LayoutSource::Dwarf },
             pending: c.pending,
             findings: c.findings,
@@ -667,6 +718,10 @@ mod tests {
         assert_eq!(json["target"]["pid"], 42);
         assert_eq!(json["counts"]["deferproc"], 20);
         assert_eq!(json["counts"]["lost_events"], 3);
+        assert_eq!(json["lost"]["ring_buffer_full"], 2);
+        assert_eq!(json["lost"]["undecodable"], 1);
+        assert_eq!(json["lost"]["without_goroutine_id"], 0);
+        assert_eq!(json["lost"]["user_read_failed"], 0);
         for key in ["mapassign", "deferproc_stack", "deferreturn", "mallocgc", "alloc_bytes", "goroutine_exits"] {
             assert_eq!(json["counts"][key], 0, "{key}");
         }
@@ -693,6 +748,7 @@ mod tests {
     fn text_fits_80_columns() {
         let text = sample().to_text();
         assert!(text.contains("heap defers (deferproc)"));
+        assert!(text.contains("    ring buffer full: 2\n    undecodable: 1\n"), "{text}");
         assert!(text.contains("defer accumulation in goroutine 7: 20 pending"), "{text}");
         assert!(text.contains("main.leak@0x400123 (main.go:42)"), "{text}");
         for line in text.lines() {

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deferprobe_common::{CAPTURE_WORDS, Counter, Counters};
+use deferprobe_common::{CAPTURE_WORDS, Counters};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{Signal, SignalKind, signal},
@@ -26,7 +26,7 @@ use crate::{
     closure_words::captured_words,
     error::{Error, Result},
     layout::RuntimeLayout,
-    memory::{ProcessMemory, read_goroutine},
+    memory::{ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
     plan::ProbePlan,
     report::{self, Counts, EndReason, Location, Lookups, LostEvents, ProbesReport, Report, TargetReport},
     target::{self, GatedChild, Target},
@@ -35,6 +35,9 @@ use crate::{
 
 /// How often the ring buffer is drained (probes submit without waking us).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
+
+/// Pause between the two final looks at the runtime's chains.
+const FINAL_RECHECK: Duration = Duration::from_millis(50);
 
 /// Records registered this recently may not be linked into `g._defer` yet when the chain is
 /// read (the probe fires at deferproc's entry): reconciliation leaves them alone.
@@ -76,10 +79,12 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             (child.target.clone(), Some(child))
         }
     };
-    let mut tracer = match Tracer::attach(&plan, &target.exe, target.pid) {
+    let mut tracer = match Tracer::attach(&plan, &target.exe, target.pid, args.ring_buffer_bytes()) {
         Ok(tracer) => tracer,
         Err(err) => {
-            gated.map(GatedChild::abort);
+            if let Some(child) = gated {
+                child.abort();
+            }
             return Err(err);
         }
     };
@@ -105,7 +110,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let closures = ClosureSizes::new(&binary, bias);
 
     let child = started_command.then_some(target.pid);
-    let context = TraceContext { memory, layout: plan.layout, closures: &closures };
+    // Every g the runtime made, to find defers already pending before tracing started. Only
+    // binaries with a symbol table name it; stripped ones fall back to the goroutines seen.
+    let allgs = binary.data_symbol("runtime.allgs").map(|address| address.wrapping_add(bias));
+    let context = TraceContext { memory, layout: plan.layout, closures: &closures, allgs };
     let traced = runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
     let map_writes = captured_map_writes(&tracer, &traced.aggregator);
     drop(tracer); // detach before anything else
@@ -138,8 +146,18 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     let correlation = report::correlate(&traced.aggregator, &lookups);
     let events = traced.aggregator.events();
-    let counts = Counts::from_counters(&traced.counters, events.undecodable);
-    let mut notes = notes(&counts, traced.ended_by, started_command, events.without_goid);
+    let lost = LostEvents::new(&traced.counters, events.undecodable, events.without_goid);
+    let counts = Counts::from_counters(&traced.counters, &lost);
+    let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
+    let pending_before_trace: u64 = traced.aggregator.sites().map(|(_, t)| t.adopted).sum();
+    if pending_before_trace > 0 {
+        notes.push(format!(
+            "{} heap defer records were already pending in the runtime when tracing started \
+             (found in the goroutines' _defer chains): they are counted as pending, but their \
+             age is unknown (at least the trace's) and so are the maps they capture",
+            pending_before_trace
+        ));
+    }
     if traced.reconciled.released + traced.reconciled.moved > 0 {
         notes.push(format!(
             "the runtime's _defer chains corrected the event-based state: {} records run without \
@@ -175,11 +193,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         duration_secs: traced.duration.as_secs_f64(),
         ended_by: traced.ended_by,
         counts,
-        lost: LostEvents {
-            ring_buffer_full: traced.counters.get(Counter::LostRingFull),
-            undecodable: events.undecodable,
-            without_goroutine_id: events.without_goid,
-        },
+        lost,
         probes: ProbesReport { attached: traced.attached, layout_source: plan.layout_source },
         pending: correlation.pending,
         findings: correlation.findings,
@@ -200,10 +214,10 @@ fn captured_map_writes(tracer: &Tracer, aggregator: &Aggregator) -> HashMap<u64,
     let mut writes = HashMap::new();
     for (_, records) in aggregator.pending_by_goroutine() {
         for capture in records.iter().flat_map(|r| r.captures()) {
-            if let std::collections::hash_map::Entry::Vacant(entry) = writes.entry(capture.map) {
-                if let Some(count) = tracer.map_writes(capture.map) {
-                    entry.insert(count);
-                }
+            if let std::collections::hash_map::Entry::Vacant(entry) = writes.entry(capture.map)
+                && let Some(count) = tracer.map_writes(capture.map)
+            {
+                entry.insert(count);
             }
         }
     }
@@ -268,6 +282,8 @@ struct TraceContext<'a> {
     memory: ProcessMemory,
     layout: RuntimeLayout,
     closures: &'a ClosureSizes<'a>,
+    /// Runtime address of `runtime.allgs`, when the binary has symbols.
+    allgs: Option<u64>,
 }
 
 /// What the trace loop produced.
@@ -313,9 +329,11 @@ async fn trace(
             _ = drain_tick.tick() => drain(tracer, &mut aggregator, &mut batch),
             _ = log_tick.tick() => {
                 drain(tracer, &mut aggregator, &mut batch);
-                reconciled += reconcile(&mut aggregator, context);
-                let counts = Counts::from_counters(&tracer.counters()?, aggregator.events().undecodable);
-                log_counts(&counts, &last_logged, &aggregator, context.closures);
+                reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
+                let counters = tracer.counters()?;
+                let lost = lost_events(&counters, &aggregator);
+                let counts = Counts::from_counters(&counters, &lost);
+                log_counts(&counts, &lost, &last_logged, &aggregator, context.closures);
                 last_logged = counts;
             }
             _ = signals.interrupt.recv() => match child {
@@ -333,10 +351,13 @@ async fn trace(
     // The probes fired synchronously in the target: everything is in the buffer by now.
     drain(tracer, &mut aggregator, &mut batch);
     if ended_by != EndReason::TargetExited {
-        reconciled += reconcile(&mut aggregator, context);
+        // Twice: a record is released only when two looks in a row miss it.
+        reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
+        tokio::time::sleep(FINAL_RECHECK).await;
+        reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
     }
     let counters = tracer.counters()?;
-    let counts = Counts::from_counters(&counters, aggregator.events().undecodable);
+    let counts = Counts::from_counters(&counters, &lost_events(&counters, &aggregator));
     info!(
         ended_by = ?ended_by,
         interrupted,
@@ -374,20 +395,59 @@ fn drain(tracer: &mut Tracer, aggregator: &mut Aggregator, batch: &mut Vec<Event
     }
 }
 
-/// Brings every goroutine with pending records in line with its `g._defer` chain, read from
-/// the target's memory; logs what the runtime corrected.
-fn reconcile(aggregator: &mut Aggregator, context: &TraceContext) -> Reconciled {
-    let settled_ns = monotonic_ns().saturating_sub(LINK_GRACE.as_nanos() as u64);
+/// Brings the pending state in line with the runtime's `_defer` chains, read from the
+/// target's memory: goroutines we track are reconciled ([`Aggregator::reconcile`]), and heap
+/// records no registration accounts for (pending before tracing started) are adopted
+/// ([`Aggregator::adopt`]). Logs what the runtime corrected.
+fn reconcile(
+    tracer: &mut Tracer,
+    aggregator: &mut Aggregator,
+    batch: &mut Vec<Event>,
+    context: &TraceContext,
+) -> Reconciled {
+    drain(tracer, aggregator, batch);
+    let tracked = aggregator.goroutines_to_reconcile();
+    let gs: Vec<u64> = match context.allgs.and_then(|allgs| read_allgs(&context.memory, allgs)) {
+        Some(all) => all,
+        None => tracked.iter().map(|(_, g)| *g).collect(),
+    };
+    // Each chain with when its reading began and ended: a record registered after the start
+    // may be missing from it, and any record in it was registered (its probe fired) before the
+    // end. An unreadable chain (target gone, chain changing under us) proves nothing.
+    let read = |g: u64| {
+        let started_ns = monotonic_ns();
+        let chain = read_goroutine(&context.memory, &context.layout, g)?;
+        Some(ChainRead { started_ns, ended_ns: monotonic_ns(), chain })
+    };
+    let chains: HashMap<u64, ChainRead> =
+        gs.into_iter().filter_map(|g| Some((g, read(g)?))).collect();
+    let grace = LINK_GRACE.as_nanos() as u64;
     let mut total = Reconciled::default();
-    for (goid, g) in aggregator.goroutines_to_reconcile() {
-        // An unreadable chain (target gone, chain changing under us) proves nothing.
-        let Some(runtime) = read_goroutine(&context.memory, &context.layout, g) else { continue };
-        total += aggregator.reconcile(goid, &runtime, settled_ns);
+    for (goid, g) in tracked {
+        let Some(read) = chains.get(&g).cloned().or_else(|| read(g)) else { continue };
+        total += aggregator.reconcile(goid, &read.chain, read.started_ns.saturating_sub(grace));
     }
-    if total.released + total.moved > 0 {
-        info!(released = total.released, moved = total.moved, "reconciled with the runtime's _defer chains");
+    let closure_fn = |closure: u64| context.memory.read_u64(closure).unwrap_or(0);
+    for (g, read) in &chains {
+        total.adopted += aggregator.adopt(*g, &read.chain, closure_fn, read.ended_ns);
+    }
+    if total.released + total.moved + total.adopted > 0 {
+        info!(
+            released = total.released,
+            moved = total.moved,
+            adopted = total.adopted,
+            "reconciled with the runtime's _defer chains"
+        );
     }
     total
+}
+
+/// One goroutine's `_defer` chain and when it was read.
+#[derive(Clone)]
+struct ChainRead {
+    started_ns: u64,
+    ended_ns: u64,
+    chain: RuntimeGoroutine,
 }
 
 /// Distinct maps captured by pending closures (captures inside each closure's real size).
@@ -402,7 +462,19 @@ fn captured_maps(aggregator: &Aggregator, closures: &ClosureSizes) -> usize {
     maps.len()
 }
 
-fn log_counts(now: &Counts, last: &Counts, aggregator: &Aggregator, closures: &ClosureSizes) {
+/// Losses so far, by cause.
+fn lost_events(counters: &Counters, aggregator: &Aggregator) -> LostEvents {
+    let events = aggregator.events();
+    LostEvents::new(counters, events.undecodable, events.without_goid)
+}
+
+fn log_counts(
+    now: &Counts,
+    lost: &LostEvents,
+    last: &Counts,
+    aggregator: &Aggregator,
+    closures: &ClosureSizes,
+) {
     let delta = now.since(last);
     info!(
         mapassign = delta.mapassign,
@@ -421,6 +493,10 @@ fn log_counts(now: &Counts, last: &Counts, aggregator: &Aggregator, closures: &C
         total_alloc_bytes = now.alloc_bytes,
         total_goroutine_exits = now.goroutine_exits,
         total_lost_events = now.lost_events,
+        total_lost_ring_buffer_full = lost.ring_buffer_full,
+        total_lost_undecodable = lost.undecodable,
+        total_lost_without_goroutine_id = lost.without_goroutine_id,
+        total_lost_user_read_failed = lost.user_read_failed,
         pending_heap_defers = aggregator.pending_heap_defers(),
         captured_maps = captured_maps(aggregator, closures),
         "counts"
@@ -440,25 +516,32 @@ fn forward(pid: u32, signal: i32) {
     unsafe { libc::kill(pid as i32, signal) };
 }
 
-fn notes(counts: &Counts, ended_by: EndReason, started_command: bool, without_goid: u64) -> Vec<String> {
+/// `exit_code` is the command's, when deferprobe started the target.
+fn notes(lost: &LostEvents, ended_by: EndReason, exit_code: Option<i32>, ring_kib: u32) -> Vec<String> {
     let mut notes = Vec::new();
-    if !started_command {
+    if exit_code.is_none() {
         notes.push(
             "counts cover only what the target did while the probes were attached".to_owned(),
         );
     }
-    if ended_by == EndReason::TargetExited && !started_command {
-        notes.push("the target exited while being traced".to_owned());
+    if ended_by == EndReason::TargetExited {
+        notes.push(match exit_code {
+            Some(code) => format!("the target exited while being traced (exit code {code})"),
+            None => "the target exited while being traced".to_owned(),
+        });
     }
-    if counts.lost_events > 0 {
+    if lost.total() > 0 {
         notes.push(format!(
-            "{} events were lost: counts are exact, pending defers and sites are incomplete",
-            counts.lost_events
+            "{} events were lost or incomplete ({}): counts are exact, pending defers, sites and \
+             captures may be incomplete",
+            lost.total(),
+            lost.causes().join(", ")
         ));
     }
-    if without_goid > 0 {
+    if lost.ring_buffer_full > 0 {
         notes.push(format!(
-            "{without_goid} events had no readable goroutine id and are not in the pending totals"
+            "the {} KiB ring buffer overflowed: a larger --ring-buffer-kib keeps more events",
+            ring_kib
         ));
     }
     notes

@@ -45,9 +45,10 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Loads the programs and attaches every probe of `plan` to `exe` (the target's executable,
+    /// Loads the programs, with an event ring buffer of `ring_bytes` (a power of two, a multiple
+    /// of the page size), and attaches every probe of `plan` to `exe` (the target's executable,
     /// e.g. /proc/PID/exe), firing only in process `pid`.
-    pub fn attach(plan: &ProbePlan, exe: &Path, pid: u32) -> Result<Tracer> {
+    pub fn attach(plan: &ProbePlan, exe: &Path, pid: u32, ring_bytes: u32) -> Result<Tracer> {
         check_kernel_features()?;
         if EBPF_OBJECT.is_empty() {
             return Err(Error::internal(
@@ -57,6 +58,7 @@ impl Tracer {
         let config = probe_config(plan);
         let mut ebpf = EbpfLoader::new()
             .override_global("PROBE_CONFIG", &config, true)
+            .map_max_entries("EVENTS", ring_bytes)
             .load(EBPF_OBJECT)
             .map_err(|err| bpf_error("loading the eBPF programs", &err))?;
 
@@ -158,19 +160,33 @@ fn probe_config(plan: &ProbePlan) -> ProbeConfig {
     }
 }
 
-/// BTF and ring buffers are required (kernel >= 5.8); say which is missing.
+/// BTF and ring buffers are required (kernel >= 5.8): probes for both, then
+/// [`missing_kernel_features`] decides.
 fn check_kernel_features() -> Result<()> {
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Err(Error::kernel(
-            "kernel has no BTF (/sys/kernel/btf/vmlinux missing): need a kernel built with \
-             CONFIG_DEBUG_INFO_BTF=y",
+    let btf = Path::new(BTF_PATH).exists();
+    let ring_buffer = aya::sys::is_map_supported(MapType::RingBuf)
+        .map_err(|err| bpf_error("probing for BPF ring buffer support", &err))?;
+    missing_kernel_features(btf, ring_buffer)
+}
+
+/// Where the kernel exposes its BTF.
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// The kernel error (exit code 5) naming every required feature the probes found missing.
+pub fn missing_kernel_features(btf: bool, ring_buffer: bool) -> Result<()> {
+    let mut missing = Vec::new();
+    if !btf {
+        missing.push(format!(
+            "BTF ({BTF_PATH} missing: need a kernel built with CONFIG_DEBUG_INFO_BTF=y)"
         ));
     }
-    match aya::sys::is_map_supported(MapType::RingBuf) {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(Error::kernel("kernel has no BPF ring buffer support (need Linux >= 5.8)")),
-        Err(err) => Err(bpf_error("probing for BPF ring buffer support", &err)),
+    if !ring_buffer {
+        missing.push("BPF ring buffer support (need Linux >= 5.8)".to_owned());
     }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::kernel(format!("kernel lacks {}", missing.join(" and "))))
 }
 
 /// Maps an aya error to one line of the right kind: permission problems are the common case.
@@ -187,5 +203,33 @@ fn bpf_error(what: &str, err: &dyn std::error::Error) -> Error {
         ))
     } else {
         Error::internal(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    #[test]
+    fn missing_kernel_features_are_named() {
+        assert!(missing_kernel_features(true, true).is_ok());
+        let no_btf = missing_kernel_features(false, true).unwrap_err();
+        assert_eq!(no_btf.kind, ErrorKind::Kernel);
+        assert_eq!(no_btf.kind.exit_code(), 5);
+        assert_eq!(
+            no_btf.to_string(),
+            "kernel lacks BTF (/sys/kernel/btf/vmlinux missing: need a kernel built with \
+             CONFIG_DEBUG_INFO_BTF=y)"
+        );
+        let no_ring = missing_kernel_features(true, false).unwrap_err();
+        assert_eq!(no_ring.kind, ErrorKind::Kernel);
+        assert_eq!(
+            no_ring.to_string(),
+            "kernel lacks BPF ring buffer support (need Linux >= 5.8)"
+        );
+        let neither = missing_kernel_features(false, false).unwrap_err().to_string();
+        assert!(neither.starts_with("kernel lacks BTF ("), "{neither}");
+        assert!(neither.ends_with(") and BPF ring buffer support (need Linux >= 5.8)"), "{neither}");
     }
 }

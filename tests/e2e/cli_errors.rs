@@ -2,7 +2,7 @@
 
 use crate::support::*;
 
-fn assert_fails(args: &[&str], code: i32, message: &str) {
+pub(crate) fn assert_fails(args: &[&str], code: i32, message: &str) {
     let output = deferprobe().args(args).output().unwrap();
     let (stdout, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(code), "{args:?}\n{stdout}\n{stderr}");
@@ -14,7 +14,7 @@ fn assert_fails(args: &[&str], code: i32, message: &str) {
 
 #[test]
 fn usage_errors_exit_2() {
-    assert_fails(&["run"], 2, "required");
+    assert_fails(&["run"], 2, "required arguments were not provided: <--pid <PID>|CMD>");
     assert_fails(&["run", "--pid", "0"], 2, "pid 0 is not a process");
     assert_fails(&["run", "--pid", "1", "--duration", "soon"], 2, "not a duration");
     assert_fails(&["run", "--pid", "1", "--interval", "0s"], 2, "longer than zero");

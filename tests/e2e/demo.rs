@@ -35,12 +35,19 @@ fn demo_leak_is_visible() {
     assert_eq!(pump["released"], 0);
     assert_eq!(sites[0], *pump, "the leak is the top site");
     assert_eq!(pump["line"], source_line("tests/go/demo/main.go", "defer release(results)"));
-    // The leak is a finding: one frame, every pending record, each holding its batch's map.
+    // The service ran 200 ms before deferprobe attached: those batches' records were found
+    // pending in the runtime's _defer chain.
+    let before = pump["pending_before_trace"].as_u64().unwrap();
+    assert!(before >= 1, "{pump}");
+    assert_eq!(pump["pending"].as_u64().unwrap(), before + pump["registered"].as_u64().unwrap());
+    // The leak is a finding: one frame with every pending record; each record registered while
+    // traced holds its batch's map of 16 entries (older ones' maps are unknown).
     let finding = &report["findings"][0];
     assert_eq!(finding["function"], "main.pumpBatches");
     assert_eq!(finding["pending_defers"], pump["pending"]);
-    assert_eq!(finding["captured_maps"], pump["pending"]);
-    assert_eq!(finding["captured_map_entries"], pump["pending"].as_u64().unwrap() * 16);
+    assert_eq!(finding["pending_before_trace"], before);
+    assert_eq!(finding["captured_maps"], pump["registered"]);
+    assert_eq!(finding["captured_map_entries"], pump["registered"].as_u64().unwrap() * 16);
     // Handlers: 3 defers per request, released on return (one may be mid-flight).
     let handler = site("main.handleRequest");
     assert!(handler["registered"].as_u64().unwrap() >= 30, "{handler}");

@@ -3,9 +3,11 @@
 //! against the ground truth the Go program computes itself. Run as root, after
 //! `cargo xtask go-programs` (`./x test` does both).
 
+mod bad_input;
 mod cli_errors;
 mod correlation;
 mod counts;
 mod demo;
 mod matrix;
+mod safety;
 mod support;

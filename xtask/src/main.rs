@@ -7,6 +7,7 @@
 //! - `test`         everything above, then the whole test suite (what CI runs)
 //! - `test-matrix`  every Go release × build variant of tests/go/matrix.txt, and its e2e tests
 //! - `layout-table` check deferprobe's built-in struct offsets against every toolchain's DWARF
+//! - `fuzz`         run the cargo-fuzz targets of fuzz/ (docs/FUZZING.md)
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
@@ -17,6 +18,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod layout_table;
 mod matrix;
 
@@ -54,6 +56,14 @@ enum Task {
     /// Print the runtime struct offsets every installed Go toolchain's DWARF gives, and fail if
     /// they differ from deferprobe's built-in table (deferprobe/src/layout.rs).
     LayoutTable,
+    /// Run the cargo-fuzz targets (fuzz/, docs/FUZZING.md) for a set time each, seeded from the
+    /// Go test programs' sections.
+    Fuzz {
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,6 +84,7 @@ fn run(task: Task) -> Result<()> {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::TestMatrix { test_args } => matrix::test_matrix(&test_args),
         Task::LayoutTable => layout_table::layout_table(),
+        Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
     }
 }
 
@@ -105,6 +116,7 @@ fn setup() -> Result<Vec<String>> {
         install_go(release)?;
     }
     matrix::install_debian_toolchains()?;
+    matrix::install_bpftool()?;
     Ok(releases)
 }
 

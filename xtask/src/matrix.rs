@@ -200,6 +200,18 @@ fn toolchain(release: &Release) -> Result<PathBuf> {
     }
 }
 
+/// bpftool (Debian package `bpftool`), with which the end-to-end tests check the kernel's own
+/// view of deferprobe's programs and links; installed if missing.
+pub fn install_bpftool() -> Result<()> {
+    let present = Command::new("bpftool").arg("version").output().is_ok_and(|o| o.status.success());
+    if !present {
+        eprintln!("[xtask] installing bpftool (Debian bpftool)");
+        apt_get(&["update"])?;
+        apt_get(&["install", "-y", "--no-install-recommends", "bpftool"])?;
+    }
+    Ok(())
+}
+
 fn apt_get(args: &[&str]) -> Result<()> {
     let status = Command::new("apt-get")
         .args(args)

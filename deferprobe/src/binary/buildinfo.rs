@@ -45,7 +45,7 @@ impl BuildInfo {
     }
 
     /// Parses the blob starting at the magic (it may run on past the strings).
-    fn parse(path: &Path, blob: &[u8]) -> Result<BuildInfo, BinaryError> {
+    pub(super) fn parse(path: &Path, blob: &[u8]) -> Result<BuildInfo, BinaryError> {
         let corrupt = |reason: &str| BinaryError::CorruptBuildInfo {
             path: path.to_owned(),
             reason: reason.to_owned(),

@@ -29,31 +29,44 @@ pub(super) fn runtime_layout(
     if elf.section_by_name(".debug_info").is_none() {
         return Ok(None);
     }
+    let load = |id: SectionId| -> Result<Cow<'_, [u8]>, BinaryError> {
+        match elf
+            .section_by_name(id.name())
+            .filter(|_| NEEDED.contains(&id))
+        {
+            Some(section) => section
+                .uncompressed_data()
+                .map_err(|err| BinaryError::CorruptDwarf {
+                    path: path.to_owned(),
+                    reason: format!("{}: {err}", id.name()),
+                }),
+            None => Ok(Cow::Borrowed(&[])),
+        }
+    };
+    layout_from_sections(path, DwarfSections::load(load)?).map(Some)
+}
+
+/// What units, entries and names need (gimli parses each unit's line program header, and
+/// DWARF 5 names may be indexed strings); not locations or ranges.
+pub(super) const NEEDED: [SectionId; 6] = [
+    SectionId::DebugAbbrev,
+    SectionId::DebugInfo,
+    SectionId::DebugLine,
+    SectionId::DebugLineStr,
+    SectionId::DebugStr,
+    SectionId::DebugStrOffsets,
+];
+
+/// The layout from the uncompressed [`NEEDED`] sections (others may be empty).
+pub(super) fn layout_from_sections<T: AsRef<[u8]>>(
+    path: &Path,
+    sections: DwarfSections<T>,
+) -> Result<RuntimeLayout, BinaryError> {
     let corrupt = |reason: String| BinaryError::CorruptDwarf {
         path: path.to_owned(),
         reason,
     };
-    // What units, entries and names need (gimli parses each unit's line program header, and
-    // DWARF 5 names may be indexed strings); not locations or ranges.
-    let load = |id: SectionId| -> Result<Cow<'_, [u8]>, BinaryError> {
-        let needed = matches!(
-            id,
-            SectionId::DebugAbbrev
-                | SectionId::DebugInfo
-                | SectionId::DebugLine
-                | SectionId::DebugLineStr
-                | SectionId::DebugStr
-                | SectionId::DebugStrOffsets
-        );
-        match elf.section_by_name(id.name()).filter(|_| needed) {
-            Some(section) => section
-                .uncompressed_data()
-                .map_err(|err| corrupt(format!("{}: {err}", id.name()))),
-            None => Ok(Cow::Borrowed(&[])),
-        }
-    };
-    let sections = DwarfSections::load(load)?;
-    let dwarf = sections.borrow(|data| EndianSlice::new(data, LittleEndian));
+    let dwarf = sections.borrow(|data| EndianSlice::new(data.as_ref(), LittleEndian));
     let structs = find_structs(&dwarf).map_err(|err| corrupt(err.to_string()))?;
 
     let incomplete = |what: String| BinaryError::IncompleteDwarf {
@@ -73,7 +86,7 @@ pub(super) fn runtime_layout(
             .map(|&(_, offset)| offset)
             .ok_or_else(|| incomplete(format!("{}.{name}", STRUCTS[index])))
     };
-    Ok(Some(RuntimeLayout {
+    Ok(RuntimeLayout {
         g_defer: member(G, "_defer")?,
         g_m: member(G, "m")?,
         g_goid: member(G, "goid")?,
@@ -85,7 +98,7 @@ pub(super) fn runtime_layout(
         defer_size: described(DEFER)?
             .byte_size
             .ok_or_else(|| incomplete("the size of runtime._defer".to_owned()))?,
-    }))
+    })
 }
 
 /// The first structure type named like each of [`STRUCTS`], with its direct members.

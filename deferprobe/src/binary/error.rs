@@ -22,7 +22,12 @@ pub enum BinaryError {
     UnsupportedArchitecture { path: PathBuf, arch: String },
     #[error("{}: not a Go binary (no .go.buildinfo section)", path.display())]
     NotGo { path: PathBuf },
-    #[error("{}: built by Go older than 1.18, which deferprobe does not support", path.display())]
+    #[error(
+        "{}: built by Go older than 1.18, but deferprobe supports Go {} to {}",
+        path.display(),
+        crate::plan::OLDEST_SUPPORTED,
+        crate::plan::NEWEST_SUPPORTED
+    )]
     GoTooOld { path: PathBuf },
     #[error("{}: corrupt .go.buildinfo: {reason}", path.display())]
     CorruptBuildInfo { path: PathBuf, reason: String },

@@ -124,6 +124,18 @@ impl Pclntab {
         address: u64,
         range: Range<usize>,
     ) -> Result<Pclntab, BinaryError> {
+        let mut table = Self::parse_header(path, file, range)?;
+        table.text_start = text_start(path, elf, &table, address, table.text_start, file)?;
+        Ok(table)
+    }
+
+    /// The checked header of the table `file[range]`, with `text_start` as the header says (0
+    /// from Go 1.26: [`text_start`] then finds it in the ELF file).
+    pub(super) fn parse_header(
+        path: &Path,
+        file: &[u8],
+        range: Range<usize>,
+    ) -> Result<Pclntab, BinaryError> {
         let corrupt = |reason: String| BinaryError::CorruptPclntab {
             path: path.to_owned(),
             reason,
@@ -171,21 +183,18 @@ impl Pclntab {
                     "function table of {entries} entries exceeds the table"
                 ))
             })?;
-        let mut table = Pclntab {
+        Ok(Pclntab {
             range,
             func_id_offset,
             nfunc,
-            text_start: 0,
+            text_start: read.u64(TEXT_START_OFFSET).unwrap_or(0),
             funcnames,
             cutab,
             filetab,
             pctab,
             functab,
             lines: Mutex::default(),
-        };
-        let header_text_start = read.u64(TEXT_START_OFFSET).unwrap_or(0);
-        table.text_start = text_start(path, elf, &table, address, header_text_start, file)?;
-        Ok(table)
+        })
     }
 
     fn data<'data>(&self, file: &'data [u8]) -> Reader<'data> {

@@ -1,0 +1,217 @@
+// stress puts the Go runtime's defer machinery under the conditions a tracer must survive, and
+// checks itself: every goroutine accounts for each heap defer it registers and each one that
+// runs, and the program fails (exit 1, "self_check" != "ok") if any record went missing or ran
+// twice. It prints its ground truth as one JSON line (the workload's keys, plus its own).
+//
+// -goroutines G goroutines start together and wait at a gate, so all G are alive at once. Each
+// then recurses -depth levels; every level registers one loop (heap) defer and keeps a 256-byte
+// pad in its frame, so the 8 KiB starting stack is grown and copied several times on the way
+// down (checked: the address of a local of the goroutine's first frame must change). Halfway
+// down a guard frame defers a recover. At the bottom, goroutine i:
+//   - i%3 == 0 returns normally: every record runs through deferreturn;
+//   - i%3 == 1 panics: the records below the guard run during the panic, the guard recovers,
+//     and the frames above return normally;
+//   - i%3 == 2 calls runtime.Goexit: every record runs during Goexit and the goroutine ends.
+//
+// -burst N then registers N loop defers in one call, as fast as the runtime can (floods the
+// tracer's ring buffer on purpose).
+//
+//	-wait        print "ready" and wait for a line on stdin before working; after printing the
+//	             result, wait for stdin to close before exiting
+//	-rounds R    run the goroutine phase R times
+//	-linger D    after printing the result, sleep D before exiting
+//	-exit-code C exit with status C (when the self-check passes)
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+	"unsafe"
+)
+
+// state is one goroutine's own accounting; only that goroutine touches it.
+type state struct {
+	registered int
+	ran        int
+	recovered  int
+	goexited   bool
+}
+
+type stressPanic struct{}
+
+// descend registers one heap defer per level and recurses. pad keeps 256 bytes in the frame.
+//
+//go:noinline
+func descend(st *state, depth, guardAt int, bottom func()) int {
+	var pad [32]int
+	for i := range pad {
+		pad[i] = depth + i
+	}
+	for i := 0; i < 1; i++ {
+		st.registered++
+		defer func() { st.ran++ }()
+	}
+	if depth == guardAt {
+		return guard(st, depth, bottom) + pad[depth%len(pad)] - depth - depth%len(pad)
+	}
+	if depth == 0 {
+		bottom()
+		return 0
+	}
+	return descend(st, depth-1, guardAt, bottom) + 1 + pad[depth%len(pad)] - depth - depth%len(pad)
+}
+
+// guard recovers a stressPanic from below and lets the frames above return normally.
+//
+//go:noinline
+func guard(st *state, depth int, bottom func()) (levels int) {
+	defer func() {
+		if r := recover(); r != nil {
+			if _, ok := r.(stressPanic); !ok {
+				panic(r)
+			}
+			st.recovered++
+			levels = -1
+		}
+	}()
+	return descend(st, depth-1, -1, bottom) + 1
+}
+
+//go:noinline
+func burst(n int, ran *int) {
+	for i := 0; i < n; i++ {
+		defer func() { *ran++ }()
+	}
+}
+
+type groundTruth struct {
+	HeapDefers      int    `json:"heap_defers"`
+	StrMapWrites    int    `json:"str_map_writes"`
+	IntMapWrites    int    `json:"int_map_writes"`
+	GoroutinesEnded int    `json:"goroutines_ended"`
+	Mallocs         uint64 `json:"mallocs"`
+	GoVersion       string `json:"go_version"`
+	DefersRan       int    `json:"defers_ran"`
+	Recovered       int    `json:"recovered"`
+	Goexits         int    `json:"goexits"`
+	StacksMoved     int    `json:"stacks_moved"`
+	MaxConcurrent   int    `json:"max_concurrent"`
+	SelfCheck       string `json:"self_check"`
+}
+
+func main() {
+	goroutines := flag.Int("goroutines", 66, "goroutines alive at once")
+	depth := flag.Int("depth", 64, "recursion depth per goroutine")
+	rounds := flag.Int("rounds", 1, "times the goroutine phase runs")
+	burstN := flag.Int("burst", 0, "loop defers registered in one call at the end")
+	wait := flag.Bool("wait", false, "wait for stdin before working and before exiting")
+	exitCode := flag.Int("exit-code", 0, "exit status when the self-check passes")
+	linger := flag.Duration("linger", 0, "sleep this long after printing the result")
+	flag.Parse()
+
+	stdin := bufio.NewReader(os.Stdin)
+	if *wait {
+		os.Stdout.WriteString("ready\n")
+		if _, err := stdin.ReadString('\n'); err != nil {
+			os.Exit(3)
+		}
+	}
+
+	var truth groundTruth
+	var problems []string
+	for round := 0; round < *rounds; round++ {
+		states := make([]state, *goroutines)
+		moved := make([]bool, *goroutines)
+		var started, done sync.WaitGroup
+		gate := make(chan struct{})
+		started.Add(*goroutines)
+		done.Add(*goroutines)
+		for i := 0; i < *goroutines; i++ {
+			go func(i int) {
+				st := &states[i]
+				var anchor int
+				before := uintptr(unsafe.Pointer(&anchor))
+				defer func() {
+					moved[i] = uintptr(unsafe.Pointer(&anchor)) != before
+					done.Done()
+				}()
+				started.Done()
+				<-gate
+				bottom := func() {}
+				switch i % 3 {
+				case 1:
+					bottom = func() { panic(stressPanic{}) }
+				case 2:
+					bottom = func() { st.goexited = true; runtime.Goexit() }
+				}
+				descend(st, *depth, *depth/2, bottom)
+			}(i)
+		}
+		started.Wait() // every goroutine is alive and parked at the gate
+		if *goroutines > truth.MaxConcurrent {
+			truth.MaxConcurrent = *goroutines
+		}
+		close(gate)
+		done.Wait()
+
+		for i := range states {
+			st := &states[i]
+			wantRecovered := 0
+			if i%3 == 1 {
+				wantRecovered = 1
+			}
+			if st.registered != *depth+1 || st.ran != st.registered || st.recovered != wantRecovered ||
+				st.goexited != (i%3 == 2) {
+				problems = append(problems, fmt.Sprintf("goroutine %d: %+v", i, *st))
+			}
+			if moved[i] {
+				truth.StacksMoved++
+			}
+			truth.HeapDefers += st.registered
+			truth.DefersRan += st.ran
+			truth.Recovered += st.recovered
+			if st.goexited {
+				truth.Goexits++
+			}
+		}
+		truth.GoroutinesEnded += *goroutines
+	}
+	if *rounds > 0 && truth.StacksMoved < *goroutines {
+		problems = append(problems, fmt.Sprintf("only %d stacks were copied", truth.StacksMoved))
+	}
+
+	if *burstN > 0 {
+		ran := 0
+		burst(*burstN, &ran)
+		if ran != *burstN {
+			problems = append(problems, fmt.Sprintf("burst: %d of %d defers ran", ran, *burstN))
+		}
+		truth.HeapDefers += *burstN
+		truth.DefersRan += ran
+	}
+
+	truth.SelfCheck = "ok"
+	if len(problems) > 0 {
+		truth.SelfCheck = fmt.Sprint(problems)
+	}
+	var stats runtime.MemStats
+	runtime.ReadMemStats(&stats)
+	truth.Mallocs = stats.Mallocs
+	truth.GoVersion = runtime.Version()
+	out, _ := json.Marshal(truth)
+	os.Stdout.Write(append(out, '\n'))
+	if *wait {
+		stdin.ReadString('\n') // until stdin closes (or another line)
+	}
+	time.Sleep(*linger)
+	if len(problems) > 0 {
+		os.Exit(1)
+	}
+	os.Exit(*exitCode)
+}
