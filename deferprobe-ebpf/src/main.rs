@@ -307,7 +307,15 @@ macro_rules! entry_points {
     )*};
 }
 
+/// deferprobe's calibration probe, on a function of deferprobe itself: measures what one
+/// uprobe hit costs on this machine (the governor's unit). Does nothing else.
+#[inline(always)]
+fn on_calibrate(_ctx: &ProbeContext) -> u32 {
+    0
+}
+
 entry_points! {
+    calibrate, calibrate_multi => on_calibrate;
     mapassign, mapassign_multi => on_mapassign;
     deferproc, deferproc_multi => on_deferproc;
     deferproc_stack, deferproc_stack_multi => on_deferproc_stack;

@@ -54,6 +54,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_RING_BUFFER_KIB, value_parser = parse_ring_buffer_kib)]
     pub ring_buffer_kib: u32,
 
+    /// Keep the probes' cost under this percent of one CPU: when the projected cost is higher,
+    /// allocation probes, then map-write probes, are sampled (attached part of each second).
+    /// Defer probes always stay on. Sampled counts are reported as estimates.
+    #[arg(long, value_name = "PERCENT", default_value_t = 5.0, value_parser = parse_percent)]
+    pub max_overhead: f64,
+
     /// Format of the log lines on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -116,6 +122,14 @@ fn parse_ring_buffer_kib(value: &str) -> Result<u32, String> {
     Ok(kib)
 }
 
+fn parse_percent(value: &str) -> Result<f64, String> {
+    match value.trim_end_matches('%').parse::<f64>() {
+        Ok(percent) if percent > 0.0 && percent <= 1000.0 => Ok(percent),
+        Ok(_) => Err("must be more than 0 and at most 1000 (percent of one CPU)".into()),
+        Err(_) => Err(format!("`{value}` is not a percentage like 5 or 0.5")),
+    }
+}
+
 fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     let duration = humantime::parse_duration(value)
         .map_err(|err| format!("`{value}` is not a duration like 30s, 500ms or 5m ({err})"))?;
@@ -142,6 +156,7 @@ mod tests {
         assert_eq!(run.interval, Duration::from_millis(500));
         assert_eq!(run.log_format, LogFormat::Text);
         assert_eq!(run.min_pending, 16);
+        assert_eq!(run.max_overhead, 5.0);
         assert_eq!(run.ring_buffer_kib, 4096);
         assert_eq!(run.ring_buffer_bytes(), EVENT_RING_BYTES);
         assert!(run.command.is_empty());
@@ -169,6 +184,8 @@ mod tests {
             &["run", "--pid", "1", "--log-format", "xml"],
             &["run", "--pid", "1", "--bogus"],
             &["run", "--pid", "1", "--min-pending", "0"],
+            &["run", "--pid", "1", "--max-overhead", "0"],
+            &["run", "--pid", "1", "--max-overhead", "lots"],
             &["run", "--pid", "1", "--ring-buffer-kib", "8"],
             &["run", "--pid", "1", "--ring-buffer-kib", "100"],
             &["run", "--pid", "1", "--ring-buffer-kib", "2097152"],

@@ -10,6 +10,7 @@ pub mod binary;
 pub mod cli;
 pub mod closure_words;
 pub mod error;
+pub mod governor;
 pub mod inspect;
 pub mod layout;
 pub mod memory;

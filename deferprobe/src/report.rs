@@ -24,6 +24,9 @@ pub struct Report {
     /// `counts.lost_events` by cause.
     pub lost: LostEvents,
     pub probes: ProbesReport,
+    /// The overhead governor: its budget, the measured cost of a hit, and the probe families it
+    /// sampled (whose counts above cover only the sampled windows).
+    pub governor: GovernorReport,
     pub pending: PendingReport,
     /// Frames holding at least `--min-pending` heap defers, most estimated bytes first.
     pub findings: Vec<Finding>,
@@ -145,6 +148,30 @@ pub struct ProbesReport {
     pub attached: usize,
     /// Where the runtime struct offsets came from: "dwarf" or "release_table".
     pub layout_source: crate::layout::LayoutSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GovernorReport {
+    pub max_overhead_percent: f64,
+    /// What one probe hit costs on this machine, measured at start (null if it couldn't be).
+    pub hit_cost_ns: Option<u64>,
+    pub sampled: Vec<SamplingReport>,
+}
+
+/// A probe family the governor attached only part of the time.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SamplingReport {
+    pub family: crate::governor::SampledFamily,
+    pub min_duty_cycle: f64,
+    /// Time-weighted.
+    pub mean_duty_cycle: f64,
+    /// Calls seen while attached (what `counts` shows).
+    pub observed_calls: u64,
+    /// Calls scaled up by the duty cycle: an estimate, not a count.
+    pub estimated_calls: u64,
+    /// For allocations: bytes scaled up the same way.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -475,6 +502,24 @@ impl Report {
         for cause in self.lost.causes() {
             let _ = writeln!(out, "    {cause}");
         }
+        if !self.governor.sampled.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nsampled to stay under {}% of a CPU (counts above: sampled windows only)",
+                self.governor.max_overhead_percent
+            );
+            for sampled in &self.governor.sampled {
+                let _ = writeln!(
+                    out,
+                    "  {:<12} duty min {:.0}%, mean {:.0}%; estimated ~{} calls{}",
+                    sampled.family.name(),
+                    sampled.min_duty_cycle * 100.0,
+                    sampled.mean_duty_cycle * 100.0,
+                    sampled.estimated_calls,
+                    sampled.estimated_bytes.map(|b| format!(", ~{}", human_bytes(b))).unwrap_or_default()
+                );
+            }
+        }
         let p = &self.pending;
         let _ = writeln!(
             out,
@@ -700,6 +745,18 @@ mod tests {
             counts: Counts::from_counters(&counters, &LostEvents::new(&counters, 1, 0)),
             lost: LostEvents::new(&counters, 1, 0),
             probes: ProbesReport { attached: 20, layout_source: crate::layout::LayoutSource::Dwarf },
+            governor: GovernorReport {
+                max_overhead_percent: 5.0,
+                hit_cost_ns: Some(20_000),
+                sampled: vec![SamplingReport {
+                    family: crate::governor::SampledFamily::Allocations,
+                    min_duty_cycle: 0.1,
+                    mean_duty_cycle: 0.25,
+                    observed_calls: 1000,
+                    estimated_calls: 4000,
+                    estimated_bytes: Some(123_456),
+                }],
+            },
             pending: c.pending,
             findings: c.findings,
             goroutines: c.goroutines,
@@ -748,6 +805,7 @@ mod tests {
     fn text_fits_80_columns() {
         let text = sample().to_text();
         assert!(text.contains("heap defers (deferproc)"));
+        assert!(text.contains("allocations  duty min 10%, mean 25%; estimated ~4000 calls"), "{text}");
         assert!(text.contains("    ring buffer full: 2\n    undecodable: 1\n"), "{text}");
         assert!(text.contains("defer accumulation in goroutine 7: 20 pending"), "{text}");
         assert!(text.contains("main.leak@0x400123 (main.go:42)"), "{text}");

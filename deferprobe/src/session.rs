@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deferprobe_common::{CAPTURE_WORDS, Counters};
+use deferprobe_common::{CAPTURE_WORDS, Counter, Counters};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{Signal, SignalKind, signal},
@@ -28,9 +28,13 @@ use crate::{
     layout::RuntimeLayout,
     memory::{ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
     plan::ProbePlan,
-    report::{self, Counts, EndReason, Location, Lookups, LostEvents, ProbesReport, Report, TargetReport},
+    governor::{Governor, Observation, SampledFamily},
+    report::{
+        self, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents, ProbesReport, Report,
+        SamplingReport, TargetReport,
+    },
     target::{self, GatedChild, Target},
-    tracer::Tracer,
+    tracer::{AttachMode, Tracer},
 };
 
 /// How often the ring buffer is drained (probes submit without waking us).
@@ -175,6 +179,22 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     notes.push(
         "captured maps are recognised only if they were written (mapassign) while tracing".into(),
     );
+    for sampled in &traced.governor.sampled {
+        notes.push(format!(
+            "{} probes were sampled to stay under --max-overhead {}% (duty cycle {:.0}% on \
+             average): their counts cover only the sampled windows; governor.sampled has scaled \
+             estimates{}",
+            sampled.family.name(),
+            traced.governor.max_overhead_percent,
+            sampled.mean_duty_cycle * 100.0,
+            match sampled.family {
+                SampledFamily::MapWrites => {
+                    ", and maps written outside the windows can't be recognised as captures"
+                }
+                SampledFamily::Allocations => "",
+            }
+        ));
+    }
     if !correlation.findings.is_empty() {
         notes.push(
             "est_bytes is an estimate: _defer records, closures, and map slots at Go's load \
@@ -195,6 +215,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         counts,
         lost,
         probes: ProbesReport { attached: traced.attached, layout_source: plan.layout_source },
+        governor: traced.governor,
         pending: correlation.pending,
         findings: correlation.findings,
         goroutines: correlation.goroutines,
@@ -296,6 +317,165 @@ struct Traced {
     ended_ns: u64,
     attached: usize,
     reconciled: Reconciled,
+    governor: GovernorReport,
+}
+
+/// How often the governor re-evaluates, and the period its sampling windows divide.
+const GOVERNOR_TICK: Duration = Duration::from_secs(1);
+
+/// Applies the governor's duty cycles to the tracer (a family with duty d is attached for the
+/// first d of each tick) and keeps what the report needs to present sampled counts as
+/// estimates.
+struct Sampler {
+    governor: Governor,
+    /// Sampling in windows needs cheap attach/detach (multi-uprobe links); otherwise a family
+    /// is either on or off.
+    windows: bool,
+    last: Counters,
+    last_tick: Instant,
+    /// The duty cycle in force during the current tick, per family.
+    in_force: [f64; 2],
+    stats: [FamilyStats; 2],
+    max_overhead_percent: f64,
+    hit_cost_ns: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FamilyStats {
+    sampled: bool,
+    min_duty: f64,
+    duty_seconds: f64,
+    seconds: f64,
+    observed: u64,
+    estimated: f64,
+    estimated_bytes: f64,
+}
+
+impl Default for FamilyStats {
+    fn default() -> Self {
+        FamilyStats { sampled: false, min_duty: 1.0, duty_seconds: 0.0, seconds: 0.0, observed: 0, estimated: 0.0, estimated_bytes: 0.0 }
+    }
+}
+
+impl Sampler {
+    /// Per-hit cost if calibration failed: what a uprobe hit costs on a slow virtual machine.
+    const FALLBACK_HIT_COST: Duration = Duration::from_micros(20);
+
+    fn new(tracer: &Tracer, max_overhead_percent: f64) -> Result<Sampler> {
+        let windows = tracer.mode() == AttachMode::Multi;
+        let hit_cost = tracer.hit_cost();
+        match hit_cost {
+            Some(cost) => info!(hit_cost_ns = cost.as_nanos() as u64, max_overhead_percent, "calibrated"),
+            None => warn!(
+                assumed_hit_cost_ns = Self::FALLBACK_HIT_COST.as_nanos() as u64,
+                "could not calibrate the cost of a probe hit"
+            ),
+        }
+        let hit_ns = hit_cost.unwrap_or(Self::FALLBACK_HIT_COST).as_nanos() as f64;
+        Ok(Sampler {
+            governor: Governor::new(max_overhead_percent, hit_ns, if windows { 0.05 } else { 0.0 }, windows),
+            windows,
+            last: tracer.counters()?,
+            last_tick: Instant::now(),
+            in_force: [1.0; 2],
+            stats: [FamilyStats::default(); 2],
+            max_overhead_percent,
+            hit_cost_ns: hit_cost.map(|c| c.as_nanos() as u64),
+        })
+    }
+
+    /// One governor tick: account for the tick that ended, decide, and open the next tick's
+    /// windows. Returns when the windows close (None if nothing is sampled).
+    fn tick(&mut self, tracer: &mut Tracer) -> Result<Option<tokio::time::Instant>> {
+        let observation = self.account(tracer)?;
+        for change in self.governor.observe(&observation) {
+            info!(
+                family = ?change.family,
+                from = change.from,
+                to = change.to,
+                projected_percent = change.projected_percent,
+                max_overhead_percent = self.max_overhead_percent,
+                "governor changed a duty cycle"
+            );
+        }
+        let mut window = None;
+        for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
+            let duty = self.governor.duty(family);
+            self.in_force[index] = duty;
+            if duty < 1.0 {
+                let stats = &mut self.stats[index];
+                stats.sampled = true;
+                stats.min_duty = stats.min_duty.min(duty);
+            }
+            for program in family.programs() {
+                tracer.set_attached(*program, duty > 0.0)?;
+            }
+            if duty > 0.0 && duty < 1.0 && self.windows {
+                window = Some(tokio::time::Instant::now() + GOVERNOR_TICK.mul_f64(duty));
+            }
+        }
+        Ok(window)
+    }
+
+    /// Adds the hits since the last tick to the estimates, at the duty cycles that were in
+    /// force, and returns them for the governor.
+    fn account(&mut self, tracer: &Tracer) -> Result<Observation> {
+        let now = tracer.counters()?;
+        let seconds = self.last_tick.elapsed().as_secs_f64();
+        let delta = |counter: Counter| now.get(counter) - self.last.get(counter);
+        let sampled_hits = [delta(Counter::Malloc), delta(Counter::MapAssign)];
+        let bytes = [delta(Counter::AllocBytes) as f64, 0.0];
+        for (index, stats) in self.stats.iter_mut().enumerate() {
+            let duty = self.in_force[index];
+            stats.seconds += seconds;
+            stats.duty_seconds += duty * seconds;
+            stats.observed += sampled_hits[index];
+            if duty > 0.0 {
+                stats.estimated += sampled_hits[index] as f64 / duty;
+                stats.estimated_bytes += bytes[index] / duty;
+            }
+        }
+        let observation = Observation {
+            seconds,
+            defer_hits: delta(Counter::DeferProc)
+                + delta(Counter::DeferProcStack)
+                + delta(Counter::DeferReturn)
+                + delta(Counter::GoroutineExit),
+            sampled_hits,
+        };
+        self.last = now;
+        self.last_tick = Instant::now();
+        Ok(observation)
+    }
+
+    /// Ends the sampling windows: detaches every family below full duty.
+    fn close_windows(&self, tracer: &mut Tracer) -> Result<()> {
+        for family in SampledFamily::ALL {
+            if self.governor.duty(family) < 1.0 {
+                for program in family.programs() {
+                    tracer.set_attached(*program, false)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&self) -> GovernorReport {
+        let sampled = SampledFamily::ALL
+            .into_iter()
+            .zip(self.stats)
+            .filter(|(_, stats)| stats.sampled)
+            .map(|(family, stats)| SamplingReport {
+                family,
+                min_duty_cycle: stats.min_duty,
+                mean_duty_cycle: if stats.seconds > 0.0 { stats.duty_seconds / stats.seconds } else { 1.0 },
+                observed_calls: stats.observed,
+                estimated_calls: stats.estimated.round() as u64,
+                estimated_bytes: (family == SampledFamily::Allocations).then(|| stats.estimated_bytes.round() as u64),
+            })
+            .collect();
+        GovernorReport { max_overhead_percent: self.max_overhead_percent, hit_cost_ns: self.hit_cost_ns, sampled }
+    }
 }
 
 /// The loop. `child` is set when deferprobe started the target: signals are then forwarded to
@@ -319,6 +499,13 @@ async fn trace(
     let deadline = sleep(args.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
 
+    let mut sampler = Sampler::new(tracer, args.max_overhead)?;
+    let mut governor_tick = interval_at(tokio::time::Instant::now() + GOVERNOR_TICK, GOVERNOR_TICK);
+    governor_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let window_end = sleep(Duration::MAX / 4);
+    tokio::pin!(window_end);
+    let mut window_open = false;
+
     let mut aggregator = Aggregator::new();
     let mut reconciled = Reconciled::default();
     let mut last_logged = Counts::default();
@@ -327,6 +514,16 @@ async fn trace(
     let ended_by = loop {
         tokio::select! {
             _ = drain_tick.tick() => drain(tracer, &mut aggregator, &mut batch),
+            _ = governor_tick.tick() => {
+                if let Some(end) = sampler.tick(tracer)? {
+                    window_end.as_mut().reset(end);
+                    window_open = true;
+                }
+            }
+            _ = &mut window_end, if window_open => {
+                sampler.close_windows(tracer)?;
+                window_open = false;
+            }
             _ = log_tick.tick() => {
                 drain(tracer, &mut aggregator, &mut batch);
                 reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
@@ -375,6 +572,10 @@ async fn trace(
         ended_ns: monotonic_ns(),
         attached: tracer.attached(),
         reconciled,
+        governor: {
+            sampler.account(tracer)?;
+            sampler.report()
+        },
     })
 }
 

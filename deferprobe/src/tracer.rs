@@ -3,7 +3,12 @@
 //! produce (per-CPU counters and ring-buffer events). Dropping a [`Tracer`] detaches everything;
 //! the kernel also does so if deferprobe dies (links are held by file descriptors only).
 
-use std::{num::NonZeroU32, path::Path};
+use std::{
+    collections::HashMap as StdHashMap,
+    num::NonZeroU32,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -11,7 +16,7 @@ use aya::{
     maps::{HashMap, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         UProbe,
-        uprobe::{UProbeAttachLocation, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
 };
 use deferprobe_common::{Counters, KnownMap, ProbeConfig};
@@ -36,8 +41,15 @@ pub enum AttachMode {
 
 pub struct Tracer {
     // Owns the programs and their links: dropping it detaches.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     mode: AttachMode,
+    exe: PathBuf,
+    pid: NonZeroU32,
+    /// File offsets to attach, per program.
+    offsets: StdHashMap<ProbeProgram, Vec<u64>>,
+    /// The live link of each attached program.
+    links: StdHashMap<ProbeProgram, UProbeLinkId>,
+    hit_cost: Option<Duration>,
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, Counters>,
     known_maps: HashMap<MapData, u64, KnownMap>,
@@ -69,28 +81,23 @@ impl Tracer {
             Ok(true) => AttachMode::Multi,
             _ => AttachMode::PerPoint,
         };
-        let mut attached = 0;
+        let mut offsets = StdHashMap::new();
         for program in ProbeProgram::ALL {
-            let offsets: Vec<u64> = plan.probes_of(program).map(|p| p.file_offset).collect();
-            if offsets.is_empty() {
+            let points: Vec<u64> = plan.probes_of(program).map(|p| p.file_offset).collect();
+            if points.is_empty() {
                 continue;
             }
-            let name = match mode {
-                AttachMode::Multi => format!("{}_multi", program.name()),
-                AttachMode::PerPoint => program.name().to_owned(),
-            };
+            let name = program_name(program.name(), mode);
             let uprobe: &mut UProbe = ebpf
                 .program_mut(&name)
                 .ok_or_else(|| Error::internal(format!("no eBPF program {name}")))?
                 .try_into()
                 .map_err(|err| bpf_error(program.name(), &err))?;
             uprobe.load().map_err(|err| bpf_error(&format!("loading {}", program.name()), &err))?;
-            let points = offsets.iter().map(|&offset| UProbeAttachLocation::AbsoluteOffset(offset));
-            uprobe.attach(points, exe, UProbeScope::OneProcess(pid)).map_err(|err| {
-                bpf_error(&format!("attaching {} to {}", program.name(), exe.display()), &err)
-            })?;
-            attached += offsets.len();
+            offsets.insert(program, points);
         }
+        let attached = offsets.values().map(Vec::len).sum();
+        let hit_cost = calibrate(&mut ebpf, mode);
 
         let events = ebpf
             .take_map("EVENTS")
@@ -104,10 +111,59 @@ impl Tracer {
             .take_map("KNOWN_MAPS")
             .ok_or_else(|| Error::internal("no KNOWN_MAPS map"))
             .and_then(|map| HashMap::try_from(map).map_err(|err| bpf_error("KNOWN_MAPS", &err)))?;
-        Ok(Tracer { _ebpf: ebpf, mode, events, counters, known_maps, attached })
+        let mut tracer = Tracer {
+            ebpf,
+            mode,
+            exe: exe.to_path_buf(),
+            pid,
+            offsets,
+            links: StdHashMap::new(),
+            hit_cost,
+            events,
+            counters,
+            known_maps,
+            attached,
+        };
+        for program in ProbeProgram::ALL {
+            tracer.set_attached(program, true)?;
+        }
+        Ok(tracer)
     }
 
-    /// Number of attach points (one per probed function).
+    /// Attaches or detaches every probe of `program` (no-op if already so, or if the plan has
+    /// none). The governor samples probe families this way.
+    pub fn set_attached(&mut self, program: ProbeProgram, attach: bool) -> Result<()> {
+        let Some(offsets) = self.offsets.get(&program) else { return Ok(()) };
+        let name = program_name(program.name(), self.mode);
+        let uprobe: &mut UProbe = self
+            .ebpf
+            .program_mut(&name)
+            .ok_or_else(|| Error::internal(format!("no eBPF program {name}")))?
+            .try_into()
+            .map_err(|err| bpf_error(program.name(), &err))?;
+        match (attach, self.links.get(&program)) {
+            (true, None) => {
+                let points = offsets.iter().map(|&offset| UProbeAttachLocation::AbsoluteOffset(offset));
+                let link = uprobe.attach(points, &self.exe, UProbeScope::OneProcess(self.pid)).map_err(|err| {
+                    bpf_error(&format!("attaching {} to {}", program.name(), self.exe.display()), &err)
+                })?;
+                self.links.insert(program, link);
+            }
+            (false, Some(_)) => {
+                let link = self.links.remove(&program).expect("checked");
+                uprobe.detach(link).map_err(|err| bpf_error(&format!("detaching {}", program.name()), &err))?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// What one probe hit costs on this machine, measured at load (None if it couldn't be).
+    pub fn hit_cost(&self) -> Option<Duration> {
+        self.hit_cost
+    }
+
+    /// Number of attach points in the plan (one per probed function).
     pub fn attached(&self) -> usize {
         self.attached
     }
@@ -144,6 +200,53 @@ impl Tracer {
         }
         drained
     }
+}
+
+/// The program's name in the eBPF object for `mode`.
+fn program_name(base: &str, mode: AttachMode) -> String {
+    match mode {
+        AttachMode::Multi => format!("{base}_multi"),
+        AttachMode::PerPoint => base.to_owned(),
+    }
+}
+
+/// A function of deferprobe itself for the calibration probe: never inlined, exported under a
+/// fixed name so the probe finds it in /proc/self/exe's symbol table.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn deferprobe_calibration_target(value: u64) -> u64 {
+    std::hint::black_box(value).wrapping_add(1)
+}
+
+/// Times `calls` calls of the calibration target.
+fn time_calls(calls: u64) -> Duration {
+    let started = Instant::now();
+    let mut value = 0;
+    for _ in 0..calls {
+        value = deferprobe_calibration_target(std::hint::black_box(value));
+    }
+    std::hint::black_box(value);
+    started.elapsed()
+}
+
+/// Measures the cost of one uprobe hit here: the calibration target timed without and with the
+/// (empty) calibration probe on it, in this process. None if it can't be attached (e.g. a
+/// stripped deferprobe binary).
+fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Duration> {
+    const PLAIN_CALLS: u64 = 20_000;
+    const PROBED_CALLS: u64 = 400;
+    let name = program_name("calibrate", mode);
+    let uprobe: &mut UProbe = ebpf.program_mut(&name)?.try_into().ok()?;
+    uprobe.load().ok()?;
+    let plain = time_calls(PLAIN_CALLS).as_nanos() as f64 / PLAIN_CALLS as f64;
+    let pid = NonZeroU32::new(std::process::id())?;
+    let link = uprobe
+        .attach(["deferprobe_calibration_target"], "/proc/self/exe", UProbeScope::OneProcess(pid))
+        .ok()?;
+    time_calls(20); // the first hits set up the process's uprobe area
+    let probed = time_calls(PROBED_CALLS).as_nanos() as f64 / PROBED_CALLS as f64;
+    uprobe.detach(link).ok()?;
+    Some(Duration::from_nanos((probed - plain).max(1.0) as u64))
 }
 
 /// The configuration the probes read (ELF virtual addresses; the probes work out the load bias

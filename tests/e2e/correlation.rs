@@ -34,6 +34,7 @@ fn trace_scenario(release: &str, scenario: &str, args: &[&str]) -> Traced {
     let report_file = report_path(&format!("{scenario}-{release}"));
     let mut cmd = deferprobe();
     cmd.args(["run", "--pid", &target.pid().to_string(), "--interval", "200ms"])
+        .args(ALL_PROBES_ON)
         .args(["--log-format", "json", "--report"])
         .arg(&report_file);
     let mut tracer = Running::spawn(cmd);

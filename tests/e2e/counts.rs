@@ -52,7 +52,9 @@ fn command_counts_match_ground_truth_on_every_release() {
         let program = go_program(&release, "workload");
         let report_file = report_path(&format!("command-{release}"));
         let output = deferprobe()
-            .args(["run", "--interval", "100ms", "--report"])
+            .args(["run", "--interval", "100ms"])
+            .args(ALL_PROBES_ON)
+            .arg("--report")
             .arg(&report_file)
             .arg("--")
             .arg(&program)
@@ -88,6 +90,7 @@ fn pid_counts_match_ground_truth_on_every_release() {
         let report_file = report_path(&format!("pid-{release}"));
         let mut cmd = deferprobe();
         cmd.args(["run", "--pid", &workload.pid().to_string(), "--interval", "100ms"])
+            .args(ALL_PROBES_ON)
             .args(["--log-format", "json", "--report"])
             .arg(&report_file);
         let mut tracer = Running::spawn(cmd);

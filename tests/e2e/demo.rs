@@ -13,7 +13,9 @@ fn demo_leak_is_visible() {
     thread::sleep(Duration::from_millis(200));
     let report_file = report_path("demo");
     let output = deferprobe()
-        .args(["run", "--pid", &service.id().to_string(), "--duration", "2s", "--report"])
+        .args(["run", "--pid", &service.id().to_string(), "--duration", "2s"])
+        .args(ALL_PROBES_ON)
+        .arg("--report")
         .arg(&report_file)
         .output()
         .unwrap();

@@ -8,6 +8,7 @@ mod cli_errors;
 mod correlation;
 mod counts;
 mod demo;
+mod governor;
 mod matrix;
 mod safety;
 mod support;

@@ -47,6 +47,11 @@ pub fn require_root() {
     assert_eq!(euid, 0, "end-to-end tests load eBPF programs and must run as root");
 }
 
+/// `run` flags for tests that check exact allocation or map-write counts, or captured maps:
+/// keep every probe attached. On this VM a uprobe hit costs ~40x bare metal, so the default
+/// overhead budget would make the governor (tested on its own in governor.rs) sample them.
+pub const ALL_PROBES_ON: [&str; 2] = ["--max-overhead", "1000"];
+
 pub fn deferprobe() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_deferprobe"));
     cmd.env_remove("DEFERPROBE_LOG");
@@ -116,7 +121,9 @@ pub fn trace_command(name: &str, program: &Path, args: &[&str]) -> Traced {
     let report_file = report_path(name);
     let _ = std::fs::remove_file(&report_file);
     let output = deferprobe()
-        .args(["run", "--interval", "1s", "--report"])
+        .args(["run", "--interval", "1s"])
+        .args(ALL_PROBES_ON)
+        .arg("--report")
         .arg(&report_file)
         .arg("--")
         .arg(program)

@@ -208,6 +208,9 @@ fn demo(duration: &str) -> Result<()> {
     eprintln!("[xtask] demo service running as pid {}; tracing it for {duration}", service.id());
     let traced = Command::new(root.join("target/release/deferprobe"))
         .args(["run", "--pid", &service.id().to_string(), "--duration", duration, "--interval", "1s"])
+        // A uprobe hit costs ~40x bare metal on the VMs this is developed on: show every probe
+        // rather than the governor's sampling (README, "Overhead governor").
+        .args(["--max-overhead", "50"])
         .status();
     let _ = service.kill();
     let _ = service.wait();
