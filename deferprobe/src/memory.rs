@@ -97,7 +97,8 @@ pub fn read_allgs(memory: &ProcessMemory, allgs: u64) -> Option<Vec<u64>> {
     if len > 0 && !memory.read(array, &mut bytes) {
         return None;
     }
-    Some(bytes.chunks_exact(8).map(|w| u64::from_ne_bytes(w.try_into().unwrap())).filter(|g| *g != 0).collect())
+    let (words, _) = bytes.as_chunks::<8>();
+    Some(words.iter().map(|word| u64::from_ne_bytes(*word)).filter(|g| *g != 0).collect())
 }
 
 #[cfg(test)]
