@@ -375,7 +375,8 @@ impl Sampler {
         Ok(Sampler {
             governor: Governor::new(max_overhead_percent, hit_ns, if windows { 0.05 } else { 0.0 }, windows),
             windows,
-            last: tracer.counters()?,
+            // The counters start at zero when the programs load.
+            last: Counters::ZERO,
             last_tick: Instant::now(),
             in_force: [1.0; 2],
             stats: [FamilyStats::default(); 2],

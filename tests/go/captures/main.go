@@ -13,8 +13,7 @@
 package main
 
 import (
-	"bufio"
-	"encoding/json"
+	"deferprobe.test/programs/internal/protocol"
 	"flag"
 	"os"
 	"runtime"
@@ -37,10 +36,11 @@ type truth struct {
 	Released           int    `json:"released"`
 }
 
-// here returns the file and line of its caller's call site.
-func here() (string, int) {
+// lineAbove returns its caller's file and the line just above the call: the `defer`
+// statement the call follows.
+func lineAbove() (string, int) {
 	_, file, line, _ := runtime.Caller(1)
-	return file, line
+	return file, line - 1
 }
 
 var keys = func() []string {
@@ -68,7 +68,8 @@ func holdByValue(n int, t *truth, ready chan<- struct{}) {
 	for i := 0; i < n; i++ {
 		m := newMap(i)
 		t.CapturedMapEntries += len(m)
-		defer func() { sink += len(m) }(); t.File, t.Line = here()
+		defer func() { sink += len(m) }()
+		t.File, t.Line = lineAbove()
 	}
 	t.Function = "main.holdByValue"
 	ready <- struct{}{}
@@ -80,7 +81,8 @@ func holdByReference(n int, t *truth, ready chan<- struct{}) {
 	for i := 0; i < n; i++ {
 		m := newMap(i)
 		t.CapturedMapEntries += len(m)
-		defer func() { m = nil }(); t.File, t.Line = here()
+		defer func() { m = nil }()
+		t.File, t.Line = lineAbove()
 	}
 	t.Function = "main.holdByReference"
 	ready <- struct{}{}
@@ -150,12 +152,9 @@ func main() {
 	wait := flag.Bool("wait", false, "wait for a line on stdin before working")
 	flag.Parse()
 
-	stdin := bufio.NewReader(os.Stdin)
+	stdin := protocol.NewStdin()
 	if *wait {
-		os.Stdout.WriteString("ready\n")
-		if _, err := stdin.ReadString('\n'); err != nil {
-			os.Exit(3)
-		}
+		stdin.WaitForGo()
 	}
 
 	t := truth{Scenario: *scenario}
@@ -220,11 +219,6 @@ func main() {
 		os.Stderr.WriteString("unknown scenario " + *scenario + "\n")
 		os.Exit(2)
 	}
-	out, _ := json.Marshal(t)
-	os.Stdout.Write(append(out, '\n'))
-	for {
-		if _, err := stdin.ReadString('\n'); err != nil {
-			break
-		}
-	}
+	protocol.Print(t)
+	stdin.HoldUntilEOF()
 }

@@ -19,7 +19,7 @@
 package main
 
 import (
-	"encoding/json"
+	"deferprobe.test/programs/internal/protocol"
 	"flag"
 	"os"
 	"runtime"
@@ -48,13 +48,8 @@ func descend(depth int) int {
 }
 
 type groundTruth struct {
-	HeapDefers      int    `json:"heap_defers"`
-	StrMapWrites    int    `json:"str_map_writes"`
-	IntMapWrites    int    `json:"int_map_writes"`
-	GoroutinesEnded int    `json:"goroutines_ended"`
-	Mallocs         uint64 `json:"mallocs"`
-	GoVersion       string `json:"go_version"`
-	DefersRan       int    `json:"defers_ran"`
+	protocol.Counts
+	DefersRan int `json:"defers_ran"`
 }
 
 func main() {
@@ -77,7 +72,6 @@ func main() {
 	runtime.ReadMemStats(&stats)
 	truth.Mallocs = stats.Mallocs
 	truth.GoVersion = runtime.Version()
-	out, _ := json.Marshal(truth)
-	os.Stdout.Write(append(out, '\n'))
+	protocol.Print(truth)
 	os.Exit(*exitCode)
 }

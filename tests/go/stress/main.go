@@ -24,8 +24,7 @@
 package main
 
 import (
-	"bufio"
-	"encoding/json"
+	"deferprobe.test/programs/internal/protocol"
 	"flag"
 	"fmt"
 	"os"
@@ -91,18 +90,13 @@ func burst(n int, ran *int) {
 }
 
 type groundTruth struct {
-	HeapDefers      int    `json:"heap_defers"`
-	StrMapWrites    int    `json:"str_map_writes"`
-	IntMapWrites    int    `json:"int_map_writes"`
-	GoroutinesEnded int    `json:"goroutines_ended"`
-	Mallocs         uint64 `json:"mallocs"`
-	GoVersion       string `json:"go_version"`
-	DefersRan       int    `json:"defers_ran"`
-	Recovered       int    `json:"recovered"`
-	Goexits         int    `json:"goexits"`
-	StacksMoved     int    `json:"stacks_moved"`
-	MaxConcurrent   int    `json:"max_concurrent"`
-	SelfCheck       string `json:"self_check"`
+	protocol.Counts
+	DefersRan     int    `json:"defers_ran"`
+	Recovered     int    `json:"recovered"`
+	Goexits       int    `json:"goexits"`
+	StacksMoved   int    `json:"stacks_moved"`
+	MaxConcurrent int    `json:"max_concurrent"`
+	SelfCheck     string `json:"self_check"`
 }
 
 func main() {
@@ -115,12 +109,9 @@ func main() {
 	linger := flag.Duration("linger", 0, "sleep this long after printing the result")
 	flag.Parse()
 
-	stdin := bufio.NewReader(os.Stdin)
+	stdin := protocol.NewStdin()
 	if *wait {
-		os.Stdout.WriteString("ready\n")
-		if _, err := stdin.ReadString('\n'); err != nil {
-			os.Exit(3)
-		}
+		stdin.WaitForGo()
 	}
 
 	var truth groundTruth
@@ -204,10 +195,9 @@ func main() {
 	runtime.ReadMemStats(&stats)
 	truth.Mallocs = stats.Mallocs
 	truth.GoVersion = runtime.Version()
-	out, _ := json.Marshal(truth)
-	os.Stdout.Write(append(out, '\n'))
+	protocol.Print(truth)
 	if *wait {
-		stdin.ReadString('\n') // until stdin closes (or another line)
+		stdin.WaitForLine() // until stdin closes (or another line)
 	}
 	time.Sleep(*linger)
 	if len(problems) > 0 {

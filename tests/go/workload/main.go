@@ -13,8 +13,7 @@
 package main
 
 import (
-	"bufio"
-	"encoding/json"
+	"deferprobe.test/programs/internal/protocol"
 	"flag"
 	"os"
 	"runtime"
@@ -38,13 +37,8 @@ func loopDefers(n int, m map[string]int) {
 }
 
 type groundTruth struct {
-	HeapDefers      int    `json:"heap_defers"`
-	StrMapWrites    int    `json:"str_map_writes"`
-	IntMapWrites    int    `json:"int_map_writes"`
-	GoroutinesEnded int    `json:"goroutines_ended"`
-	Mallocs         uint64 `json:"mallocs"`
-	GoVersion       string `json:"go_version"`
-	Cgo             bool   `json:"cgo"`
+	protocol.Counts
+	Cgo bool `json:"cgo"`
 }
 
 func main() {
@@ -57,16 +51,13 @@ func main() {
 	exitCode := flag.Int("exit-code", 0, "exit status")
 	flag.Parse()
 
-	stdin := bufio.NewReader(os.Stdin)
+	stdin := protocol.NewStdin()
 	keys := make([]string, *mapWrites)
 	for i := range keys {
 		keys[i] = "key-" + strconv.Itoa(i)
 	}
 	if *wait {
-		os.Stdout.WriteString("ready\n")
-		if _, err := stdin.ReadString('\n'); err != nil {
-			os.Exit(3)
-		}
+		stdin.WaitForGo()
 	}
 
 	var truth groundTruth
@@ -101,14 +92,9 @@ func main() {
 	truth.Mallocs = stats.Mallocs
 	truth.GoVersion = runtime.Version()
 	truth.Cgo = cCall != nil
-	out, _ := json.Marshal(truth)
-	os.Stdout.Write(append(out, '\n'))
+	protocol.Print(truth)
 	if *hold {
-		for {
-			if _, err := stdin.ReadString('\n'); err != nil {
-				break
-			}
-		}
+		stdin.HoldUntilEOF()
 	}
 	os.Exit(*exitCode)
 }
