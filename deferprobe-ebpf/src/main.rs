@@ -45,8 +45,7 @@ static MALLOCGC_PROBE_SEEN_AT: Array<u64> = Array::with_max_entries(1, 0);
 /// Maps written while tracing (key: map pointer), so deferproc can recognise captured maps in
 /// the kernel, at registration time. Bounded: least recently written maps are evicted.
 #[map]
-static KNOWN_MAPS: LruHashMap<u64, KnownMap> =
-    LruHashMap::with_max_entries(KNOWN_MAPS_CAPACITY, 0);
+static KNOWN_MAPS: LruHashMap<u64, KnownMap> = LruHashMap::with_max_entries(KNOWN_MAPS_CAPACITY, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
@@ -152,7 +151,9 @@ fn on_mapassign(ctx: &ProbeContext) -> u32 {
     let map = r.rbx;
     if let Some(known) = KNOWN_MAPS.get_ptr_mut(&map) {
         // SAFETY: a value pointer from the map; the atomic add tolerates concurrent writers.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*known).writes, 1) };
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*known).writes, 1)
+        };
         return 0;
     }
     let known = KnownMap { writes: 1, map_type: r.rax };

@@ -183,7 +183,10 @@ struct GoroutineState {
 /// closures (those capturing nothing are one static object) make the closure alone ambiguous;
 /// matching exact pairs first keeps records of unmoved frames where they are. Returns, for each
 /// pending record, its chain record, and for each chain record whether it was paired.
-fn pair_with_chain(pending: &[PendingDefer], chain: &[ChainRecord]) -> (Vec<Option<usize>>, Vec<bool>) {
+fn pair_with_chain(
+    pending: &[PendingDefer],
+    chain: &[ChainRecord],
+) -> (Vec<Option<usize>>, Vec<bool>) {
     let mut by_frame: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
     for (index, record) in chain.iter().enumerate().rev() {
         by_frame.entry((record.closure, record.sp)).or_default().push(index);
@@ -249,7 +252,8 @@ impl Aggregator {
                 for (word, capture) in captures.iter_mut().enumerate() {
                     let kind = CaptureKind::from_u8(e.capture_kinds[word]);
                     if kind != CaptureKind::None && e.captured_maps[word] != 0 {
-                        *capture = Some(Capture { word: word as u8, kind, map: e.captured_maps[word] });
+                        *capture =
+                            Some(Capture { word: word as u8, kind, map: e.captured_maps[word] });
                     }
                 }
                 let goroutine = self.goroutines.entry(goid).or_default();
@@ -353,7 +357,12 @@ impl Aggregator {
     /// - a record found in the chain takes the chain's SP (its frame moved with the stack).
     ///
     /// Chain records we never saw registered (older than the trace) are not ours and ignored.
-    pub fn reconcile(&mut self, goid: u64, runtime: &RuntimeGoroutine, settled_ns: u64) -> Reconciled {
+    pub fn reconcile(
+        &mut self,
+        goid: u64,
+        runtime: &RuntimeGoroutine,
+        settled_ns: u64,
+    ) -> Reconciled {
         if runtime.goid != goid {
             let released = self.release(goid, |_| true);
             self.goroutines.remove(&goid);
@@ -581,7 +590,10 @@ mod tests {
         assert_eq!(agg.pending_heap_defers(), 2);
         agg.apply(&exited(9));
         assert_eq!(agg.pending_heap_defers(), 1);
-        assert_eq!(agg.pending_by_goroutine().map(|(g, r)| (g, r.len())).collect::<Vec<_>>(), [(10, 1)]);
+        assert_eq!(
+            agg.pending_by_goroutine().map(|(g, r)| (g, r.len())).collect::<Vec<_>>(),
+            [(10, 1)]
+        );
         assert_eq!(agg.events().goroutine_exit, 1);
     }
 
@@ -627,7 +639,12 @@ mod tests {
             goid,
             defers: records
                 .iter()
-                .map(|&(closure, sp)| crate::memory::ChainRecord { closure, sp, pc: 0x401000, heap: true })
+                .map(|&(closure, sp)| crate::memory::ChainRecord {
+                    closure,
+                    sp,
+                    pc: 0x401000,
+                    heap: true,
+                })
                 .collect(),
         }
     }
@@ -693,7 +710,10 @@ mod tests {
         agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 1));
         agg.apply(&registered_at(4, 0xc000_0110, 0xc000_8000, 2));
         let runtime = chain(4, &[(0xc000_0110, 0xc004_8000), (0xc000_0100, 0xc004_8000)]);
-        assert_eq!(agg.reconcile(4, &runtime, 1_000), Reconciled { released: 0, moved: 2, adopted: 0 });
+        assert_eq!(
+            agg.reconcile(4, &runtime, 1_000),
+            Reconciled { released: 0, moved: 2, adopted: 0 }
+        );
         // deferreturn now comes with the new SP and releases them.
         agg.apply(&returned(4, 0xc004_8000));
         assert_eq!(agg.pending_heap_defers(), 0);
@@ -743,14 +763,24 @@ mod tests {
         // Registered while traced: known.
         agg.apply(&registered_at(4, 0xc000_0300, 0xc000_8000, 10));
         // The chain (newest first) also has two older heap records and a stack record.
-        let mut runtime = chain(4, &[(0xc000_0300, 0xc000_8000), (0xc000_0200, 0xc000_8000), (0xc000_0100, 0xc000_8000)]);
-        runtime.defers.push(crate::memory::ChainRecord { closure: 0xc000_0050, sp: 0xc000_9000, pc: 0x402000, heap: false });
+        let mut runtime = chain(
+            4,
+            &[(0xc000_0300, 0xc000_8000), (0xc000_0200, 0xc000_8000), (0xc000_0100, 0xc000_8000)],
+        );
+        runtime.defers.push(crate::memory::ChainRecord {
+            closure: 0xc000_0050,
+            sp: 0xc000_9000,
+            pc: 0x402000,
+            heap: false,
+        });
         let fns = |closure: u64| if closure == 0xc000_0100 { 0x4a_0000 } else { 0 };
         assert_eq!(agg.adopt(0xc000_1000, &runtime, fns, 99), 2);
         assert_eq!(agg.pending_heap_defers(), 3);
         let (_, records) = agg.pending_by_goroutine().next().unwrap();
-        assert_eq!(records.iter().map(|r| (r.closure, r.adopted)).collect::<Vec<_>>(),
-            [(0xc000_0100, true), (0xc000_0200, true), (0xc000_0300, false)]);
+        assert_eq!(
+            records.iter().map(|r| (r.closure, r.adopted)).collect::<Vec<_>>(),
+            [(0xc000_0100, true), (0xc000_0200, true), (0xc000_0300, false)]
+        );
         assert_eq!(records[0].closure_fn, 0x4a_0000);
         // A second look adopts nothing more.
         assert_eq!(agg.adopt(0xc000_1000, &runtime, fns, 120), 0);
@@ -797,7 +827,15 @@ mod tests {
             agg.apply(&registered_at(4, 0x4f_0000, 0xc000_9000 - level * 0x100, level));
         }
         // The chain (newest first) also links a deeper frame's record whose event is in flight.
-        let runtime = chain(4, &[(0x4f_0000, 0xc000_8d00), (0x4f_0000, 0xc000_8e00), (0x4f_0000, 0xc000_8f00), (0x4f_0000, 0xc000_9000)]);
+        let runtime = chain(
+            4,
+            &[
+                (0x4f_0000, 0xc000_8d00),
+                (0x4f_0000, 0xc000_8e00),
+                (0x4f_0000, 0xc000_8f00),
+                (0x4f_0000, 0xc000_9000),
+            ],
+        );
         assert_eq!(agg.reconcile(4, &runtime, 1_000), Reconciled::default());
         assert_eq!(agg.adopt(0xc000_1000, &runtime, |_| 0, 2_000), 1);
         agg.apply(&registered_at(4, 0x4f_0000, 0xc000_8d00, 1_500));

@@ -149,7 +149,8 @@ mod tests {
 
     #[test]
     fn run_with_pid_and_flags() {
-        let cli = parse(&["run", "--pid", "42", "--duration", "1m", "--interval", "500ms"]).unwrap();
+        let cli =
+            parse(&["run", "--pid", "42", "--duration", "1m", "--interval", "500ms"]).unwrap();
         let Command::Run(run) = cli.command else { panic!("not run") };
         assert_eq!(run.pid, Some(42));
         assert_eq!(run.duration, Some(Duration::from_secs(60)));
@@ -164,7 +165,18 @@ mod tests {
 
     #[test]
     fn run_with_command() {
-        let cli = parse(&["run", "--log-format", "json", "--ring-buffer-kib", "16", "--", "/bin/prog", "-x", "--y"]).unwrap();
+        let cli = parse(&[
+            "run",
+            "--log-format",
+            "json",
+            "--ring-buffer-kib",
+            "16",
+            "--",
+            "/bin/prog",
+            "-x",
+            "--y",
+        ])
+        .unwrap();
         let Command::Run(run) = cli.command else { panic!("not run") };
         assert_eq!(run.ring_buffer_bytes(), 16 * 1024);
         assert_eq!(run.command, ["/bin/prog", "-x", "--y"]);

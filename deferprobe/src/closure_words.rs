@@ -86,7 +86,9 @@ pub fn captured_words(code: &[u8], address: u64) -> usize {
                 OpKind::Memory => {
                     instruction.memory_base() == Register::RSP
                         && instruction.memory_index() == Register::None
-                        && copies.stack_slots.contains(&(instruction.memory_displacement64() as i64))
+                        && copies
+                            .stack_slots
+                            .contains(&(instruction.memory_displacement64() as i64))
                 }
                 _ => false,
             };
@@ -97,8 +99,13 @@ pub fn captured_words(code: &[u8], address: u64) -> usize {
         }
         // Anything else that writes a register ends that copy.
         for used in info.info(&instruction).used_registers() {
-            if matches!(used.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
-            {
+            if matches!(
+                used.access(),
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
+            ) {
                 copies.remove(used.register());
             }
         }

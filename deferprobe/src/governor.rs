@@ -23,7 +23,9 @@ impl SampledFamily {
 
     pub fn programs(self) -> &'static [ProbeProgram] {
         match self {
-            SampledFamily::Allocations => &[ProbeProgram::Mallocgc, ProbeProgram::MallocgcSizeClass],
+            SampledFamily::Allocations => {
+                &[ProbeProgram::Mallocgc, ProbeProgram::MallocgcSizeClass]
+            }
             SampledFamily::MapWrites => &[ProbeProgram::MapAssign],
         }
     }
@@ -119,9 +121,7 @@ impl Governor {
             }
         }
         let defer_cost = observation.defer_hits as f64 / observation.seconds * self.hit_ns;
-        let cost = |family: SampledFamily| {
-            self.rate[family.index()].unwrap_or(0.0) * self.hit_ns
-        };
+        let cost = |family: SampledFamily| self.rate[family.index()].unwrap_or(0.0) * self.hit_ns;
         let projected = defer_cost + SampledFamily::ALL.iter().map(|f| cost(*f)).sum::<f64>();
 
         // Degrade in order: each family gets what the budget leaves after the always-on
@@ -147,7 +147,9 @@ impl Governor {
             let next = if step > current {
                 // Raise only with headroom, so the duty doesn't flap between two steps.
                 let headroom = left - later_cost(index) - step * cost(family);
-                if headroom >= (1.0 - RAISE_BELOW) * self.budget_ns_per_s || step == 1.0 && wanted >= 1.0 {
+                if headroom >= (1.0 - RAISE_BELOW) * self.budget_ns_per_s
+                    || step == 1.0 && wanted >= 1.0
+                {
                     step
                 } else {
                     current

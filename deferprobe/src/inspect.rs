@@ -61,7 +61,11 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         l.g_goid, l.g_m, l.g_defer, l.m_curg, l.defer_size, plan.layout_source
     );
     let _ = writeln!(out, "\nprobe plan ({} probes)", plan.probes.len());
-    let _ = writeln!(out, "  {:<38} {:>10} {:>7} {:>10}  program", "function", "address", "attach", "file off");
+    let _ = writeln!(
+        out,
+        "  {:<38} {:>10} {:>7} {:>10}  program",
+        "function", "address", "attach", "file off"
+    );
     for probe in &plan.probes {
         let _ = writeln!(
             out,
@@ -85,7 +89,11 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         let _ = writeln!(out, "  {:<20} {}", program.name(), program.reports());
         let _ = writeln!(out, "  {:<20} reads {}", "", registers.join(", "));
     }
-    let _ = writeln!(out, "\nheap defer sites ({}: defers that allocate a record each run)", sites.len());
+    let _ = writeln!(
+        out,
+        "\nheap defer sites ({}: defers that allocate a record each run)",
+        sites.len()
+    );
     for site in &sites {
         let _ = writeln!(
             out,

@@ -100,7 +100,10 @@ mod tests {
             let hits = RELEASE_TABLE.iter().filter(|(r, _)| *r == GoRelease::new(1, minor)).count();
             assert_eq!(hits, 1, "go1.{minor}");
         }
-        assert_eq!(RELEASE_TABLE.len(), (NEWEST_SUPPORTED.minor - OLDEST_SUPPORTED.minor + 1) as usize);
+        assert_eq!(
+            RELEASE_TABLE.len(),
+            (NEWEST_SUPPORTED.minor - OLDEST_SUPPORTED.minor + 1) as usize
+        );
         assert_eq!(for_release(GoRelease::new(1, 18)), None);
         assert_eq!(for_release(GoRelease::new(1, 23)).unwrap().g_goid, 160);
     }

@@ -17,11 +17,8 @@ fn main() -> ExitCode {
             // clap's own message up to its usage block, on one line: "error: the following
             // required arguments were not provided:\n  <BINARY>\n\nUsage: ..." keeps `<BINARY>`.
             let rendered = err.to_string();
-            let message: Vec<&str> = rendered
-                .lines()
-                .map(str::trim)
-                .take_while(|line| !line.is_empty())
-                .collect();
+            let message: Vec<&str> =
+                rendered.lines().map(str::trim).take_while(|line| !line.is_empty()).collect();
             let message = message.join(" ");
             let message = message.trim_start_matches("error: ");
             let message = if message.is_empty() { "invalid arguments" } else { message };

@@ -61,7 +61,11 @@ pub const MAX_CHAIN: usize = 1 << 20;
 
 /// Reads `g.goid` and the whole `g._defer` chain of the g at `g`. None if any read fails (the
 /// process is gone or the chain changed under us): then nothing is concluded.
-pub fn read_goroutine(memory: &ProcessMemory, layout: &RuntimeLayout, g: u64) -> Option<RuntimeGoroutine> {
+pub fn read_goroutine(
+    memory: &ProcessMemory,
+    layout: &RuntimeLayout,
+    g: u64,
+) -> Option<RuntimeGoroutine> {
     let goid = memory.read_u64(g + layout.g_goid)?;
     // `g.stack` (lo, hi) is the first field of runtime.g in every release.
     let stack = memory.read_u64(g)?..memory.read_u64(g + 8)?;

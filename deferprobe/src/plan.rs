@@ -250,7 +250,11 @@ fn runtime_layout(binary: &GoBinary, release: GoRelease) -> Result<(RuntimeLayou
     }
 }
 
-fn plan_probe(binary: &GoBinary, program: ProbeProgram, function: Function) -> Result<PlannedProbe> {
+fn plan_probe(
+    binary: &GoBinary,
+    program: ProbeProgram,
+    function: Function,
+) -> Result<PlannedProbe> {
     let code = binary.function_code(&function)?;
     let placement = prologue::probe_offset(code, function.address)?;
     let file_offset = binary.file_offset(function.address + placement.offset)?;
@@ -285,8 +289,8 @@ mod tests {
             for program in Program::ALL {
                 for variant in Variant::ALL {
                     let what = format!("go{} {program:?} {variant:?}", toolchain.version);
-                    let binary = GoBinary::open(&testbin::build(&toolchain, program, variant))
-                        .unwrap();
+                    let binary =
+                        GoBinary::open(&testbin::build(&toolchain, program, variant)).unwrap();
                     let plan = ProbePlan::build(&binary).unwrap();
                     assert_eq!(plan.release.minor, toolchain.minor(), "{what}");
                     assert_eq!(plan.pie, variant.pie(), "{what}");
@@ -296,7 +300,8 @@ mod tests {
                     };
                     assert_eq!(plan.layout_source, source, "{what}");
                     assert_eq!(Some(plan.layout), layout::for_release(plan.release), "{what}");
-                    let symbols: Vec<&str> = plan.probes.iter().map(|p| p.symbol.as_str()).collect();
+                    let symbols: Vec<&str> =
+                        plan.probes.iter().map(|p| p.symbol.as_str()).collect();
                     for symbol in ["runtime.deferproc", "runtime.deferreturn", "runtime.mallocgc"] {
                         let probe = plan.probes.iter().find(|p| p.symbol == symbol);
                         let probe = probe.unwrap_or_else(|| panic!("{what}: no {symbol}"));

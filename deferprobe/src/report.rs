@@ -291,7 +291,10 @@ pub struct Lookups<'a> {
 
 /// The captures of `record` that lie inside its closure; None when the closure's size is
 /// unknown (then nothing is attributed).
-fn real_captures<'r>(record: &'r PendingDefer, lookups: &Lookups) -> Option<impl Iterator<Item = &'r Capture> + 'r> {
+fn real_captures<'r>(
+    record: &'r PendingDefer,
+    lookups: &Lookups,
+) -> Option<impl Iterator<Item = &'r Capture> + 'r> {
     let words = (lookups.closure_words)(record.closure_fn.wrapping_sub(lookups.bias))?;
     Some(record.captures().filter(move |capture| usize::from(capture.word) < words))
 }
@@ -316,10 +319,14 @@ pub struct Correlation {
 pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
     let mut locations: HashMap<u64, Location> = HashMap::new();
     let mut locate = |pc: u64| {
-        locations.entry(pc).or_insert_with(|| (lookups.location)(pc.wrapping_sub(lookups.bias))).clone()
+        locations
+            .entry(pc)
+            .or_insert_with(|| (lookups.location)(pc.wrapping_sub(lookups.bias)))
+            .clone()
     };
     let mut map_entries: HashMap<u64, Option<u64>> = HashMap::new();
-    let mut entries_of = |map: u64| *map_entries.entry(map).or_insert_with(|| (lookups.map_entries)(map));
+    let mut entries_of =
+        |map: u64| *map_entries.entry(map).or_insert_with(|| (lookups.map_entries)(map));
 
     let mut findings = Vec::new();
     let mut goroutines = Vec::new();
@@ -348,7 +355,8 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
                     }
                     None => closures_of_unknown_size += 1,
                 }
-                let words = (lookups.closure_words)(record.closure_fn.wrapping_sub(lookups.bias)).unwrap_or(0);
+                let words = (lookups.closure_words)(record.closure_fn.wrapping_sub(lookups.bias))
+                    .unwrap_or(0);
                 closure_bytes += ((words as u64 + 1) * 8).next_multiple_of(16);
             }
             let maps: HashSet<u64> = by_value.union(&by_reference).copied().collect();
@@ -382,7 +390,11 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
             for record in frame {
                 *per_site.entry(record.caller_pc).or_default() += 1;
             }
-            let site_pc = per_site.iter().max_by_key(|(pc, n)| (**n, std::cmp::Reverse(**pc))).map(|(pc, _)| *pc).unwrap_or(0);
+            let site_pc = per_site
+                .iter()
+                .max_by_key(|(pc, n)| (**n, std::cmp::Reverse(**pc)))
+                .map(|(pc, _)| *pc)
+                .unwrap_or(0);
             let location = locate(site_pc);
             let oldest = frame.iter().map(|r| r.registered_ns).min().unwrap_or(lookups.now_ns);
             findings.push(Finding {
@@ -431,7 +443,9 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
     findings.sort_by(|a, b| b.est_bytes.cmp(&a.est_bytes).then(a.goid.cmp(&b.goid)));
     goroutines.sort_by(|a, b| b.pending_defers.cmp(&a.pending_defers).then(a.goid.cmp(&b.goid)));
     for goroutine in &mut goroutines {
-        goroutine.defer_sites.sort_by(|a, b| b.pending.cmp(&a.pending).then(b.registered.cmp(&a.registered)));
+        goroutine
+            .defer_sites
+            .sort_by(|a, b| b.pending.cmp(&a.pending).then(b.registered.cmp(&a.registered)));
     }
 
     let mut sites: Vec<SiteReport> = aggregator
@@ -516,7 +530,10 @@ impl Report {
                     sampled.min_duty_cycle * 100.0,
                     sampled.mean_duty_cycle * 100.0,
                     sampled.estimated_calls,
-                    sampled.estimated_bytes.map(|b| format!(", ~{}", human_bytes(b))).unwrap_or_default()
+                    sampled
+                        .estimated_bytes
+                        .map(|b| format!(", ~{}", human_bytes(b)))
+                        .unwrap_or_default()
                 );
             }
         }
@@ -534,16 +551,27 @@ impl Report {
                     "  defer accumulation in goroutine {}: {} pending, oldest {:.1}s",
                     f.goid, f.pending_defers, f.oldest_pending_secs
                 );
-                let _ = writeln!(out, "    at   {}", truncate(&place(&f.function, &f.file, f.line), 72));
+                let _ = writeln!(
+                    out,
+                    "    at   {}",
+                    truncate(&place(&f.function, &f.file, f.line), 72)
+                );
                 let _ = writeln!(
                     out,
                     "    maps {} captured ({} by value, {} by reference), {} entries",
-                    f.captured_maps, f.captured_maps_by_value, f.captured_maps_by_reference,
+                    f.captured_maps,
+                    f.captured_maps_by_value,
+                    f.captured_maps_by_reference,
                     f.captured_map_entries
                 );
                 for origin in f.captured_map_origins.iter().take(3) {
                     let place = place(&origin.function, &origin.file, origin.line);
-                    let _ = writeln!(out, "         {} written at {}", origin.maps, truncate(&place, 56));
+                    let _ = writeln!(
+                        out,
+                        "         {} written at {}",
+                        origin.maps,
+                        truncate(&place, 56)
+                    );
                 }
                 let _ = writeln!(out, "    holds ~{} (estimate)", human_bytes(f.est_bytes));
             }
@@ -568,7 +596,8 @@ impl Report {
                 );
             }
             if self.sites.len() > 10 {
-                let _ = writeln!(out, "  ... {} more sites in the JSON report", self.sites.len() - 10);
+                let _ =
+                    writeln!(out, "  ... {} more sites in the JSON report", self.sites.len() - 10);
             }
         }
         if !self.notes.is_empty() {
@@ -681,7 +710,10 @@ mod tests {
         agg
     }
 
-    fn lookups<'a>(location: &'a dyn Fn(u64) -> Location, words: &'a dyn Fn(u64) -> Option<usize>) -> Lookups<'a> {
+    fn lookups<'a>(
+        location: &'a dyn Fn(u64) -> Location,
+        words: &'a dyn Fn(u64) -> Option<usize>,
+    ) -> Lookups<'a> {
         Lookups {
             bias: BIAS,
             location,
@@ -696,17 +728,27 @@ mod tests {
     }
 
     fn location(pc: u64) -> Location {
-        Location { function: Some(format!("main.leak@{pc:#x}")), file: Some("/src/main.go".into()), line: Some(42) }
+        Location {
+            function: Some(format!("main.leak@{pc:#x}")),
+            file: Some("/src/main.go".into()),
+            line: Some(42),
+        }
     }
 
     #[test]
     fn accumulation_becomes_a_finding_with_its_maps() {
         let agg = leaky_aggregator(300);
         let c = correlate(&agg, &lookups(&location, &|_| Some(1)));
-        assert_eq!(c.pending, PendingReport { heap_defers: 300, goroutines: 1, captured_maps: 300 });
+        assert_eq!(
+            c.pending,
+            PendingReport { heap_defers: 300, goroutines: 1, captured_maps: 300 }
+        );
         assert_eq!(c.findings.len(), 1);
         let f = &c.findings[0];
-        assert_eq!((f.goid, f.pending_defers, f.captured_maps, f.captured_map_entries), (7, 300, 300, 1500));
+        assert_eq!(
+            (f.goid, f.pending_defers, f.captured_maps, f.captured_map_entries),
+            (7, 300, 300, 1500)
+        );
         assert_eq!((f.captured_maps_by_value, f.captured_maps_by_reference), (300, 0));
         assert_eq!(f.function.as_deref(), Some("main.leak@0x400123"));
         assert_eq!(f.line, Some(42));
@@ -739,12 +781,20 @@ mod tests {
         counters.values[Counter::LostRingFull as usize] = 2;
         Report {
             schema_version: SCHEMA_VERSION,
-            target: TargetReport { pid: 42, exe: "/srv/app".into(), go_version: "go1.27.3".into(), exit_code: None },
+            target: TargetReport {
+                pid: 42,
+                exe: "/srv/app".into(),
+                go_version: "go1.27.3".into(),
+                exit_code: None,
+            },
             duration_secs: 1.5,
             ended_by: EndReason::Duration,
             counts: Counts::from_counters(&counters, &LostEvents::new(&counters, 1, 0)),
             lost: LostEvents::new(&counters, 1, 0),
-            probes: ProbesReport { attached: 20, layout_source: crate::layout::LayoutSource::Dwarf },
+            probes: ProbesReport {
+                attached: 20,
+                layout_source: crate::layout::LayoutSource::Dwarf,
+            },
             governor: GovernorReport {
                 max_overhead_percent: 5.0,
                 hit_cost_ns: Some(20_000),
@@ -761,9 +811,11 @@ mod tests {
             findings: c.findings,
             goroutines: c.goroutines,
             sites: c.sites,
-            notes: vec!["a note long enough to need wrapping in an eighty column terminal, \
+            notes: vec![
+                "a note long enough to need wrapping in an eighty column terminal, \
                          which is what the text report promises to fit in"
-                .into()],
+                    .into(),
+            ],
         }
     }
 
@@ -779,7 +831,14 @@ mod tests {
         assert_eq!(json["lost"]["undecodable"], 1);
         assert_eq!(json["lost"]["without_goroutine_id"], 0);
         assert_eq!(json["lost"]["user_read_failed"], 0);
-        for key in ["mapassign", "deferproc_stack", "deferreturn", "mallocgc", "alloc_bytes", "goroutine_exits"] {
+        for key in [
+            "mapassign",
+            "deferproc_stack",
+            "deferreturn",
+            "mallocgc",
+            "alloc_bytes",
+            "goroutine_exits",
+        ] {
             assert_eq!(json["counts"][key], 0, "{key}");
         }
         assert_eq!(json["pending"]["heap_defers"], 20);
@@ -789,7 +848,17 @@ mod tests {
         assert_eq!(json["ended_by"], "duration");
         let finding = &json["findings"][0];
         assert_eq!(finding["kind"], "defer_accumulation");
-        for key in ["goid", "function", "file", "line", "pending_defers", "oldest_pending_secs", "captured_maps", "captured_map_entries", "est_bytes"] {
+        for key in [
+            "goid",
+            "function",
+            "file",
+            "line",
+            "pending_defers",
+            "oldest_pending_secs",
+            "captured_maps",
+            "captured_map_entries",
+            "est_bytes",
+        ] {
             assert!(!finding[key].is_null(), "findings[0].{key}");
         }
         let goroutine = &json["goroutines"][0];
@@ -805,7 +874,10 @@ mod tests {
     fn text_fits_80_columns() {
         let text = sample().to_text();
         assert!(text.contains("heap defers (deferproc)"));
-        assert!(text.contains("allocations  duty min 10%, mean 25%; estimated ~4000 calls"), "{text}");
+        assert!(
+            text.contains("allocations  duty min 10%, mean 25%; estimated ~4000 calls"),
+            "{text}"
+        );
         assert!(text.contains("    ring buffer full: 2\n    undecodable: 1\n"), "{text}");
         assert!(text.contains("defer accumulation in goroutine 7: 20 pending"), "{text}");
         assert!(text.contains("main.leak@0x400123 (main.go:42)"), "{text}");

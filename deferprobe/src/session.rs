@@ -25,13 +25,13 @@ use crate::{
     cli::RunArgs,
     closure_words::captured_words,
     error::{Error, Result},
+    governor::{Governor, Observation, SampledFamily},
     layout::RuntimeLayout,
     memory::{ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
     plan::ProbePlan,
-    governor::{Governor, Observation, SampledFamily},
     report::{
-        self, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents, ProbesReport, Report,
-        SamplingReport, TargetReport,
+        self, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents, ProbesReport,
+        Report, SamplingReport, TargetReport,
     },
     target::{self, GatedChild, Target},
     tracer::{AttachMode, Tracer},
@@ -83,7 +83,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             (child.target.clone(), Some(child))
         }
     };
-    let mut tracer = match Tracer::attach(&plan, &target.exe, target.pid, args.ring_buffer_bytes()) {
+    let mut tracer = match Tracer::attach(&plan, &target.exe, target.pid, args.ring_buffer_bytes())
+    {
         Ok(tracer) => tracer,
         Err(err) => {
             if let Some(child) = gated {
@@ -118,7 +119,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // binaries with a symbol table name it; stripped ones fall back to the goroutines seen.
     let allgs = binary.data_symbol("runtime.allgs").map(|address| address.wrapping_add(bias));
     let context = TraceContext { memory, layout: plan.layout, closures: &closures, allgs };
-    let traced = runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
+    let traced =
+        runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
     let map_writes = captured_map_writes(&tracer, &traced.aggregator);
     drop(tracer); // detach before anything else
 
@@ -129,7 +131,11 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let location = |pc: u64| -> Location {
         // A return address: the call is the instruction before it.
         match binary.source_location(pc.wrapping_sub(1)) {
-            Some(loc) => Location { function: Some(loc.function), file: Some(loc.file), line: Some(loc.line) },
+            Some(loc) => Location {
+                function: Some(loc.function),
+                file: Some(loc.file),
+                line: Some(loc.line),
+            },
             None => Location::default(),
         }
     };
@@ -224,8 +230,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     print!("{}", report.to_text());
     if let Some(path) = &args.report {
-        std::fs::write(path, report.to_json() + "\n")
-            .map_err(|err| Error::usage(format!("writing the report to {}: {err}", path.display())))?;
+        std::fs::write(path, report.to_json() + "\n").map_err(|err| {
+            Error::usage(format!("writing the report to {}: {err}", path.display()))
+        })?;
     }
     Ok(exit_code.unwrap_or(0))
 }
@@ -353,7 +360,15 @@ struct FamilyStats {
 
 impl Default for FamilyStats {
     fn default() -> Self {
-        FamilyStats { sampled: false, min_duty: 1.0, duty_seconds: 0.0, seconds: 0.0, observed: 0, estimated: 0.0, estimated_bytes: 0.0 }
+        FamilyStats {
+            sampled: false,
+            min_duty: 1.0,
+            duty_seconds: 0.0,
+            seconds: 0.0,
+            observed: 0,
+            estimated: 0.0,
+            estimated_bytes: 0.0,
+        }
     }
 }
 
@@ -365,7 +380,9 @@ impl Sampler {
         let windows = tracer.mode() == AttachMode::Multi;
         let hit_cost = tracer.hit_cost();
         match hit_cost {
-            Some(cost) => info!(hit_cost_ns = cost.as_nanos() as u64, max_overhead_percent, "calibrated"),
+            Some(cost) => {
+                info!(hit_cost_ns = cost.as_nanos() as u64, max_overhead_percent, "calibrated")
+            }
             None => warn!(
                 assumed_hit_cost_ns = Self::FALLBACK_HIT_COST.as_nanos() as u64,
                 "could not calibrate the cost of a probe hit"
@@ -373,7 +390,12 @@ impl Sampler {
         }
         let hit_ns = hit_cost.unwrap_or(Self::FALLBACK_HIT_COST).as_nanos() as f64;
         Ok(Sampler {
-            governor: Governor::new(max_overhead_percent, hit_ns, if windows { 0.05 } else { 0.0 }, windows),
+            governor: Governor::new(
+                max_overhead_percent,
+                hit_ns,
+                if windows { 0.05 } else { 0.0 },
+                windows,
+            ),
             windows,
             // The counters start at zero when the programs load.
             last: Counters::ZERO,
@@ -469,13 +491,22 @@ impl Sampler {
             .map(|(family, stats)| SamplingReport {
                 family,
                 min_duty_cycle: stats.min_duty,
-                mean_duty_cycle: if stats.seconds > 0.0 { stats.duty_seconds / stats.seconds } else { 1.0 },
+                mean_duty_cycle: if stats.seconds > 0.0 {
+                    stats.duty_seconds / stats.seconds
+                } else {
+                    1.0
+                },
                 observed_calls: stats.observed,
                 estimated_calls: stats.estimated.round() as u64,
-                estimated_bytes: (family == SampledFamily::Allocations).then(|| stats.estimated_bytes.round() as u64),
+                estimated_bytes: (family == SampledFamily::Allocations)
+                    .then(|| stats.estimated_bytes.round() as u64),
             })
             .collect();
-        GovernorReport { max_overhead_percent: self.max_overhead_percent, hit_cost_ns: self.hit_cost_ns, sampled }
+        GovernorReport {
+            max_overhead_percent: self.max_overhead_percent,
+            hit_cost_ns: self.hit_cost_ns,
+            sampled,
+        }
     }
 }
 
@@ -657,7 +688,8 @@ fn captured_maps(aggregator: &Aggregator, closures: &ClosureSizes) -> usize {
     let mut maps = std::collections::HashSet::new();
     for (_, records) in aggregator.pending_by_goroutine() {
         for record in records {
-            let words = closures.words_at_runtime(record.closure_fn).unwrap_or(0).min(CAPTURE_WORDS);
+            let words =
+                closures.words_at_runtime(record.closure_fn).unwrap_or(0).min(CAPTURE_WORDS);
             maps.extend(record.captures().filter(|c| usize::from(c.word) < words).map(|c| c.map));
         }
     }
@@ -719,7 +751,12 @@ fn forward(pid: u32, signal: i32) {
 }
 
 /// `exit_code` is the command's, when deferprobe started the target.
-fn notes(lost: &LostEvents, ended_by: EndReason, exit_code: Option<i32>, ring_kib: u32) -> Vec<String> {
+fn notes(
+    lost: &LostEvents,
+    ended_by: EndReason,
+    exit_code: Option<i32>,
+    ring_kib: u32,
+) -> Vec<String> {
     let mut notes = Vec::new();
     if exit_code.is_none() {
         notes.push(

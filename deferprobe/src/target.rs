@@ -189,9 +189,7 @@ pub fn resolve_program(program: &str) -> Result<PathBuf> {
         if !is_executable(&path) {
             return Err(Error::target(format!("{program}: not an executable file")));
         }
-        return path
-            .canonicalize()
-            .map_err(|err| Error::target(format!("{program}: {err}")));
+        return path.canonicalize().map_err(|err| Error::target(format!("{program}: {err}")));
     }
     let search = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&search)
@@ -280,8 +278,11 @@ mod tests {
     #[test]
     fn resolves_programs_like_a_shell() {
         assert!(resolve_program("sh").unwrap().is_absolute());
-        assert!(resolve_program("no-such-program-xyz").unwrap_err().to_string().contains("not found"));
-        let plain_file = std::env::temp_dir().join(format!("deferprobe-test-{}", std::process::id()));
+        assert!(
+            resolve_program("no-such-program-xyz").unwrap_err().to_string().contains("not found")
+        );
+        let plain_file =
+            std::env::temp_dir().join(format!("deferprobe-test-{}", std::process::id()));
         std::fs::write(&plain_file, "not a program").unwrap();
         std::fs::set_permissions(&plain_file, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = resolve_program(plain_file.to_str().unwrap()).unwrap_err();

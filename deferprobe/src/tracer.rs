@@ -12,12 +12,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    sys::{UProbeMultiFeature, is_uprobe_multi_supported},
     maps::{HashMap, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
     },
+    sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
 use deferprobe_common::{Counters, KnownMap, ProbeConfig};
 
@@ -103,10 +103,10 @@ impl Tracer {
             .take_map("EVENTS")
             .ok_or_else(|| Error::internal("no EVENTS map"))
             .and_then(|map| RingBuf::try_from(map).map_err(|err| bpf_error("EVENTS", &err)))?;
-        let counters = ebpf
-            .take_map("COUNTERS")
-            .ok_or_else(|| Error::internal("no COUNTERS map"))
-            .and_then(|map| PerCpuArray::try_from(map).map_err(|err| bpf_error("COUNTERS", &err)))?;
+        let counters =
+            ebpf.take_map("COUNTERS").ok_or_else(|| Error::internal("no COUNTERS map")).and_then(
+                |map| PerCpuArray::try_from(map).map_err(|err| bpf_error("COUNTERS", &err)),
+            )?;
         let known_maps = ebpf
             .take_map("KNOWN_MAPS")
             .ok_or_else(|| Error::internal("no KNOWN_MAPS map"))
@@ -143,15 +143,23 @@ impl Tracer {
             .map_err(|err| bpf_error(program.name(), &err))?;
         match (attach, self.links.get(&program)) {
             (true, None) => {
-                let points = offsets.iter().map(|&offset| UProbeAttachLocation::AbsoluteOffset(offset));
-                let link = uprobe.attach(points, &self.exe, UProbeScope::OneProcess(self.pid)).map_err(|err| {
-                    bpf_error(&format!("attaching {} to {}", program.name(), self.exe.display()), &err)
-                })?;
+                let points =
+                    offsets.iter().map(|&offset| UProbeAttachLocation::AbsoluteOffset(offset));
+                let link = uprobe
+                    .attach(points, &self.exe, UProbeScope::OneProcess(self.pid))
+                    .map_err(|err| {
+                        bpf_error(
+                            &format!("attaching {} to {}", program.name(), self.exe.display()),
+                            &err,
+                        )
+                    })?;
                 self.links.insert(program, link);
             }
             (false, Some(_)) => {
                 let link = self.links.remove(&program).expect("checked");
-                uprobe.detach(link).map_err(|err| bpf_error(&format!("detaching {}", program.name()), &err))?;
+                uprobe
+                    .detach(link)
+                    .map_err(|err| bpf_error(&format!("detaching {}", program.name()), &err))?;
             }
             _ => {}
         }
@@ -327,12 +335,12 @@ mod tests {
         );
         let no_ring = missing_kernel_features(true, false).unwrap_err();
         assert_eq!(no_ring.kind, ErrorKind::Kernel);
-        assert_eq!(
-            no_ring.to_string(),
-            "kernel lacks BPF ring buffer support (need Linux >= 5.8)"
-        );
+        assert_eq!(no_ring.to_string(), "kernel lacks BPF ring buffer support (need Linux >= 5.8)");
         let neither = missing_kernel_features(false, false).unwrap_err().to_string();
         assert!(neither.starts_with("kernel lacks BTF ("), "{neither}");
-        assert!(neither.ends_with(") and BPF ring buffer support (need Linux >= 5.8)"), "{neither}");
+        assert!(
+            neither.ends_with(") and BPF ring buffer support (need Linux >= 5.8)"),
+            "{neither}"
+        );
     }
 }

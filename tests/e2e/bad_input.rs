@@ -23,7 +23,8 @@ struct Scratch {
 
 impl Scratch {
     fn new(test: &str) -> Scratch {
-        let dir = workspace_root().join("target/e2e").join(format!("{test}-{}", std::process::id()));
+        let dir =
+            workspace_root().join("target/e2e").join(format!("{test}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         Scratch { dir }
@@ -109,7 +110,8 @@ fn older_go_binary(scratch: &Scratch, name: &str, patch: impl FnOnce(&mut [u8]))
 fn go_older_than_1_19_exits_3() {
     require_root();
     let scratch = Scratch::new("old-go");
-    let go117 = older_go_binary(&scratch, "go117", |blob| blob[33..42].copy_from_slice(b"go1.17.13"));
+    let go117 =
+        older_go_binary(&scratch, "go117", |blob| blob[33..42].copy_from_slice(b"go1.17.13"));
     let pre118 = older_go_binary(&scratch, "pre118", |blob| blob[15] &= !0x2);
     for (binary, expected) in [
         (&go117, "built with go1.17.13, but deferprobe supports Go 1.19 to 1.27"),
@@ -126,7 +128,8 @@ fn go_older_than_1_19_exits_3() {
 #[test]
 fn garbage_and_truncated_files_exit_3() {
     let scratch = Scratch::new("garbage");
-    let garbage: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let garbage: Vec<u8> =
+        (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let garbage = scratch.file("garbage", &garbage);
     assert_fails(&["inspect", path_arg(&garbage)], 3, "not an ELF file");
     let empty = scratch.file("empty", b"");
@@ -140,7 +143,10 @@ fn garbage_and_truncated_files_exit_3() {
         let (stdout, stderr) = text(&output);
         assert_eq!(output.status.code(), Some(3), "{len} bytes:\n{stdout}\n{stderr}");
         assert_eq!(stderr.lines().count(), 1, "{len} bytes: {stderr}");
-        assert!(stderr.starts_with(&format!("deferprobe: error: {}: ", truncated.display())), "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("deferprobe: error: {}: ", truncated.display())),
+            "{stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
@@ -154,7 +160,8 @@ fn executable_deleted_or_replaced_on_disk_still_traced() {
     let original = go_program(&go_releases()[0], "workload");
     for change in ["deleted", "replaced"] {
         let path = scratch.copy(change, &original);
-        let mut workload = Workload::start(&path, &["-calls", "20", "-defers", "25", "-goroutines", "10"]);
+        let mut workload =
+            Workload::start(&path, &["-calls", "20", "-defers", "25", "-goroutines", "10"]);
         match change {
             "deleted" => fs::remove_file(&path).unwrap(),
             _ => {

@@ -35,7 +35,11 @@ fn target_errors_exit_3() {
     assert_fails(&["run", "--", "/nonexistent/prog"], 3, "no such file");
     assert_fails(&["run", "--", "true"], 3, "not a Go binary");
     assert_fails(&["inspect", "/nonexistent/prog"], 3, "/nonexistent/prog");
-    assert_fails(&["inspect", concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")], 3, "not an ELF file");
+    assert_fails(
+        &["inspect", concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")],
+        3,
+        "not an ELF file",
+    );
 }
 
 #[test]
@@ -46,7 +50,13 @@ fn inspect_prints_release_and_plan() {
         let (stdout, stderr) = text(&output);
         assert!(output.status.success(), "{stderr}");
         assert!(stdout.contains(&format!("go release   go{release}")), "{stdout}");
-        for symbol in ["runtime.deferproc ", "runtime.deferreturn", "runtime.mapassign_faststr", "runtime.mallocgc", "runtime.goexit1"] {
+        for symbol in [
+            "runtime.deferproc ",
+            "runtime.deferreturn",
+            "runtime.mapassign_faststr",
+            "runtime.mallocgc",
+            "runtime.goexit1",
+        ] {
             assert!(stdout.contains(symbol), "{symbol} missing:\n{stdout}");
         }
         let output = deferprobe().args(["inspect", "--json"]).arg(&program).output().unwrap();
@@ -80,7 +90,10 @@ fn missing_privileges_exit_4() {
         let (stdout, stderr) = text(&output);
         assert_eq!(output.status.code(), Some(4), "{setpriv_args:?}\n{stdout}\n{stderr}");
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON"), "{stderr}");
+        assert!(
+            stderr.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON"),
+            "{stderr}"
+        );
     }
     // The target was never touched.
     assert_eq!(workload.work().heap_defers, 520);

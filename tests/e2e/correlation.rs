@@ -61,7 +61,8 @@ fn assert_single_finding(report: &Value, truth: &Value, by_reference: bool) {
     assert_eq!(finding["kind"], "defer_accumulation");
     assert_eq!(u64_of(finding, "pending_defers"), u64_of(truth, "pending_defers"), "{finding}");
     assert_eq!(u64_of(finding, "captured_maps"), u64_of(truth, "captured_maps"), "{finding}");
-    let (by_value, by_ref) = (u64_of(finding, "captured_maps_by_value"), u64_of(finding, "captured_maps_by_reference"));
+    let (by_value, by_ref) =
+        (u64_of(finding, "captured_maps_by_value"), u64_of(finding, "captured_maps_by_reference"));
     if by_reference {
         assert_eq!((by_value, by_ref), (0, u64_of(truth, "captured_maps")), "{finding}");
     } else {
@@ -94,7 +95,8 @@ fn assert_single_finding(report: &Value, truth: &Value, by_reference: bool) {
 fn loop_defers_capturing_maps_by_value() {
     require_root();
     for release in oldest_and_newest() {
-        let Traced { report, truth, stderr, .. } = trace_scenario(&release, "byvalue", &["-n", "300"]);
+        let Traced { report, truth, stderr, .. } =
+            trace_scenario(&release, "byvalue", &["-n", "300"]);
         assert_single_finding(&report, &truth, false);
         // The periodic log line carries pending defers and captured maps.
         let last = json_logs(&stderr, "counts").pop().expect("counts log lines");

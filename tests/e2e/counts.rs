@@ -70,10 +70,18 @@ fn command_counts_match_ground_truth_on_every_release() {
         assert_eq!(report["ended_by"], "target_exited");
         assert_eq!(report["target"]["exit_code"], 3);
         let mallocgc = report["counts"]["mallocgc"].as_u64().unwrap();
-        assert!(mallocgc >= truth.mallocs, "go{release}: mallocgc {mallocgc} < runtime's {}", truth.mallocs);
+        assert!(
+            mallocgc >= truth.mallocs,
+            "go{release}: mallocgc {mallocgc} < runtime's {}",
+            truth.mallocs
+        );
         // Allocations after the program's own count are only its output: no double counting
         // (the size-specialized entries of Go 1.27 are deduplicated).
-        assert!(mallocgc <= truth.mallocs + 200, "go{release}: mallocgc {mallocgc} vs {}", truth.mallocs);
+        assert!(
+            mallocgc <= truth.mallocs + 200,
+            "go{release}: mallocgc {mallocgc} vs {}",
+            truth.mallocs
+        );
         // The human report is on stdout too.
         assert!(stdout.contains("heap defers (deferproc)"), "{stdout}");
         assert!(stderr.contains("probes attached"), "{stderr}");
@@ -104,7 +112,13 @@ fn pid_counts_match_ground_truth_on_every_release() {
         let report = read_json(&report_file);
         assert_counts_match(&report, &truth);
         assert_eq!(report["ended_by"], "target_exited");
-        assert!(report["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("exited")));
+        assert!(
+            report["notes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n.as_str().unwrap().contains("exited"))
+        );
 
         let attached: Value = serde_json::from_str(&attached).expect("JSON log line");
         assert_eq!(attached["go_version"], truth.go_version.as_str());
@@ -113,8 +127,14 @@ fn pid_counts_match_ground_truth_on_every_release() {
         let counts = json_logs(&stderr, "counts");
         assert!(counts.len() >= 2, "expected interval log lines:\n{}", stderr.join("\n"));
         let fields = [
-            "mapassign", "deferproc", "deferproc_stack", "deferreturn", "mallocgc",
-            "alloc_bytes", "goroutine_exits", "lost_events",
+            "mapassign",
+            "deferproc",
+            "deferproc_stack",
+            "deferreturn",
+            "mallocgc",
+            "alloc_bytes",
+            "goroutine_exits",
+            "lost_events",
         ];
         let mut sums = [0u64; 8];
         for line in &counts {

@@ -42,7 +42,11 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
     let mean = allocations["mean_duty_cycle"].as_f64().unwrap();
     assert!(mean < 1.0, "{allocations}");
     let observed = allocations["observed_calls"].as_u64().unwrap();
-    assert_eq!(observed, report["counts"]["mallocgc"].as_u64().unwrap(), "counts are what was seen");
+    assert_eq!(
+        observed,
+        report["counts"]["mallocgc"].as_u64().unwrap(),
+        "counts are what was seen"
+    );
     assert!(allocations["estimated_calls"].as_u64().unwrap() > observed, "{allocations}");
     let notes = report["notes"].as_array().unwrap();
     assert!(

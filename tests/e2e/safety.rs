@@ -34,7 +34,10 @@ fn assert_self_check(truth: &Value, heap_defers: u64) {
         assert_eq!(truth["max_concurrent"], GOROUTINES, "{truth}");
         assert_eq!(truth["recovered"], GOROUTINES / 3, "{truth}");
         assert_eq!(truth["goexits"], GOROUTINES / 3, "{truth}");
-        assert_eq!(truth["stacks_moved"], GOROUTINES, "every goroutine's stack was copied: {truth}");
+        assert_eq!(
+            truth["stacks_moved"], GOROUTINES,
+            "every goroutine's stack was copied: {truth}"
+        );
     }
 }
 
@@ -78,7 +81,8 @@ fn stress_program_counts_exactly_on_every_release() {
         assert_eq!(traced.count("deferproc"), STRESS_DEFERS);
         assert_eq!(traced.report["ended_by"], "target_exited");
 
-        let mut workload = Workload::start_with_args(&program, &[&["-wait"][..], &STRESS_ARGS].concat());
+        let mut workload =
+            Workload::start_with_args(&program, &[&["-wait"][..], &STRESS_ARGS].concat());
         let report_file = report_path(&format!("stress-pid-{release}"));
         let mut cmd = deferprobe();
         cmd.args(["run", "--pid", &workload.pid().to_string(), "--interval", "100ms", "--report"])
@@ -93,7 +97,10 @@ fn stress_program_counts_exactly_on_every_release() {
         let report = read_json(&report_file);
         assert_exact(&report, &truth);
         assert_eq!(report["ended_by"], "target_exited");
-        assert!(report["notes"].to_string().contains("the target exited while being traced"), "{report}");
+        assert!(
+            report["notes"].to_string().contains("the target exited while being traced"),
+            "{report}"
+        );
     }
 }
 
@@ -108,7 +115,8 @@ fn every_ending_writes_a_report() {
     let program = go_program(release, "stress");
 
     // --duration, by pid.
-    let mut workload = Workload::start_with_args(&program, &["-wait", "-goroutines", "3", "-depth", "64"]);
+    let mut workload =
+        Workload::start_with_args(&program, &["-wait", "-goroutines", "3", "-depth", "64"]);
     let report_file = report_path("ending-duration");
     let output = deferprobe()
         .args(["run", "--pid", &workload.pid().to_string(), "--duration", "300ms", "--report"])
@@ -126,7 +134,11 @@ fn every_ending_writes_a_report() {
     workload.end();
 
     // The command ends by itself: its exit code, and a note saying so.
-    let traced = trace_command("ending-exit", &program, &["-goroutines", "3", "-depth", "64", "-exit-code", "7"]);
+    let traced = trace_command(
+        "ending-exit",
+        &program,
+        &["-goroutines", "3", "-depth", "64", "-exit-code", "7"],
+    );
     assert_eq!(traced.code, 7, "{}", traced.stderr);
     assert_eq!(traced.report["ended_by"], "target_exited");
     assert_eq!(traced.report["target"]["exit_code"], 7);
@@ -139,11 +151,14 @@ fn every_ending_writes_a_report() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         let report_file = report_path(&format!("ending-command-{signal}"));
         let mut cmd = deferprobe();
-        cmd.args(["run", "--report"])
-            .arg(&report_file)
-            .arg("--")
-            .arg(&program)
-            .args(["-goroutines", "3", "-depth", "64", "-linger", "60s"]);
+        cmd.args(["run", "--report"]).arg(&report_file).arg("--").arg(&program).args([
+            "-goroutines",
+            "3",
+            "-depth",
+            "64",
+            "-linger",
+            "60s",
+        ]);
         let mut tracer = Running::spawn(cmd);
         tracer.wait_for("probes attached");
         thread::sleep(Duration::from_millis(300)); // the command is lingering by now
@@ -175,7 +190,9 @@ fn bpf_objects_of(pid: u32) -> BpfObjects {
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
         let Ok(info) = std::fs::read_to_string(entry.unwrap().path()) else { continue };
         let field = |name: &str| {
-            info.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().parse::<u64>().unwrap())
+            info.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().parse::<u64>().unwrap())
         };
         match (field("link_id:"), field("prog_id:"), field("map_id:")) {
             (Some(link), _, _) => {
@@ -195,11 +212,15 @@ fn bpf_objects_of(pid: u32) -> BpfObjects {
 
 /// `bpftool -j <object> list`: id → the whole entry.
 fn bpftool_list(object: &str) -> Vec<Value> {
-    let output = Command::new("bpftool")
-        .args(["-j", object, "list"])
-        .output()
-        .unwrap_or_else(|e| panic!("bpftool: {e}: install it with `cargo xtask setup` (Debian bpftool)"));
-    assert!(output.status.success(), "bpftool {object} list: {}", String::from_utf8_lossy(&output.stderr));
+    let output =
+        Command::new("bpftool").args(["-j", object, "list"]).output().unwrap_or_else(|e| {
+            panic!("bpftool: {e}: install it with `cargo xtask setup` (Debian bpftool)")
+        });
+    assert!(
+        output.status.success(),
+        "bpftool {object} list: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
@@ -252,7 +273,8 @@ fn sigkill_leaves_no_probe_behind() {
     let program = go_program(release, "stress");
     let (points, original) = probe_points(&program);
 
-    let mut workload = Workload::start_with_args(&program, &[&["-wait"][..], &STRESS_ARGS].concat());
+    let mut workload =
+        Workload::start_with_args(&program, &[&["-wait"][..], &STRESS_ARGS].concat());
     let pid = workload.pid();
     assert_eq!(probed_bytes(pid, &points), original, "nothing attached yet");
     let mut cmd = deferprobe();
@@ -284,11 +306,18 @@ fn sigkill_leaves_no_probe_behind() {
     // Links are released asynchronously after the last file descriptor closes: poll (bounded).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let left_links: BTreeSet<u64> = links.intersection(&ids(&bpftool_list("link"))).copied().collect();
-        let left_progs: BTreeSet<u64> = progs.intersection(&ids(&bpftool_list("prog"))).copied().collect();
-        let left_maps: BTreeSet<u64> = maps.intersection(&ids(&bpftool_list("map"))).copied().collect();
+        let left_links: BTreeSet<u64> =
+            links.intersection(&ids(&bpftool_list("link"))).copied().collect();
+        let left_progs: BTreeSet<u64> =
+            progs.intersection(&ids(&bpftool_list("prog"))).copied().collect();
+        let left_maps: BTreeSet<u64> =
+            maps.intersection(&ids(&bpftool_list("map"))).copied().collect();
         let bytes = probed_bytes(pid, &points);
-        if left_links.is_empty() && left_progs.is_empty() && left_maps.is_empty() && bytes == original {
+        if left_links.is_empty()
+            && left_progs.is_empty()
+            && left_maps.is_empty()
+            && bytes == original
+        {
             break;
         }
         assert!(
@@ -312,7 +341,8 @@ fn two_tracers_on_one_process_both_count_exactly() {
     require_root();
     let release = &go_releases()[0];
     let program = go_program(release, "stress");
-    let mut workload = Workload::start_with_args(&program, &[&["-wait"][..], &STRESS_ARGS].concat());
+    let mut workload =
+        Workload::start_with_args(&program, &[&["-wait"][..], &STRESS_ARGS].concat());
     let pid = workload.pid().to_string();
     let mut tracers = Vec::new();
     for name in ["first", "second"] {
@@ -323,13 +353,17 @@ fn two_tracers_on_one_process_both_count_exactly() {
         tracer.wait_for("probes attached");
         tracers.push((tracer, report_file));
     }
-    let (first, second) = (bpf_objects_of(tracers[0].0.child.id()), bpf_objects_of(tracers[1].0.child.id()));
+    let (first, second) =
+        (bpf_objects_of(tracers[0].0.child.id()), bpf_objects_of(tracers[1].0.child.id()));
     for (first, second, what) in [
         (&first.links, &second.links, "links"),
         (&first.progs, &second.progs, "programs"),
         (&first.maps, &second.maps, "maps"),
     ] {
-        assert!(!first.is_empty() && first.is_disjoint(second), "{what} are per tracer: {first:?} {second:?}");
+        assert!(
+            !first.is_empty() && first.is_disjoint(second),
+            "{what} are per tracer: {first:?} {second:?}"
+        );
     }
 
     let truth = workload.work_json();
@@ -353,8 +387,10 @@ fn ring_buffer_overflow_is_counted_and_reported() {
     const BURST: u64 = 4000;
     let release = &go_releases()[0];
     let program = go_program(release, "stress");
-    let mut workload =
-        Workload::start_with_args(&program, &["-wait", "-rounds", "0", "-burst", &BURST.to_string()]);
+    let mut workload = Workload::start_with_args(
+        &program,
+        &["-wait", "-rounds", "0", "-burst", &BURST.to_string()],
+    );
     let report_file = report_path("ring-overflow");
     let mut cmd = deferprobe();
     cmd.args(["run", "--pid", &workload.pid().to_string(), "--ring-buffer-kib", "16"])
@@ -386,7 +422,12 @@ fn ring_buffer_overflow_is_counted_and_reported() {
     assert!(seen < BURST, "{report}");
     assert!(seen + ring_full >= BURST, "each registration arrived or was counted lost: {report}");
     let notes = report["notes"].to_string();
-    assert!(notes.contains(&format!("{sum} events were lost or incomplete (ring buffer full: {ring_full}")), "{notes}");
+    assert!(
+        notes.contains(&format!(
+            "{sum} events were lost or incomplete (ring buffer full: {ring_full}"
+        )),
+        "{notes}"
+    );
     assert!(notes.contains("the 16 KiB ring buffer overflowed"), "{notes}");
     assert!(stdout.contains(&format!("ring buffer full: {ring_full}")), "{stdout}");
 

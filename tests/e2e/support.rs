@@ -207,7 +207,9 @@ impl Running {
                         return line;
                     }
                 }
-                Err(_) => panic!("no stderr line with {needle:?}; got:\n{}", self.stderr.join("\n")),
+                Err(_) => {
+                    panic!("no stderr line with {needle:?}; got:\n{}", self.stderr.join("\n"))
+                }
             }
         }
     }
@@ -230,7 +232,11 @@ impl Running {
         while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
             self.stderr.push(line);
         }
-        assert!(libc::WIFEXITED(status), "deferprobe killed by a signal: {}", self.stderr.join("\n"));
+        assert!(
+            libc::WIFEXITED(status),
+            "deferprobe killed by a signal: {}",
+            self.stderr.join("\n")
+        );
         (libc::WEXITSTATUS(status), stdout, self.stderr, usage.ru_maxrss as u64)
     }
 }

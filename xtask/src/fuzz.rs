@@ -57,7 +57,10 @@ pub fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
         TARGETS.to_vec()
     } else {
         for target in targets {
-            ensure!(TARGETS.contains(&target.as_str()), "unknown target {target}; targets: {TARGETS:?}");
+            ensure!(
+                TARGETS.contains(&target.as_str()),
+                "unknown target {target}; targets: {TARGETS:?}"
+            );
         }
         targets.iter().map(String::as_str).collect()
     };
@@ -112,12 +115,17 @@ fn cargo_fuzz(fuzz_dir: &Path) -> Command {
     let mut command = cargo();
     // deferprobe's eBPF object is not needed by the parsers (and must not see sanitizer flags).
     // Its own target dir (fuzz/target): sanitizer builds share nothing with the workspace's.
-    command.current_dir(fuzz_dir).env("AYA_BUILD_SKIP", "1").env_remove("CARGO_TARGET_DIR").arg("fuzz");
+    command
+        .current_dir(fuzz_dir)
+        .env("AYA_BUILD_SKIP", "1")
+        .env_remove("CARGO_TARGET_DIR")
+        .arg("fuzz");
     command
 }
 
 fn install_cargo_fuzz() -> Result<()> {
-    let installed = cargo().args(["fuzz", "--version"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let installed =
+        cargo().args(["fuzz", "--version"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
     if installed.is_ok_and(|status| status.success()) {
         return Ok(());
     }
@@ -150,7 +158,9 @@ fn run_target(fuzz_dir: &Path, target: &str, seconds: u64, log: &Path) -> Result
         // libFuzzer's "Done N runs in S second(s)"; a crash ends the run without it.
         seconds: text
             .lines()
-            .find_map(|line| line.strip_prefix("Done ")?.split(" in ").nth(1)?.split(' ').next()?.parse().ok())
+            .find_map(|line| {
+                line.strip_prefix("Done ")?.split(" in ").nth(1)?.split(' ').next()?.parse().ok()
+            })
             .unwrap_or_else(|| started.elapsed().as_secs()),
         crashed: !status.success(),
     })
@@ -232,7 +242,8 @@ fn event_seeds() -> Vec<(String, Vec<u8>)> {
         ("map-seen", record(EventKind::MapSeen, size_of::<MapSeen>())),
     ];
     let all = records.iter().flat_map(|(_, bytes)| bytes.clone()).collect();
-    let mut seeds: Vec<_> = records.into_iter().map(|(name, bytes)| (name.to_owned(), bytes)).collect();
+    let mut seeds: Vec<_> =
+        records.into_iter().map(|(name, bytes)| (name.to_owned(), bytes)).collect();
     seeds.push(("all".to_owned(), all));
     seeds
 }

@@ -60,10 +60,7 @@ struct Row {
 
 pub fn layout_table() -> Result<()> {
     let toolchains = toolchains()?;
-    ensure!(
-        !toolchains.is_empty(),
-        "no Go toolchain installed: run `cargo xtask setup`"
-    );
+    ensure!(!toolchains.is_empty(), "no Go toolchain installed: run `cargo xtask setup`");
     let deferprobe = build_deferprobe()?;
     let root = workspace_root().join("target/layout-table");
     let sources = root.join("probe");
@@ -103,11 +100,7 @@ pub fn layout_table() -> Result<()> {
             Some(built_in) => format!("DIFFERS: {built_in:?}"),
             None => "MISSING".to_owned(),
         };
-        println!(
-            "{:<10} {}  {verdict}",
-            format!("{major}.{minor}"),
-            cells.join(" ")
-        );
+        println!("{:<10} {}  {verdict}", format!("{major}.{minor}"), cells.join(" "));
         if verdict != "same" {
             differ.push(format!("{major}.{minor} ({})", row.version));
         }
@@ -118,10 +111,7 @@ pub fn layout_table() -> Result<()> {
             differ.join(", ")
         );
     }
-    println!(
-        "RELEASE_TABLE matches the DWARF of {} Go release(s)",
-        rows.len()
-    );
+    println!("RELEASE_TABLE matches the DWARF of {} Go release(s)", rows.len());
     Ok(())
 }
 
@@ -162,10 +152,7 @@ fn toolchains() -> Result<Vec<(String, PathBuf)>> {
         if go.exists() {
             found.push((label, go));
         } else {
-            eprintln!(
-                "[xtask] skipping {label}: {} is not installed",
-                go.display()
-            );
+            eprintln!("[xtask] skipping {label}: {} is not installed", go.display());
         }
     }
     Ok(found)
@@ -173,9 +160,8 @@ fn toolchains() -> Result<Vec<(String, PathBuf)>> {
 
 /// Builds deferprobe (debug, like the tests) and returns its path.
 fn build_deferprobe() -> Result<PathBuf> {
-    let status = cargo()
-        .args(["build", "--package", "deferprobe", "--bin", "deferprobe"])
-        .status()?;
+    let status =
+        cargo().args(["build", "--package", "deferprobe", "--bin", "deferprobe"]).status()?;
     ensure!(status.success(), "cargo build --package deferprobe failed");
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -191,11 +177,7 @@ fn build_probe(go: &Path, label: &str, sources: &Path, binary: &Path) -> Result<
         .arg(".")
         .current_dir(sources)
         .env("GOTOOLCHAIN", "local")
-        .env(
-            "GOCACHE",
-            root.join("target/go-cache")
-                .join(label.trim_start_matches("go")),
-        )
+        .env("GOCACHE", root.join("target/go-cache").join(label.trim_start_matches("go")))
         .env("GOPATH", root.join("target/go-path"))
         .env("GOFLAGS", "-mod=mod")
         .env("CGO_ENABLED", "0")
@@ -233,25 +215,16 @@ fn read_row(deferprobe: &Path, binary: &Path) -> Result<((u64, u64), Row)> {
         plan["layout_source"]
     );
     let number = |value: &Value, key: &str| value[key].as_u64().with_context(|| what(key));
-    let release = (
-        number(&plan["release"], "major")?,
-        number(&plan["release"], "minor")?,
-    );
+    let release = (number(&plan["release"], "major")?, number(&plan["release"], "minor")?);
     let layout = |value: &Value| -> Result<Vec<u64>> {
-        FIELDS
-            .iter()
-            .map(|(field, _)| number(value, field))
-            .collect()
+        FIELDS.iter().map(|(field, _)| number(value, field)).collect()
     };
     let built_in = match &inspection["release_table_layout"] {
         Value::Null => None,
         table => Some(layout(table)?),
     };
     let row = Row {
-        version: plan["go_version"]
-            .as_str()
-            .with_context(|| what("plan.go_version"))?
-            .to_owned(),
+        version: plan["go_version"].as_str().with_context(|| what("plan.go_version"))?.to_owned(),
         from_dwarf: layout(&plan["layout"])?,
         built_in,
     };

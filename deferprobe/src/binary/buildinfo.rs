@@ -53,17 +53,11 @@ impl BuildInfo {
         if !blob.starts_with(MAGIC) {
             return Err(corrupt("bad magic"));
         }
-        let flags = *blob
-            .get(FLAGS_OFFSET)
-            .ok_or_else(|| corrupt("truncated header"))?;
+        let flags = *blob.get(FLAGS_OFFSET).ok_or_else(|| corrupt("truncated header"))?;
         if flags & FLAGS_VERSION_INLINE == 0 {
-            return Err(BinaryError::GoTooOld {
-                path: path.to_owned(),
-            });
+            return Err(BinaryError::GoTooOld { path: path.to_owned() });
         }
-        let strings = blob
-            .get(HEADER_SIZE..)
-            .ok_or_else(|| corrupt("truncated header"))?;
+        let strings = blob.get(HEADER_SIZE..).ok_or_else(|| corrupt("truncated header"))?;
         let (version, rest) =
             read_string(strings).ok_or_else(|| corrupt("truncated version string"))?;
         let (modinfo, _) = read_string(rest).ok_or_else(|| corrupt("truncated modinfo"))?;
@@ -79,19 +73,13 @@ impl BuildInfo {
         modinfo: &str,
     ) -> Result<BuildInfo, BinaryError> {
         let (version, experiments) = split_experiments(raw_version);
-        let (release, patch) =
-            parse_version(version).ok_or_else(|| BinaryError::UnknownVersion {
-                path: path.to_owned(),
-                version: raw_version.to_owned(),
-            })?;
+        let (release, patch) = parse_version(version).ok_or_else(|| {
+            BinaryError::UnknownVersion { path: path.to_owned(), version: raw_version.to_owned() }
+        })?;
         // The first tab-separated field after `key` on the first line starting with it.
         let field = |key: &str| {
             modinfo.lines().find_map(|line| {
-                line.strip_prefix(key)?
-                    .strip_prefix('\t')?
-                    .split('\t')
-                    .next()
-                    .map(str::to_owned)
+                line.strip_prefix(key)?.strip_prefix('\t')?.split('\t').next().map(str::to_owned)
             })
         };
         Ok(BuildInfo {
@@ -136,9 +124,7 @@ fn locate<'data>(
             return Ok(&bytes[offset..]);
         }
     }
-    Err(BinaryError::NotGo {
-        path: path.to_owned(),
-    })
+    Err(BinaryError::NotGo { path: path.to_owned() })
 }
 
 /// A string prefixed by its length as an unsigned LEB128 varint, and what follows it.
@@ -205,9 +191,7 @@ fn parse_version(version: &str) -> Option<(GoRelease, u32)> {
 }
 
 fn leading_number(text: &str) -> Option<(u32, &str)> {
-    let end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let end = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     Some((text[..end].parse().ok()?, &text[end..]))
 }
 
@@ -235,10 +219,7 @@ mod tests {
                     assert_eq!(info.version, format!("go{release}"));
                     assert_eq!(&format!("{}.{}", info.release, info.patch), release);
                     assert_eq!(info.experiments, Vec::<String>::new());
-                    assert_eq!(
-                        info.module_path.as_deref(),
-                        Some("deferprobe.test/programs")
-                    );
+                    assert_eq!(info.module_path.as_deref(), Some("deferprobe.test/programs"));
                     let package = format!("deferprobe.test/programs/{}", program.dir());
                     assert_eq!(info.main_package.as_deref(), Some(package.as_str()));
                 }
@@ -269,10 +250,7 @@ mod tests {
     fn versions() {
         assert_eq!(parse_version("go1.22"), Some((GoRelease::new(1, 22), 0)));
         assert_eq!(parse_version("go1.23rc1"), Some((GoRelease::new(1, 23), 0)));
-        assert_eq!(
-            parse_version("go1.21.13"),
-            Some((GoRelease::new(1, 21), 13))
-        );
+        assert_eq!(parse_version("go1.21.13"), Some((GoRelease::new(1, 21), 13)));
         assert_eq!(parse_version("devel go1.24-abc"), None);
         assert_eq!(parse_version("go1"), None);
         assert_eq!(parse_version("go1.x"), None);
@@ -305,12 +283,7 @@ mod tests {
     #[test]
     fn blob_parsing() {
         let sentinel = [0xaa; MODINFO_SENTINEL_LEN];
-        let modinfo = [
-            &sentinel[..],
-            b"path\tp\nmod\tm\t(devel)\t\n",
-            &sentinel[..],
-        ]
-        .concat();
+        let modinfo = [&sentinel[..], b"path\tp\nmod\tm\t(devel)\t\n", &sentinel[..]].concat();
         let info = BuildInfo::parse(Path::new("f"), &blob(2, b"go1.21.13", &modinfo)).unwrap();
         assert_eq!(info.version, "go1.21.13");
         assert_eq!(info.main_package.as_deref(), Some("p"));
@@ -326,10 +299,7 @@ mod tests {
         let mut truncated = blob(2, b"go1.21.13", &modinfo);
         truncated.truncate(HEADER_SIZE + 5);
         let err = BuildInfo::parse(Path::new("f"), &truncated).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "f: corrupt .go.buildinfo: truncated version string"
-        );
+        assert_eq!(err.to_string(), "f: corrupt .go.buildinfo: truncated version string");
 
         let err = BuildInfo::parse(Path::new("f"), &MAGIC[..10]).unwrap_err();
         assert_eq!(err.to_string(), "f: corrupt .go.buildinfo: bad magic");

@@ -76,11 +76,7 @@ mod tests {
         ]
         .concat();
         let found = direct_calls(&code, 0x1000, &[0x2000]).unwrap();
-        let expected = DirectCall {
-            address: 0x1001,
-            return_address: 0x1006,
-            target: 0x2000,
-        };
+        let expected = DirectCall { address: 0x1001, return_address: 0x1006, target: 0x2000 };
         assert_eq!(found, [expected]);
         assert_eq!(direct_calls(&code, 0x1000, &[0x4000]).unwrap(), []);
         let both = direct_calls(&code, 0x1000, &[0x3000, 0x2000]).unwrap();
@@ -101,9 +97,6 @@ mod tests {
         // A candidate call, then a truncated instruction.
         let code = [&call(0, 0x2000)[..], &[0x0f]].concat();
         let err = direct_calls(&code, 0x1000, &[0x2000]).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "machine code at 0x1000: truncated instruction at +0x5"
-        );
+        assert_eq!(err.to_string(), "machine code at 0x1000: truncated instruction at +0x5");
     }
 }

@@ -30,16 +30,11 @@ pub(super) fn runtime_layout(
         return Ok(None);
     }
     let load = |id: SectionId| -> Result<Cow<'_, [u8]>, BinaryError> {
-        match elf
-            .section_by_name(id.name())
-            .filter(|_| NEEDED.contains(&id))
-        {
-            Some(section) => section
-                .uncompressed_data()
-                .map_err(|err| BinaryError::CorruptDwarf {
-                    path: path.to_owned(),
-                    reason: format!("{}: {err}", id.name()),
-                }),
+        match elf.section_by_name(id.name()).filter(|_| NEEDED.contains(&id)) {
+            Some(section) => section.uncompressed_data().map_err(|err| BinaryError::CorruptDwarf {
+                path: path.to_owned(),
+                reason: format!("{}: {err}", id.name()),
+            }),
             None => Ok(Cow::Borrowed(&[])),
         }
     };
@@ -62,22 +57,13 @@ pub(super) fn layout_from_sections<T: AsRef<[u8]>>(
     path: &Path,
     sections: DwarfSections<T>,
 ) -> Result<RuntimeLayout, BinaryError> {
-    let corrupt = |reason: String| BinaryError::CorruptDwarf {
-        path: path.to_owned(),
-        reason,
-    };
+    let corrupt = |reason: String| BinaryError::CorruptDwarf { path: path.to_owned(), reason };
     let dwarf = sections.borrow(|data| EndianSlice::new(data.as_ref(), LittleEndian));
     let structs = find_structs(&dwarf).map_err(|err| corrupt(err.to_string()))?;
 
-    let incomplete = |what: String| BinaryError::IncompleteDwarf {
-        path: path.to_owned(),
-        what,
-    };
-    let described = |index: usize| {
-        structs[index]
-            .as_ref()
-            .ok_or_else(|| incomplete(STRUCTS[index].to_owned()))
-    };
+    let incomplete = |what: String| BinaryError::IncompleteDwarf { path: path.to_owned(), what };
+    let described =
+        |index: usize| structs[index].as_ref().ok_or_else(|| incomplete(STRUCTS[index].to_owned()));
     let member = |index: usize, name: &str| {
         described(index)?
             .members
@@ -122,10 +108,7 @@ fn find_structs(
                         && let Some(offset) = location.udata_value()
                         && let Some(record) = &mut found[index]
                     {
-                        let name = dwarf
-                            .attr_string(&unit, name)?
-                            .to_string_lossy()
-                            .into_owned();
+                        let name = dwarf.attr_string(&unit, name)?.to_string_lossy().into_owned();
                         record.members.push((name, offset));
                     }
                     continue;
@@ -139,17 +122,11 @@ fn find_structs(
                 continue;
             };
             let name = dwarf.attr_string(&unit, name)?;
-            let wanted = STRUCTS
-                .iter()
-                .position(|wanted| name.slice() == wanted.as_bytes());
+            let wanted = STRUCTS.iter().position(|wanted| name.slice() == wanted.as_bytes());
             if let Some(index) = wanted.filter(|&index| found[index].is_none()) {
-                let byte_size = entry
-                    .attr_value(gimli::DW_AT_byte_size)
-                    .and_then(|size| size.udata_value());
-                found[index] = Some(Struct {
-                    byte_size,
-                    members: Vec::new(),
-                });
+                let byte_size =
+                    entry.attr_value(gimli::DW_AT_byte_size).and_then(|size| size.udata_value());
+                found[index] = Some(Struct { byte_size, members: Vec::new() });
                 collecting = Some((index, entry.depth()));
             }
         }
@@ -181,11 +158,7 @@ mod tests {
                 let from_dwarf =
                     from_dwarf.unwrap_or_else(|| panic!("go{release} {program:?}: no DWARF"));
                 let table = layout::for_release(binary.build_info().release);
-                assert_eq!(
-                    Some(from_dwarf),
-                    table,
-                    "go{release} {program:?}: DWARF vs layout.rs"
-                );
+                assert_eq!(Some(from_dwarf), table, "go{release} {program:?}: DWARF vs layout.rs");
             }
         }
     }

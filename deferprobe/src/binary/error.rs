@@ -45,12 +45,7 @@ pub enum BinaryError {
         "{}: {function} ({address:#x}, {size} bytes) is not entirely in the file",
         path.display()
     )]
-    FunctionOutsideFile {
-        path: PathBuf,
-        function: String,
-        address: u64,
-        size: u64,
-    },
+    FunctionOutsideFile { path: PathBuf, function: String, address: u64, size: u64 },
     #[error("{}: corrupt DWARF: {reason}", path.display())]
     CorruptDwarf { path: PathBuf, reason: String },
     #[error("{}: DWARF does not describe {what}", path.display())]
@@ -60,10 +55,5 @@ pub enum BinaryError {
     Code { address: u64, reason: String },
     /// A [`BinaryError::Code`] problem in a named function of a file.
     #[error("{}: {function} at {address:#x}: {reason}", path.display())]
-    FunctionCode {
-        path: PathBuf,
-        function: String,
-        address: u64,
-        reason: String,
-    },
+    FunctionCode { path: PathBuf, function: String, address: u64, reason: String },
 }

@@ -46,9 +46,8 @@ pub const DWARF_SECTIONS: [SectionId; 6] = dwarf::NEEDED;
 /// `u32` length and that many bytes; missing or short ones are empty or cut short.
 pub fn dwarf_sections(mut data: &[u8]) -> [&[u8]; 6] {
     DWARF_SECTIONS.map(|_| {
-        let len = data.get(..4).map_or(0, |len| {
-            u32::from_le_bytes(len.try_into().unwrap()) as usize
-        });
+        let len =
+            data.get(..4).map_or(0, |len| u32::from_le_bytes(len.try_into().unwrap()) as usize);
         let rest = data.get(4..).unwrap_or_default();
         let (section, rest) = rest.split_at(len.min(rest.len()));
         data = rest;
@@ -74,13 +73,10 @@ pub fn dwarf(data: &[u8]) {
 pub fn code(data: &[u8]) {
     let _ = prologue::probe_offset(data, CODE_ADDRESS);
     let _ = prologue::ret_offsets(data, CODE_ADDRESS);
-    let target = data
-        .windows(5)
-        .position(|bytes| bytes[0] == 0xe8)
-        .map(|at| {
-            let rel = i32::from_le_bytes(data[at + 1..at + 5].try_into().unwrap());
-            (CODE_ADDRESS + at as u64 + 5).wrapping_add_signed(i64::from(rel))
-        });
+    let target = data.windows(5).position(|bytes| bytes[0] == 0xe8).map(|at| {
+        let rel = i32::from_le_bytes(data[at + 1..at + 5].try_into().unwrap());
+        (CODE_ADDRESS + at as u64 + 5).wrapping_add_signed(i64::from(rel))
+    });
     let _ = calls::direct_calls(data, CODE_ADDRESS, &[target.unwrap_or(CODE_ADDRESS)]);
 }
 
@@ -111,13 +107,9 @@ mod tests {
         put(0, &[0xf1, 0xff, 0xff, 0xff, 0, 0, 1, 8]);
         put(8, &1u64.to_le_bytes()); // nfunc
         put(24, &text_start.to_le_bytes());
-        for (field, offset) in [
-            (32, NAMES),
-            (40, NAMES + 8),
-            (48, NAMES),
-            (56, NAMES),
-            (64, FUNCTAB),
-        ] {
+        for (field, offset) in
+            [(32, NAMES), (40, NAMES + 8), (48, NAMES), (56, NAMES), (64, FUNCTAB)]
+        {
             put(field, &(offset as u64).to_le_bytes());
         }
         put(FUNCTAB, &0u32.to_le_bytes());
@@ -134,10 +126,7 @@ mod tests {
         let table = one_function_table(u64::MAX - 15);
         let parsed = Pclntab::parse_header(Path::new(PATH), &table, 0..table.len()).unwrap();
         let entry = parsed.functions(&table).next().unwrap().unwrap();
-        assert_eq!(
-            (entry.name, entry.address, entry.size),
-            ("f", u64::MAX - 15, 16)
-        );
+        assert_eq!((entry.name, entry.address, entry.size), ("f", u64::MAX - 15, 16));
         pclntab(&table);
         // And an ordinary address, for contrast.
         pclntab(&one_function_table(0x40_1000));

@@ -79,10 +79,7 @@ struct Segment {
 
 impl GoBinary {
     pub fn open(path: &Path) -> Result<GoBinary, BinaryError> {
-        let read_error = |source| BinaryError::Read {
-            path: path.to_owned(),
-            source,
-        };
+        let read_error = |source| BinaryError::Read { path: path.to_owned(), source };
         let file = File::open(path).map_err(read_error)?;
         // SAFETY: a read-only private mapping. Like every reader of a mapped file we rely on it
         // not being truncated underneath us (executables are replaced, not rewritten in place).
@@ -94,15 +91,7 @@ impl GoBinary {
         let build_info = BuildInfo::read(path, &elf)?;
         let pclntab = Pclntab::read(path, &elf, &map)?;
         let functions = FunctionTable::read(path, &elf, &pclntab, &map)?;
-        Ok(GoBinary {
-            path: path.to_owned(),
-            map,
-            pie,
-            segments,
-            build_info,
-            functions,
-            pclntab,
-        })
+        Ok(GoBinary { path: path.to_owned(), map, pie, segments, build_info, functions, pclntab })
     }
 
     pub fn path(&self) -> &Path {
@@ -167,10 +156,8 @@ impl GoBinary {
     /// `runtime`, sorted by address: the `defer` statements that allocate a heap record each
     /// time they run (defers inside loops), known before anything runs.
     pub fn heap_defer_sites(&self) -> Result<Vec<DeferSite>, BinaryError> {
-        let callees: Vec<Function> = HEAP_DEFER_FUNCTIONS
-            .iter()
-            .filter_map(|name| self.function(name))
-            .collect();
+        let callees: Vec<Function> =
+            HEAP_DEFER_FUNCTIONS.iter().filter_map(|name| self.function(name)).collect();
         let targets: Vec<u64> = callees.iter().map(|callee| callee.address).collect();
         if targets.is_empty() {
             return Ok(Vec::new());
@@ -189,12 +176,11 @@ impl GoBinary {
                     .find(|callee| callee.address == call.target)
                     .map_or_else(String::new, |callee| callee.name.clone());
                 let location =
-                    self.source_location(call.address)
-                        .unwrap_or_else(|| SourceLocation {
-                            function: function.name.clone(),
-                            file: "?".to_owned(),
-                            line: 0,
-                        });
+                    self.source_location(call.address).unwrap_or_else(|| SourceLocation {
+                        function: function.name.clone(),
+                        file: "?".to_owned(),
+                        line: 0,
+                    });
                 sites.push(DeferSite {
                     location,
                     callee,
@@ -265,15 +251,11 @@ impl GoBinary {
         self.segments
             .iter()
             .find_map(|segment| {
-                let delta = vaddr
-                    .checked_sub(segment.vaddr)
-                    .filter(|&delta| delta < segment.filesz)?;
+                let delta =
+                    vaddr.checked_sub(segment.vaddr).filter(|&delta| delta < segment.filesz)?;
                 Some((segment, delta))
             })
-            .ok_or_else(|| BinaryError::UnmappedAddress {
-                path: self.path.clone(),
-                address: vaddr,
-            })
+            .ok_or_else(|| BinaryError::UnmappedAddress { path: self.path.clone(), address: vaddr })
     }
 
     fn in_function(&self, function: &Function, err: BinaryError) -> BinaryError {
@@ -339,23 +321,17 @@ fn parse_elf<'data>(
         arch: goarch(arch),
     };
     if !data.starts_with(&elf::ELFMAG) {
-        return Err(BinaryError::NotElf {
-            path: path.to_owned(),
-        });
+        return Err(BinaryError::NotElf { path: path.to_owned() });
     }
     match FileKind::parse(data).map_err(malformed)? {
         FileKind::Elf64 => {}
         FileKind::Elf32 => {
             return Err(unsupported(
-                ElfFile32::<Endianness>::parse(data)
-                    .map_err(malformed)?
-                    .architecture(),
+                ElfFile32::<Endianness>::parse(data).map_err(malformed)?.architecture(),
             ));
         }
         _ => {
-            return Err(BinaryError::NotElf {
-                path: path.to_owned(),
-            });
+            return Err(BinaryError::NotElf { path: path.to_owned() });
         }
     }
     let file = ElfFile64::<Endianness>::parse(data).map_err(malformed)?;
@@ -371,9 +347,7 @@ fn parse_elf<'data>(
     // A truncated copy would otherwise lose section names (`.shstrtab` comes last) and so,
     // silently, its DWARF.
     for section in file.sections() {
-        let end = section
-            .file_range()
-            .map_or(Some(0), |(offset, size)| offset.checked_add(size));
+        let end = section.file_range().map_or(Some(0), |(offset, size)| offset.checked_add(size));
         if end.is_none_or(|end| end > data.len() as u64) {
             return Err(BinaryError::MalformedElf {
                 path: path.to_owned(),
@@ -425,14 +399,10 @@ mod tests {
                         if program == Program::Demo && *name == "main.loopDefers" {
                             continue;
                         }
-                        let function = binary
-                            .function(name)
-                            .unwrap_or_else(|| panic!("{what}: no {name}"));
+                        let function =
+                            binary.function(name).unwrap_or_else(|| panic!("{what}: no {name}"));
                         assert_eq!(function.name, *name);
-                        assert!(
-                            function.size > 0 && function.address > 0,
-                            "{what} {function:?}"
-                        );
+                        assert!(function.size > 0 && function.address > 0, "{what} {function:?}");
                         assert_eq!(binary.function_at(function.address + 1), Some(function));
                     }
                     assert_eq!(binary.function("runtime.deferproc2"), None);
@@ -452,24 +422,14 @@ mod tests {
             assert!(
                 names.contains(&"runtime.deferproc") && names.contains(&"runtime.deferprocStack")
             );
-            assert!(
-                found
-                    .windows(2)
-                    .all(|pair| pair[0].address < pair[1].address),
-                "{names:?}"
-            );
-            assert!(
-                found
-                    .iter()
-                    .all(|f| f.name.starts_with("runtime.deferproc"))
-            );
+            assert!(found.windows(2).all(|pair| pair[0].address < pair[1].address), "{names:?}");
+            assert!(found.iter().all(|f| f.name.starts_with("runtime.deferproc")));
 
             let sc = binary.functions_with_prefix("runtime.mallocgcSmallScanNoHeaderSC");
             if binary.build_info().release.minor >= 27 {
                 let names: Vec<&str> = sc.iter().map(|f| f.name.as_str()).collect();
-                let expected: Vec<String> = (1..=7)
-                    .map(|n| format!("runtime.mallocgcSmallScanNoHeaderSC{n}"))
-                    .collect();
+                let expected: Vec<String> =
+                    (1..=7).map(|n| format!("runtime.mallocgcSmallScanNoHeaderSC{n}")).collect();
                 assert_eq!(names, expected, "go{release}");
             } else {
                 assert_eq!(sc, [], "go{release}");
@@ -499,19 +459,13 @@ mod tests {
                         binary.path().display()
                     );
                     assert_eq!(err.to_string(), expected);
-                    let bogus = Function {
-                        name: "bogus".into(),
-                        address: 0xdead_0000_0000,
-                        size: 1,
-                    };
+                    let bogus =
+                        Function { name: "bogus".into(), address: 0xdead_0000_0000, size: 1 };
                     assert!(binary.function_code(&bogus).is_err());
                     let mut too_long = binary.function("runtime.goexit1").unwrap();
                     too_long.size = u64::MAX;
                     let err = binary.function_code(&too_long).unwrap_err();
-                    assert!(
-                        matches!(err, BinaryError::FunctionOutsideFile { .. }),
-                        "{err}"
-                    );
+                    assert!(matches!(err, BinaryError::FunctionOutsideFile { .. }), "{err}");
                 }
             }
         }
@@ -524,10 +478,9 @@ mod tests {
     fn stripped_binaries_have_the_same_functions() {
         for toolchain in testbin::toolchains() {
             for program in Program::ALL {
-                for (plain, stripped) in [
-                    (Variant::Plain, Variant::Stripped),
-                    (Variant::Pie, Variant::PieStripped),
-                ] {
+                for (plain, stripped) in
+                    [(Variant::Plain, Variant::Stripped), (Variant::Pie, Variant::PieStripped)]
+                {
                     let what = format!("go{} {program:?} {stripped:?}", toolchain.version);
                     let binary = open(&toolchain, program, plain);
                     let stripped = open(&toolchain, program, stripped);
@@ -552,14 +505,8 @@ mod tests {
                         }
                         let expected = (expected_name.as_str(), function.address);
                         assert_eq!((name.as_str(), twin.address), expected, "{what}");
-                        assert!(
-                            twin.size >= function.size,
-                            "{what} {twin:?} vs {function:?}"
-                        );
-                        assert!(
-                            twin.size < function.size + 64,
-                            "{what} {twin:?} vs {function:?}"
-                        );
+                        assert!(twin.size >= function.size, "{what} {twin:?} vs {function:?}");
+                        assert!(twin.size < function.size + 64, "{what} {twin:?} vs {function:?}");
                     }
                     assert!(go_functions > 1000, "{what}: {go_functions} functions");
                     // A name shared with an ABI wrapper resolves to the real code: the Go
@@ -571,11 +518,7 @@ mod tests {
                         let original = binary.function(name).unwrap();
                         assert_eq!(function.address, original.address, "{what} {name}");
                         let probe = stripped.probe_offset(&function).unwrap();
-                        assert_eq!(
-                            probe,
-                            binary.probe_offset(&original).unwrap(),
-                            "{what} {name}"
-                        );
+                        assert_eq!(probe, binary.probe_offset(&original).unwrap(), "{what} {name}");
                     }
                     let reflectcall = stripped.function("runtime.reflectcall").unwrap();
                     let assembly = binary.function("runtime.reflectcall.abi0").unwrap();
@@ -618,10 +561,7 @@ mod tests {
                     ),
                     (
                         Program::Cgo,
-                        vec![(
-                            "main.loopDefers",
-                            testbin::source_line(Program::Cgo, loop_defer),
-                        )],
+                        vec![("main.loopDefers", testbin::source_line(Program::Cgo, loop_defer))],
                     ),
                     (
                         Program::Demo,
@@ -699,20 +639,12 @@ mod tests {
     fn scrambled_dwarf_is_an_error() {
         let toolchain = &testbin::toolchains()[0];
         let path = testbin::build(toolchain, Program::Workload, Variant::Plain);
-        for (section, from) in [
-            (".debug_info", 0),
-            (".debug_info", 40),
-            (".debug_abbrev", 0),
-        ] {
-            let broken = TempFile::patched(&path, |bytes| {
-                testbin::scramble_section(bytes, section, from)
-            });
+        for (section, from) in [(".debug_info", 0), (".debug_info", 40), (".debug_abbrev", 0)] {
+            let broken =
+                TempFile::patched(&path, |bytes| testbin::scramble_section(bytes, section, from));
             let binary = GoBinary::open(broken.path()).unwrap();
             let err = binary.runtime_layout_from_dwarf().unwrap_err();
-            assert!(
-                err.to_string().contains("corrupt DWARF"),
-                "{section}+{from}: {err}"
-            );
+            assert!(err.to_string().contains("corrupt DWARF"), "{section}+{from}: {err}");
         }
     }
 
@@ -721,10 +653,7 @@ mod tests {
             .err()
             .unwrap_or_else(|| panic!("opening {} should fail", file.path().display()));
         let message = err.to_string();
-        assert!(
-            message.starts_with(&file.path().display().to_string()),
-            "{message}"
-        );
+        assert!(message.starts_with(&file.path().display().to_string()), "{message}");
         assert!(!message.contains('\n'), "{message}");
         message
     }
@@ -833,17 +762,13 @@ mod tests {
     #[test]
     fn not_elf() {
         let text = TempFile::new("text", b"#!/bin/sh\necho hello, not an ELF file\n");
-        assert_eq!(
-            open_err(&text),
-            format!("{}: not an ELF file", text.path().display())
-        );
+        assert_eq!(open_err(&text), format!("{}: not an ELF file", text.path().display()));
         let empty = TempFile::new("empty", b"");
         open_err(&empty);
         let missing = Path::new("/nonexistent/deferprobe-test-binary");
         let err = GoBinary::open(missing).err().unwrap();
         assert!(
-            err.to_string()
-                .starts_with("/nonexistent/deferprobe-test-binary: cannot read: "),
+            err.to_string().starts_with("/nonexistent/deferprobe-test-binary: cannot read: "),
             "{err}"
         );
     }

@@ -111,9 +111,7 @@ impl Pclntab {
                 }
             }
         }
-        Err(first_error.unwrap_or_else(|| BinaryError::NoPclntab {
-            path: path.to_owned(),
-        }))
+        Err(first_error.unwrap_or_else(|| BinaryError::NoPclntab { path: path.to_owned() }))
     }
 
     /// The table at `address`, whose bytes are `file[range]`.
@@ -136,10 +134,8 @@ impl Pclntab {
         file: &[u8],
         range: Range<usize>,
     ) -> Result<Pclntab, BinaryError> {
-        let corrupt = |reason: String| BinaryError::CorruptPclntab {
-            path: path.to_owned(),
-            reason,
-        };
+        let corrupt =
+            |reason: String| BinaryError::CorruptPclntab { path: path.to_owned(), reason };
         let data = file.get(range.clone()).unwrap_or_default();
         let read = Reader { data };
         let func_id_offset = match read.u32(0) {
@@ -173,15 +169,11 @@ impl Pclntab {
         let nfunc = usize::try_from(entries)
             .ok()
             .filter(|&n| {
-                let end = n
-                    .checked_mul(8)
-                    .and_then(|size| size.checked_add(4 + functab));
+                let end = n.checked_mul(8).and_then(|size| size.checked_add(4 + functab));
                 end.is_some_and(|end| end <= data.len())
             })
             .ok_or_else(|| {
-                corrupt(format!(
-                    "function table of {entries} entries exceeds the table"
-                ))
+                corrupt(format!("function table of {entries} entries exceeds the table"))
             })?;
         Ok(Pclntab {
             range,
@@ -198,9 +190,7 @@ impl Pclntab {
     }
 
     fn data<'data>(&self, file: &'data [u8]) -> Reader<'data> {
-        Reader {
-            data: file.get(self.range.clone()).unwrap_or_default(),
-        }
+        Reader { data: file.get(self.range.clone()).unwrap_or_default() }
     }
 
     /// Function `index`'s entry offset from `runtime.text`; `index == nfunc` gives the end.
@@ -237,21 +227,12 @@ impl Pclntab {
     fn entry<'data>(&self, file: &'data [u8], index: usize) -> Result<FuncEntry<'data>, String> {
         let data = self.data(file);
         let bad = |what: &str| format!("function {index} {what}");
-        let entry = self
-            .entry_offset(&data, index)
-            .ok_or_else(|| bad("is not in the table"))?;
-        let end = self
-            .entry_offset(&data, index + 1)
-            .ok_or_else(|| bad("is not in the table"))?;
-        let size = end
-            .checked_sub(entry)
-            .ok_or_else(|| bad("is not sorted by address"))?;
-        let record = self
-            .func_record(&data, index)
-            .ok_or_else(|| bad("lies outside the table"))?;
-        let name_off = data
-            .u32(record + FUNC_NAME_OFF)
-            .ok_or_else(|| bad("lies outside the table"))?;
+        let entry = self.entry_offset(&data, index).ok_or_else(|| bad("is not in the table"))?;
+        let end = self.entry_offset(&data, index + 1).ok_or_else(|| bad("is not in the table"))?;
+        let size = end.checked_sub(entry).ok_or_else(|| bad("is not sorted by address"))?;
+        let record = self.func_record(&data, index).ok_or_else(|| bad("lies outside the table"))?;
+        let name_off =
+            data.u32(record + FUNC_NAME_OFF).ok_or_else(|| bad("lies outside the table"))?;
         let func_id = *data
             .data
             .get(record + self.func_id_offset)
@@ -265,12 +246,7 @@ impl Pclntab {
             .text_start
             .checked_add(u64::from(entry))
             .ok_or_else(|| bad("has an address beyond 64 bits"))?;
-        Ok(FuncEntry {
-            name,
-            address,
-            size: u64::from(size),
-            func_id,
-        })
+        Ok(FuncEntry { name, address, size: u64::from(size), func_id })
     }
 
     /// Every function, in address order.
@@ -315,10 +291,7 @@ impl Pclntab {
             let offset = data.u32(record + field)?;
             decode_pcvalue(data.data.get(self.pctab..)?, offset, size)
         };
-        let tables = Arc::new(LineTables {
-            files: table(FUNC_PCFILE)?,
-            lines: table(FUNC_PCLN)?,
-        });
+        let tables = Arc::new(LineTables { files: table(FUNC_PCFILE)?, lines: table(FUNC_PCLN)? });
         cache.insert(index, Arc::clone(&tables));
         Some(tables)
     }
@@ -329,9 +302,7 @@ impl Pclntab {
         let record = self.func_record(&data, index)?;
         let cu_offset = data.u32(record + FUNC_CU_OFFSET)?;
         let slot = u64::from(cu_offset) + u64::try_from(number).ok()?;
-        let slot = self
-            .cutab
-            .checked_add(usize::try_from(slot).ok()?.checked_mul(4)?)?;
+        let slot = self.cutab.checked_add(usize::try_from(slot).ok()?.checked_mul(4)?)?;
         let file_offset = data.u32(slot).filter(|&offset| offset != u32::MAX)?;
         data.c_string(self.filetab.checked_add(file_offset as usize)?)
     }
@@ -393,19 +364,15 @@ fn candidates(elf: &ElfFile64<'_, Endianness>, file: &[u8]) -> Vec<(u64, Range<u
         file.get(start..end)?;
         Some((section.address(), start..end))
     };
-    if let Some(section) = elf
-        .section_by_name(".gopclntab")
-        .or_else(|| elf.section_by_name(".data.rel.ro.gopclntab"))
+    if let Some(section) =
+        elf.section_by_name(".gopclntab").or_else(|| elf.section_by_name(".data.rel.ro.gopclntab"))
     {
         return in_file(&section).into_iter().collect();
     }
     // (Only allocated sections have these kinds.)
-    let data_sections = elf.sections().filter(|section| {
-        matches!(
-            section.kind(),
-            SectionKind::ReadOnlyData | SectionKind::Data
-        )
-    });
+    let data_sections = elf
+        .sections()
+        .filter(|section| matches!(section.kind(), SectionKind::ReadOnlyData | SectionKind::Data));
     let mut found = Vec::new();
     for (address, range) in data_sections.filter_map(|section| in_file(&section)) {
         let bytes = &file[range.clone()];
@@ -438,10 +405,7 @@ fn text_start(
     if header_text_start != 0 {
         return Ok(header_text_start);
     }
-    if let Some(symbol) = elf
-        .symbols()
-        .find(|symbol| symbol.name() == Ok("runtime.text"))
-    {
+    if let Some(symbol) = elf.symbols().find(|symbol| symbol.name() == Ok("runtime.text")) {
         return Ok(symbol.address());
     }
     let funcnames = pclntab_address.wrapping_add(table.funcnames as u64);
@@ -449,12 +413,12 @@ fn text_start(
     if let Some(text) = moduledata_text(elf, pclntab_address, funcnames, first_entry) {
         return Ok(text);
     }
-    elf.section_by_name(".text")
-        .map(|section| section.address())
-        .ok_or_else(|| BinaryError::CorruptPclntab {
+    elf.section_by_name(".text").map(|section| section.address()).ok_or_else(|| {
+        BinaryError::CorruptPclntab {
             path: path.to_owned(),
             reason: "no .text section to locate the Go text in".into(),
-        })
+        }
+    })
 }
 
 /// `moduledata.text` of the moduledata whose `pcHeader` is `pclntab` and `funcnametab` starts
@@ -497,10 +461,7 @@ struct Reader<'data> {
 
 impl<'data> Reader<'data> {
     fn bytes<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
-        self.data
-            .get(offset..offset.checked_add(N)?)?
-            .try_into()
-            .ok()
+        self.data.get(offset..offset.checked_add(N)?)?.try_into().ok()
     }
 
     fn u32(&self, offset: usize) -> Option<u32> {
@@ -541,11 +502,7 @@ mod tests {
         let mut seen = Vec::new();
         for toolchain in testbin::toolchains() {
             let path = testbin::build(&toolchain, Program::Workload, Variant::Plain);
-            let expected = if toolchain.minor() < 20 {
-                MAGIC_GO118
-            } else {
-                MAGIC_GO120
-            };
+            let expected = if toolchain.minor() < 20 { MAGIC_GO118 } else { MAGIC_GO120 };
             assert_eq!(magic(&path), expected, "go{}", toolchain.version);
             seen.push(expected);
         }
@@ -575,12 +532,7 @@ mod tests {
             .spawn()
             .unwrap();
         let input: String = pcs.iter().map(|pc| format!("{pc:#x}\n")).collect();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
         let output = child.wait_with_output().unwrap();
         assert!(output.status.success(), "go tool addr2line failed");
         let text = String::from_utf8(output.stdout).unwrap();
@@ -623,11 +575,8 @@ mod tests {
                             continue;
                         }
                         known += 1;
-                        let expected = SourceLocation {
-                            function: function.clone(),
-                            file: file.clone(),
-                            line,
-                        };
+                        let expected =
+                            SourceLocation { function: function.clone(), file: file.clone(), line };
                         assert_eq!(location, Some(expected), "{what} {pc:#x}");
                     }
                     assert!(known > 500, "{what}: only {known} known pcs");
@@ -639,12 +588,9 @@ mod tests {
     #[test]
     fn pcs_outside_go_code() {
         let toolchain = &testbin::toolchains()[0];
-        let binary = GoBinary::open(&testbin::build(
-            toolchain,
-            Program::Workload,
-            Variant::Stripped,
-        ))
-        .unwrap();
+        let binary =
+            GoBinary::open(&testbin::build(toolchain, Program::Workload, Variant::Stripped))
+                .unwrap();
         let last = binary.functions.all().last().unwrap().clone();
         for pc in [0, 0x1000, last.address + last.size, u64::MAX] {
             assert_eq!(binary.source_location(pc), None, "{pc:#x}");
@@ -655,10 +601,7 @@ mod tests {
         assert!(first.file.ends_with("/workload/main.go"), "{first:?}");
         // Decoded once, then cached.
         assert_eq!(binary.pclntab.lines.lock().unwrap().len(), 1);
-        assert_eq!(
-            binary.source_location(main.address + 1).unwrap().function,
-            "main.main"
-        );
+        assert_eq!(binary.source_location(main.address + 1).unwrap().function, "main.main");
         assert_eq!(binary.pclntab.lines.lock().unwrap().len(), 1);
     }
 
@@ -682,12 +625,7 @@ mod tests {
             });
             let binary = GoBinary::open(broken.path()).unwrap();
             assert_eq!(binary.function("main.main"), Some(main.clone()));
-            assert_eq!(
-                binary.source_location(main.address),
-                None,
-                "go{}",
-                toolchain.version
-            );
+            assert_eq!(binary.source_location(main.address), None, "go{}", toolchain.version);
         }
     }
 

@@ -35,14 +35,8 @@ pub fn probe_offset(code: &[u8], address: u64) -> Result<ProbeOffset, BinaryErro
     let end =
         stack_check_end(code, address).map_err(|reason| BinaryError::Code { address, reason })?;
     Ok(match end {
-        Some(offset) => ProbeOffset {
-            offset,
-            after_stack_check: true,
-        },
-        None => ProbeOffset {
-            offset: 0,
-            after_stack_check: false,
-        },
+        Some(offset) => ProbeOffset { offset, after_stack_check: true },
+        None => ProbeOffset { offset: 0, after_stack_check: false },
     })
 }
 
@@ -62,11 +56,7 @@ pub fn ret_offsets(code: &[u8], address: u64) -> Result<Vec<u64>, BinaryError> {
 /// The offset just past the stack-check JBE, or None if the code has no stack check.
 fn stack_check_end(code: &[u8], address: u64) -> Result<Option<u64>, String> {
     let mut decoded = instructions(code, address);
-    let mut next = || {
-        decoded
-            .next()
-            .unwrap_or_else(|| Err("code ends inside the prologue".into()))
-    };
+    let mut next = || decoded.next().unwrap_or_else(|| Err("code ends inside the prologue".into()));
 
     let mut first = next()?;
     if is_tls_g_load(&first) {
@@ -108,10 +98,7 @@ fn stack_check_end(code: &[u8], address: u64) -> Result<Option<u64>, String> {
 }
 
 fn unrecognised(first: &Instruction, address: u64) -> String {
-    format!(
-        "unrecognised stack-check prologue at +{:#x}",
-        first.ip().wrapping_sub(address)
-    )
+    format!("unrecognised stack-check prologue at +{:#x}", first.ip().wrapping_sub(address))
 }
 
 /// `MOVQ (TLS), R14`: `mov r14, fs:[…]`.
@@ -176,10 +163,7 @@ mod tests {
     }
 
     fn after(offset: u64) -> ProbeOffset {
-        ProbeOffset {
-            offset,
-            after_stack_check: true,
-        }
+        ProbeOffset { offset, after_stack_check: true }
     }
 
     const CMP_RSP: [u8; 4] = [0x49, 0x3b, 0x66, 0x10];
@@ -191,14 +175,8 @@ mod tests {
 
     #[test]
     fn synthetic_prologues() {
-        assert_eq!(
-            offset(&[&CMP_RSP[..], &JBE_SHORT, &PUSH_RBP].concat()).unwrap(),
-            after(6)
-        );
-        assert_eq!(
-            offset(&[&CMP_RSP[..], &JBE_NEAR, &PUSH_RBP].concat()).unwrap(),
-            after(10)
-        );
+        assert_eq!(offset(&[&CMP_RSP[..], &JBE_SHORT, &PUSH_RBP].concat()).unwrap(), after(6));
+        assert_eq!(offset(&[&CMP_RSP[..], &JBE_NEAR, &PUSH_RBP].concat()).unwrap(), after(10));
         assert_eq!(
             offset(&[&LEA_R12[..], &CMP_R12, &JBE_NEAR, &PUSH_RBP].concat()).unwrap(),
             after(15)
@@ -215,18 +193,12 @@ mod tests {
         .concat();
         assert_eq!(offset(&huge).unwrap(), after(3 + 7 + 2 + 4 + 2));
         // ABI0: MOVQ FS:-8, R14 first.
-        let abi0 = [
-            &[0x64, 0x4c, 0x8b, 0x34, 0x25, 0xf8, 0xff, 0xff, 0xff][..],
-            &CMP_RSP,
-            &JBE_SHORT,
-        ]
-        .concat();
+        let abi0 =
+            [&[0x64, 0x4c, 0x8b, 0x34, 0x25, 0xf8, 0xff, 0xff, 0xff][..], &CMP_RSP, &JBE_SHORT]
+                .concat();
         assert_eq!(offset(&abi0).unwrap(), after(15));
         // nosplit
-        let none = ProbeOffset {
-            offset: 0,
-            after_stack_check: false,
-        };
+        let none = ProbeOffset { offset: 0, after_stack_check: false };
         assert_eq!(offset(&[0x55, 0x48, 0x89, 0xe5, 0xc3]).unwrap(), none);
         assert_eq!(offset(&[0xc3]).unwrap(), none);
     }
@@ -251,10 +223,7 @@ mod tests {
         assert_eq!(ret_offsets(&[0x55, 0xc3, 0x90, 0xc3], 0).unwrap(), [1, 3]);
         assert_eq!(ret_offsets(&[], 0).unwrap(), Vec::<u64>::new());
         let err = ret_offsets(&[0xc3, 0x0f], 0x2000).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "machine code at 0x2000: truncated instruction at +0x1"
-        );
+        assert_eq!(err.to_string(), "machine code at 0x2000: truncated instruction at +0x1");
     }
 
     /// Independent of iced-x86: the raw encodings from go-runtime.md.
@@ -265,11 +234,7 @@ mod tests {
             _ => 0,
         };
         let compare = if lea == 0 { CMP_RSP } else { CMP_R12 };
-        assert_eq!(
-            code[lea..lea + 4],
-            compare,
-            "stack check expected at +{lea}"
-        );
+        assert_eq!(code[lea..lea + 4], compare, "stack check expected at +{lea}");
         match code[lea + 4] {
             0x76 => lea as u64 + 4 + 2,
             0x0f if code[lea + 5] == 0x86 => lea as u64 + 4 + 6,
@@ -284,39 +249,20 @@ mod tests {
             let path = testbin::build(&toolchain, Program::Workload, Variant::Stripped);
             let binary = GoBinary::open(&path).unwrap();
             let minor = binary.build_info().release.minor;
-            for name in [
-                "runtime.deferproc",
-                "runtime.mapassign_faststr",
-                "runtime.deferreturn",
-            ] {
+            for name in ["runtime.deferproc", "runtime.mapassign_faststr", "runtime.deferreturn"] {
                 let function = binary.function(name).unwrap();
                 let code = binary.function_code(&function).unwrap();
                 let probe = binary.probe_offset(&function).unwrap();
                 assert!(probe.after_stack_check, "go{release} {name}");
-                assert_eq!(
-                    probe.offset,
-                    expected_from_bytes(code),
-                    "go{release} {name}"
-                );
+                assert_eq!(probe.offset, expected_from_bytes(code), "go{release} {name}");
             }
             let mapassign = binary.function("runtime.mapassign_faststr").unwrap();
             let expected = if minor <= 23 { 10 } else { 15 };
-            assert_eq!(
-                binary.probe_offset(&mapassign).unwrap(),
-                after(expected),
-                "go{release}"
-            );
+            assert_eq!(binary.probe_offset(&mapassign).unwrap(), after(expected), "go{release}");
 
             let stack = binary.function("runtime.deferprocStack").unwrap();
             let probe = binary.probe_offset(&stack).unwrap();
-            assert_eq!(
-                probe,
-                ProbeOffset {
-                    offset: 0,
-                    after_stack_check: false
-                },
-                "go{release}"
-            );
+            assert_eq!(probe, ProbeOffset { offset: 0, after_stack_check: false }, "go{release}");
         }
     }
 

@@ -62,11 +62,7 @@ impl FunctionTable {
             (&function.name, *wrapper, function.address)
         });
         let by_address = entries.into_iter().map(|entry| entry.function).collect();
-        Ok(FunctionTable {
-            by_address,
-            by_name,
-            source,
-        })
+        Ok(FunctionTable { by_address, by_name, source })
     }
 
     pub(super) fn source(&self) -> FunctionSource {
@@ -75,26 +71,18 @@ impl FunctionTable {
 
     /// Functions in name order, from the first one not sorting before `name`.
     fn named_from(&self, name: &str) -> impl Iterator<Item = &Function> {
-        let start = self
-            .by_name
-            .partition_point(|&index| self.by_address[index].name.as_str() < name);
-        self.by_name[start..]
-            .iter()
-            .map(|&index| &self.by_address[index])
+        let start =
+            self.by_name.partition_point(|&index| self.by_address[index].name.as_str() < name);
+        self.by_name[start..].iter().map(|&index| &self.by_address[index])
     }
 
     pub(super) fn get(&self, name: &str) -> Option<&Function> {
-        self.named_from(name)
-            .next()
-            .filter(|function| function.name == name)
+        self.named_from(name).next().filter(|function| function.name == name)
     }
 
     pub(super) fn with_prefix(&self, prefix: &str) -> Vec<Function> {
-        let mut found: Vec<Function> = self
-            .named_from(prefix)
-            .take_while(|f| f.name.starts_with(prefix))
-            .cloned()
-            .collect();
+        let mut found: Vec<Function> =
+            self.named_from(prefix).take_while(|f| f.name.starts_with(prefix)).cloned().collect();
         found.sort_by_key(|f| f.address);
         found
     }
@@ -123,15 +111,9 @@ fn from_symtab(path: &Path, elf: &ElfFile64<'_, Endianness>) -> Result<Vec<Entry
                 path: path.to_owned(),
                 reason: err.to_string(),
             })?;
-            let function = Function {
-                name: name.to_owned(),
-                address: symbol.address(),
-                size: symbol.size(),
-            };
-            Ok(Entry {
-                function,
-                wrapper: false,
-            })
+            let function =
+                Function { name: name.to_owned(), address: symbol.address(), size: symbol.size() };
+            Ok(Entry { function, wrapper: false })
         })
         .collect()
 }
@@ -145,15 +127,10 @@ fn from_pclntab(path: &Path, pclntab: &Pclntab, file: &[u8]) -> Result<Vec<Entry
     let functions: Vec<(Function, u8)> = pclntab
         .functions(file)
         .map(|entry| {
-            let entry = entry.map_err(|reason| BinaryError::CorruptPclntab {
-                path: path.to_owned(),
-                reason,
-            })?;
-            let function = Function {
-                name: entry.name.to_owned(),
-                address: entry.address,
-                size: entry.size,
-            };
+            let entry = entry
+                .map_err(|reason| BinaryError::CorruptPclntab { path: path.to_owned(), reason })?;
+            let function =
+                Function { name: entry.name.to_owned(), address: entry.address, size: entry.size };
             Ok((function, entry.func_id))
         })
         .collect::<Result<_, BinaryError>>()?;
@@ -163,9 +140,6 @@ fn from_pclntab(path: &Path, pclntab: &Pclntab, file: &[u8]) -> Result<Vec<Entry
         .map(|&(_, func_id)| func_id);
     Ok(functions
         .into_iter()
-        .map(|(function, func_id)| Entry {
-            function,
-            wrapper: Some(func_id) == wrapper_id,
-        })
+        .map(|(function, func_id)| Entry { function, wrapper: Some(func_id) == wrapper_id })
         .collect())
 }

@@ -28,9 +28,7 @@ pub const FUNCTIONS: [&str; 5] = [
 const DEBIAN_GO_119: &str = "/usr/lib/go-1.19";
 
 fn workspace() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("deferprobe is inside the workspace")
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("deferprobe is inside the workspace")
 }
 
 /// A Go toolchain, e.g. version "1.27.3".
@@ -42,9 +40,7 @@ pub struct Toolchain {
 impl Toolchain {
     pub fn minor(&self) -> u32 {
         let minor = self.version.split('.').nth(1);
-        minor
-            .and_then(|minor| minor.parse().ok())
-            .expect("version 1.N[.P]")
+        minor.and_then(|minor| minor.parse().ok()).expect("version 1.N[.P]")
     }
 
     pub fn go(&self) -> PathBuf {
@@ -67,21 +63,14 @@ pub fn toolchains() -> Vec<Toolchain> {
             goroot: workspace().join("target/go").join(version).join("go"),
         })
         .collect();
-    assert!(
-        !toolchains.is_empty(),
-        "{} lists no Go release",
-        list.display()
-    );
+    assert!(!toolchains.is_empty(), "{} lists no Go release", list.display());
     for toolchain in &toolchains {
         require(
             toolchain,
             "run `cargo xtask setup` to install the Go toolchains of tests/go/releases.txt",
         );
     }
-    let debian = Toolchain {
-        version: String::new(),
-        goroot: PathBuf::from(DEBIAN_GO_119),
-    };
+    let debian = Toolchain { version: String::new(), goroot: PathBuf::from(DEBIAN_GO_119) };
     require(
         &debian,
         "the tests need Go 1.19 from Debian (their only Go 1.18-1.19 pclntab): run \
@@ -89,20 +78,13 @@ pub fn toolchains() -> Vec<Toolchain> {
     );
     let version = std::fs::read_to_string(debian.goroot.join("VERSION")).unwrap();
     let version = version.lines().next().unwrap_or_default();
-    toolchains.push(Toolchain {
-        version: version.trim_start_matches("go").to_owned(),
-        ..debian
-    });
+    toolchains.push(Toolchain { version: version.trim_start_matches("go").to_owned(), ..debian });
     toolchains
 }
 
 /// Fails the test, saying how to install it, if `toolchain` is missing.
 fn require(toolchain: &Toolchain, install: &str) {
-    assert!(
-        toolchain.go().is_file(),
-        "{} is missing: {install}",
-        toolchain.go().display()
-    );
+    assert!(toolchain.go().is_file(), "{} is missing: {install}", toolchain.go().display());
 }
 
 /// A program of tests/go.
@@ -127,10 +109,7 @@ impl Program {
 
     /// Its main.go.
     pub fn source(self) -> PathBuf {
-        workspace()
-            .join("tests/go")
-            .join(self.dir())
-            .join("main.go")
+        workspace().join("tests/go").join(self.dir()).join("main.go")
     }
 }
 
@@ -146,12 +125,8 @@ pub enum Variant {
 }
 
 impl Variant {
-    pub const ALL: [Variant; 4] = [
-        Variant::Plain,
-        Variant::Stripped,
-        Variant::Pie,
-        Variant::PieStripped,
-    ];
+    pub const ALL: [Variant; 4] =
+        [Variant::Plain, Variant::Stripped, Variant::Pie, Variant::PieStripped];
 
     fn flags(self) -> &'static [&'static str] {
         match self {
@@ -185,8 +160,7 @@ pub fn build(toolchain: &Toolchain, program: Program, variant: Variant) -> PathB
         .entry(key)
         .or_default()
         .clone();
-    slot.get_or_init(|| build_now(toolchain, program, variant))
-        .clone()
+    slot.get_or_init(|| build_now(toolchain, program, variant)).clone()
 }
 
 fn build_now(toolchain: &Toolchain, program: Program, variant: Variant) -> PathBuf {
@@ -196,11 +170,7 @@ fn build_now(toolchain: &Toolchain, program: Program, variant: Variant) -> PathB
         .join(format!("go{}", toolchain.version))
         .join(format!("{variant:?}").to_lowercase())
         .join(format!("{program:?}").to_lowercase());
-    let modified = |path: &Path| {
-        std::fs::metadata(path)
-            .and_then(|meta| meta.modified())
-            .ok()
-    };
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|meta| meta.modified()).ok();
     let inputs = std::fs::read_dir(sources.join(program.dir()))
         .unwrap_or_else(|err| panic!("{}: {err}", sources.display()))
         .filter_map(|entry| Some(entry.ok()?.path()))
@@ -219,10 +189,7 @@ fn build_now(toolchain: &Toolchain, program: Program, variant: Variant) -> PathB
         .arg(format!("./{}", program.dir()))
         .current_dir(&sources)
         .env("GOTOOLCHAIN", "local")
-        .env(
-            "GOCACHE",
-            workspace().join("target/go-cache").join(&toolchain.version),
-        )
+        .env("GOCACHE", workspace().join("target/go-cache").join(&toolchain.version))
         .env("GOPATH", workspace().join("target/go-path"))
         .env("GOFLAGS", "-mod=mod")
         .env("CGO_ENABLED", cgo)
@@ -252,12 +219,7 @@ pub fn source_line(program: Program, text: &str) -> u32 {
         .filter(|(_, line)| line.contains(text))
         .map(|(index, _)| index + 1)
         .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{}: lines containing {text:?}",
-        path.display()
-    );
+    assert_eq!(lines.len(), 1, "{}: lines containing {text:?}", path.display());
     lines[0] as u32
 }
 
@@ -270,10 +232,8 @@ impl TempFile {
     pub fn new(name: &str, contents: &[u8]) -> TempFile {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
         let unique = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "deferprobe-binary-test-{}-{unique}-{name}",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir()
+            .join(format!("deferprobe-binary-test-{}-{unique}-{name}", std::process::id()));
         std::fs::write(&path, contents).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
         TempFile { path }
     }
@@ -304,12 +264,9 @@ struct SectionLocation {
 
 fn locate_section(bytes: &[u8], name: &str) -> SectionLocation {
     let elf = ElfFile64::<object::Endianness>::parse(bytes).unwrap();
-    let section = elf
-        .section_by_name(name)
-        .unwrap_or_else(|| panic!("no section {name}"));
-    let (offset, size) = section
-        .file_range()
-        .unwrap_or_else(|| panic!("{name} has no file contents"));
+    let section = elf.section_by_name(name).unwrap_or_else(|| panic!("no section {name}"));
+    let (offset, size) =
+        section.file_range().unwrap_or_else(|| panic!("{name} has no file contents"));
     let endian = elf.endian();
     let table = elf.elf_header().e_shoff.get(endian) as usize;
     let entry_size = usize::from(elf.elf_header().e_shentsize.get(endian));
@@ -341,9 +298,7 @@ pub fn replace_in_section(bytes: &mut [u8], name: &str, from: &[u8], to: &[u8]) 
     assert_eq!(from.len(), to.len());
     let contents = locate_section(bytes, name).contents;
     let section = &mut bytes[contents];
-    let at = section
-        .windows(from.len())
-        .position(|window| window == from);
+    let at = section.windows(from.len()).position(|window| window == from);
     let at = at.unwrap_or_else(|| panic!("{name} does not contain {from:?}"));
     section[at..at + to.len()].copy_from_slice(to);
 }
@@ -359,9 +314,7 @@ pub fn scramble_section(bytes: &mut [u8], name: &str, from: usize) {
 #[test]
 #[should_panic(expected = "run `cargo xtask setup`")]
 fn missing_toolchains_fail_loudly() {
-    let missing = Toolchain {
-        version: "0.0.0".to_owned(),
-        goroot: workspace().join("target/go/0.0.0/go"),
-    };
+    let missing =
+        Toolchain { version: "0.0.0".to_owned(), goroot: workspace().join("target/go/0.0.0/go") };
     require(&missing, "run `cargo xtask setup`");
 }
