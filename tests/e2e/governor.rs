@@ -13,10 +13,10 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
     thread::sleep(Duration::from_millis(200));
     let report_file = report_path("governor");
     let mut cmd = deferprobe();
-    // ~700 defer hits/s and ~4,000 allocation and map-write hits/s: far over 2% of a CPU at
-    // this VM's cost per hit, so both sampled families must degrade.
+    // ~700 defer hits/s and ~4,000 allocation and map-write hits/s: well over 0.1% of a CPU at
+    // any realistic cost per hit, so the sampled families must degrade.
     cmd.args(["run", "--pid", &service.id().to_string(), "--duration", "4s", "--interval", "1s"])
-        .args(["--max-overhead", "2", "--log-format", "json", "--report"])
+        .args(["--max-overhead", "0.1", "--log-format", "json", "--report"])
         .arg(&report_file);
     let tracer = Running::spawn(cmd);
     let (code, stdout, stderr) = tracer.finish();
@@ -30,7 +30,7 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
     let hit_cost_ns = report["governor"]["hit_cost_ns"].as_u64().expect("calibrated cost");
     assert_eq!(calibrated[0]["hit_cost_ns"], hit_cost_ns);
     assert!(hit_cost_ns > 100, "a uprobe hit can't cost {hit_cost_ns} ns");
-    assert_eq!(report["governor"]["max_overhead_percent"], 2.0);
+    assert_eq!(report["governor"]["max_overhead_percent"], 0.1);
 
     let changes = json_logs(&stderr, "governor changed a duty cycle");
     assert!(!changes.is_empty(), "{}", stderr.join("\n"));
@@ -53,7 +53,7 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
         notes.iter().any(|n| n.as_str().unwrap().starts_with("allocations probes were sampled")),
         "{report}"
     );
-    assert!(stdout.contains("sampled to stay under 2% of a CPU"), "{stdout}");
+    assert!(stdout.contains("sampled to stay under 0.1% of a CPU"), "{stdout}");
 
     // Defer probes stayed on: the leak's site accounts for every pending record.
     let pump = report["sites"]

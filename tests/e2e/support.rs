@@ -48,8 +48,8 @@ pub fn require_root() {
 }
 
 /// `run` flags for tests that check exact allocation or map-write counts, or captured maps:
-/// keep every probe attached. On this VM a uprobe hit costs ~40x bare metal, so the default
-/// overhead budget would make the governor (tested on its own in governor.rs) sample them.
+/// keep every probe attached, whatever this machine's calibrated cost per hit makes of the
+/// default budget (the governor is tested on its own, in governor.rs).
 pub const ALL_PROBES_ON: [&str; 2] = ["--max-overhead", "1000"];
 
 pub fn deferprobe() -> Command {

@@ -8,6 +8,7 @@
 //! - `test-matrix`  every Go release × build variant of tests/go/matrix.txt, and its e2e tests
 //! - `layout-table` check deferprobe's built-in struct offsets against every toolchain's DWARF
 //! - `fuzz`         run the cargo-fuzz targets of fuzz/ (docs/FUZZING.md)
+//! - `bench`        the performance benchmarks of BENCHMARKS.md
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
@@ -18,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod fuzz;
 mod layout_table;
 mod matrix;
@@ -64,6 +66,15 @@ enum Task {
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
+    /// Run the benchmarks (as root) and write the results into BENCHMARKS.md.
+    Bench {
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 2000)]
+        calls: u64,
+        #[arg(long, default_value_t = 5)]
+        service_secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -85,6 +96,7 @@ fn run(task: Task) -> Result<()> {
         Task::TestMatrix { test_args } => matrix::test_matrix(&test_args),
         Task::LayoutTable => layout_table::layout_table(),
         Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
+        Task::Bench { reps, calls, service_secs } => bench::bench(reps, calls, service_secs),
     }
 }
 
@@ -162,7 +174,12 @@ fn go_programs() -> Result<()> {
     let mut programs = Vec::new();
     for entry in std::fs::read_dir(&sources)? {
         let entry = entry?;
-        if entry.file_type()?.is_dir() && entry.path().join("main.go").exists() {
+        // bench* programs are built by `cargo xtask bench` itself (benchbig is 40+ MB).
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_dir()
+            && entry.path().join("main.go").exists()
+            && !name.starts_with("bench")
+        {
             programs.push(entry.file_name().to_string_lossy().into_owned());
         }
     }
@@ -207,10 +224,15 @@ fn demo(duration: &str) -> Result<()> {
     thread::sleep(Duration::from_millis(300));
     eprintln!("[xtask] demo service running as pid {}; tracing it for {duration}", service.id());
     let traced = Command::new(root.join("target/release/deferprobe"))
-        .args(["run", "--pid", &service.id().to_string(), "--duration", duration, "--interval", "1s"])
-        // A uprobe hit costs ~40x bare metal on the VMs this is developed on: show every probe
-        // rather than the governor's sampling (README, "Overhead governor").
-        .args(["--max-overhead", "50"])
+        .args([
+            "run",
+            "--pid",
+            &service.id().to_string(),
+            "--duration",
+            duration,
+            "--interval",
+            "1s",
+        ])
         .status();
     let _ = service.kill();
     let _ = service.wait();
