@@ -100,6 +100,14 @@ pub struct ProbeConfig {
     /// ELF virtual address of the mallocgc probe. The mallocgc program compares it with the
     /// address it really fires at to learn the load bias of position-independent binaries.
     pub mallocgc_probe: u64,
+    /// ELF virtual address range `[start, end)` of the executable's file-backed segments. A
+    /// closure in there is a static funcval: it captures nothing, so deferproc skips the
+    /// capture check.
+    pub image_start: u64,
+    pub image_end: u64,
+    /// 1 if the executable is position-independent (its load bias is learned at runtime, see
+    /// `mallocgc_probe`), else 0.
+    pub pie: u64,
 }
 
 impl ProbeConfig {
@@ -110,6 +118,9 @@ impl ProbeConfig {
         mallocgc_start: 0,
         mallocgc_end: 0,
         mallocgc_probe: 0,
+        image_start: 0,
+        image_end: 0,
+        pie: 0,
     };
 }
 

@@ -141,6 +141,17 @@ fn emit<T: 'static>(event: T) {
     }
 }
 
+/// Runtime address − ELF virtual address of the executable: 0 unless it is position-independent,
+/// then learned from where the mallocgc probe fired (None until it has).
+#[inline(always)]
+fn image_bias(config: &ProbeConfig) -> Option<u64> {
+    if config.pie == 0 {
+        return Some(0);
+    }
+    let seen_at = MALLOCGC_PROBE_SEEN_AT.get(0).copied().unwrap_or(0);
+    (seen_at != 0).then(|| seen_at.wrapping_sub(config.mallocgc_probe))
+}
+
 /// `runtime.mapassign`, `_fast32`, `_fast64`, `_fast64ptr`, `_faststr`: RAX = map type,
 /// RBX = the map. Known maps get their write count bumped; a new one enters the set and is
 /// announced to userspace once.
@@ -191,21 +202,29 @@ fn on_deferproc(ctx: &ProbeContext) -> u32 {
         _padding: [0; 8 - CAPTURE_WORDS % 8],
     };
     reads.finish();
-    // Speculative from here: words past the closure's end (filtered out in userspace, which
-    // knows the size) and the words they may point to can legitimately be unreadable.
-    for i in 0..CAPTURE_WORDS {
-        let Some(word) = read_user_u64(closure + 8 * (i as u64 + 1)) else { break };
-        if word == 0 {
-            continue;
-        }
-        // SAFETY: lookups only; the values are not used.
-        if unsafe { KNOWN_MAPS.get(&word) }.is_some() {
-            event.captured_maps[i] = word;
-            event.capture_kinds[i] = CaptureKind::ByValue as u8;
-        } else if let Some(target) = read_user_u64(word) {
-            if target != 0 && unsafe { KNOWN_MAPS.get(&target) }.is_some() {
-                event.captured_maps[i] = target;
-                event.capture_kinds[i] = CaptureKind::ByReference as u8;
+    // A closure inside the executable's image is a static funcval: it captures nothing.
+    // Otherwise the reads are speculative: words past the closure's end (filtered out in
+    // userspace, which knows the size) and the words they may point to can be unreadable.
+    let config = PROBE_CONFIG.load();
+    let is_static = image_bias(&config).is_some_and(|bias| {
+        let closure = closure.wrapping_sub(bias);
+        closure >= config.image_start && closure < config.image_end
+    });
+    if !is_static {
+        for i in 0..CAPTURE_WORDS {
+            let Some(word) = read_user_u64(closure + 8 * (i as u64 + 1)) else { break };
+            if word == 0 {
+                continue;
+            }
+            // SAFETY: lookups only; the values are not used.
+            if unsafe { KNOWN_MAPS.get(&word) }.is_some() {
+                event.captured_maps[i] = word;
+                event.capture_kinds[i] = CaptureKind::ByValue as u8;
+            } else if let Some(target) = read_user_u64(word) {
+                if target != 0 && unsafe { KNOWN_MAPS.get(&target) }.is_some() {
+                    event.captured_maps[i] = target;
+                    event.capture_kinds[i] = CaptureKind::ByReference as u8;
+                }
             }
         }
     }

@@ -167,6 +167,8 @@ pub struct ProbePlan {
     pub absent: Vec<String>,
     /// `[start, end)` of runtime.mallocgc (ELF virtual addresses).
     pub mallocgc_range: (u64, u64),
+    /// `[start, end)` of the executable's file-backed segments (ELF virtual addresses).
+    pub image_range: (u64, u64),
 }
 
 impl ProbePlan {
@@ -224,6 +226,7 @@ impl ProbePlan {
             probes,
             absent,
             mallocgc_range: mallocgc,
+            image_range: binary.image_range(),
         })
     }
 

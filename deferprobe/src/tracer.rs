@@ -281,6 +281,9 @@ fn probe_config(plan: &ProbePlan) -> ProbeConfig {
         mallocgc_start: plan.mallocgc_range.0,
         mallocgc_end: plan.mallocgc_range.1,
         mallocgc_probe: mallocgc.map_or(0, |p| p.address + p.attach_offset),
+        image_start: plan.image_range.0,
+        image_end: plan.image_range.1,
+        pie: u64::from(plan.pie),
     }
 }
 

@@ -102,6 +102,14 @@ impl GoBinary {
         &self.build_info
     }
 
+    /// ELF virtual address range `[start, end)` of the file-backed parts of the PT_LOAD
+    /// segments: code, read-only data (static closures live there), initialised data.
+    pub fn image_range(&self) -> (u64, u64) {
+        let start = self.segments.iter().map(|segment| segment.vaddr).min().unwrap_or(0);
+        let end = self.segments.iter().map(|segment| segment.vaddr + segment.filesz).max().unwrap_or(0);
+        (start, end)
+    }
+
     /// The ELF virtual address the start of the file is loaded at (Go links PIE binaries at
     /// 0x400000, not 0). A process's load bias is where it mapped file offset 0 minus this.
     pub fn file_start_vaddr(&self) -> u64 {
