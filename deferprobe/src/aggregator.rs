@@ -175,7 +175,25 @@ struct GoroutineState {
     /// Oldest first.
     pending: Vec<PendingDefer>,
     /// This goroutine's totals per defer site.
-    sites: HashMap<u64, SiteTotals>,
+    sites: GoroutineSites,
+}
+
+/// One goroutine's totals per defer site. A goroutine touches few defer sites, so a short
+/// vector: a hash map per goroutine would cost far more memory with many goroutines.
+#[derive(Debug, Default)]
+struct GoroutineSites(Vec<(u64, SiteTotals)>);
+
+impl GoroutineSites {
+    fn entry(&mut self, pc: u64) -> &mut SiteTotals {
+        let index = match self.0.iter().position(|(site, _)| *site == pc) {
+            Some(index) => index,
+            None => {
+                self.0.push((pc, SiteTotals::default()));
+                self.0.len() - 1
+            }
+        };
+        &mut self.0[index].1
+    }
 }
 
 /// Pairs pending records with the records of a `_defer` chain: first by closure and SP (the
@@ -280,13 +298,12 @@ impl Aggregator {
                 match adopted_twin {
                     Some(index) => {
                         goroutine.pending[index] = record;
-                        for totals in [&mut goroutine.sites, &mut self.sites] {
-                            totals.entry(e.caller_pc).or_default().adopted -= 1;
-                        }
+                        goroutine.sites.entry(e.caller_pc).adopted -= 1;
+                        self.sites.entry(e.caller_pc).or_default().adopted -= 1;
                     }
                     None => goroutine.pending.push(record),
                 }
-                goroutine.sites.entry(e.caller_pc).or_default().registered += 1;
+                goroutine.sites.entry(e.caller_pc).registered += 1;
             }
             Event::DeferReturn(e) => {
                 self.events.defer_return += 1;
@@ -330,7 +347,7 @@ impl Aggregator {
         pending.retain(|record| {
             if runs(record) {
                 self.sites.entry(record.caller_pc).or_default().released += 1;
-                sites.entry(record.caller_pc).or_default().released += 1;
+                sites.entry(record.caller_pc).released += 1;
                 false
             } else {
                 true
@@ -439,7 +456,7 @@ impl Aggregator {
             goroutine.g = g;
         }
         for record in &found {
-            goroutine.sites.entry(record.caller_pc).or_default().adopted += 1;
+            goroutine.sites.entry(record.caller_pc).adopted += 1;
             self.sites.entry(record.caller_pc).or_default().adopted += 1;
         }
         let adopted = found.len() as u64;
@@ -472,7 +489,7 @@ impl Aggregator {
 
     /// `goid`'s totals per defer site (caller PC).
     pub fn goroutine_sites(&self, goid: u64) -> impl Iterator<Item = (u64, SiteTotals)> + '_ {
-        self.goroutines.get(&goid).into_iter().flat_map(|g| g.sites.iter().map(|(pc, t)| (*pc, *t)))
+        self.goroutines.get(&goid).into_iter().flat_map(|g| g.sites.0.iter().copied())
     }
 
     /// Per-site totals, keyed by caller PC.
