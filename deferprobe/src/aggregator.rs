@@ -9,7 +9,7 @@
 //! goroutine's `g._defer` chain (the runtime's truth) corrects all of these. Goroutines are keyed
 //! by goid, which, unlike the g struct, is never reused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use deferprobe_common::{
     CAPTURE_WORDS, CaptureKind, DeferRegistered, DeferReturn, EventHeader, EventKind,
@@ -117,7 +117,13 @@ pub struct MapInfo {
     pub first_goid: u64,
     /// Return address into the function that first wrote it while traced.
     pub first_pc: u64,
+    /// Pending records whose closures captured it: while non-zero it stays in the table.
+    captured_by: u32,
 }
+
+/// How many maps the aggregator remembers (beyond those pending closures capture): twice the
+/// kernel's known-maps set, which is all capture detection can recognise anyway.
+const MAP_TABLE_CAPACITY: usize = 2 * deferprobe_common::KNOWN_MAPS_CAPACITY as usize;
 
 /// Registered and released heap defers of one defer site (the PC after the deferproc call).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -176,6 +182,18 @@ struct GoroutineState {
     pending: Vec<PendingDefer>,
     /// This goroutine's totals per defer site.
     sites: GoroutineSites,
+}
+
+impl GoroutineState {
+    /// Most goroutines hold one record at one site: start small (vectors otherwise reserve
+    /// four elements on the first push).
+    fn new() -> Self {
+        GoroutineState {
+            g: 0,
+            pending: Vec::with_capacity(1),
+            sites: GoroutineSites(Vec::with_capacity(1)),
+        }
+    }
 }
 
 /// One goroutine's totals per defer site. A goroutine touches few defer sites, so a short
@@ -244,7 +262,10 @@ fn pair_with_chain(
 pub struct Aggregator {
     goroutines: HashMap<u64, GoroutineState>,
     sites: HashMap<u64, SiteTotals>,
+    /// Maps seen by mapassign, bounded: the oldest uncaptured ones are forgotten first.
     maps: HashMap<u64, MapInfo>,
+    /// `maps`' keys, oldest first.
+    map_order: VecDeque<u64>,
     events: EventTotals,
 }
 
@@ -274,7 +295,12 @@ impl Aggregator {
                             Some(Capture { word: word as u8, kind, map: e.captured_maps[word] });
                     }
                 }
-                let goroutine = self.goroutines.entry(goid).or_default();
+                for capture in captures.iter().flatten() {
+                    if let Some(map) = self.maps.get_mut(&capture.map) {
+                        map.captured_by += 1;
+                    }
+                }
+                let goroutine = self.goroutines.entry(goid).or_insert_with(GoroutineState::new);
                 goroutine.g = e.g;
                 let record = PendingDefer {
                     closure: e.closure,
@@ -325,11 +351,33 @@ impl Aggregator {
             }
             Event::MapSeen(e) => {
                 self.events.map_seen += 1;
-                self.maps.entry(e.map).or_insert(MapInfo {
-                    map_type: e.map_type,
-                    first_goid: goid,
-                    first_pc: e.caller_pc,
-                });
+                if self.maps.contains_key(&e.map) {
+                    return; // seen again after the kernel's set evicted it: same map
+                }
+                self.maps.insert(
+                    e.map,
+                    MapInfo { map_type: e.map_type, first_goid: goid, first_pc: e.caller_pc, captured_by: 0 },
+                );
+                self.map_order.push_back(e.map);
+                self.forget_old_maps();
+            }
+        }
+    }
+
+    /// Keeps the map table within [`MAP_TABLE_CAPACITY`], forgetting the oldest maps no pending
+    /// closure captured (captured ones go to the back of the line).
+    fn forget_old_maps(&mut self) {
+        let mut looked_at = 0;
+        while self.maps.len() > MAP_TABLE_CAPACITY && looked_at < self.map_order.len() {
+            let Some(map) = self.map_order.pop_front() else { break };
+            match self.maps.get(&map) {
+                Some(info) if info.captured_by > 0 => {
+                    self.map_order.push_back(map);
+                    looked_at += 1;
+                }
+                _ => {
+                    self.maps.remove(&map);
+                }
             }
         }
     }
@@ -348,6 +396,11 @@ impl Aggregator {
             if runs(record) {
                 self.sites.entry(record.caller_pc).or_default().released += 1;
                 sites.entry(record.caller_pc).released += 1;
+                for capture in record.captures() {
+                    if let Some(map) = self.maps.get_mut(&capture.map) {
+                        map.captured_by = map.captured_by.saturating_sub(1);
+                    }
+                }
                 false
             } else {
                 true
@@ -432,7 +485,7 @@ impl Aggregator {
         if runtime.goid == 0 || runtime.defers.iter().all(|record| !record.heap) {
             return 0;
         }
-        let goroutine = self.goroutines.entry(runtime.goid).or_default();
+        let goroutine = self.goroutines.entry(runtime.goid).or_insert_with(GoroutineState::new);
         let (_, paired) = pair_with_chain(&goroutine.pending, &runtime.defers);
         // Oldest first, as `pending` is kept.
         let found: Vec<PendingDefer> = runtime
@@ -862,5 +915,43 @@ mod tests {
             agg.apply(&returned(4, sp));
         }
         assert_eq!(agg.pending_heap_defers(), 0);
+    }
+
+    #[test]
+    fn the_map_table_is_bounded_but_keeps_captured_maps() {
+        let mut agg = Aggregator::new();
+        let seen = |map: u64| {
+            Event::MapSeen(MapSeen {
+                header: header(EventKind::MapSeen, 1, 0),
+                map,
+                map_type: 0x4a_0000,
+                caller_pc: 0x401234,
+            })
+        };
+        agg.apply(&seen(0xc000_0000));
+        let mut event = DeferRegistered {
+            header: header(EventKind::DeferRegistered, 2, 0),
+            caller_pc: 0x401000,
+            caller_sp: 0xc000_8000,
+            g: 0xc000_1000,
+            ..Default::default()
+        };
+        event.captured_maps[0] = 0xc000_0000;
+        event.capture_kinds[0] = CaptureKind::ByValue as u8;
+        agg.apply(&Event::DeferRegistered(event));
+        for i in 1..=MAP_TABLE_CAPACITY as u64 + 10 {
+            agg.apply(&seen(0xd000_0000 + i * 16));
+        }
+        assert_eq!(agg.maps.len(), MAP_TABLE_CAPACITY);
+        assert!(agg.map(0xc000_0000).is_some(), "a captured map is kept");
+        assert!(agg.map(0xd000_0010).is_none(), "the oldest uncaptured map is forgotten");
+        // Once its closure ran, the captured map can be forgotten like any other (it went to
+        // the back of the line when it was kept).
+        agg.apply(&returned(2, 0xc000_8000));
+        for i in 0..MAP_TABLE_CAPACITY as u64 {
+            agg.apply(&seen(0xe000_0000 + i * 16));
+        }
+        assert!(agg.map(0xc000_0000).is_none());
+        assert_eq!(agg.maps.len(), MAP_TABLE_CAPACITY);
     }
 }
