@@ -108,6 +108,12 @@ impl PendingDefer {
     pub fn captures(&self) -> impl Iterator<Item = &Capture> {
         self.captures.iter().flatten()
     }
+
+    /// The captures that lie inside the closure, given its size in captured words (the kernel
+    /// inspects a fixed number of words, which may run into a neighbouring object).
+    pub fn captures_within(&self, words: usize) -> impl Iterator<Item = &Capture> {
+        self.captures().filter(move |capture| usize::from(capture.word) < words)
+    }
 }
 
 /// A map seen by a mapassign probe.
@@ -174,7 +180,7 @@ impl std::ops::AddAssign for Reconciled {
 
 /// A goroutine that registered heap defers while traced; dropped when it exits (or its g is
 /// found running another goroutine).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct GoroutineState {
     /// The goroutine's g struct, from its latest registration.
     g: u64,
@@ -184,10 +190,10 @@ struct GoroutineState {
     sites: GoroutineSites,
 }
 
-impl GoroutineState {
+impl Default for GoroutineState {
     /// Most goroutines hold one record at one site: start small (vectors otherwise reserve
     /// four elements on the first push).
-    fn new() -> Self {
+    fn default() -> Self {
         GoroutineState {
             g: 0,
             pending: Vec::with_capacity(1),
@@ -300,7 +306,7 @@ impl Aggregator {
                         map.captured_by += 1;
                     }
                 }
-                let goroutine = self.goroutines.entry(goid).or_insert_with(GoroutineState::new);
+                let goroutine = self.goroutines.entry(goid).or_default();
                 goroutine.g = e.g;
                 let record = PendingDefer {
                     closure: e.closure,
@@ -356,7 +362,12 @@ impl Aggregator {
                 }
                 self.maps.insert(
                     e.map,
-                    MapInfo { map_type: e.map_type, first_goid: goid, first_pc: e.caller_pc, captured_by: 0 },
+                    MapInfo {
+                        map_type: e.map_type,
+                        first_goid: goid,
+                        first_pc: e.caller_pc,
+                        captured_by: 0,
+                    },
                 );
                 self.map_order.push_back(e.map);
                 self.forget_old_maps();
@@ -485,7 +496,7 @@ impl Aggregator {
         if runtime.goid == 0 || runtime.defers.iter().all(|record| !record.heap) {
             return 0;
         }
-        let goroutine = self.goroutines.entry(runtime.goid).or_insert_with(GoroutineState::new);
+        let goroutine = self.goroutines.entry(runtime.goid).or_default();
         let (_, paired) = pair_with_chain(&goroutine.pending, &runtime.defers);
         // Oldest first, as `pending` is kept.
         let found: Vec<PendingDefer> = runtime

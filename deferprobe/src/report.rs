@@ -9,7 +9,7 @@ use std::{
 use deferprobe_common::{CaptureKind, Counter, Counters};
 use serde::Serialize;
 
-use crate::aggregator::{Aggregator, Capture, PendingDefer};
+use crate::aggregator::{Aggregator, PendingDefer};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -289,16 +289,6 @@ pub struct Lookups<'a> {
     pub min_pending: u64,
 }
 
-/// The captures of `record` that lie inside its closure; None when the closure's size is
-/// unknown (then nothing is attributed).
-fn real_captures<'r>(
-    record: &'r PendingDefer,
-    lookups: &Lookups,
-) -> Option<impl Iterator<Item = &'r Capture> + 'r> {
-    let words = (lookups.closure_words)(record.closure_fn.wrapping_sub(lookups.bias))?;
-    Some(record.captures().filter(move |capture| usize::from(capture.word) < words))
-}
-
 /// Estimated bytes a map holds: its slots (key + element, plus a control byte) at Go's
 /// maximum load factor of 7/8, plus the header. An estimate: overflow buckets, pointed-to
 /// data (string bytes, ...) and allocation rounding are not counted.
@@ -344,20 +334,18 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
             let mut by_reference = HashSet::new();
             let mut closure_bytes = 0;
             for record in frame {
-                match real_captures(record, lookups) {
-                    Some(captures) => {
-                        for capture in captures {
-                            match capture.kind {
-                                CaptureKind::ByReference => by_reference.insert(capture.map),
-                                _ => by_value.insert(capture.map),
-                            };
-                        }
-                    }
-                    None => closures_of_unknown_size += 1,
+                // Unknown size: nothing is attributed to the closure.
+                let words = (lookups.closure_words)(record.closure_fn.wrapping_sub(lookups.bias));
+                if words.is_none() {
+                    closures_of_unknown_size += 1;
                 }
-                let words = (lookups.closure_words)(record.closure_fn.wrapping_sub(lookups.bias))
-                    .unwrap_or(0);
-                closure_bytes += ((words as u64 + 1) * 8).next_multiple_of(16);
+                for capture in record.captures_within(words.unwrap_or(0)) {
+                    match capture.kind {
+                        CaptureKind::ByReference => by_reference.insert(capture.map),
+                        _ => by_value.insert(capture.map),
+                    };
+                }
+                closure_bytes += ((words.unwrap_or(0) as u64 + 1) * 8).next_multiple_of(16);
             }
             let maps: HashSet<u64> = by_value.union(&by_reference).copied().collect();
             goroutine_maps.extend(maps.iter().copied());

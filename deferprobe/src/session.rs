@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deferprobe_common::{CAPTURE_WORDS, Counter, Counters};
+use deferprobe_common::{Counter, Counters};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{Signal, SignalKind, signal},
@@ -688,9 +688,8 @@ fn captured_maps(aggregator: &Aggregator, closures: &ClosureSizes) -> usize {
     let mut maps = std::collections::HashSet::new();
     for (_, records) in aggregator.pending_by_goroutine() {
         for record in records {
-            let words =
-                closures.words_at_runtime(record.closure_fn).unwrap_or(0).min(CAPTURE_WORDS);
-            maps.extend(record.captures().filter(|c| usize::from(c.word) < words).map(|c| c.map));
+            let words = closures.words_at_runtime(record.closure_fn).unwrap_or(0);
+            maps.extend(record.captures_within(words).map(|c| c.map));
         }
     }
     maps.len()

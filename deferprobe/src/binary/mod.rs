@@ -106,7 +106,8 @@ impl GoBinary {
     /// segments: code, read-only data (static closures live there), initialised data.
     pub fn image_range(&self) -> (u64, u64) {
         let start = self.segments.iter().map(|segment| segment.vaddr).min().unwrap_or(0);
-        let end = self.segments.iter().map(|segment| segment.vaddr + segment.filesz).max().unwrap_or(0);
+        let end =
+            self.segments.iter().map(|segment| segment.vaddr + segment.filesz).max().unwrap_or(0);
         (start, end)
     }
 
