@@ -357,6 +357,24 @@ fn deferprobe_run(ctx: &Ctx, report: &Path) -> Command {
 
 // ------------------------------------------------------------------------------ per hit
 
+/// One repetition of benchhits untraced and under the bpftrace `script`: ns per call of each,
+/// and the hits bpftrace counted.
+fn untraced_and_bpftrace(
+    hits: &Path,
+    args: &[String],
+    script: &Path,
+    command_line: &str,
+) -> Result<(f64, f64, u64)> {
+    let mut cmd = Command::new(hits);
+    cmd.args(args);
+    let untraced = run_hits(cmd, |_| Ok(()))?.result["ns_per_call"].as_f64().unwrap_or(0.0);
+    let mut cmd = Command::new("bpftrace");
+    cmd.arg(script).arg("-c").arg(command_line);
+    let run = run_hits(cmd, |_| Ok(()))?;
+    let traced = run.result["ns_per_call"].as_f64().unwrap_or(0.0);
+    Ok((untraced, traced, bpftrace_hits(&run.stdout)))
+}
+
 fn per_hit(ctx: &Ctx, hits: &Path, calls: u64) -> Result<Value> {
     let mut rows = Vec::new();
     for workload in workloads(ctx, hits)? {
@@ -370,15 +388,11 @@ fn per_hit(ctx: &Ctx, hits: &Path, calls: u64) -> Result<Value> {
         let mut dp_counts = Value::Null;
         for rep in 0..ctx.reps {
             eprintln!("[bench]   {} rep {}/{}", workload.name, rep + 1, ctx.reps);
-            let mut cmd = Command::new(hits);
-            cmd.args(&args);
-            base.push(run_hits(cmd, |_| Ok(()))?.result["ns_per_call"].as_f64().unwrap_or(0.0));
-
-            let mut cmd = Command::new("bpftrace");
-            cmd.arg(&script_path).arg("-c").arg(&command_line);
-            let run = run_hits(cmd, |_| Ok(()))?;
-            bt.push(run.result["ns_per_call"].as_f64().unwrap_or(0.0));
-            bt_hits = bpftrace_hits(&run.stdout);
+            let (untraced_ns, bpftrace_ns, hits_seen) =
+                untraced_and_bpftrace(hits, &args, &script_path, &command_line)?;
+            base.push(untraced_ns);
+            bt.push(bpftrace_ns);
+            bt_hits = hits_seen;
 
             let mut cmd = deferprobe_run(ctx, &report);
             cmd.arg("--").arg(hits).args(&args);
@@ -421,14 +435,11 @@ fn per_hit(ctx: &Ctx, hits: &Path, calls: u64) -> Result<Value> {
     let (mut base, mut bt) = (Vec::new(), Vec::new());
     let mut bt_hits = 0;
     for _ in 0..ctx.reps {
-        let mut cmd = Command::new(hits);
-        cmd.args(&args);
-        base.push(run_hits(cmd, |_| Ok(()))?.result["ns_per_call"].as_f64().unwrap_or(0.0));
-        let mut cmd = Command::new("bpftrace");
-        cmd.arg(&script_path).arg("-c").arg(&command_line);
-        let run = run_hits(cmd, |_| Ok(()))?;
-        bt.push(run.result["ns_per_call"].as_f64().unwrap_or(0.0));
-        bt_hits = bpftrace_hits(&run.stdout);
+        let (untraced_ns, bpftrace_ns, hits_seen) =
+            untraced_and_bpftrace(hits, &args, &script_path, &command_line)?;
+        base.push(untraced_ns);
+        bt.push(bpftrace_ns);
+        bt_hits = hits_seen;
     }
     let hits_per_call = bt_hits as f64 / (calls + 100) as f64;
     let push_ns_per_hit = (median(&mut bt) - median(&mut base)) / hits_per_call;
