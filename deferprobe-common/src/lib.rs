@@ -230,7 +230,13 @@ pub struct KnownMap {
     pub map_type: u64,
 }
 
-/// `runtime.deferreturn` ran the records of the frame whose SP is `caller_sp`.
+/// Length of the `CALL rel32` instructions the deferreturn probe sits on (it probes the calls
+/// of `runtime.deferreturn` in frames that own heap records, not the function's entry): the
+/// return address is the probed address plus this.
+pub const CALL_REL32_LEN: u64 = 5;
+
+/// A frame that owns heap records (SP `caller_sp`, resuming at `caller_pc`) called
+/// `runtime.deferreturn`, which runs its records.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeferReturn {

@@ -7,7 +7,9 @@
 //! Go passes arguments in registers (ABIInternal: RAX, RBX, RCX, RDI, ...; R14 = current g), so
 //! the probes read `pt_regs` fields directly instead of `ctx.arg(n)` (C ABI order).
 //! Probes sit just after each function's stack-check branch (see the probe plan in userspace),
-//! where RSP still points at the return address and the arguments are still in registers.
+//! where RSP still points at the return address and the arguments are still in registers;
+//! the deferreturn probe sits on the `CALL runtime.deferreturn` instructions of the frames that
+//! own heap records.
 #![no_std]
 #![no_main]
 // The BPF target has no AtomicU64::fetch_add; the intrinsic lowers to BPF_ATOMIC_ADD.
@@ -25,7 +27,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use deferprobe_common::{
-    CAPTURE_WORDS, CaptureKind, Counter, Counters, DeferRegistered, DeferReturn, EVENT_RING_BYTES,
+    CALL_REL32_LEN, CAPTURE_WORDS, CaptureKind, Counter, Counters, DeferRegistered, DeferReturn, EVENT_RING_BYTES,
     EventHeader, EventKind, GoroutineExit, KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig,
 };
 
@@ -239,18 +241,18 @@ fn on_deferproc_stack(_ctx: &ProbeContext) -> u32 {
     0
 }
 
-/// `runtime.deferreturn()`: runs the pending records whose sp is the caller's SP.
+/// A `CALL runtime.deferreturn` in a frame that owns heap records (the probe sits on the call,
+/// not on deferreturn's entry: see the probe plan): RSP is the frame's SP, the records it runs
+/// are those with that sp. No user memory is read but the goroutine id.
 #[inline(always)]
 fn on_deferreturn(ctx: &ProbeContext) -> u32 {
     bump(Counter::DeferReturn, 1);
     let r = regs(ctx);
-    let mut reads = Reads::new();
-    let caller_pc = reads.u64(r.rsp);
-    reads.finish();
     emit(DeferReturn {
         header: header(EventKind::DeferReturn, goid_of(r.r14).unwrap_or(0)),
-        caller_pc,
-        caller_sp: r.rsp + 8,
+        // The kernel sets the ip to the probed instruction before running handlers.
+        caller_pc: r.rip + CALL_REL32_LEN,
+        caller_sp: r.rsp,
     });
     0
 }

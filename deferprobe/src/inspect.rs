@@ -67,14 +67,16 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         "function", "address", "attach", "file off"
     );
     for probe in &plan.probes {
+        let at_call = probe.call_to.map(|callee| format!(" (at its CALL {callee})"));
         let _ = writeln!(
             out,
-            "  {:<38} {:>#10x} {:>+7} {:>#10x}  {}",
+            "  {:<38} {:>#10x} {:>+7} {:>#10x}  {}{}",
             probe.symbol,
             probe.address,
             probe.attach_offset,
             probe.file_offset,
-            probe.program.name()
+            probe.program.name(),
+            at_call.unwrap_or_default()
         );
     }
     if !plan.absent.is_empty() {

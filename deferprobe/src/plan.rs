@@ -10,7 +10,7 @@
 use serde::Serialize;
 
 use crate::{
-    binary::{Function, GoBinary, prologue},
+    binary::{DeferreturnCall, Function, GoBinary, prologue},
     error::{Error, Result},
     layout::{self, GoRelease, LayoutSource, RuntimeLayout},
 };
@@ -62,7 +62,9 @@ impl ProbeProgram {
             ProbeProgram::MapAssign => "count of map writes",
             ProbeProgram::DeferProc => "count + event: heap defer (goid, closure, caller pc/sp)",
             ProbeProgram::DeferProcStack => "count of stack defers",
-            ProbeProgram::DeferReturn => "count + event: frame's defers run (goid, caller pc/sp)",
+            ProbeProgram::DeferReturn => {
+                "count + event: a heap-defer frame runs its defers (goid, frame pc/sp)"
+            }
             ProbeProgram::Mallocgc => "count + bytes of allocations",
             ProbeProgram::MallocgcSizeClass => {
                 "count + bytes of allocations not made through mallocgc"
@@ -79,7 +81,9 @@ impl ProbeProgram {
             ProbeProgram::MapAssign => &[("rax", "map type"), ("rbx", "map")],
             ProbeProgram::DeferProc => &[("rax", "closure (*funcval)"), G, RET],
             ProbeProgram::DeferProcStack => &[("rax", "*_defer (on the caller's stack)")],
-            ProbeProgram::DeferReturn => &[G, RET],
+            ProbeProgram::DeferReturn => {
+                &[G, ("rsp", "the frame's SP"), ("rip", "the CALL (+5: return address)")]
+            }
             ProbeProgram::Mallocgc => &[("rax", "size"), ("rbx", "*_type")],
             ProbeProgram::MallocgcSizeClass => &[("rax", "size"), RET],
             ProbeProgram::Goexit1 => &[G],
@@ -95,6 +99,12 @@ enum Symbols {
     /// Go 1.26+/1.27 size-specialized malloc entries: `runtime.mallocgc<Kind>SC<n>` or
     /// `runtime.mallocgc<Kind>Size<n>` (not the `*SlowPath` helpers).
     SizeSpecializedMalloc,
+    /// Not a function entry: every `CALL runtime.deferreturn` in the functions that own heap
+    /// `_defer` records ([`GoBinary::heap_defer_frame_returns`]). Probing runtime.deferreturn
+    /// itself would also trap on every return of every function with a stack defer, which
+    /// releases nothing deferprobe tracks and, in a net/http + encoding/json service, is
+    /// nearly all deferreturn calls (17 per request in `tests/go/benchsvc`, none of them heap).
+    DeferreturnCallsInHeapDeferFrames,
 }
 
 /// One row of the table: functions, the program probing them, and from which release.
@@ -125,7 +135,11 @@ const RUNTIME_FUNCTIONS: &[RuntimeFunction] = &[
         since: GoRelease::new(1, 22),
     },
     row("runtime.deferprocStack", ProbeProgram::DeferProcStack),
-    row("runtime.deferreturn", ProbeProgram::DeferReturn),
+    RuntimeFunction {
+        symbols: Symbols::DeferreturnCallsInHeapDeferFrames,
+        program: ProbeProgram::DeferReturn,
+        since: OLDEST_SUPPORTED,
+    },
     row("runtime.mallocgc", ProbeProgram::Mallocgc),
     RuntimeFunction {
         symbols: Symbols::SizeSpecializedMalloc,
@@ -147,8 +161,12 @@ pub struct PlannedProbe {
     pub size: u64,
     /// Where the probe goes, relative to `address`.
     pub attach_offset: u64,
-    /// Whether `attach_offset` skips the stack check (so a call is seen once, not twice).
+    /// Whether `attach_offset` is past the stack check (so a call is seen once, not twice).
     pub after_stack_check: bool,
+    /// For a probe on a call instruction inside `symbol` rather than on its entry: the
+    /// function called there (`runtime.deferreturn`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_to: Option<&'static str>,
     /// File offset of the attach point, what the kernel's uprobe API takes.
     pub file_offset: u64,
 }
@@ -189,6 +207,12 @@ impl ProbePlan {
         let mut absent = Vec::new();
         for row in RUNTIME_FUNCTIONS.iter().filter(|row| row.since <= release) {
             let functions: Vec<Function> = match row.symbols {
+                Symbols::DeferreturnCallsInHeapDeferFrames => {
+                    for call in binary.heap_defer_frame_returns()? {
+                        probes.push(plan_call_probe(binary, row.program, call, DEFERRETURN)?);
+                    }
+                    continue;
+                }
                 Symbols::Exact(name) => binary.function(name).into_iter().collect(),
                 Symbols::SizeSpecializedMalloc => binary
                     .functions_with_prefix("runtime.mallocgc")
@@ -268,7 +292,30 @@ fn plan_probe(
         size: function.size,
         attach_offset: placement.offset,
         after_stack_check: placement.after_stack_check,
+        call_to: None,
         file_offset,
+    })
+}
+
+const DEFERRETURN: &str = "runtime.deferreturn";
+
+/// A probe on a `CALL callee` instruction (5 bytes, `CALL rel32`, which the kernel emulates
+/// rather than single-steps) inside `call.function`.
+fn plan_call_probe(
+    binary: &GoBinary,
+    program: ProbeProgram,
+    call: DeferreturnCall,
+    callee: &'static str,
+) -> Result<PlannedProbe> {
+    Ok(PlannedProbe {
+        program,
+        file_offset: binary.file_offset(call.call_address)?,
+        attach_offset: call.call_address - call.function.address,
+        symbol: call.function.name,
+        address: call.function.address,
+        size: call.function.size,
+        after_stack_check: true,
+        call_to: Some(callee),
     })
 }
 
@@ -305,10 +352,30 @@ mod tests {
                     assert_eq!(Some(plan.layout), layout::for_release(plan.release), "{what}");
                     let symbols: Vec<&str> =
                         plan.probes.iter().map(|p| p.symbol.as_str()).collect();
-                    for symbol in ["runtime.deferproc", "runtime.deferreturn", "runtime.mallocgc"] {
+                    for symbol in ["runtime.deferproc", "runtime.mallocgc"] {
                         let probe = plan.probes.iter().find(|p| p.symbol == symbol);
                         let probe = probe.unwrap_or_else(|| panic!("{what}: no {symbol}"));
                         assert!(probe.after_stack_check, "{what} {symbol}");
+                    }
+                    // deferreturn is probed where each function with a heap defer calls it,
+                    // on the 5-byte CALL, and not at runtime.deferreturn itself.
+                    let returns: Vec<&PlannedProbe> =
+                        plan.probes_of(ProbeProgram::DeferReturn).collect();
+                    for site in binary.heap_defer_sites().unwrap() {
+                        let function = &site.location.function;
+                        assert!(
+                            returns.iter().any(|p| p.symbol == *function),
+                            "{what}: no deferreturn probe in {function}: {returns:#?}"
+                        );
+                    }
+                    assert!(!symbols.contains(&"runtime.deferreturn"), "{what}");
+                    for probe in returns {
+                        assert_eq!(probe.call_to, Some("runtime.deferreturn"), "{what}");
+                        let code = binary.function_code(&binary.function_at(probe.address).unwrap());
+                        let at = probe.attach_offset as usize;
+                        let rel = i32::from_le_bytes(code.unwrap()[at + 1..at + 5].try_into().unwrap());
+                        let target = (probe.address + probe.attach_offset + 5).wrapping_add_signed(rel.into());
+                        assert_eq!(Some(target), binary.function("runtime.deferreturn").map(|f| f.address), "{what}");
                     }
                     if toolchain.minor() < 22 {
                         assert!(!symbols.contains(&"runtime.deferprocat"), "{what}");

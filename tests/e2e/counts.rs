@@ -21,7 +21,10 @@ fn assert_counts_match(report: &Value, truth: &GroundTruth) {
     let map_writes = truth.str_map_writes + truth.int_map_writes;
     assert!(count("mapassign") >= map_writes, "mapassign {} < {map_writes}", count("mapassign"));
     assert!(count("goroutine_exits") >= truth.goroutines_ended, "{report}");
-    assert!(count("deferreturn") >= 20 + 10, "each loop-defer call returns through deferreturn");
+    // deferreturn is probed only where frames that own heap records call it: exactly the
+    // returns of loopDefers (no other function of the workload owns heap records).
+    assert_eq!(truth.heap_defer_frame_returns, 20 + 10);
+    assert_eq!(count("deferreturn"), truth.heap_defer_frame_returns, "{report}");
     assert_eq!(count("lost_events"), 0, "{report}");
     assert!(count("alloc_bytes") > 0);
     for key in ["deferproc_stack", "mallocgc"] {

@@ -77,6 +77,9 @@ pub struct GroundTruth {
     pub str_map_writes: u64,
     pub int_map_writes: u64,
     pub goroutines_ended: u64,
+    /// Only the workload reports it (0 for the other programs).
+    #[serde(default)]
+    pub heap_defer_frame_returns: u64,
     pub mallocs: u64,
     pub go_version: String,
 }

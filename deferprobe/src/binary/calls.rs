@@ -7,7 +7,7 @@ use iced_x86::Code;
 use super::{BinaryError, prologue::instructions};
 
 const CALL_REL32: u8 = 0xe8;
-const CALL_REL32_LEN: usize = 5;
+const CALL_REL32_LEN: usize = deferprobe_common::CALL_REL32_LEN as usize;
 
 /// One `CALL rel32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -42,6 +42,22 @@ use symbols::FunctionTable;
 /// `runtime.deferproc`, and from Go 1.22 `runtime.deferprocat` (range-over-func bodies).
 const HEAP_DEFER_FUNCTIONS: [&str; 2] = ["runtime.deferproc", "runtime.deferprocat"];
 
+/// The runtime functions whose callers own heap `_defer` records: the frame that calls
+/// `runtime.deferproc` (a `defer` in a loop), and the frame that calls `runtime.deferrangefunc`
+/// (Go 1.22+: the function around a range-over-func loop whose body defers through
+/// `runtime.deferprocat`; the records belong to that outer frame).
+const HEAP_DEFER_OWNER_MARKERS: [&str; 2] = ["runtime.deferproc", "runtime.deferrangefunc"];
+
+/// A `CALL runtime.deferreturn` in a function that owns heap `_defer` records: where that frame
+/// runs its records on a normal return, and where the runtime resumes it after a `recover`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeferreturnCall {
+    /// The function containing the call.
+    pub function: Function,
+    /// The CALL instruction (ELF virtual address).
+    pub call_address: u64,
+}
+
 /// A Go executable, memory-mapped and analysed once by [`GoBinary::open`].
 pub struct GoBinary {
     path: PathBuf,
@@ -202,6 +218,43 @@ impl GoBinary {
         sites.sort_by_key(|site| site.call_address);
         sites.dedup_by_key(|site| site.call_address);
         Ok(sites)
+    }
+
+    /// Every `CALL runtime.deferreturn` in a function that owns heap `_defer` records (see
+    /// [`HEAP_DEFER_OWNER_MARKERS`]), sorted by address. Frames that only ever use open-coded or
+    /// stack defers are left out: their deferreturn calls release nothing deferprobe tracks, and
+    /// in real programs they are most of them (encoding/json, for one, returns through
+    /// deferreturn from every value it marshals).
+    pub fn heap_defer_frame_returns(&self) -> Result<Vec<DeferreturnCall>, BinaryError> {
+        let Some(deferreturn) = self.function("runtime.deferreturn") else {
+            return Ok(Vec::new());
+        };
+        let markers: Vec<u64> = HEAP_DEFER_OWNER_MARKERS
+            .iter()
+            .filter_map(|name| self.function(name).map(|function| function.address))
+            .collect();
+        if markers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let targets: Vec<u64> = markers.iter().copied().chain([deferreturn.address]).collect();
+        let mut returns = Vec::new();
+        for function in self.functions.all() {
+            let code = self.function_code(function)?;
+            let calls = calls::direct_calls(code, function.address, &targets)
+                .map_err(|err| self.in_function(function, err))?;
+            if calls.iter().any(|call| markers.contains(&call.target)) {
+                returns.extend(calls.iter().filter(|call| call.target == deferreturn.address).map(
+                    |call| DeferreturnCall {
+                        function: function.clone(),
+                        call_address: call.address,
+                    },
+                ));
+            }
+        }
+        // Aliases (two symbols for one function) would list a call twice.
+        returns.sort_by_key(|call| call.call_address);
+        returns.dedup_by_key(|call| call.call_address);
+        Ok(returns)
     }
 
     /// All functions whose name starts with `prefix`, sorted by address (e.g.

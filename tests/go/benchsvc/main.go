@@ -62,7 +62,9 @@ func count(w http.ResponseWriter, r *http.Request) {
 	for k, v := range counts {
 		top = append(top, kv{k, v})
 	}
-	sort.Slice(top, func(i, j int) bool { return top[i].Count > top[j].Count || top[i].Count == top[j].Count && top[i].Word < top[j].Word })
+	sort.Slice(top, func(i, j int) bool {
+		return top[i].Count > top[j].Count || top[i].Count == top[j].Count && top[i].Word < top[j].Word
+	})
 	if len(top) > 5 {
 		top = top[:5]
 	}

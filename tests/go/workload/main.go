@@ -38,7 +38,10 @@ func loopDefers(n int, m map[string]int) {
 
 type groundTruth struct {
 	protocol.Counts
-	Cgo bool `json:"cgo"`
+	// Returns of frames that own heap defer records (calls of loopDefers): each returns
+	// through one call of runtime.deferreturn.
+	HeapDeferFrameReturns int  `json:"heap_defer_frame_returns"`
+	Cgo                   bool `json:"cgo"`
 }
 
 func main() {
@@ -65,6 +68,7 @@ func main() {
 	for i := 0; i < *calls; i++ {
 		loopDefers(*defers, m)
 		truth.HeapDefers += *defers
+		truth.HeapDeferFrameReturns++
 	}
 	strMap := make(map[string]int)
 	intMap := make(map[int]int)
@@ -85,6 +89,7 @@ func main() {
 	}
 	wg.Wait()
 	truth.HeapDefers += 2 * *goroutines
+	truth.HeapDeferFrameReturns += *goroutines
 	truth.GoroutinesEnded = *goroutines
 
 	var stats runtime.MemStats
