@@ -5,6 +5,8 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use deferprobe_common::EVENT_RING_BYTES;
 
+use crate::plan::ProbeFamily;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "deferprobe",
@@ -59,6 +61,18 @@ pub struct RunArgs {
     /// Defer probes always stay on. Sampled counts are reported as estimates.
     #[arg(long, value_name = "PERCENT", default_value_t = 5.0, value_parser = parse_percent)]
     pub max_overhead: f64,
+
+    /// Probe families to attach, comma-separated: defers (heap and stack defers, deferreturn,
+    /// goroutine exits), map-writes, allocations. Counts of a family left out are reported as
+    /// not probed (null), never as zero; without defers there are no pending defers to find.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        value_name = "FAMILY,...",
+        default_values_t = ProbeFamily::ALL
+    )]
+    pub probes: Vec<ProbeFamily>,
 
     /// Format of the log lines on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -160,6 +174,7 @@ mod tests {
         assert_eq!(run.max_overhead, 5.0);
         assert_eq!(run.ring_buffer_kib, 4096);
         assert_eq!(run.ring_buffer_bytes(), EVENT_RING_BYTES);
+        assert_eq!(run.probes, ProbeFamily::ALL);
         assert!(run.command.is_empty());
     }
 
@@ -171,6 +186,8 @@ mod tests {
             "json",
             "--ring-buffer-kib",
             "16",
+            "--probes",
+            "allocations,map-writes",
             "--",
             "/bin/prog",
             "-x",
@@ -179,6 +196,7 @@ mod tests {
         .unwrap();
         let Command::Run(run) = cli.command else { panic!("not run") };
         assert_eq!(run.ring_buffer_bytes(), 16 * 1024);
+        assert_eq!(run.probes, [ProbeFamily::Allocations, ProbeFamily::MapWrites]);
         assert_eq!(run.command, ["/bin/prog", "-x", "--y"]);
         assert_eq!(run.log_format, LogFormat::Json);
     }
@@ -202,6 +220,8 @@ mod tests {
             &["run", "--pid", "1", "--ring-buffer-kib", "100"],
             &["run", "--pid", "1", "--ring-buffer-kib", "2097152"],
             &["run", "--pid", "1", "--ring-buffer-kib", "4MiB"],
+            &["run", "--pid", "1", "--probes", "defers,maps"],
+            &["run", "--pid", "1", "--probes", ""],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -9,7 +9,7 @@ use crate::{
     binary::{DeferSite, GoBinary},
     error::Result,
     layout::{self, RuntimeLayout},
-    plan::ProbePlan,
+    plan::{ProbeFamily, ProbePlan},
 };
 
 #[derive(Serialize)]
@@ -27,7 +27,7 @@ struct Inspection<'a> {
 /// Returns what `inspect` prints.
 pub fn inspect(path: &Path, json: bool) -> Result<String> {
     let binary = GoBinary::open(path)?;
-    let plan = ProbePlan::build(&binary)?;
+    let plan = ProbePlan::build(&binary, &ProbeFamily::ALL)?;
     let sites = binary.heap_defer_sites()?;
     let info = binary.build_info();
     if json {

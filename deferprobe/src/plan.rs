@@ -19,6 +19,33 @@ use crate::{
 pub const OLDEST_SUPPORTED: GoRelease = GoRelease::new(1, 19);
 pub const NEWEST_SUPPORTED: GoRelease = GoRelease::new(1, 27);
 
+/// Groups of probes a user switches on and off together (`--probes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeFamily {
+    /// Heap and stack defer registrations, deferreturn in heap-defer frames, goroutine exits:
+    /// what pending defers are built from.
+    Defers,
+    /// `runtime.mapassign*`: map writes, and which maps closures capture.
+    MapWrites,
+    /// `runtime.mallocgc` and Go 1.27's size-specialized entries.
+    Allocations,
+}
+
+impl ProbeFamily {
+    pub const ALL: [ProbeFamily; 3] =
+        [ProbeFamily::Defers, ProbeFamily::MapWrites, ProbeFamily::Allocations];
+
+    /// As in the report and logs: `defers`, `map_writes`, `allocations`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeFamily::Defers => "defers",
+            ProbeFamily::MapWrites => "map_writes",
+            ProbeFamily::Allocations => "allocations",
+        }
+    }
+}
+
 /// The eBPF programs in deferprobe-ebpf; [`ProbeProgram::name`] is the program's name there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -53,6 +80,17 @@ impl ProbeProgram {
             ProbeProgram::Mallocgc => "mallocgc",
             ProbeProgram::MallocgcSizeClass => "mallocgc_size_class",
             ProbeProgram::Goexit1 => "goexit1",
+        }
+    }
+
+    pub fn family(self) -> ProbeFamily {
+        match self {
+            ProbeProgram::DeferProc
+            | ProbeProgram::DeferProcStack
+            | ProbeProgram::DeferReturn
+            | ProbeProgram::Goexit1 => ProbeFamily::Defers,
+            ProbeProgram::MapAssign => ProbeFamily::MapWrites,
+            ProbeProgram::Mallocgc | ProbeProgram::MallocgcSizeClass => ProbeFamily::Allocations,
         }
     }
 
@@ -181,6 +219,8 @@ pub struct ProbePlan {
     pub layout: RuntimeLayout,
     pub layout_source: LayoutSource,
     pub probes: Vec<PlannedProbe>,
+    /// The probe families planned (`--probes`; `inspect` plans them all).
+    pub families: Vec<ProbeFamily>,
     /// Runtime functions this binary doesn't contain (never linked in).
     pub absent: Vec<String>,
     /// `[start, end)` of runtime.mallocgc (ELF virtual addresses).
@@ -190,7 +230,8 @@ pub struct ProbePlan {
 }
 
 impl ProbePlan {
-    pub fn build(binary: &GoBinary) -> Result<ProbePlan> {
+    /// The plan for the probes of `families` (each at most once, any order).
+    pub fn build(binary: &GoBinary, families: &[ProbeFamily]) -> Result<ProbePlan> {
         let info = binary.build_info();
         let release = info.release;
         let path = binary.path().display();
@@ -205,7 +246,10 @@ impl ProbePlan {
 
         let mut probes = Vec::new();
         let mut absent = Vec::new();
-        for row in RUNTIME_FUNCTIONS.iter().filter(|row| row.since <= release) {
+        let planned = |row: &&RuntimeFunction| {
+            row.since <= release && families.contains(&row.program.family())
+        };
+        for row in RUNTIME_FUNCTIONS.iter().filter(planned) {
             let functions: Vec<Function> = match row.symbols {
                 Symbols::DeferreturnCallsInHeapDeferFrames => {
                     for call in binary.heap_defer_frame_returns()? {
@@ -240,6 +284,9 @@ impl ProbePlan {
             .find(|p| p.program == ProbeProgram::Mallocgc)
             .map(|p| (p.address, p.address + p.size))
             .unwrap_or_default();
+        let mut families = families.to_vec();
+        families.sort();
+        families.dedup();
         Ok(ProbePlan {
             go_version: info.version.clone(),
             release,
@@ -248,6 +295,7 @@ impl ProbePlan {
             layout,
             layout_source,
             probes,
+            families,
             absent,
             mallocgc_range: mallocgc,
             image_range: binary.image_range(),
@@ -341,7 +389,7 @@ mod tests {
                     let what = format!("go{} {program:?} {variant:?}", toolchain.version);
                     let binary =
                         GoBinary::open(&testbin::build(&toolchain, program, variant)).unwrap();
-                    let plan = ProbePlan::build(&binary).unwrap();
+                    let plan = ProbePlan::build(&binary, &ProbeFamily::ALL).unwrap();
                     assert_eq!(plan.release.minor, toolchain.minor(), "{what}");
                     assert_eq!(plan.pie, variant.pie(), "{what}");
                     let source = match variant.stripped() {
@@ -403,7 +451,7 @@ mod tests {
         for minor in [18, NEWEST_SUPPORTED.minor + 1] {
             let file = claiming_release(minor);
             let binary = GoBinary::open(file.path()).unwrap();
-            let err = ProbePlan::build(&binary).unwrap_err();
+            let err = ProbePlan::build(&binary, &ProbeFamily::ALL).unwrap_err();
             let expected = format!(
                 "{}: built with go1.{minor}.0, but deferprobe supports Go 1.19 to 1.27",
                 file.path().display()

@@ -9,7 +9,10 @@ use std::{
 use deferprobe_common::{CaptureKind, Counter, Counters};
 use serde::Serialize;
 
-use crate::aggregator::{Aggregator, PendingDefer};
+use crate::{
+    aggregator::{Aggregator, PendingDefer},
+    plan::ProbeFamily,
+};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -20,7 +23,7 @@ pub struct Report {
     pub duration_secs: f64,
     /// Why tracing stopped: "duration", "signal" or "target_exited".
     pub ended_by: EndReason,
-    pub counts: Counts,
+    pub counts: ReportedCounts,
     /// `counts.lost_events` by cause.
     pub lost: LostEvents,
     pub probes: ProbesReport,
@@ -66,6 +69,20 @@ pub struct Counts {
     pub mallocgc: u64,
     pub alloc_bytes: u64,
     pub goroutine_exits: u64,
+    pub lost_events: u64,
+}
+
+/// [`Counts`] as reported: None (JSON null, "not probed" in text) for the families `--probes`
+/// left out, which were not counted at all (not zero).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReportedCounts {
+    pub mapassign: Option<u64>,
+    pub deferproc: Option<u64>,
+    pub deferproc_stack: Option<u64>,
+    pub deferreturn: Option<u64>,
+    pub mallocgc: Option<u64>,
+    pub alloc_bytes: Option<u64>,
+    pub goroutine_exits: Option<u64>,
     pub lost_events: u64,
 }
 
@@ -127,6 +144,21 @@ impl Counts {
         }
     }
 
+    /// These counts, with those of the families not in `probed` left out.
+    pub fn reported(&self, probed: &[ProbeFamily]) -> ReportedCounts {
+        let of = |family: ProbeFamily, value: u64| probed.contains(&family).then_some(value);
+        ReportedCounts {
+            mapassign: of(ProbeFamily::MapWrites, self.mapassign),
+            deferproc: of(ProbeFamily::Defers, self.deferproc),
+            deferproc_stack: of(ProbeFamily::Defers, self.deferproc_stack),
+            deferreturn: of(ProbeFamily::Defers, self.deferreturn),
+            mallocgc: of(ProbeFamily::Allocations, self.mallocgc),
+            alloc_bytes: of(ProbeFamily::Allocations, self.alloc_bytes),
+            goroutine_exits: of(ProbeFamily::Defers, self.goroutine_exits),
+            lost_events: self.lost_events,
+        }
+    }
+
     /// Field-wise `self - earlier` (for "since the last log line").
     pub fn since(&self, earlier: &Counts) -> Counts {
         Counts {
@@ -144,8 +176,10 @@ impl Counts {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ProbesReport {
-    /// Attach points (one per probed function).
+    /// Attach points (one per probed function or call site).
     pub attached: usize,
+    /// The probe families attached (`--probes`).
+    pub families: Vec<ProbeFamily>,
     /// Where the runtime struct offsets came from: "dwarf" or "release_table".
     pub layout_source: crate::layout::LayoutSource,
 }
@@ -497,9 +531,12 @@ impl Report {
             ("allocations (mallocgc)", c.mallocgc),
             ("allocated bytes", c.alloc_bytes),
             ("goroutine exits", c.goroutine_exits),
-            ("lost events", c.lost_events),
+            ("lost events", Some(c.lost_events)),
         ] {
-            let _ = writeln!(out, "  {label:<32}{value:>14}");
+            match value {
+                Some(value) => _ = writeln!(out, "  {label:<32}{value:>14}"),
+                None => _ = writeln!(out, "  {label:<32}{:>14}", "not probed"),
+            }
         }
         for cause in self.lost.causes() {
             let _ = writeln!(out, "    {cause}");
@@ -777,10 +814,12 @@ mod tests {
             },
             duration_secs: 1.5,
             ended_by: EndReason::Duration,
-            counts: Counts::from_counters(&counters, &LostEvents::new(&counters, 1, 0)),
+            counts: Counts::from_counters(&counters, &LostEvents::new(&counters, 1, 0))
+                .reported(&ProbeFamily::ALL),
             lost: LostEvents::new(&counters, 1, 0),
             probes: ProbesReport {
                 attached: 20,
+                families: ProbeFamily::ALL.to_vec(),
                 layout_source: crate::layout::LayoutSource::Dwarf,
             },
             governor: GovernorReport {
@@ -829,6 +868,7 @@ mod tests {
         ] {
             assert_eq!(json["counts"][key], 0, "{key}");
         }
+        assert_eq!(json["probes"]["families"], serde_json::json!(["defers", "map_writes", "allocations"]));
         assert_eq!(json["pending"]["heap_defers"], 20);
         assert_eq!(json["sites"][0]["pc"], "0x400123");
         assert_eq!(json["sites"][0]["line"], 42);

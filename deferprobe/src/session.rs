@@ -28,7 +28,7 @@ use crate::{
     governor::{Governor, Observation, SampledFamily},
     layout::RuntimeLayout,
     memory::{ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
-    plan::ProbePlan,
+    plan::{ProbeFamily, ProbePlan},
     report::{
         self, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents, ProbesReport,
         Report, SamplingReport, TargetReport,
@@ -75,7 +75,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         )),
         None => Error::from(err),
     })?;
-    let plan = ProbePlan::build(&binary)?;
+    let plan = ProbePlan::build(&binary, &args.probes)?;
     let (target, gated) = match running {
         Some(target) => (target, None),
         None => {
@@ -96,8 +96,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     if let Some(child) = gated {
         child.release()?;
     }
+    let families: Vec<&str> = plan.families.iter().map(|family| family.name()).collect();
     info!(
         probes = tracer.attached(),
+        families = families.join(","),
         go_version = %plan.go_version,
         pid = target.pid,
         layout = ?plan.layout_source,
@@ -118,7 +120,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // Every g the runtime made, to find defers already pending before tracing started. Only
     // binaries with a symbol table name it; stripped ones fall back to the goroutines seen.
     let allgs = binary.data_symbol("runtime.allgs").map(|address| address.wrapping_add(bias));
-    let context = TraceContext { memory, layout: plan.layout, closures: &closures, allgs };
+    let context = TraceContext {
+        memory,
+        layout: plan.layout,
+        closures: &closures,
+        families: &plan.families,
+        allgs,
+    };
     let traced =
         runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
     let map_writes = captured_map_writes(&tracer, &traced.aggregator);
@@ -182,9 +190,23 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             correlation.closures_of_unknown_size
         ));
     }
-    notes.push(
-        "captured maps are recognised only if they were written (mapassign) while tracing".into(),
-    );
+    if !plan.families.contains(&ProbeFamily::Defers) {
+        notes.push(
+            "defers were not probed (--probes): pending defers, findings and sites cover only \
+             records read from the goroutines' _defer chains, with no registrations or releases \
+             seen"
+                .into(),
+        );
+    }
+    match plan.families.contains(&ProbeFamily::MapWrites) {
+        true => notes.push(
+            "captured maps are recognised only if they were written (mapassign) while tracing"
+                .into(),
+        ),
+        false => notes.push(
+            "map writes were not probed (--probes): captured maps can't be recognised".into(),
+        ),
+    }
     for sampled in &traced.governor.sampled {
         notes.push(format!(
             "{} probes were sampled to stay under --max-overhead {}% (duty cycle {:.0}% on \
@@ -218,9 +240,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         },
         duration_secs: traced.duration.as_secs_f64(),
         ended_by: traced.ended_by,
-        counts,
+        counts: counts.reported(&plan.families),
         lost,
-        probes: ProbesReport { attached: traced.attached, layout_source: plan.layout_source },
+        probes: ProbesReport {
+            attached: traced.attached,
+            families: plan.families.clone(),
+            layout_source: plan.layout_source,
+        },
         governor: traced.governor,
         pending: correlation.pending,
         findings: correlation.findings,
@@ -310,6 +336,8 @@ struct TraceContext<'a> {
     memory: ProcessMemory,
     layout: RuntimeLayout,
     closures: &'a ClosureSizes<'a>,
+    /// The probe families attached.
+    families: &'a [ProbeFamily],
     /// Runtime address of `runtime.allgs`, when the binary has symbols.
     allgs: Option<u64>,
 }
@@ -562,7 +590,7 @@ async fn trace(
                 let counters = tracer.counters()?;
                 let lost = lost_events(&counters, &aggregator);
                 let counts = Counts::from_counters(&counters, &lost);
-                log_counts(&counts, &lost, &last_logged, &aggregator, context.closures);
+                log_counts(&counts, &lost, &last_logged, &aggregator, context);
                 last_logged = counts;
             }
             _ = signals.interrupt.recv() => match child {
@@ -586,7 +614,8 @@ async fn trace(
         reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
     }
     let counters = tracer.counters()?;
-    let counts = Counts::from_counters(&counters, &lost_events(&counters, &aggregator));
+    let counts = Counts::from_counters(&counters, &lost_events(&counters, &aggregator))
+        .reported(context.families);
     info!(
         ended_by = ?ended_by,
         interrupted,
@@ -706,9 +735,11 @@ fn log_counts(
     lost: &LostEvents,
     last: &Counts,
     aggregator: &Aggregator,
-    closures: &ClosureSizes,
+    context: &TraceContext<'_>,
 ) {
-    let delta = now.since(last);
+    // Families not probed have no count (the fields are left out), not zero.
+    let delta = now.since(last).reported(context.families);
+    let total = now.reported(context.families);
     info!(
         mapassign = delta.mapassign,
         deferproc = delta.deferproc,
@@ -718,20 +749,20 @@ fn log_counts(
         alloc_bytes = delta.alloc_bytes,
         goroutine_exits = delta.goroutine_exits,
         lost_events = delta.lost_events,
-        total_mapassign = now.mapassign,
-        total_deferproc = now.deferproc,
-        total_deferproc_stack = now.deferproc_stack,
-        total_deferreturn = now.deferreturn,
-        total_mallocgc = now.mallocgc,
-        total_alloc_bytes = now.alloc_bytes,
-        total_goroutine_exits = now.goroutine_exits,
-        total_lost_events = now.lost_events,
+        total_mapassign = total.mapassign,
+        total_deferproc = total.deferproc,
+        total_deferproc_stack = total.deferproc_stack,
+        total_deferreturn = total.deferreturn,
+        total_mallocgc = total.mallocgc,
+        total_alloc_bytes = total.alloc_bytes,
+        total_goroutine_exits = total.goroutine_exits,
+        total_lost_events = total.lost_events,
         total_lost_ring_buffer_full = lost.ring_buffer_full,
         total_lost_undecodable = lost.undecodable,
         total_lost_without_goroutine_id = lost.without_goroutine_id,
         total_lost_user_read_failed = lost.user_read_failed,
         pending_heap_defers = aggregator.pending_heap_defers(),
-        captured_maps = captured_maps(aggregator, closures),
+        captured_maps = captured_maps(aggregator, context.closures),
         "counts"
     );
 }

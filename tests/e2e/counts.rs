@@ -186,3 +186,58 @@ fn duration_and_signals_end_tracing_cleanly() {
     assert_eq!(truth.heap_defers, 520);
     workload.end();
 }
+
+/// `--probes`: each family on its own attaches only its probes, counts exactly what it counted
+/// with every family on, and reports the other families as not probed (null), never as zero.
+#[test]
+fn each_probe_family_on_its_own() {
+    require_root();
+    let release = &go_releases()[0];
+    let program = go_program(release, "workload");
+    for (family, counted) in [
+        ("defers", &["deferproc", "deferproc_stack", "deferreturn", "goroutine_exits"][..]),
+        ("map-writes", &["mapassign"]),
+        ("allocations", &["mallocgc", "alloc_bytes"]),
+    ] {
+        let report_file = report_path(&format!("family-{family}"));
+        let output = deferprobe()
+            .args(["run", "--probes", family])
+            .args(ALL_PROBES_ON)
+            .arg("--report")
+            .arg(&report_file)
+            .arg("--")
+            .arg(&program)
+            .args(WORKLOAD_ARGS)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{family}: {stderr}");
+        let truth = ground_truth(&stdout);
+        let report = read_json(&report_file);
+        let json_family = family.replace('-', "_");
+        assert_eq!(report["probes"]["families"], serde_json::json!([json_family]), "{report}");
+        assert!(stderr.contains(&format!("families=\"{json_family}\"")), "{stderr}");
+        let counts = report["counts"].as_object().unwrap();
+        for (key, value) in counts {
+            match counted.contains(&key.as_str()) || key == "lost_events" {
+                true => assert!(value.is_u64(), "{family}: counts.{key} = {value}"),
+                false => assert!(value.is_null(), "{family}: counts.{key} = {value}, not null"),
+            }
+        }
+        let count = |key: &str| counts[key].as_u64().unwrap();
+        match family {
+            "defers" => {
+                assert_eq!(count("deferproc"), truth.heap_defers, "{report}");
+                assert_eq!(count("deferreturn"), truth.heap_defer_frame_returns, "{report}");
+                assert!(count("goroutine_exits") >= truth.goroutines_ended, "{report}");
+                assert_eq!(report["pending"]["heap_defers"], 0, "{report}");
+            }
+            "map-writes" => {
+                let writes = truth.str_map_writes + truth.int_map_writes;
+                assert!(count("mapassign") >= writes, "{report}");
+            }
+            _ => assert!(count("mallocgc") >= truth.mallocs, "{report}"),
+        }
+        assert!(stdout.contains("not probed"), "{stdout}");
+    }
+}
