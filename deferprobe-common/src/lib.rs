@@ -46,11 +46,16 @@ pub enum Counter {
     UserReadFailed,
     /// Maps that entered the known-maps set (first seen, or seen again after eviction).
     MapsSeen,
+    /// `--alloc-mode profiled`: allocations the Go runtime sampled for its memory profile
+    /// (`runtime.profilealloc` calls).
+    AllocSamples,
+    /// Sum of the sampled allocations' sizes (rounded up to their size class), in bytes.
+    AllocSampledBytes,
 }
 
 impl Counter {
     /// Number of counters; the length of [`Counters::values`].
-    pub const COUNT: usize = Counter::MapsSeen as usize + 1;
+    pub const COUNT: usize = Counter::AllocSampledBytes as usize + 1;
 
     /// Every counter, in index order.
     pub const ALL: [Counter; Counter::COUNT] = [
@@ -64,6 +69,8 @@ impl Counter {
         Counter::LostRingFull,
         Counter::UserReadFailed,
         Counter::MapsSeen,
+        Counter::AllocSamples,
+        Counter::AllocSampledBytes,
     ];
 }
 
@@ -132,6 +139,7 @@ pub enum EventKind {
     DeferReturn = 2,
     GoroutineExit = 3,
     MapSeen = 4,
+    AllocSampled = 5,
 }
 
 impl EventKind {
@@ -141,6 +149,7 @@ impl EventKind {
             2 => Some(EventKind::DeferReturn),
             3 => Some(EventKind::GoroutineExit),
             4 => Some(EventKind::MapSeen),
+            5 => Some(EventKind::AllocSampled),
             _ => None,
         }
     }
@@ -243,6 +252,17 @@ pub struct DeferReturn {
     pub header: EventHeader,
     pub caller_pc: u64,
     pub caller_sp: u64,
+}
+
+/// The Go runtime sampled an allocation for its memory profile (`runtime.profilealloc`, with
+/// `--alloc-mode profiled`). The size lets userspace unsample like pprof does: a sample of
+/// `size` bytes stands for `1 / (1 - exp(-size / MemProfileRate))` allocations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocSampled {
+    pub header: EventHeader,
+    /// The allocation's size, rounded up to its size class.
+    pub size: u64,
 }
 
 /// A goroutine ended (`runtime.goexit1`); all its records are gone.

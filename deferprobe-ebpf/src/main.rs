@@ -27,8 +27,9 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use deferprobe_common::{
-    CALL_REL32_LEN, CAPTURE_WORDS, CaptureKind, Counter, Counters, DeferRegistered, DeferReturn, EVENT_RING_BYTES,
-    EventHeader, EventKind, GoroutineExit, KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig,
+    AllocSampled, CALL_REL32_LEN, CAPTURE_WORDS, CaptureKind, Counter, Counters, DeferRegistered,
+    DeferReturn, EVENT_RING_BYTES, EventHeader, EventKind, GoroutineExit, KNOWN_MAPS_CAPACITY,
+    KnownMap, MapSeen, ProbeConfig,
 };
 
 /// Runtime struct offsets and address ranges, written by userspace before load.
@@ -301,6 +302,17 @@ fn on_mallocgc_size_class(ctx: &ProbeContext) -> u32 {
     0
 }
 
+/// `runtime.profilealloc(mp, x, size)` (`--alloc-mode profiled`): the runtime sampled this
+/// allocation for its memory profile. RCX = size (rounded to its size class).
+#[inline(always)]
+fn on_profilealloc(ctx: &ProbeContext) -> u32 {
+    let size = regs(ctx).rcx;
+    bump(Counter::AllocSamples, 1);
+    bump(Counter::AllocSampledBytes, size);
+    emit(AllocSampled { header: header(EventKind::AllocSampled, 0), size });
+    0
+}
+
 /// `runtime.goexit1()`: the goroutine in R14 is ending; g structs are reused afterwards.
 #[inline(always)]
 fn on_goexit1(ctx: &ProbeContext) -> u32 {
@@ -345,6 +357,7 @@ entry_points! {
     mallocgc, mallocgc_multi => on_mallocgc;
     mallocgc_size_class, mallocgc_size_class_multi => on_mallocgc_size_class;
     goexit1, goexit1_multi => on_goexit1;
+    profilealloc, profilealloc_multi => on_profilealloc;
 }
 
 #[cfg(not(test))]

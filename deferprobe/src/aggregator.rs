@@ -9,10 +9,10 @@
 //! goroutine's `g._defer` chain (the runtime's truth) corrects all of these. Goroutines are keyed
 //! by goid, which, unlike the g struct, is never reused.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use deferprobe_common::{
-    CAPTURE_WORDS, CaptureKind, DeferRegistered, DeferReturn, EventHeader, EventKind,
+    AllocSampled, CAPTURE_WORDS, CaptureKind, DeferRegistered, DeferReturn, EventHeader, EventKind,
     GoroutineExit, MapSeen,
 };
 
@@ -25,6 +25,7 @@ pub enum Event {
     DeferReturn(DeferReturn),
     GoroutineExit(GoroutineExit),
     MapSeen(MapSeen),
+    AllocSampled(AllocSampled),
 }
 
 /// Why a ring-buffer record could not be decoded.
@@ -62,6 +63,7 @@ impl Event {
             EventKind::DeferReturn => Event::DeferReturn(read_pod(kind, bytes)?),
             EventKind::GoroutineExit => Event::GoroutineExit(read_pod(kind, bytes)?),
             EventKind::MapSeen => Event::MapSeen(read_pod(kind, bytes)?),
+            EventKind::AllocSampled => Event::AllocSampled(read_pod(kind, bytes)?),
         })
     }
 
@@ -71,6 +73,7 @@ impl Event {
             Event::DeferReturn(e) => &e.header,
             Event::GoroutineExit(e) => &e.header,
             Event::MapSeen(e) => &e.header,
+            Event::AllocSampled(e) => &e.header,
         }
     }
 }
@@ -272,6 +275,9 @@ pub struct Aggregator {
     maps: HashMap<u64, MapInfo>,
     /// `maps`' keys, oldest first.
     map_order: VecDeque<u64>,
+    /// `--alloc-mode profiled`: samples per allocation size (a few size classes and large
+    /// sizes), to unsample once the profiling rate is known.
+    sampled_allocations: BTreeMap<u64, u64>,
     events: EventTotals,
 }
 
@@ -372,7 +378,13 @@ impl Aggregator {
                 self.map_order.push_back(e.map);
                 self.forget_old_maps();
             }
+            Event::AllocSampled(e) => *self.sampled_allocations.entry(e.size).or_default() += 1,
         }
+    }
+
+    /// Allocations the runtime sampled for its memory profile, as samples per size.
+    pub fn sampled_allocations(&self) -> &BTreeMap<u64, u64> {
+        &self.sampled_allocations
     }
 
     /// Keeps the map table within [`MAP_TABLE_CAPACITY`], forgetting the oldest maps no pending
@@ -612,12 +624,19 @@ mod tests {
             map_type: 0x4a0000,
             caller_pc: 0x401234,
         });
-        for event in [registered(7, 0x401000, 0xc000100), returned(7, 0xc000100), exited(7), seen] {
+        let sampled = Event::AllocSampled(AllocSampled {
+            header: header(EventKind::AllocSampled, 0, 0),
+            size: 48,
+        });
+        for event in
+            [registered(7, 0x401000, 0xc000100), returned(7, 0xc000100), exited(7), seen, sampled]
+        {
             let bytes = match &event {
                 Event::DeferRegistered(e) => bytes_of(e),
                 Event::DeferReturn(e) => bytes_of(e),
                 Event::GoroutineExit(e) => bytes_of(e),
                 Event::MapSeen(e) => bytes_of(e),
+                Event::AllocSampled(e) => bytes_of(e),
             };
             assert_eq!(Event::decode(&bytes), Ok(event));
             assert!(Event::decode(&bytes[..bytes.len() - 1]).is_err());

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use deferprobe_common::EVENT_RING_BYTES;
 
-use crate::plan::ProbeFamily;
+use crate::plan::{AllocationMode, ProbeFamily};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -73,6 +73,13 @@ pub struct RunArgs {
         default_values_t = ProbeFamily::ALL
     )]
     pub probes: Vec<ProbeFamily>,
+
+    /// How allocations are traced: `all` counts every allocation exactly (a probe hit each);
+    /// `profiled` probes only the allocations the Go runtime samples for its memory profile
+    /// (one per runtime.MemProfileRate bytes, 512 KiB by default) and reports unsampled
+    /// estimates. `profiled` needs memory profiling on in the program (e.g. net/http/pprof).
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = AllocationMode::All)]
+    pub alloc_mode: AllocationMode,
 
     /// Format of the log lines on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -6,10 +6,10 @@ use std::{fmt::Write as _, path::Path};
 use serde::Serialize;
 
 use crate::{
-    binary::{DeferSite, GoBinary},
+    binary::{DeferSite, GoBinary, MemoryProfiling},
     error::Result,
     layout::{self, RuntimeLayout},
-    plan::{ProbeFamily, ProbePlan},
+    plan::{PlanOptions, ProbePlan},
 };
 
 #[derive(Serialize)]
@@ -22,12 +22,15 @@ struct Inspection<'a> {
     /// DWARF), checked against DWARF by `cargo xtask layout-table`.
     release_table_layout: Option<RuntimeLayout>,
     heap_defer_sites: &'a [DeferSite],
+    /// Whether `--alloc-mode profiled` can work: the runtime's allocation sampling as linked.
+    memory_profiling: MemoryProfiling,
 }
 
 /// Returns what `inspect` prints.
 pub fn inspect(path: &Path, json: bool) -> Result<String> {
     let binary = GoBinary::open(path)?;
-    let plan = ProbePlan::build(&binary, &ProbeFamily::ALL)?;
+    let plan = ProbePlan::build(&binary, &PlanOptions::default())?;
+    let memory_profiling = binary.memory_profiling();
     let sites = binary.heap_defer_sites()?;
     let info = binary.build_info();
     if json {
@@ -38,6 +41,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
             plan: &plan,
             release_table_layout: layout::for_release(plan.release),
             heap_defer_sites: &sites,
+            memory_profiling,
         };
         return Ok(serde_json::to_string_pretty(&inspection).expect("serializes") + "\n");
     }
@@ -54,6 +58,14 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         let _ = writeln!(out, "  main package {main}");
     }
     let _ = writeln!(out, "  pie          {}", if plan.pie { "yes" } else { "no" });
+    let profiling = match memory_profiling {
+        MemoryProfiling::Enabled { initial_rate, .. } => {
+            format!("on, MemProfileRate {initial_rate} (--alloc-mode profiled works)")
+        }
+        MemoryProfiling::Disabled => "off (turned off by the linker)".to_owned(),
+        MemoryProfiling::Unknown => "unknown (no symbol table)".to_owned(),
+    };
+    let _ = writeln!(out, "  mem profile  {profiling}");
     let l = &plan.layout;
     let _ = writeln!(
         out,

@@ -46,6 +46,35 @@ impl ProbeFamily {
     }
 }
 
+/// How allocations are traced (`--alloc-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AllocationMode {
+    /// Every allocation, exactly: `runtime.mallocgc` plus Go 1.27's size-specialized entries.
+    #[default]
+    All,
+    /// Only the allocations the runtime samples for its memory profile
+    /// (`runtime.profilealloc`, one per `runtime.MemProfileRate` bytes on average, 512 KiB by
+    /// default): far fewer probe hits; counts are unsampled into estimates like pprof does.
+    /// Needs memory profiling on in the program (the linker turns it off unless the program
+    /// can reach `runtime.MemProfile`, e.g. through net/http/pprof).
+    Profiled,
+}
+
+/// What to plan: which families, and how allocations are traced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanOptions {
+    pub families: Vec<ProbeFamily>,
+    pub allocations: AllocationMode,
+}
+
+impl Default for PlanOptions {
+    /// Every family; every allocation.
+    fn default() -> PlanOptions {
+        PlanOptions { families: ProbeFamily::ALL.to_vec(), allocations: AllocationMode::All }
+    }
+}
+
 /// The eBPF programs in deferprobe-ebpf; [`ProbeProgram::name`] is the program's name there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -57,10 +86,11 @@ pub enum ProbeProgram {
     Mallocgc,
     MallocgcSizeClass,
     Goexit1,
+    ProfileAlloc,
 }
 
 impl ProbeProgram {
-    pub const ALL: [ProbeProgram; 7] = [
+    pub const ALL: [ProbeProgram; 8] = [
         ProbeProgram::MapAssign,
         ProbeProgram::DeferProc,
         ProbeProgram::DeferProcStack,
@@ -68,6 +98,7 @@ impl ProbeProgram {
         ProbeProgram::Mallocgc,
         ProbeProgram::MallocgcSizeClass,
         ProbeProgram::Goexit1,
+        ProbeProgram::ProfileAlloc,
     ];
 
     /// Name of the program in the eBPF object.
@@ -80,6 +111,7 @@ impl ProbeProgram {
             ProbeProgram::Mallocgc => "mallocgc",
             ProbeProgram::MallocgcSizeClass => "mallocgc_size_class",
             ProbeProgram::Goexit1 => "goexit1",
+            ProbeProgram::ProfileAlloc => "profilealloc",
         }
     }
 
@@ -90,7 +122,18 @@ impl ProbeProgram {
             | ProbeProgram::DeferReturn
             | ProbeProgram::Goexit1 => ProbeFamily::Defers,
             ProbeProgram::MapAssign => ProbeFamily::MapWrites,
-            ProbeProgram::Mallocgc | ProbeProgram::MallocgcSizeClass => ProbeFamily::Allocations,
+            ProbeProgram::Mallocgc
+            | ProbeProgram::MallocgcSizeClass
+            | ProbeProgram::ProfileAlloc => ProbeFamily::Allocations,
+        }
+    }
+
+    /// For an allocation program, the `--alloc-mode` it belongs to.
+    fn allocation_mode(self) -> Option<AllocationMode> {
+        match self {
+            ProbeProgram::Mallocgc | ProbeProgram::MallocgcSizeClass => Some(AllocationMode::All),
+            ProbeProgram::ProfileAlloc => Some(AllocationMode::Profiled),
+            _ => None,
         }
     }
 
@@ -108,6 +151,9 @@ impl ProbeProgram {
                 "count + bytes of allocations not made through mallocgc"
             }
             ProbeProgram::Goexit1 => "count + event: goroutine exit (goid)",
+            ProbeProgram::ProfileAlloc => {
+                "count + event: an allocation the runtime sampled for its memory profile (size)"
+            }
         }
     }
 
@@ -125,6 +171,7 @@ impl ProbeProgram {
             ProbeProgram::Mallocgc => &[("rax", "size"), ("rbx", "*_type")],
             ProbeProgram::MallocgcSizeClass => &[("rax", "size"), RET],
             ProbeProgram::Goexit1 => &[G],
+            ProbeProgram::ProfileAlloc => &[("rcx", "size (rounded to its size class)")],
         }
     }
 }
@@ -185,9 +232,10 @@ const RUNTIME_FUNCTIONS: &[RuntimeFunction] = &[
         since: GoRelease::new(1, 26),
     },
     row("runtime.goexit1", ProbeProgram::Goexit1),
+    row("runtime.profilealloc", ProbeProgram::ProfileAlloc),
 ];
 
-const ALWAYS_PRESENT: &[&str] = &["runtime.mallocgc", "runtime.goexit1"];
+const ALWAYS_PRESENT: &[&str] = &["runtime.mallocgc", "runtime.goexit1", "runtime.profilealloc"];
 
 /// One probe to attach.
 #[derive(Clone, Debug, Serialize)]
@@ -221,6 +269,8 @@ pub struct ProbePlan {
     pub probes: Vec<PlannedProbe>,
     /// The probe families planned (`--probes`; `inspect` plans them all).
     pub families: Vec<ProbeFamily>,
+    /// How allocations are traced (`--alloc-mode`).
+    pub allocations: AllocationMode,
     /// Runtime functions this binary doesn't contain (never linked in).
     pub absent: Vec<String>,
     /// `[start, end)` of runtime.mallocgc (ELF virtual addresses).
@@ -230,8 +280,7 @@ pub struct ProbePlan {
 }
 
 impl ProbePlan {
-    /// The plan for the probes of `families` (each at most once, any order).
-    pub fn build(binary: &GoBinary, families: &[ProbeFamily]) -> Result<ProbePlan> {
+    pub fn build(binary: &GoBinary, options: &PlanOptions) -> Result<ProbePlan> {
         let info = binary.build_info();
         let release = info.release;
         let path = binary.path().display();
@@ -247,7 +296,9 @@ impl ProbePlan {
         let mut probes = Vec::new();
         let mut absent = Vec::new();
         let planned = |row: &&RuntimeFunction| {
-            row.since <= release && families.contains(&row.program.family())
+            row.since <= release
+                && options.families.contains(&row.program.family())
+                && row.program.allocation_mode().is_none_or(|mode| mode == options.allocations)
         };
         for row in RUNTIME_FUNCTIONS.iter().filter(planned) {
             let functions: Vec<Function> = match row.symbols {
@@ -284,7 +335,7 @@ impl ProbePlan {
             .find(|p| p.program == ProbeProgram::Mallocgc)
             .map(|p| (p.address, p.address + p.size))
             .unwrap_or_default();
-        let mut families = families.to_vec();
+        let mut families = options.families.clone();
         families.sort();
         families.dedup();
         Ok(ProbePlan {
@@ -296,6 +347,7 @@ impl ProbePlan {
             layout_source,
             probes,
             families,
+            allocations: options.allocations,
             absent,
             mallocgc_range: mallocgc,
             image_range: binary.image_range(),
@@ -389,7 +441,7 @@ mod tests {
                     let what = format!("go{} {program:?} {variant:?}", toolchain.version);
                     let binary =
                         GoBinary::open(&testbin::build(&toolchain, program, variant)).unwrap();
-                    let plan = ProbePlan::build(&binary, &ProbeFamily::ALL).unwrap();
+                    let plan = ProbePlan::build(&binary, &PlanOptions::default()).unwrap();
                     assert_eq!(plan.release.minor, toolchain.minor(), "{what}");
                     assert_eq!(plan.pie, variant.pie(), "{what}");
                     let source = match variant.stripped() {
@@ -419,11 +471,18 @@ mod tests {
                     assert!(!symbols.contains(&"runtime.deferreturn"), "{what}");
                     for probe in returns {
                         assert_eq!(probe.call_to, Some("runtime.deferreturn"), "{what}");
-                        let code = binary.function_code(&binary.function_at(probe.address).unwrap());
+                        let code =
+                            binary.function_code(&binary.function_at(probe.address).unwrap());
                         let at = probe.attach_offset as usize;
-                        let rel = i32::from_le_bytes(code.unwrap()[at + 1..at + 5].try_into().unwrap());
-                        let target = (probe.address + probe.attach_offset + 5).wrapping_add_signed(rel.into());
-                        assert_eq!(Some(target), binary.function("runtime.deferreturn").map(|f| f.address), "{what}");
+                        let rel =
+                            i32::from_le_bytes(code.unwrap()[at + 1..at + 5].try_into().unwrap());
+                        let target = (probe.address + probe.attach_offset + 5)
+                            .wrapping_add_signed(rel.into());
+                        assert_eq!(
+                            Some(target),
+                            binary.function("runtime.deferreturn").map(|f| f.address),
+                            "{what}"
+                        );
                     }
                     if toolchain.minor() < 22 {
                         assert!(!symbols.contains(&"runtime.deferprocat"), "{what}");
@@ -451,7 +510,7 @@ mod tests {
         for minor in [18, NEWEST_SUPPORTED.minor + 1] {
             let file = claiming_release(minor);
             let binary = GoBinary::open(file.path()).unwrap();
-            let err = ProbePlan::build(&binary, &ProbeFamily::ALL).unwrap_err();
+            let err = ProbePlan::build(&binary, &PlanOptions::default()).unwrap_err();
             let expected = format!(
                 "{}: built with go1.{minor}.0, but deferprobe supports Go 1.19 to 1.27",
                 file.path().display()

@@ -2,7 +2,7 @@
 //! (`--report`, schema version 1) and as text for a terminal (stdout).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt::Write as _,
 };
 
@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     aggregator::{Aggregator, PendingDefer},
-    plan::ProbeFamily,
+    plan::{AllocationMode, ProbeFamily},
 };
 
 pub const SCHEMA_VERSION: u32 = 1;
@@ -27,6 +27,7 @@ pub struct Report {
     /// `counts.lost_events` by cause.
     pub lost: LostEvents,
     pub probes: ProbesReport,
+    pub allocations: AllocationsReport,
     /// The overhead governor: its budget, the measured cost of a hit, and the probe families it
     /// sampled (whose counts above cover only the sampled windows).
     pub governor: GovernorReport,
@@ -144,16 +145,20 @@ impl Counts {
         }
     }
 
-    /// These counts, with those of the families not in `probed` left out.
-    pub fn reported(&self, probed: &[ProbeFamily]) -> ReportedCounts {
+    /// These counts, with those that were not counted left out: families not `probed`, and
+    /// allocations when only the runtime's profiling samples were (`--alloc-mode profiled`).
+    pub fn reported(&self, probed: &[ProbeFamily], allocations: AllocationMode) -> ReportedCounts {
         let of = |family: ProbeFamily, value: u64| probed.contains(&family).then_some(value);
+        let exact_allocations = allocations == AllocationMode::All;
+        let allocations =
+            |value: u64| of(ProbeFamily::Allocations, value).filter(|_| exact_allocations);
         ReportedCounts {
             mapassign: of(ProbeFamily::MapWrites, self.mapassign),
             deferproc: of(ProbeFamily::Defers, self.deferproc),
             deferproc_stack: of(ProbeFamily::Defers, self.deferproc_stack),
             deferreturn: of(ProbeFamily::Defers, self.deferreturn),
-            mallocgc: of(ProbeFamily::Allocations, self.mallocgc),
-            alloc_bytes: of(ProbeFamily::Allocations, self.alloc_bytes),
+            mallocgc: allocations(self.mallocgc),
+            alloc_bytes: allocations(self.alloc_bytes),
             goroutine_exits: of(ProbeFamily::Defers, self.goroutine_exits),
             lost_events: self.lost_events,
         }
@@ -182,6 +187,72 @@ pub struct ProbesReport {
     pub families: Vec<ProbeFamily>,
     /// Where the runtime struct offsets came from: "dwarf" or "release_table".
     pub layout_source: crate::layout::LayoutSource,
+}
+
+/// How allocations were traced (`--alloc-mode`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct AllocationsReport {
+    pub mode: AllocationMode,
+    /// With `profiled`: the runtime's samples and what they stand for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profiled: Option<ProfiledAllocations>,
+}
+
+/// Where the `runtime.MemProfileRate` used to unsample came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateSource {
+    /// Read from the target's memory while tracing.
+    Target,
+    /// The value linked into the binary (the target could not be read).
+    Binary,
+    /// Go's default, 512 KiB: the binary has no symbols to find the variable by.
+    GoDefault,
+}
+
+/// Allocations the Go runtime sampled for its memory profile, unsampled like pprof does.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProfiledAllocations {
+    pub memprofile_rate: u64,
+    pub rate_source: RateSource,
+    /// Exact: `runtime.profilealloc` calls seen.
+    pub samples: u64,
+    pub sampled_bytes: u64,
+    /// Estimates: each sample of `size` bytes stands for `1 / (1 - exp(-size / rate))`
+    /// allocations (pprof's unsampling).
+    pub estimated_calls: u64,
+    pub estimated_bytes: u64,
+}
+
+/// Go's default `runtime.MemProfileRate`.
+pub const GO_DEFAULT_MEMPROFILE_RATE: u64 = 512 * 1024;
+
+impl ProfiledAllocations {
+    /// From samples per allocation size (rounded to its size class) at `rate`.
+    pub fn unsample(
+        samples_by_size: &BTreeMap<u64, u64>,
+        rate: u64,
+        rate_source: RateSource,
+    ) -> ProfiledAllocations {
+        let (mut calls, mut bytes) = (0.0, 0.0);
+        for (&size, &samples) in samples_by_size {
+            // A rate of 1 samples every allocation; 0 never samples (nothing to scale).
+            let scale = match rate {
+                0 | 1 => 1.0,
+                _ => 1.0 / (1.0 - (-(size as f64) / rate as f64).exp()),
+            };
+            calls += samples as f64 * scale;
+            bytes += (samples * size) as f64 * scale;
+        }
+        ProfiledAllocations {
+            memprofile_rate: rate,
+            rate_source,
+            samples: samples_by_size.values().sum(),
+            sampled_bytes: samples_by_size.iter().map(|(size, n)| size * n).sum(),
+            estimated_calls: calls.round() as u64,
+            estimated_bytes: bytes.round() as u64,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -562,6 +633,20 @@ impl Report {
                 );
             }
         }
+        if let Some(profiled) = &self.allocations.profiled {
+            let _ = writeln!(
+                out,
+                "\nallocations sampled by the Go runtime's memory profile (--alloc-mode \
+                 profiled)\n  {} samples, {}, at MemProfileRate {} ({:?})\n  stand for \
+                 ~{} allocations, ~{} (estimates)",
+                profiled.samples,
+                human_bytes(profiled.sampled_bytes),
+                profiled.memprofile_rate,
+                profiled.rate_source,
+                profiled.estimated_calls,
+                human_bytes(profiled.estimated_bytes)
+            );
+        }
         let p = &self.pending;
         let _ = writeln!(
             out,
@@ -815,13 +900,14 @@ mod tests {
             duration_secs: 1.5,
             ended_by: EndReason::Duration,
             counts: Counts::from_counters(&counters, &LostEvents::new(&counters, 1, 0))
-                .reported(&ProbeFamily::ALL),
+                .reported(&ProbeFamily::ALL, AllocationMode::All),
             lost: LostEvents::new(&counters, 1, 0),
             probes: ProbesReport {
                 attached: 20,
                 families: ProbeFamily::ALL.to_vec(),
                 layout_source: crate::layout::LayoutSource::Dwarf,
             },
+            allocations: AllocationsReport { mode: AllocationMode::All, profiled: None },
             governor: GovernorReport {
                 max_overhead_percent: 5.0,
                 hit_cost_ns: Some(20_000),
@@ -846,6 +932,27 @@ mod tests {
         }
     }
 
+    /// pprof's unsampling: a sample of `size` bytes at `rate` stands for
+    /// `1 / (1 - exp(-size / rate))` allocations; at rate 1 every allocation was sampled.
+    #[test]
+    fn profiled_allocations_are_unsampled_like_pprof() {
+        let samples = BTreeMap::from([(16, 10), (1 << 20, 2)]);
+        let every = ProfiledAllocations::unsample(&samples, 1, RateSource::Target);
+        assert_eq!((every.samples, every.sampled_bytes), (12, 160 + (2 << 20)));
+        assert_eq!((every.estimated_calls, every.estimated_bytes), (12, 160 + (2 << 20)));
+        let rate = GO_DEFAULT_MEMPROFILE_RATE;
+        let sampled = ProfiledAllocations::unsample(&samples, rate, RateSource::GoDefault);
+        let small = 1.0 / (1.0 - (-16.0 / rate as f64).exp()); // about rate / 16
+        let large = 1.0 / (1.0 - (-((1 << 20) as f64) / rate as f64).exp()); // about 1.16
+        assert_eq!(sampled.estimated_calls, (10.0 * small + 2.0 * large).round() as u64);
+        assert_eq!(
+            sampled.estimated_bytes,
+            (160.0 * small + (2 << 20) as f64 * large).round() as u64
+        );
+        assert!((327_000..328_000).contains(&sampled.estimated_calls), "{sampled:?}");
+        assert_eq!(sampled.samples, 12);
+    }
+
     #[test]
     fn json_has_the_stable_keys() {
         let json: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
@@ -868,7 +975,10 @@ mod tests {
         ] {
             assert_eq!(json["counts"][key], 0, "{key}");
         }
-        assert_eq!(json["probes"]["families"], serde_json::json!(["defers", "map_writes", "allocations"]));
+        assert_eq!(
+            json["probes"]["families"],
+            serde_json::json!(["defers", "map_writes", "allocations"])
+        );
         assert_eq!(json["pending"]["heap_defers"], 20);
         assert_eq!(json["sites"][0]["pc"], "0x400123");
         assert_eq!(json["sites"][0]["line"], 42);

@@ -21,17 +21,17 @@ use tracing::{info, warn};
 
 use crate::{
     aggregator::{Aggregator, Event, Reconciled},
-    binary::GoBinary,
+    binary::{GoBinary, MemoryProfiling},
     cli::RunArgs,
     closure_words::captured_words,
     error::{Error, Result},
     governor::{Governor, Observation, SampledFamily},
     layout::RuntimeLayout,
     memory::{ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
-    plan::{ProbeFamily, ProbePlan},
+    plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
     report::{
-        self, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents, ProbesReport,
-        Report, SamplingReport, TargetReport,
+        self, AllocationsReport, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents,
+        ProbesReport, ProfiledAllocations, RateSource, Report, SamplingReport, TargetReport,
     },
     target::{self, GatedChild, Target},
     tracer::{AttachMode, Tracer},
@@ -75,7 +75,21 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         )),
         None => Error::from(err),
     })?;
-    let plan = ProbePlan::build(&binary, &args.probes)?;
+    let plan = ProbePlan::build(
+        &binary,
+        &PlanOptions { families: args.probes.clone(), allocations: args.alloc_mode },
+    )?;
+    let memory_profiling = binary.memory_profiling();
+    let profiled = plan.allocations == AllocationMode::Profiled
+        && plan.families.contains(&ProbeFamily::Allocations);
+    if profiled && memory_profiling == MemoryProfiling::Disabled {
+        return Err(Error::target(format!(
+            "{}: memory profiling is off in this program (the Go linker turns it off when \
+             nothing can read the profile, e.g. no net/http/pprof or runtime.MemProfile), so \
+             --alloc-mode profiled would see no allocation; use --alloc-mode all",
+            exe.display()
+        )));
+    }
     let (target, gated) = match running {
         Some(target) => (target, None),
         None => {
@@ -120,11 +134,27 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // Every g the runtime made, to find defers already pending before tracing started. Only
     // binaries with a symbol table name it; stripped ones fall back to the goroutines seen.
     let allgs = binary.data_symbol("runtime.allgs").map(|address| address.wrapping_add(bias));
+    // Runtime address of runtime.MemProfileRate, to unsample with the rate in force.
+    let memprofile_rate = match memory_profiling {
+        MemoryProfiling::Enabled { rate_variable, .. } if profiled => {
+            Some(rate_variable.wrapping_add(bias))
+        }
+        _ => None,
+    };
+    if let (Some(at), Some(pid)) = (memprofile_rate, args.pid)
+        && memory.read_u64(at) == Some(0)
+    {
+        return Err(Error::target(format!(
+            "pid {pid} has set runtime.MemProfileRate to 0 (memory profiling off), so \
+             --alloc-mode profiled would see no allocation; use --alloc-mode all"
+        )));
+    }
     let context = TraceContext {
         memory,
         layout: plan.layout,
         closures: &closures,
-        families: &plan.families,
+        plan: &plan,
+        memprofile_rate,
         allgs,
     };
     let traced =
@@ -166,6 +196,19 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let events = traced.aggregator.events();
     let lost = LostEvents::new(&traced.counters, events.undecodable, events.without_goid);
     let counts = Counts::from_counters(&traced.counters, &lost);
+    let allocations = AllocationsReport {
+        mode: plan.allocations,
+        profiled: profiled.then(|| {
+            let (rate, source) = match (traced.memprofile_rate, memory_profiling) {
+                (Some(rate), _) => (rate, RateSource::Target),
+                (None, MemoryProfiling::Enabled { initial_rate, .. }) => {
+                    (initial_rate, RateSource::Binary)
+                }
+                (None, _) => (report::GO_DEFAULT_MEMPROFILE_RATE, RateSource::GoDefault),
+            };
+            ProfiledAllocations::unsample(traced.aggregator.sampled_allocations(), rate, source)
+        }),
+    };
     let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
     let pending_before_trace: u64 = traced.aggregator.sites().map(|(_, t)| t.adopted).sum();
     if pending_before_trace > 0 {
@@ -240,13 +283,14 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         },
         duration_secs: traced.duration.as_secs_f64(),
         ended_by: traced.ended_by,
-        counts: counts.reported(&plan.families),
+        counts: counts.reported(&plan.families, plan.allocations),
         lost,
         probes: ProbesReport {
             attached: traced.attached,
             families: plan.families.clone(),
             layout_source: plan.layout_source,
         },
+        allocations,
         governor: traced.governor,
         pending: correlation.pending,
         findings: correlation.findings,
@@ -336,14 +380,18 @@ struct TraceContext<'a> {
     memory: ProcessMemory,
     layout: RuntimeLayout,
     closures: &'a ClosureSizes<'a>,
-    /// The probe families attached.
-    families: &'a [ProbeFamily],
+    plan: &'a ProbePlan,
+    /// Runtime address of `runtime.MemProfileRate` with `--alloc-mode profiled`, when the
+    /// binary has symbols: read while tracing, to unsample with the rate in force.
+    memprofile_rate: Option<u64>,
     /// Runtime address of `runtime.allgs`, when the binary has symbols.
     allgs: Option<u64>,
 }
 
 /// What the trace loop produced.
 struct Traced {
+    /// `runtime.MemProfileRate` as last read from the target (`--alloc-mode profiled`).
+    memprofile_rate: Option<u64>,
     aggregator: Aggregator,
     counters: Counters,
     ended_by: EndReason,
@@ -474,7 +522,8 @@ impl Sampler {
         let now = tracer.counters()?;
         let seconds = self.last_tick.elapsed().as_secs_f64();
         let delta = |counter: Counter| now.get(counter) - self.last.get(counter);
-        let sampled_hits = [delta(Counter::Malloc), delta(Counter::MapAssign)];
+        let allocation_hits = delta(Counter::Malloc) + delta(Counter::AllocSamples);
+        let sampled_hits = [allocation_hits, delta(Counter::MapAssign)];
         let bytes = [delta(Counter::AllocBytes) as f64, 0.0];
         for (index, stats) in self.stats.iter_mut().enumerate() {
             let duty = self.in_force[index];
@@ -571,9 +620,18 @@ async fn trace(
     let mut last_logged = Counts::default();
     let mut batch = Vec::new();
     let mut interrupted = false;
+    let mut memprofile_rate = None;
+    let mut read_memprofile_rate = || {
+        if let Some(rate) = context.memprofile_rate.and_then(|at| context.memory.read_u64(at)) {
+            memprofile_rate = Some(rate);
+        }
+    };
     let ended_by = loop {
         tokio::select! {
-            _ = drain_tick.tick() => drain(tracer, &mut aggregator, &mut batch),
+            _ = drain_tick.tick() => {
+                drain(tracer, &mut aggregator, &mut batch);
+                read_memprofile_rate();
+            }
             _ = governor_tick.tick() => {
                 if let Some(end) = sampler.tick(tracer)? {
                     window_end.as_mut().reset(end);
@@ -607,6 +665,7 @@ async fn trace(
     };
     // The probes fired synchronously in the target: everything is in the buffer by now.
     drain(tracer, &mut aggregator, &mut batch);
+    read_memprofile_rate();
     if ended_by != EndReason::TargetExited {
         // Twice: a record is released only when two looks in a row miss it.
         reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
@@ -615,7 +674,7 @@ async fn trace(
     }
     let counters = tracer.counters()?;
     let counts = Counts::from_counters(&counters, &lost_events(&counters, &aggregator))
-        .reported(context.families);
+        .reported(&context.plan.families, context.plan.allocations);
     info!(
         ended_by = ?ended_by,
         interrupted,
@@ -633,6 +692,7 @@ async fn trace(
         ended_ns: monotonic_ns(),
         attached: tracer.attached(),
         reconciled,
+        memprofile_rate,
         governor: {
             sampler.account(tracer)?;
             sampler.report()
@@ -738,8 +798,8 @@ fn log_counts(
     context: &TraceContext<'_>,
 ) {
     // Families not probed have no count (the fields are left out), not zero.
-    let delta = now.since(last).reported(context.families);
-    let total = now.reported(context.families);
+    let delta = now.since(last).reported(&context.plan.families, context.plan.allocations);
+    let total = now.reported(&context.plan.families, context.plan.allocations);
     info!(
         mapassign = delta.mapassign,
         deferproc = delta.deferproc,

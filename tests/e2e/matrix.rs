@@ -398,6 +398,71 @@ fn allocations() {
     check_each(&targets, Target::id, |target| drop(trace_allocs(target)));
 }
 
+/// `--alloc-mode profiled`: deferprobe sees exactly the allocations the runtime sampled for its
+/// memory profile (the program's own `runtime.MemProfile` after two GCs, plus the few samples
+/// its last allocations may add), reads the rate the program set, and unsamples them as pprof
+/// does. Programs without memory profiling are refused.
+#[test]
+fn profiled_allocations_are_the_runtimes_own_samples() {
+    let targets: Vec<Target> =
+        selected_targets().into_iter().filter(|t| t.variant == "allocs").collect();
+    assert!(!targets.is_empty(), "no allocs targets in tests/go/matrix.txt for this run");
+    check_each(&targets, Target::id, |target| {
+        let binary = target.binary();
+        let traced = trace_command_with(
+            &format!("{}-profiled", target.id()),
+            &["--alloc-mode", "profiled"],
+            &binary,
+            &["-rounds", "150", "-memprofile-rate", "4096"],
+        );
+        let context = format!("deferprobe's stderr:\n{}\nreport: {}", traced.stderr, traced.report);
+        assert_eq!(traced.code, 0, "{context}");
+        let truth = ground_truth_json(&traced.stdout);
+        let number =
+            |key: &str| truth[key].as_u64().unwrap_or_else(|| panic!("no {key} in {truth}"));
+        let allocations = &traced.report["allocations"];
+        assert_eq!(allocations["mode"], "profiled", "{context}");
+        let profiled = &allocations["profiled"];
+        assert_eq!(profiled["memprofile_rate"], 4096, "{context}");
+        assert_eq!(profiled["rate_source"], "target", "{context}");
+        let samples = profiled["samples"].as_u64().unwrap();
+        let truth_samples = number("profile_samples");
+        assert!(truth_samples > 100, "{truth}");
+        // After the profile was published the program only allocates its records and output.
+        assert!(
+            (truth_samples..=truth_samples + 10).contains(&samples),
+            "{samples} samples seen, the runtime's profile has {truth_samples}\n{context}"
+        );
+        let sampled_bytes = profiled["sampled_bytes"].as_u64().unwrap();
+        let truth_bytes = number("profile_sampled_bytes");
+        assert!(
+            sampled_bytes >= truth_bytes && sampled_bytes - truth_bytes <= 64 * 1024,
+            "{sampled_bytes} sampled bytes seen, the runtime's profile has {truth_bytes}\n{context}"
+        );
+        assert!(traced.report["counts"]["mallocgc"].is_null(), "not counted exactly: {context}");
+        // Unsampled, they come to what pprof makes of the runtime's own profile (which
+        // averages sizes per call stack where deferprobe keeps each size: hence not exact).
+        // The call estimate is not compared: averaging sizes changes it a lot.
+        let bytes = profiled["estimated_bytes"].as_u64().unwrap() as f64;
+        let pprof = number("profile_estimated_bytes") as f64;
+        assert!(
+            (0.95 * pprof..1.05 * pprof + 256.0 * 1024.0).contains(&bytes),
+            "estimated bytes {bytes}, pprof's {pprof}: {truth}\n{context}"
+        );
+    });
+    // The workload never reads its memory profile: the linker turned profiling off.
+    let workload = go_program(&go_releases()[0], "workload");
+    let output = deferprobe()
+        .args(["run", "--alloc-mode", "profiled", "--"])
+        .arg(&workload)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stderr.contains("memory profiling is off in this program"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
 /// Go 1.27 (and 1.26 with its experiment): the same allocation program built with and without
 /// size-specialized malloc. The direct `mallocgc*SC*` entries must count what the generic path
 /// counts.

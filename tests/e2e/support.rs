@@ -121,11 +121,17 @@ impl Traced {
 /// Traces `program` from its first instruction with `run -- CMD`. Panics, with deferprobe's
 /// output, if it wrote no report (it could not trace the program).
 pub fn trace_command(name: &str, program: &Path, args: &[&str]) -> Traced {
+    trace_command_with(name, &[], program, args)
+}
+
+/// [`trace_command`] with more `deferprobe run` flags.
+pub fn trace_command_with(name: &str, flags: &[&str], program: &Path, args: &[&str]) -> Traced {
     let report_file = report_path(name);
     let _ = std::fs::remove_file(&report_file);
     let output = deferprobe()
         .args(["run", "--interval", "1s"])
         .args(ALL_PROBES_ON)
+        .args(flags)
         .arg("--report")
         .arg(&report_file)
         .arg("--")

@@ -86,6 +86,19 @@ pub struct DeferSite {
     pub return_address: u64,
 }
 
+/// Memory profiling as linked into a Go binary ([`GoBinary::memory_profiling`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum MemoryProfiling {
+    /// The linker turned it off: `runtime.profilealloc` is never called.
+    Disabled,
+    /// On: one allocation sampled per `initial_rate` bytes on average, unless the program
+    /// changes `runtime.MemProfileRate` (the variable at `rate_variable`).
+    Enabled { initial_rate: u64, rate_variable: u64 },
+    /// The binary has no `.symtab` to tell.
+    Unknown,
+}
+
 #[derive(Debug)]
 struct Segment {
     vaddr: u64,
@@ -286,6 +299,45 @@ impl GoBinary {
     pub fn file_offset(&self, vaddr: u64) -> Result<u64, BinaryError> {
         let (segment, delta) = self.segment_of(vaddr)?;
         Ok(segment.offset + delta)
+    }
+
+    /// The initial value of the 8-byte variable at `vaddr` as linked: from the file, or 0 when
+    /// it lies past the file-backed part of the segments (`.bss`, `.noptrbss`). None if no
+    /// segment holds it.
+    pub fn initial_u64(&self, vaddr: u64) -> Option<u64> {
+        if let Ok(offset) = self.file_offset(vaddr) {
+            let bytes = self.map.get(offset as usize..offset as usize + 8)?;
+            return Some(u64::from_le_bytes(bytes.try_into().ok()?));
+        }
+        let elf = parse_elf(&self.path, &self.map).ok()?;
+        let endian = elf.endian();
+        elf.elf_program_headers()
+            .iter()
+            .filter(|header| header.p_type(endian) == elf::PT_LOAD)
+            .any(|header| {
+                let start = header.p_vaddr(endian);
+                vaddr >= start && vaddr + 8 <= start + header.p_memsz(endian)
+            })
+            .then_some(0)
+    }
+
+    /// Whether the Go runtime samples allocations for its memory profile, as linked: the
+    /// linker sets `runtime.disableMemoryProfiling` when nothing can read the profile, and the
+    /// runtime then zeroes `runtime.MemProfileRate` at start. Unknown without `.symtab`.
+    pub fn memory_profiling(&self) -> MemoryProfiling {
+        let (Some(disabled), Some(rate)) = (
+            self.data_symbol("runtime.disableMemoryProfiling"),
+            self.data_symbol("runtime.MemProfileRate"),
+        ) else {
+            return MemoryProfiling::Unknown;
+        };
+        match (self.initial_u64(disabled), self.initial_u64(rate)) {
+            (Some(disabled), _) if disabled & 0xff != 0 => MemoryProfiling::Disabled,
+            (Some(_), Some(initial_rate)) => {
+                MemoryProfiling::Enabled { initial_rate, rate_variable: rate }
+            }
+            _ => MemoryProfiling::Unknown,
+        }
     }
 
     /// [`prologue::probe_offset`] for `function`, with errors naming the file and function.
@@ -678,6 +730,27 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The test programs never read their memory profile, so the linker turned profiling off;
+    /// stripped binaries can't tell.
+    #[test]
+    fn memory_profiling_as_linked() {
+        for toolchain in testbin::toolchains() {
+            for variant in Variant::ALL {
+                let binary = open(&toolchain, Program::Workload, variant);
+                let expected = match variant.stripped() {
+                    true => MemoryProfiling::Unknown,
+                    false => MemoryProfiling::Disabled,
+                };
+                assert_eq!(
+                    binary.memory_profiling(),
+                    expected,
+                    "go{} {variant:?}",
+                    toolchain.version
+                );
             }
         }
     }

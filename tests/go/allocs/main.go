@@ -11,14 +11,22 @@
 //
 //	-rounds R     rounds of the allocation loop
 //	-exit-code C  exit with status C
+//	-memprofile-rate N  set runtime.MemProfileRate to N first (0: leave it), and add to the
+//	              ground truth the allocations the runtime sampled for its memory profile
+//	              (profile_samples, profile_sampled_bytes: runtime.MemProfile after two GCs,
+//	              every profilealloc call since the process started; profile_estimated_bytes:
+//	              what pprof unsamples them to); then stay alive 300 ms so that a tracer
+//	              reads the rate in force
 package main
 
 import (
 	"flag"
+	"math"
 	"os"
 	"runtime"
 	"runtime/debug"
 	"strconv"
+	"time"
 )
 
 type (
@@ -68,7 +76,11 @@ func round(i int) {
 func main() {
 	rounds := flag.Int("rounds", 200, "rounds of the allocation loop")
 	exitCode := flag.Int("exit-code", 0, "exit status")
+	memProfileRate := flag.Int("memprofile-rate", 0, "runtime.MemProfileRate to set (0: leave it)")
 	flag.Parse()
+	if *memProfileRate > 0 {
+		runtime.MemProfileRate = *memProfileRate
+	}
 	selfCheck := os.Getenv("ALLOCS_SELF_CHECK") != ""
 	debug.SetGCPercent(-1)
 
@@ -101,6 +113,31 @@ func main() {
 	field("mallocs", after.Mallocs)
 	field("loop_mallocs", after.Mallocs-before.Mallocs)
 	field("loop_expected", uint64(allocationsPerRound**rounds))
+	if *memProfileRate > 0 {
+		// Two cycles publish every sample taken so far.
+		runtime.GC()
+		runtime.GC()
+		n, _ := runtime.MemProfile(nil, true)
+		records := make([]runtime.MemProfileRecord, n+64)
+		n, _ = runtime.MemProfile(records, true)
+		var samples, sampledBytes int64
+		// What pprof makes of the profile (its scaleHeapSample, per record).
+		var estimatedBytes float64
+		rate := float64(runtime.MemProfileRate)
+		for _, r := range records[:n] {
+			samples += r.AllocObjects
+			sampledBytes += r.AllocBytes
+			if r.AllocObjects > 0 {
+				avg := float64(r.AllocBytes) / float64(r.AllocObjects)
+				estimatedBytes += float64(r.AllocBytes) / (1 - math.Exp(-avg/rate))
+			}
+		}
+		field("memprofile_rate", uint64(runtime.MemProfileRate))
+		field("profile_samples", uint64(samples))
+		field("profile_sampled_bytes", uint64(sampledBytes))
+		field("profile_estimated_bytes", uint64(estimatedBytes))
+		field("total_alloc", after.TotalAlloc)
+	}
 	out = append(out, `,"go_version":"`...)
 	out = append(out, runtime.Version()...)
 	out = append(out, "\"}\n"...)
@@ -108,6 +145,9 @@ func main() {
 	if selfCheck {
 		runtime.ReadMemStats(&before)
 		os.Stdout.WriteString("allocations after the ground truth: " + strconv.FormatUint(before.Mallocs-after.Mallocs, 10) + "\n")
+	}
+	if *memProfileRate > 0 {
+		time.Sleep(300 * time.Millisecond)
 	}
 	os.Exit(*exitCode)
 }
