@@ -40,8 +40,8 @@ pub enum Counter {
     /// Events not written because the ring buffer was full.
     LostRingFull,
     /// Probe hits with a failed user-memory read that had to succeed: an event delivered with a
-    /// field 0, or a size-class allocation that could not be deduplicated. Each hit counts
-    /// once. Not counted here: an unreadable `g.goid` of an event that needs the goroutine (it
+    /// field 0. Each hit counts once.
+    /// Not counted here: an unreadable `g.goid` of an event that needs the goroutine (it
     /// carries goid 0 and userspace counts it), and the speculative reads of captured words.
     UserReadFailed,
     /// Maps that entered the known-maps set (first seen, or seen again after eviction).
@@ -100,10 +100,10 @@ pub struct ProbeConfig {
     pub g_m: u64,
     /// Offset of `curg` in `runtime.m`.
     pub m_curg: u64,
-    /// ELF virtual address range `[start, end)` of `runtime.mallocgc`. Size-specialized malloc
-    /// entries called from inside it were already counted by the mallocgc probe.
-    pub mallocgc_start: u64,
-    pub mallocgc_end: u64,
+    /// With Go 1.26+/1.27 size-specialized malloc probed: mallocgc forwards every size from 1
+    /// to this to those entries, whose probes count it, so the mallocgc probe skips them (a
+    /// register test). 0 when they are not probed.
+    pub size_specialized_max: u64,
     /// ELF virtual address of the mallocgc probe. The mallocgc program compares it with the
     /// address it really fires at to learn the load bias of position-independent binaries.
     pub mallocgc_probe: u64,
@@ -122,8 +122,7 @@ impl ProbeConfig {
         g_goid: 0,
         g_m: 0,
         m_curg: 0,
-        mallocgc_start: 0,
-        mallocgc_end: 0,
+        size_specialized_max: 0,
         mallocgc_probe: 0,
         image_start: 0,
         image_end: 0,
@@ -163,7 +162,10 @@ pub struct EventHeader {
     pub kind: u32,
     /// CPU the probe ran on.
     pub cpu: u32,
-    /// `bpf_ktime_get_ns()` at the probe: orders events that arrive interleaved across CPUs.
+    /// `bpf_ktime_get_ns()` at the probe, for heap defer registrations; 0 in the other events
+    /// (reading the clock is a large part of a hit's cost). Events need no time to be ordered:
+    /// the ring buffer delivers them in the order the probes reserved their records, which for
+    /// one goroutine is the order they happened in.
     pub ktime_ns: u64,
     /// Goroutine id (`g.goid`), 0 if it could not be read.
     pub goid: u64,

@@ -146,9 +146,11 @@ impl ProbeProgram {
             ProbeProgram::DeferReturn => {
                 "count + event: a heap-defer frame runs its defers (goid, frame pc/sp)"
             }
-            ProbeProgram::Mallocgc => "count + bytes of allocations",
+            ProbeProgram::Mallocgc => {
+                "count + bytes of allocations (sizes the size-specialized entries count: skipped)"
+            }
             ProbeProgram::MallocgcSizeClass => {
-                "count + bytes of allocations not made through mallocgc"
+                "count + bytes of allocations of the sizes mallocgc leaves to them"
             }
             ProbeProgram::Goexit1 => "count + event: goroutine exit (goid)",
             ProbeProgram::ProfileAlloc => {
@@ -169,7 +171,7 @@ impl ProbeProgram {
                 &[G, ("rsp", "the frame's SP"), ("rip", "the CALL (+5: return address)")]
             }
             ProbeProgram::Mallocgc => &[("rax", "size"), ("rbx", "*_type")],
-            ProbeProgram::MallocgcSizeClass => &[("rax", "size"), RET],
+            ProbeProgram::MallocgcSizeClass => &[("rax", "size")],
             ProbeProgram::Goexit1 => &[G],
             ProbeProgram::ProfileAlloc => &[("rcx", "size (rounded to its size class)")],
         }
@@ -273,8 +275,9 @@ pub struct ProbePlan {
     pub allocations: AllocationMode,
     /// Runtime functions this binary doesn't contain (never linked in).
     pub absent: Vec<String>,
-    /// `[start, end)` of runtime.mallocgc (ELF virtual addresses).
-    pub mallocgc_range: (u64, u64),
+    /// With size-specialized malloc probed: the largest size mallocgc forwards to those
+    /// entries (they count it, so the mallocgc probe must not). 0 without.
+    pub size_specialized_max: u64,
     /// `[start, end)` of the executable's file-backed segments (ELF virtual addresses).
     pub image_range: (u64, u64),
 }
@@ -330,11 +333,10 @@ impl ProbePlan {
                 probes.push(plan_probe(binary, row.program, function)?);
             }
         }
-        let mallocgc = probes
-            .iter()
-            .find(|p| p.program == ProbeProgram::Mallocgc)
-            .map(|p| (p.address, p.address + p.size))
-            .unwrap_or_default();
+        let size_specialized_max = match probes_of(&probes, ProbeProgram::MallocgcSizeClass) {
+            0 => 0,
+            _ => size_specialized_max(release),
+        };
         let mut families = options.families.clone();
         families.sort();
         families.dedup();
@@ -349,7 +351,7 @@ impl ProbePlan {
             families,
             allocations: options.allocations,
             absent,
-            mallocgc_range: mallocgc,
+            size_specialized_max,
             image_range: binary.image_range(),
         })
     }
@@ -417,6 +419,18 @@ fn plan_call_probe(
         after_stack_check: true,
         call_to: Some(callee),
     })
+}
+
+fn probes_of(probes: &[PlannedProbe], program: ProbeProgram) -> usize {
+    probes.iter().filter(|p| p.program == program).count()
+}
+
+/// The sizes `runtime.mallocgc` hands to the size-specialized entries: every size from 1 to
+/// this (`size < len(mallocNoScanTable)`: 80 bytes on Go 1.27; on 1.26 with
+/// `GOEXPERIMENT=sizespecializedmalloc`, `heapBitsInSpan(size)`: 512 bytes). The e2e test
+/// `size_specialized_malloc_counts_like_the_generic_build` checks the counts stay exact.
+fn size_specialized_max(release: GoRelease) -> u64 {
+    if release >= GoRelease::new(1, 27) { 80 } else { 512 }
 }
 
 /// `runtime.mallocgcTinySC2`, `runtime.mallocgcSmallScanNoHeaderSC5`, `runtime.mallocgcTinySize8`

@@ -97,7 +97,7 @@ pub struct LostEvents {
     /// Events written without a goroutine id (reading g.goid failed): counted, not tracked.
     pub without_goroutine_id: u64,
     /// Probe hits whose user-memory reads failed (other than g.goid): events with a field
-    /// missing, or allocations that could not be deduplicated.
+    /// missing.
     pub user_read_failed: u64,
 }
 

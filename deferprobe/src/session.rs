@@ -356,6 +356,13 @@ impl<'b> ClosureSizes<'b> {
     fn words_at_runtime(&self, fn_pc: u64) -> Option<usize> {
         self.words_at_elf(fn_pc.wrapping_sub(self.bias))
     }
+
+    /// The code PC (runtime address) of a static closure: a funcval inside the executable's
+    /// image, which the deferproc probe does not read. Read from the file (it never changes).
+    fn static_closure_code(&self, closure: u64) -> Option<u64> {
+        let code = self.binary.initial_u64(closure.wrapping_sub(self.bias))?;
+        (code != 0).then(|| code.wrapping_add(self.bias))
+    }
 }
 
 /// The signals that end tracing.
@@ -629,7 +636,7 @@ async fn trace(
     let ended_by = loop {
         tokio::select! {
             _ = drain_tick.tick() => {
-                drain(tracer, &mut aggregator, &mut batch);
+                drain(tracer, &mut aggregator, &mut batch, context.closures);
                 read_memprofile_rate();
             }
             _ = governor_tick.tick() => {
@@ -643,7 +650,7 @@ async fn trace(
                 window_open = false;
             }
             _ = log_tick.tick() => {
-                drain(tracer, &mut aggregator, &mut batch);
+                drain(tracer, &mut aggregator, &mut batch, context.closures);
                 reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
                 let counters = tracer.counters()?;
                 let lost = lost_events(&counters, &aggregator);
@@ -664,7 +671,7 @@ async fn trace(
         }
     };
     // The probes fired synchronously in the target: everything is in the buffer by now.
-    drain(tracer, &mut aggregator, &mut batch);
+    drain(tracer, &mut aggregator, &mut batch, context.closures);
     read_memprofile_rate();
     if ended_by != EndReason::TargetExited {
         // Twice: a record is released only when two looks in a row miss it.
@@ -702,16 +709,27 @@ async fn trace(
 
 /// Moves every waiting event into the aggregator, in probe-time order (records from different
 /// CPUs can reach the ring buffer slightly out of order).
-fn drain(tracer: &mut Tracer, aggregator: &mut Aggregator, batch: &mut Vec<Event>) {
+fn drain(
+    tracer: &mut Tracer,
+    aggregator: &mut Aggregator,
+    batch: &mut Vec<Event>,
+    closures: &ClosureSizes,
+) {
     batch.clear();
     tracer.drain(|bytes| match Event::decode(bytes) {
+        Ok(Event::DeferRegistered(mut e)) => {
+            if e.closure_fn == 0 {
+                e.closure_fn = closures.static_closure_code(e.closure).unwrap_or(0);
+            }
+            batch.push(Event::DeferRegistered(e))
+        }
         Ok(event) => batch.push(event),
         Err(err) => {
             warn!(%err, "undecodable event");
             aggregator.record_undecodable();
         }
     });
-    batch.sort_by_key(|event| event.header().ktime_ns);
+    // In ring-buffer order: the order the probes reserved their records (see EventHeader).
     for event in batch.iter() {
         aggregator.apply(event);
     }
@@ -727,7 +745,7 @@ fn reconcile(
     batch: &mut Vec<Event>,
     context: &TraceContext,
 ) -> Reconciled {
-    drain(tracer, aggregator, batch);
+    drain(tracer, aggregator, batch, context.closures);
     let tracked = aggregator.goroutines_to_reconcile();
     let gs: Vec<u64> = match context.allgs.and_then(|allgs| read_allgs(&context.memory, allgs)) {
         Some(all) => all,

@@ -44,8 +44,21 @@ struct Ctx {
     governor: bool,
 }
 
-pub fn bench(reps: usize, calls: u64, service_secs: u64) -> Result<()> {
+/// The sections of a run, for `--only`.
+pub const SECTIONS: [&str; 5] = ["aggregator", "per-hit", "kernel", "attach", "service"];
+
+/// A full run (`only` empty) rewrites BENCHMARKS.md; `--only SECTION…` runs just those and
+/// prints their raw results (for iterating on one thing; BENCHMARKS.md is left alone).
+pub fn bench(reps: usize, calls: u64, service_secs: u64, only: &[String]) -> Result<()> {
     ensure!(reps >= 1, "--reps must be at least 1");
+    for section in only {
+        ensure!(
+            SECTIONS.contains(&section.as_str()),
+            "--only {section}: not a section ({})",
+            SECTIONS.join(", ")
+        );
+    }
+    let wanted = |section: &str| only.is_empty() || only.iter().any(|s| s == section);
     let root = workspace_root();
     install_packages()?;
     let release = go_releases()?[0].clone();
@@ -77,17 +90,34 @@ pub fn bench(reps: usize, calls: u64, service_secs: u64) -> Result<()> {
     let environment = environment(&release)?;
     eprintln!("[bench] environment: {environment}");
     let mut results = json!({ "environment": environment });
-    eprintln!("[bench] aggregator throughput and memory");
-    results["aggregator"] = aggregator()?;
-    eprintln!("[bench] per-hit cost");
-    results["per_hit"] = per_hit(&ctx, &hits, calls)?;
-    eprintln!("[bench] kernel-side work per hit (bpf_stats)");
-    results["kernel"] = kernel_side(&ctx, &hits, calls)?;
-    eprintln!("[bench] attach latency");
-    results["attach"] = attach_latency(&ctx, &big)?;
-    eprintln!("[bench] real service under wrk");
-    results["service"] = service(&ctx, &svc, service_secs)?;
+    if wanted("aggregator") {
+        eprintln!("[bench] aggregator throughput and memory");
+        results["aggregator"] = aggregator()?;
+    }
+    if wanted("per-hit") {
+        eprintln!("[bench] per-hit cost");
+        results["per_hit"] = per_hit(&ctx, &hits, calls)?;
+    }
+    if wanted("kernel") {
+        eprintln!("[bench] kernel-side work per hit (bpf_stats)");
+        results["kernel"] = kernel_side(&ctx, &hits, calls)?;
+    }
+    if wanted("attach") {
+        eprintln!("[bench] attach latency");
+        results["attach"] = attach_latency(&ctx, &big)?;
+    }
+    if wanted("service") {
+        eprintln!("[bench] real service under wrk");
+        results["service"] = service(&ctx, &svc, service_secs)?;
+    }
     results["environment"]["fuzz_processes_after"] = json!(fuzz_processes());
+    if !only.is_empty() {
+        let path = out.join("results-partial.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+        println!("{}", serde_json::to_string_pretty(&results)?);
+        eprintln!("[bench] --only: wrote {} (BENCHMARKS.md unchanged)", path.display());
+        return Ok(());
+    }
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
     let markdown = render(&results, &ctx, reps, calls, service_secs);
     write_benchmarks_md(&root.join("BENCHMARKS.md"), &markdown)?;

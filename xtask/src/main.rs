@@ -74,6 +74,9 @@ enum Task {
         calls: u64,
         #[arg(long, default_value_t = 5)]
         service_secs: u64,
+        /// Run only these sections and print their results; BENCHMARKS.md is not rewritten.
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::SECTIONS))]
+        only: Vec<String>,
     },
 }
 
@@ -96,7 +99,9 @@ fn run(task: Task) -> Result<()> {
         Task::TestMatrix { test_args } => matrix::test_matrix(&test_args),
         Task::LayoutTable => layout_table::layout_table(),
         Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
-        Task::Bench { reps, calls, service_secs } => bench::bench(reps, calls, service_secs),
+        Task::Bench { reps, calls, service_secs, only } => {
+            bench::bench(reps, calls, service_secs, &only)
+        }
     }
 }
 
