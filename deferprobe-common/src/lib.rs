@@ -13,6 +13,9 @@ pub const EVENT_RING_BYTES: u32 = 1 << 22;
 /// Userspace narrows this to the closure's real size (decoded from the closure's code).
 pub const CAPTURE_WORDS: usize = 4;
 
+/// Capacity of the in-kernel LRU cache of goroutine ids by g.
+pub const GOROUTINE_IDS_CAPACITY: u32 = 1 << 14;
+
 /// Capacity of the in-kernel LRU set of maps seen by mapassign.
 pub const KNOWN_MAPS_CAPACITY: u32 = 1 << 16;
 
@@ -232,11 +235,34 @@ pub struct MapSeen {
     pub caller_pc: u64,
 }
 
+/// Slots of the per-CPU cache of recently written maps in front of the known-maps set (a power
+/// of two). A map's slot is [`recent_map_slot`].
+pub const RECENT_MAP_SLOTS: u32 = 256;
+
+/// Every this many writes counted in a recent-maps slot, mapassign also goes through the
+/// known-maps set: it moves the count there and keeps a hot map from being evicted as unused.
+pub const RECENT_MAP_FLUSH_EVERY: u64 = 1024;
+
+/// The recent-maps slot of `map`: map headers are at least 16-byte aligned.
+pub const fn recent_map_slot(map: u64) -> u32 {
+    ((map >> 4) as u32) & (RECENT_MAP_SLOTS - 1)
+}
+
+/// One slot of the per-CPU recent-maps cache: the map last written on this CPU among those
+/// sharing the slot, and its writes not yet moved to its [`KnownMap`] entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecentMap {
+    pub map: u64,
+    pub writes: u64,
+}
+
 /// Value of the in-kernel known-maps LRU set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KnownMap {
-    /// mapassign calls on this map since it entered the set.
+    /// mapassign calls on this map since it entered the set, except those still counted in a
+    /// CPU's [`RecentMap`] slot.
     pub writes: u64,
     pub map_type: u64,
 }
@@ -280,4 +306,5 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::KnownMap {}
+    unsafe impl aya::Pod for super::RecentMap {}
 }

@@ -28,8 +28,9 @@ use aya_ebpf::{
 };
 use deferprobe_common::{
     AllocSampled, CALL_REL32_LEN, CAPTURE_WORDS, CaptureKind, Counter, Counters, DeferRegistered,
-    DeferReturn, EVENT_RING_BYTES, EventHeader, EventKind, GoroutineExit, KNOWN_MAPS_CAPACITY,
-    KnownMap, MapSeen, ProbeConfig,
+    DeferReturn, EVENT_RING_BYTES, EventHeader, EventKind, GOROUTINE_IDS_CAPACITY, GoroutineExit,
+    KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig, RECENT_MAP_FLUSH_EVERY, RECENT_MAP_SLOTS,
+    RecentMap, recent_map_slot,
 };
 
 /// Runtime struct offsets and address ranges, written by userspace before load.
@@ -49,6 +50,17 @@ static MALLOCGC_PROBE_SEEN_AT: Array<u64> = Array::with_max_entries(1, 0);
 /// the kernel, at registration time. Bounded: least recently written maps are evicted.
 #[map]
 static KNOWN_MAPS: LruHashMap<u64, KnownMap> = LruHashMap::with_max_entries(KNOWN_MAPS_CAPACITY, 0);
+
+/// Goroutine ids by g (R14), so that defer probes need not read `g.goid` on every hit. A g
+/// changes goroutine only through `runtime.goexit1` (the runtime hands out a new goid when it
+/// reuses the g), whose probe removes it; bounded, least recently used first out.
+#[map]
+static GOROUTINE_IDS: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(GOROUTINE_IDS_CAPACITY, 0);
+
+/// Per-CPU cache of recently written maps in front of `KNOWN_MAPS` (see `on_mapassign`).
+#[map]
+static RECENT_MAPS: PerCpuArray<RecentMap> = PerCpuArray::with_max_entries(RECENT_MAP_SLOTS, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
@@ -80,10 +92,22 @@ fn read_user_u64(addr: u64) -> Option<u64> {
 
 /// `g.goid` of the goroutine in `g` (R14), or None when it can't be read. Events that need the
 /// goroutine carry goid 0 then, and userspace counts them (`without_goroutine_id`).
+///
+/// From [`GOROUTINE_IDS`] when there: a hash lookup costs well under half a user-memory read.
 #[inline(always)]
 fn goid_of(g: u64) -> Option<u64> {
-    let config = PROBE_CONFIG.load();
-    read_user_u64(g + config.g_goid)
+    // SAFETY: the value is copied out at once.
+    if let Some(goid) = unsafe { GOROUTINE_IDS.get(&g) } {
+        return Some(*goid);
+    }
+    let goid = read_goid(g)?;
+    let _ = GOROUTINE_IDS.insert(&g, &goid, 0);
+    Some(goid)
+}
+
+#[inline(always)]
+fn read_goid(g: u64) -> Option<u64> {
+    read_user_u64(g + PROBE_CONFIG.load().g_goid)
 }
 
 /// Tracks the user-memory reads of one probe hit that must succeed; a hit with any failed read
@@ -169,21 +193,52 @@ fn image_bias(config: &ProbeConfig) -> Option<u64> {
 }
 
 /// `runtime.mapassign`, `_fast32`, `_fast64`, `_fast64ptr`, `_faststr`: RAX = map type,
-/// RBX = the map. Known maps get their write count bumped; a new one enters the set and is
-/// announced to userspace once.
+/// RBX = the map. A new map enters the known-maps set and is announced to userspace once.
+///
+/// Maps are mostly written in runs (a loop filling one map), so a per-CPU cache of recently
+/// written maps sits in front of the set: a write to the map in its slot only bumps the slot's
+/// count (an array access), skipping the hash lookup. Every [`RECENT_MAP_FLUSH_EVERY`] writes,
+/// and when another map takes the slot, the count moves to the map's known-maps entry.
 #[inline(always)]
 fn on_mapassign(ctx: &ProbeContext) -> u32 {
     bump(Counter::MapAssign, 1);
     let r = regs(ctx);
     let map = r.rbx;
-    if let Some(known) = KNOWN_MAPS.get_ptr_mut(&map) {
-        // SAFETY: a value pointer from the map; the atomic add tolerates concurrent writers.
+    let mut writes = 1;
+    if let Some(slot) = RECENT_MAPS.get_ptr_mut(recent_map_slot(map)) {
+        // SAFETY: a per-CPU map value. Counts only change by atomic adds (the BPF target here
+        // has no fetching atomics, so "take the count" is a read, then subtracting what was
+        // read), so a task preempted inside this probe on the same CPU loses no write.
         unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*known).writes, 1)
-        };
+            let slot_writes = &raw mut (*slot).writes;
+            if (*slot).map == map {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot_writes, 1);
+                let pending = *slot_writes;
+                if pending < RECENT_MAP_FLUSH_EVERY {
+                    return 0;
+                }
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    slot_writes,
+                    pending.wrapping_neg(),
+                );
+                writes = pending;
+            } else {
+                let (old_map, old_writes) = ((*slot).map, *slot_writes);
+                (*slot).map = map;
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    slot_writes,
+                    old_writes.wrapping_neg(),
+                );
+                if old_writes != 0 {
+                    add_known_map_writes(old_map, old_writes);
+                }
+            }
+        }
+    }
+    if add_known_map_writes(map, writes) {
         return 0;
     }
-    let known = KnownMap { writes: 1, map_type: r.rax };
+    let known = KnownMap { writes, map_type: r.rax };
     if KNOWN_MAPS.insert(&map, &known, 0).is_ok() {
         bump(Counter::MapsSeen, 1);
         let mut reads = Reads::new();
@@ -194,6 +249,24 @@ fn on_mapassign(ctx: &ProbeContext) -> u32 {
         emit(MapSeen { header: header(EventKind::MapSeen, goid), map, map_type: r.rax, caller_pc });
     }
     0
+}
+
+/// Adds `writes` to `map`'s known-maps entry; false if it has none (new, or evicted).
+#[inline(always)]
+fn add_known_map_writes(map: u64, writes: u64) -> bool {
+    match KNOWN_MAPS.get_ptr_mut(&map) {
+        Some(known) => {
+            // SAFETY: a value pointer from the map; the atomic add tolerates concurrent writers.
+            unsafe {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+                    &raw mut (*known).writes,
+                    writes,
+                )
+            };
+            true
+        }
+        None => false,
+    }
 }
 
 /// `runtime.deferproc(fn)` and `runtime.deferprocat(fn, frame)`: RAX = the closure. Its
@@ -358,9 +431,18 @@ fn on_profilealloc(ctx: &ProbeContext) -> u32 {
 #[inline(always)]
 fn on_goexit1(ctx: &ProbeContext) -> u32 {
     bump(Counter::GoroutineExit, 1);
-    emit(GoroutineExit {
-        header: header(EventKind::GoroutineExit, goid_of(regs(ctx).r14).unwrap_or(0)),
-    });
+    let g = regs(ctx).r14;
+    // The g will be reused for another goroutine: forget its id.
+    // SAFETY: the value is copied out at once.
+    let goid = match unsafe { GOROUTINE_IDS.get(&g) } {
+        Some(goid) => {
+            let goid = *goid;
+            let _ = GOROUTINE_IDS.remove(&g);
+            Some(goid)
+        }
+        None => read_goid(g),
+    };
+    emit(GoroutineExit { header: header(EventKind::GoroutineExit, goid.unwrap_or(0)) });
     0
 }
 

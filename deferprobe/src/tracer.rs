@@ -19,7 +19,7 @@ use aya::{
     },
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
-use deferprobe_common::{Counters, KnownMap, ProbeConfig};
+use deferprobe_common::{Counters, KnownMap, ProbeConfig, RecentMap, recent_map_slot};
 
 use crate::{
     error::{Error, Result},
@@ -53,6 +53,7 @@ pub struct Tracer {
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, Counters>,
     known_maps: HashMap<MapData, u64, KnownMap>,
+    recent_maps: PerCpuArray<MapData, RecentMap>,
     attached: usize,
 }
 
@@ -111,6 +112,12 @@ impl Tracer {
             .take_map("KNOWN_MAPS")
             .ok_or_else(|| Error::internal("no KNOWN_MAPS map"))
             .and_then(|map| HashMap::try_from(map).map_err(|err| bpf_error("KNOWN_MAPS", &err)))?;
+        let recent_maps = ebpf
+            .take_map("RECENT_MAPS")
+            .ok_or_else(|| Error::internal("no RECENT_MAPS map"))
+            .and_then(|map| {
+                PerCpuArray::try_from(map).map_err(|err| bpf_error("RECENT_MAPS", &err))
+            })?;
         let mut tracer = Tracer {
             ebpf,
             mode,
@@ -122,6 +129,7 @@ impl Tracer {
             events,
             counters,
             known_maps,
+            recent_maps,
             attached,
         };
         for program in ProbeProgram::ALL {
@@ -193,10 +201,15 @@ impl Tracer {
         Ok(total)
     }
 
-    /// mapassign calls on `map` since it entered the kernel's known-maps set; None if it is not
-    /// (or no longer) there.
+    /// mapassign calls on `map` since it entered the kernel's known-maps set (its entry's count
+    /// plus what the CPUs' recent-maps slots hold for it); None if it is not (or no longer)
+    /// there.
     pub fn map_writes(&self, map: u64) -> Option<u64> {
-        self.known_maps.get(&map, 0).ok().map(|known| known.writes)
+        let known = self.known_maps.get(&map, 0).ok()?.writes;
+        let recent = self.recent_maps.get(&recent_map_slot(map), 0).map_or(0, |slots| {
+            slots.iter().filter(|slot| slot.map == map).map(|slot| slot.writes).sum()
+        });
+        Some(known + recent)
     }
 
     /// Hands every event waiting in the ring buffer to `on_event`; returns how many.
