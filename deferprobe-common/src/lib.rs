@@ -13,6 +13,10 @@ pub const EVENT_RING_BYTES: u32 = 1 << 22;
 /// Userspace narrows this to the closure's real size (decoded from the closure's code).
 pub const CAPTURE_WORDS: usize = 4;
 
+/// Capacity of the in-kernel table of closure sizes (captured words by the closure's code PC),
+/// which userspace fills as it decodes closures, so deferproc checks only real captures.
+pub const CLOSURE_WORDS_CAPACITY: u32 = 4096;
+
 /// Capacity of the in-kernel LRU cache of goroutine ids by g.
 pub const GOROUTINE_IDS_CAPACITY: u32 = 1 << 14;
 

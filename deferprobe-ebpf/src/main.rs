@@ -23,14 +23,14 @@ use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, pt_regs},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 use deferprobe_common::{
-    AllocSampled, CALL_REL32_LEN, CAPTURE_WORDS, CaptureKind, Counter, Counters, DeferRegistered,
-    DeferReturn, EVENT_RING_BYTES, EventHeader, EventKind, GOROUTINE_IDS_CAPACITY, GoroutineExit,
-    KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig, RECENT_MAP_FLUSH_EVERY, RECENT_MAP_SLOTS,
-    RecentMap, recent_map_slot,
+    AllocSampled, CALL_REL32_LEN, CAPTURE_WORDS, CLOSURE_WORDS_CAPACITY, CaptureKind, Counter,
+    Counters, DeferRegistered, DeferReturn, EVENT_RING_BYTES, EventHeader, EventKind,
+    GOROUTINE_IDS_CAPACITY, GoroutineExit, KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig,
+    RECENT_MAP_FLUSH_EVERY, RECENT_MAP_SLOTS, RecentMap, recent_map_slot,
 };
 
 /// Runtime struct offsets and address ranges, written by userspace before load.
@@ -57,6 +57,12 @@ static KNOWN_MAPS: LruHashMap<u64, KnownMap> = LruHashMap::with_max_entries(KNOW
 #[map]
 static GOROUTINE_IDS: LruHashMap<u64, u64> =
     LruHashMap::with_max_entries(GOROUTINE_IDS_CAPACITY, 0);
+
+/// Captured words of a closure by its code PC (runtime address), decoded by userspace from the
+/// closure's code: deferproc checks only those, not the neighbouring object's words. A
+/// closure not (yet) in here gets all [`CAPTURE_WORDS`] checked.
+#[map]
+static CLOSURE_WORDS: HashMap<u64, u64> = HashMap::with_max_entries(CLOSURE_WORDS_CAPACITY, 0);
 
 /// Per-CPU cache of recently written maps in front of `KNOWN_MAPS` (see `on_mapassign`).
 #[map]
@@ -309,7 +315,13 @@ fn on_deferproc(ctx: &ProbeContext) -> u32 {
         match unsafe { bpf_probe_read_user(closure as *const [u64; CAPTURE_WORDS + 1]) } {
             Ok(words) => {
                 event.closure_fn = words[0];
+                // SAFETY: the value is copied out at once.
+                let captured =
+                    unsafe { CLOSURE_WORDS.get(&words[0]) }.map_or(CAPTURE_WORDS as u64, |n| *n);
                 for i in 0..CAPTURE_WORDS {
+                    if i as u64 >= captured {
+                        break;
+                    }
                     classify_capture(&mut event, i, words[i + 1]);
                 }
             }

@@ -6,7 +6,7 @@
 
 use std::{
     cell::RefCell,
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::fd::OwnedFd,
     time::{Duration, Instant},
 };
@@ -336,11 +336,24 @@ struct ClosureSizes<'b> {
     binary: &'b GoBinary,
     bias: u64,
     cache: RefCell<HashMap<u64, Option<usize>>>,
+    /// Closure code PCs (runtime addresses) whose size the kernel has been told.
+    told_kernel: RefCell<HashSet<u64>>,
 }
 
 impl<'b> ClosureSizes<'b> {
     fn new(binary: &'b GoBinary, bias: u64) -> Self {
-        ClosureSizes { binary, bias, cache: RefCell::default() }
+        ClosureSizes { binary, bias, cache: RefCell::default(), told_kernel: RefCell::default() }
+    }
+
+    /// Tells the kernel the size of the closure with code PC `fn_pc` (runtime address) the
+    /// first time it is seen, so that deferproc checks only its real captures from then on.
+    fn tell_kernel(&self, tracer: &mut Tracer, fn_pc: u64) {
+        if fn_pc == 0 || !self.told_kernel.borrow_mut().insert(fn_pc) {
+            return;
+        }
+        if let Some(words) = self.words_at_runtime(fn_pc) {
+            tracer.set_closure_words(fn_pc, words as u64);
+        }
     }
 
     /// For a closure's code PC as an ELF virtual address.
@@ -732,6 +745,9 @@ fn drain(
     // In ring-buffer order: the order the probes reserved their records (see EventHeader).
     for event in batch.iter() {
         aggregator.apply(event);
+        if let Event::DeferRegistered(e) = event {
+            closures.tell_kernel(tracer, e.closure_fn);
+        }
     }
 }
 

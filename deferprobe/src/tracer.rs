@@ -54,6 +54,7 @@ pub struct Tracer {
     counters: PerCpuArray<MapData, Counters>,
     known_maps: HashMap<MapData, u64, KnownMap>,
     recent_maps: PerCpuArray<MapData, RecentMap>,
+    closure_words: HashMap<MapData, u64, u64>,
     attached: usize,
 }
 
@@ -118,6 +119,12 @@ impl Tracer {
             .and_then(|map| {
                 PerCpuArray::try_from(map).map_err(|err| bpf_error("RECENT_MAPS", &err))
             })?;
+        let closure_words = ebpf
+            .take_map("CLOSURE_WORDS")
+            .ok_or_else(|| Error::internal("no CLOSURE_WORDS map"))
+            .and_then(|map| {
+                HashMap::try_from(map).map_err(|err| bpf_error("CLOSURE_WORDS", &err))
+            })?;
         let mut tracer = Tracer {
             ebpf,
             mode,
@@ -130,6 +137,7 @@ impl Tracer {
             counters,
             known_maps,
             recent_maps,
+            closure_words,
             attached,
         };
         for program in ProbeProgram::ALL {
@@ -210,6 +218,13 @@ impl Tracer {
             slots.iter().filter(|slot| slot.map == map).map(|slot| slot.writes).sum()
         });
         Some(known + recent)
+    }
+
+    /// Tells deferproc how many words the closure with code PC `fn_pc` (runtime address)
+    /// captures, so it checks only those. The table is bounded: when full, the closure keeps
+    /// being checked in full (userspace filters by size anyway).
+    pub fn set_closure_words(&mut self, fn_pc: u64, words: u64) {
+        let _ = self.closure_words.insert(&fn_pc, &words, 0);
     }
 
     /// Hands every event waiting in the ring buffer to `on_event`; returns how many.

@@ -11,6 +11,9 @@
 //	       growth, no allocation
 //	alloc  10 heap allocations of 64-byte pointer-free objects (runtime.mallocgc, or on Go
 //	       1.27 its size-specialized entry), garbage collector off
+//	capture  10 heap defers of a closure capturing a map (the table of the map workload, which
+//	       it wrote first) by value: runtime.deferproc with capture detection, plus the
+//	       closures' allocations; one runtime.deferreturn
 //	stack  9 stack defers (more than 8 defers: not open-coded, so runtime.deferprocStack, whose
 //	       first instruction is PUSHQ BP) and one runtime.deferreturn. A reference for what a
 //	       uprobe costs on an instruction the kernel emulates rather than single-steps.
@@ -38,6 +41,15 @@ func noop() {}
 func deferTen() {
 	for i := 0; i < 10; i++ {
 		defer noop()
+	}
+}
+
+var sinkLen int
+
+//go:noinline
+func deferCaptureTen(m map[int64]int64) {
+	for i := 0; i < 10; i++ {
+		defer func() { sinkLen += len(m) }()
 	}
 }
 
@@ -71,7 +83,7 @@ func allocTen() {
 }
 
 func main() {
-	workload := flag.String("workload", "defer", "defer | map | alloc | stack")
+	workload := flag.String("workload", "defer", "defer | capture | map | alloc | stack")
 	n := flag.Int("n", 2000, "timed calls")
 	warmup := flag.Int("warmup", 100, "untimed calls before the timed ones")
 	linger := flag.Duration("linger", 0, "sleep after printing the result")
@@ -84,6 +96,8 @@ func main() {
 	switch *workload {
 	case "defer":
 		call = func(int64) { deferTen() }
+	case "capture":
+		call = func(int64) { deferCaptureTen(table) }
 	case "map":
 		call = writeTen
 	case "alloc":
