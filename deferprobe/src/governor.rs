@@ -46,6 +46,10 @@ impl SampledFamily {
 /// Duty cycles are chosen from these steps (fewer changes, less flapping).
 const STEPS: [f64; 8] = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0];
 
+/// A detached family (duty 0) is attached for one window of the smallest duty cycle every
+/// this many ticks, so that its hit rate, and with it the decision, stays current.
+pub const REFRESH_EVERY_TICKS: u64 = 10;
+
 /// Raise a duty cycle only when the projection at the higher step stays under this share of
 /// the budget (hysteresis).
 const RAISE_BELOW: f64 = 0.8;
@@ -60,8 +64,10 @@ pub struct Governor {
     duty: [f64; 2],
     /// Latest hits-per-second estimate per sampled family (None until observed).
     rate: [Option<f64>; 2],
-    /// Never go below this duty cycle (0 allows detaching a family entirely).
+    /// The smallest fractional duty cycle; below it a family is detached.
     min_duty: f64,
+    /// Whether the always-on defer probes alone cost more than the budget at the last tick.
+    defers_over_budget: bool,
     /// Whether fractional duty cycles are possible (sampling in time windows); if not, a
     /// family is either attached or detached.
     windows: bool,
@@ -76,6 +82,8 @@ pub struct Observation {
     pub defer_hits: u64,
     /// Hits of each sampled family, indexed like [`SampledFamily::ALL`].
     pub sampled_hits: [u64; 2],
+    /// The duty cycle each sampled family was attached at during the tick.
+    pub duty_in_force: [f64; 2],
 }
 
 /// A duty cycle that changed, for the log.
@@ -99,6 +107,7 @@ impl Governor {
             duty: [1.0; 2],
             rate: [None; 2],
             min_duty: if windows { min_duty } else { 0.0 },
+            defers_over_budget: false,
             windows,
         }
     }
@@ -107,13 +116,39 @@ impl Governor {
         self.duty[family.index()]
     }
 
+    /// The duty cycle to attach `family` at during tick number `tick`: its duty cycle, except
+    /// that a detached family gets a refresh window every [`REFRESH_EVERY_TICKS`].
+    pub fn duty_for_tick(&self, family: SampledFamily, tick: u64) -> f64 {
+        let duty = self.duty(family);
+        match duty == 0.0 && self.windows && tick % REFRESH_EVERY_TICKS == 0 {
+            true => self.min_duty.max(STEPS[1]),
+            false => duty,
+        }
+    }
+
+    /// The latest estimate of `family`'s hits per second when fully attached.
+    pub fn rate(&self, family: SampledFamily) -> Option<f64> {
+        self.rate[family.index()]
+    }
+
+    /// The calibrated cost of one hit, in ns.
+    pub fn hit_ns(&self) -> f64 {
+        self.hit_ns
+    }
+
+    /// Whether the always-on defer probes alone cost more than the budget at the last tick
+    /// (then every sampled family is detached, and still the budget is not kept).
+    pub fn defers_over_budget(&self) -> bool {
+        self.defers_over_budget
+    }
+
     /// Takes one tick's counts and returns the duty cycles that changed.
     pub fn observe(&mut self, observation: &Observation) -> Vec<Change> {
         if observation.seconds <= 0.0 {
             return Vec::new();
         }
         for family in SampledFamily::ALL {
-            let duty = self.duty[family.index()];
+            let duty = observation.duty_in_force[family.index()];
             // A family attached for a fraction of the tick saw that fraction of its hits.
             if duty > 0.0 {
                 let hits = observation.sampled_hits[family.index()] as f64;
@@ -127,6 +162,7 @@ impl Governor {
         // Degrade in order: each family gets what the budget leaves after the always-on
         // probes and the families degraded after it (kept at full duty if they fit).
         let mut changes = Vec::new();
+        self.defers_over_budget = defer_cost > self.budget_ns_per_s;
         let mut left = self.budget_ns_per_s - defer_cost;
         let later_cost = |index: usize| -> f64 {
             SampledFamily::ALL[index + 1..].iter().map(|f| cost(*f)).sum()
@@ -138,12 +174,14 @@ impl Governor {
                 ((left - later_cost(index)) / cost(family)).clamp(0.0, 1.0)
             };
             let current = self.duty[family.index()];
+            // The largest step that fits; 0 (detached) when not even the smallest does.
             let step = STEPS
                 .iter()
                 .copied()
                 .filter(|step| self.windows || *step == 0.0 || *step == 1.0)
-                .filter(|step| *step >= self.min_duty && *step <= wanted.max(self.min_duty))
-                .fold(self.min_duty, f64::max);
+                .filter(|step| *step == 0.0 || *step >= self.min_duty)
+                .filter(|step| *step <= wanted)
+                .fold(0.0, f64::max);
             let next = if step > current {
                 // Raise only with headroom, so the duty doesn't flap between two steps.
                 let headroom = left - later_cost(index) - step * cost(family);
@@ -178,15 +216,21 @@ mod tests {
 
     const HIT_NS: f64 = 20_000.0; // this VM
 
-    fn tick(defers: u64, allocs: u64, maps: u64) -> Observation {
-        Observation { seconds: 1.0, defer_hits: defers, sampled_hits: [allocs, maps] }
+    /// One second with `governor`'s duty cycles in force.
+    fn tick(governor: &Governor, defers: u64, allocs: u64, maps: u64) -> Observation {
+        Observation {
+            seconds: 1.0,
+            defer_hits: defers,
+            sampled_hits: [allocs, maps],
+            duty_in_force: SampledFamily::ALL.map(|family| governor.duty(family)),
+        }
     }
 
     #[test]
     fn everything_on_within_budget() {
         // 5% of a CPU = 50 ms/s = 2500 hits/s at 20 µs.
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
-        assert!(governor.observe(&tick(500, 1000, 500)).is_empty());
+        assert!(governor.observe(&tick(&governor, 500, 1000, 500)).is_empty());
         assert_eq!(governor.duty(SampledFamily::Allocations), 1.0);
         assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
     }
@@ -195,7 +239,7 @@ mod tests {
     fn allocations_degrade_first() {
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
         // 700 defers + 1300 maps + 3000 allocs per second: 10% of a CPU.
-        let changes = governor.observe(&tick(700, 3000, 1300));
+        let changes = governor.observe(&tick(&governor, 700, 3000, 1300));
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert_eq!(changes[0].family, SampledFamily::Allocations);
         assert!((changes[0].projected_percent - 10.0).abs() < 1e-9);
@@ -203,27 +247,63 @@ mod tests {
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.1);
         assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
         // Next tick sees only the sampled tenth, and the estimate stays the same: stable.
-        assert!(governor.observe(&tick(700, 300, 1300)).is_empty());
+        assert!(governor.observe(&tick(&governor, 700, 300, 1300)).is_empty());
     }
 
     #[test]
     fn map_writes_degrade_when_allocations_are_at_the_floor() {
         let mut governor = Governor::new(2.0, HIT_NS, 0.0, true);
         // 1000 hits/s budget; defers take 600, maps 2000, allocs 4000.
-        governor.observe(&tick(600, 4000, 2000));
+        governor.observe(&tick(&governor, 600, 4000, 2000));
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
         assert_eq!(governor.duty(SampledFamily::MapWrites), 0.2);
         // Defers stay on even if they alone exceed the budget.
         let mut governor = Governor::new(1.0, HIT_NS, 0.0, true);
-        governor.observe(&tick(5000, 10, 10));
+        governor.observe(&tick(&governor, 5000, 10, 10));
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
         assert_eq!(governor.duty(SampledFamily::MapWrites), 0.0);
+    }
+
+    /// When what the budget leaves is less than the smallest window, a family is detached, not
+    /// kept at the smallest window; when the defer probes alone exceed the budget, both are
+    /// detached and the governor says so.
+    #[test]
+    fn detaches_below_the_smallest_window() {
+        // 2500 hits/s budget: defers take 2400, allocations would need 5% of 3000 = 150.
+        let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
+        governor.observe(&tick(&governor, 2400, 3000, 50));
+        assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
+        assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
+        assert!(!governor.defers_over_budget());
+        governor.observe(&tick(&governor, 3000, 0, 50));
+        assert_eq!(governor.duty(SampledFamily::MapWrites), 0.0);
+        assert!(governor.defers_over_budget());
+    }
+
+    /// A detached family gets a window of the smallest duty cycle every few ticks; what it
+    /// sees there decides whether it comes back.
+    #[test]
+    fn detached_families_are_refreshed() {
+        let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
+        governor.observe(&tick(&governor, 2400, 3000, 50));
+        assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
+        let refresh = |governor: &Governor, tick: u64| {
+            governor.duty_for_tick(SampledFamily::Allocations, tick)
+        };
+        assert_eq!(refresh(&governor, 1), 0.0);
+        assert_eq!(refresh(&governor, REFRESH_EVERY_TICKS), 0.05);
+        assert_eq!(governor.duty_for_tick(SampledFamily::MapWrites, REFRESH_EVERY_TICKS), 1.0);
+        // In the refresh window (5% of a second) the program made 5 allocations: 100/s, and
+        // the defers calmed down: allocations fit again.
+        let observation = Observation { duty_in_force: [0.05, 1.0], ..tick(&governor, 500, 5, 50) };
+        governor.observe(&observation);
+        assert_eq!(governor.duty(SampledFamily::Allocations), 1.0);
     }
 
     #[test]
     fn without_windows_a_family_is_on_or_off() {
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, false);
-        governor.observe(&tick(700, 3000, 1300));
+        governor.observe(&tick(&governor, 700, 3000, 1300));
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
         assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
     }
@@ -231,10 +311,10 @@ mod tests {
     #[test]
     fn recovers_when_the_load_drops() {
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
-        governor.observe(&tick(700, 3000, 1300));
+        governor.observe(&tick(&governor, 700, 3000, 1300));
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.1);
         // The program calms down: the sampled window sees 10 allocations (100/s).
-        let changes = governor.observe(&tick(100, 10, 100));
+        let changes = governor.observe(&tick(&governor, 100, 10, 100));
         assert_eq!(governor.duty(SampledFamily::Allocations), 1.0, "{changes:?}");
     }
 }

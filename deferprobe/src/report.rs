@@ -261,6 +261,11 @@ pub struct GovernorReport {
     /// What one probe hit costs on this machine, measured at start (null if it couldn't be).
     pub hit_cost_ns: Option<u64>,
     pub sampled: Vec<SamplingReport>,
+    /// What the always-on defer probes cost, in percent of one CPU (their hits × the
+    /// calibrated cost, over the whole trace).
+    pub defer_probes_percent: f64,
+    /// Seconds in which the defer probes alone cost more than `max_overhead_percent`.
+    pub defers_over_budget_secs: f64,
 }
 
 /// A probe family the governor attached only part of the time.
@@ -919,6 +924,8 @@ mod tests {
                     estimated_calls: 4000,
                     estimated_bytes: Some(123_456),
                 }],
+                defer_probes_percent: 1.5,
+                defers_over_budget_secs: 0.0,
             },
             pending: c.pending,
             findings: c.findings,

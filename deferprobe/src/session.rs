@@ -266,6 +266,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             }
         ));
     }
+    if traced.governor.defers_over_budget_secs > 0.0 {
+        notes.push(format!(
+            "for {:.0}s the defer probes alone cost more than --max-overhead {}% (they always \
+             stay on; {:.1}% of a CPU on average over the trace): the budget was exceeded",
+            traced.governor.defers_over_budget_secs,
+            traced.governor.max_overhead_percent,
+            traced.governor.defer_probes_percent
+        ));
+    }
     if !correlation.findings.is_empty() {
         notes.push(
             "est_bytes is an estimate: _defer records, closures, and map slots at Go's load \
@@ -425,6 +434,7 @@ struct Traced {
 
 /// How often the governor re-evaluates, and the period its sampling windows divide.
 const GOVERNOR_TICK: Duration = Duration::from_secs(1);
+const FIRST_GOVERNOR_TICK: Duration = Duration::from_millis(100);
 
 /// Applies the governor's duty cycles to the tracer (a family with duty d is attached for the
 /// first d of each tick) and keeps what the report needs to present sampled counts as
@@ -441,6 +451,13 @@ struct Sampler {
     stats: [FamilyStats; 2],
     max_overhead_percent: f64,
     hit_cost_ns: Option<u64>,
+    /// Ticks so far (refresh windows of detached families come every few).
+    ticks: u64,
+    /// Seconds traced, and the probe time the always-on defer probes took in them (ns).
+    seconds: f64,
+    defer_probe_ns: f64,
+    /// Seconds in which the defer probes alone exceeded the budget.
+    defers_over_budget_secs: f64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -450,8 +467,9 @@ struct FamilyStats {
     duty_seconds: f64,
     seconds: f64,
     observed: u64,
+    observed_bytes: f64,
+    /// Calls: those seen, scaled up by the duty cycle, plus while detached the latest rate.
     estimated: f64,
-    estimated_bytes: f64,
 }
 
 impl Default for FamilyStats {
@@ -462,8 +480,8 @@ impl Default for FamilyStats {
             duty_seconds: 0.0,
             seconds: 0.0,
             observed: 0,
+            observed_bytes: 0.0,
             estimated: 0.0,
-            estimated_bytes: 0.0,
         }
     }
 }
@@ -500,6 +518,10 @@ impl Sampler {
             stats: [FamilyStats::default(); 2],
             max_overhead_percent,
             hit_cost_ns: hit_cost.map(|c| c.as_nanos() as u64),
+            ticks: 0,
+            seconds: 0.0,
+            defer_probe_ns: 0.0,
+            defers_over_budget_secs: 0.0,
         })
     }
 
@@ -507,7 +529,31 @@ impl Sampler {
     /// windows. Returns when the windows close (None if nothing is sampled).
     fn tick(&mut self, tracer: &mut Tracer) -> Result<Option<tokio::time::Instant>> {
         let observation = self.account(tracer)?;
-        for change in self.governor.observe(&observation) {
+        let was_over_budget = self.governor.defers_over_budget();
+        let changes = self.governor.observe(&observation);
+        if self.governor.defers_over_budget() {
+            self.defers_over_budget_secs += observation.seconds;
+        }
+        if self.governor.defers_over_budget() != was_over_budget {
+            let percent = observation.defer_hits as f64 / observation.seconds.max(1e-9)
+                * self.governor.hit_ns()
+                / 1e7;
+            match self.governor.defers_over_budget() {
+                true => warn!(
+                    defer_probes_percent = percent,
+                    max_overhead_percent = self.max_overhead_percent,
+                    "the defer probes alone cost more than --max-overhead: every sampled family \
+                     is detached, and the budget is still exceeded (defer probes always stay on)"
+                ),
+                false => info!(
+                    defer_probes_percent = percent,
+                    max_overhead_percent = self.max_overhead_percent,
+                    "the defer probes fit in --max-overhead again"
+                ),
+            }
+        }
+        self.ticks += 1;
+        for change in changes {
             info!(
                 family = ?change.family,
                 from = change.from,
@@ -519,7 +565,7 @@ impl Sampler {
         }
         let mut window = None;
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
-            let duty = self.governor.duty(family);
+            let duty = self.governor.duty_for_tick(family, self.ticks);
             self.in_force[index] = duty;
             if duty < 1.0 {
                 let stats = &mut self.stats[index];
@@ -550,19 +596,21 @@ impl Sampler {
             stats.seconds += seconds;
             stats.duty_seconds += duty * seconds;
             stats.observed += sampled_hits[index];
-            if duty > 0.0 {
-                stats.estimated += sampled_hits[index] as f64 / duty;
-                stats.estimated_bytes += bytes[index] / duty;
-            }
+            stats.observed_bytes += bytes[index];
+            stats.estimated += match duty > 0.0 {
+                true => sampled_hits[index] as f64 / duty,
+                // Detached: at the rate last seen.
+                false => self.governor.rate(SampledFamily::ALL[index]).unwrap_or(0.0) * seconds,
+            };
         }
-        let observation = Observation {
-            seconds,
-            defer_hits: delta(Counter::DeferProc)
-                + delta(Counter::DeferProcStack)
-                + delta(Counter::DeferReturn)
-                + delta(Counter::GoroutineExit),
-            sampled_hits,
-        };
+        let defer_hits = delta(Counter::DeferProc)
+            + delta(Counter::DeferProcStack)
+            + delta(Counter::DeferReturn)
+            + delta(Counter::GoroutineExit);
+        self.seconds += seconds;
+        self.defer_probe_ns += defer_hits as f64 * self.governor.hit_ns();
+        let observation =
+            Observation { seconds, defer_hits, sampled_hits, duty_in_force: self.in_force };
         self.last = now;
         self.last_tick = Instant::now();
         Ok(observation)
@@ -595,14 +643,22 @@ impl Sampler {
                 },
                 observed_calls: stats.observed,
                 estimated_calls: stats.estimated.round() as u64,
-                estimated_bytes: (family == SampledFamily::Allocations)
-                    .then(|| stats.estimated_bytes.round() as u64),
+                // At the mean size of the allocations seen.
+                estimated_bytes: (family == SampledFamily::Allocations).then(|| {
+                    (stats.observed_bytes / stats.observed.max(1) as f64 * stats.estimated).round()
+                        as u64
+                }),
             })
             .collect();
         GovernorReport {
             max_overhead_percent: self.max_overhead_percent,
             hit_cost_ns: self.hit_cost_ns,
             sampled,
+            defer_probes_percent: match self.seconds > 0.0 {
+                true => self.defer_probe_ns / self.seconds / 1e7,
+                false => 0.0,
+            },
+            defers_over_budget_secs: self.defers_over_budget_secs,
         }
     }
 }
@@ -629,7 +685,10 @@ async fn trace(
     tokio::pin!(deadline);
 
     let mut sampler = Sampler::new(tracer, args.max_overhead)?;
-    let mut governor_tick = interval_at(tokio::time::Instant::now() + GOVERNOR_TICK, GOVERNOR_TICK);
+    // The first decision comes early, so that a busy program does not run a whole tick with
+    // every probe on before the budget applies.
+    let mut governor_tick =
+        interval_at(tokio::time::Instant::now() + FIRST_GOVERNOR_TICK, GOVERNOR_TICK);
     governor_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let window_end = sleep(Duration::MAX / 4);
     tokio::pin!(window_end);

@@ -800,15 +800,25 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
     std::fs::write(&script, text)?;
     let log = ctx.out.join("service-tracer.log");
     let report = ctx.out.join("service-report.json");
-    let mut configs: Vec<(&str, Vec<f64>)> =
-        vec![("untraced", vec![]), ("deferprobe", vec![]), ("bpftrace", vec![])];
-    if ctx.governor {
-        configs.insert(2, ("deferprobe_max_overhead_100", vec![]));
-    }
+    // Each deferprobe configuration: its extra flags. "all on" and the single families pass a
+    // budget that never samples.
+    let deferprobe_configs: Vec<(&str, Vec<&str>)> = vec![
+        ("deferprobe", vec![]),
+        ("deferprobe_max_overhead_10", vec!["--max-overhead", "10"]),
+        ("deferprobe_all_on", vec!["--max-overhead", "1000"]),
+        ("deferprobe_defers", vec!["--max-overhead", "1000", "--probes", "defers"]),
+        ("deferprobe_map_writes", vec!["--max-overhead", "1000", "--probes", "map-writes"]),
+        ("deferprobe_allocations", vec!["--max-overhead", "1000", "--probes", "allocations"]),
+    ];
+    let mut configs: Vec<(&str, Vec<f64>)> = std::iter::once("untraced")
+        .chain(deferprobe_configs.iter().map(|(name, _)| *name))
+        .chain(["bpftrace"])
+        .map(|name| (name, vec![]))
+        .collect();
     let mut counts = json!({});
     let result = (|| -> Result<()> {
         wrk(&url, 1)?; // warm-up
-        for rep in 0..ctx.reps.min(3) {
+        for rep in 0..ctx.reps {
             for (name, samples) in configs.iter_mut() {
                 eprintln!("[bench]   service {name} rep {}", rep + 1);
                 let tracer = match *name {
@@ -822,9 +832,8 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
                         let mut cmd = Command::new(&ctx.deferprobe);
                         cmd.args(["run", "--pid", &pid, "--interval", "1h", "--report"])
                             .arg(&report);
-                        if *name == "deferprobe_max_overhead_100" {
-                            cmd.args(["--max-overhead", "100"]);
-                        }
+                        let flags = deferprobe_configs.iter().find(|(n, _)| n == name);
+                        cmd.args(flags.map(|(_, flags)| flags.as_slice()).unwrap_or_default());
                         Some(start_tracer(cmd, "probes attached", &log)?)
                     }
                 };
@@ -834,7 +843,7 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
                     if name.starts_with("deferprobe") {
                         let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
                         counts[*name] = json!({"counts": full["counts"], "duration_secs": full["duration_secs"],
-                            "sampling": full.get("sampling").cloned().or_else(|| full.get("governor").cloned())});
+                            "governor": full["governor"]});
                     }
                 }
                 samples.push(rps?);
@@ -1084,28 +1093,50 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
     let sv = &r["service"];
     let _ = writeln!(
         s,
-        "#### 6. Real service (`{}`, median of {} runs)\n",
+        "#### 6. Real service (`{}`, median of {} interleaved runs)\n",
         sv["wrk"].as_str().unwrap_or(""),
-        reps.min(3)
+        reps
     );
     let base = f(&sv["results"]["untraced"]["requests_per_sec"]);
-    let _ = writeln!(s, "| configuration | requests/s | vs untraced |\n|---|---|---|");
-    for (name, label) in [
-        ("untraced", "untraced"),
-        ("deferprobe", "deferprobe, default probes, default `--max-overhead`"),
-        ("deferprobe_max_overhead_100", "deferprobe, default probes, `--max-overhead 100`"),
-        ("bpftrace", "bpftrace, count-only on the same functions (entry)"),
+    let _ = writeln!(
+        s,
+        "| configuration | requests/s | vs untraced | loss (points) | defer probes (% of a CPU, est.) | budget P: loss ≤ P + 0.5 |\n|---|---|---|---|---|---|"
+    );
+    for (name, label, budget) in [
+        ("untraced", "untraced", None),
+        ("deferprobe", "deferprobe, default probes, default `--max-overhead` (5)", Some(5.0)),
+        ("deferprobe_max_overhead_10", "deferprobe, default probes, `--max-overhead 10`", Some(10.0)),
+        ("deferprobe_all_on", "deferprobe, every probe always on (`--max-overhead 1000`)", None),
+        ("deferprobe_defers", "deferprobe `--probes defers` (always on)", None),
+        ("deferprobe_map_writes", "deferprobe `--probes map-writes` (always on)", None),
+        ("deferprobe_allocations", "deferprobe `--probes allocations` (always on)", None),
+        ("bpftrace", "bpftrace, count-only on the same functions (entry)", None),
     ] {
         let row = &sv["results"][name];
         if row.is_null() {
             continue;
         }
         let rps = f(&row["requests_per_sec"]);
-        let _ = writeln!(s, "| {label} | {rps:.0} | {:.1} % |", 100.0 * rps / base);
+        let loss = 100.0 * (1.0 - rps / base);
+        let governor = &sv["deferprobe_reports"][name]["governor"];
+        let defer_percent = match governor["defer_probes_percent"].as_f64() {
+            Some(p) => format!("{p:.1}"),
+            None => "—".to_owned(),
+        };
+        let verdict = match budget {
+            Some(p) if loss <= p + 0.5 => format!("{p}: met"),
+            Some(p) => format!("{p}: **missed**"),
+            None => "—".to_owned(),
+        };
+        let _ = writeln!(
+            s,
+            "| {label} | {rps:.0} | {:.1} % | {loss:.1} | {defer_percent} | {verdict} |",
+            100.0 * rps / base
+        );
     }
     let _ = writeln!(
         s,
-        "\ndeferprobe's counts during the traced runs: `{}`. bpftrace: `{}` ({} functions, count only).\n",
+        "\ndeferprobe's reports (counts and governor) of the last run of each configuration: `{}`. bpftrace: `{}` ({} functions, count only).\n",
         sv["deferprobe_reports"],
         sv["command_bpftrace"].as_str().unwrap_or(""),
         sv["functions"]
