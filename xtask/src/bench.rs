@@ -367,6 +367,11 @@ fn workloads(ctx: &Ctx, hits: &Path) -> Result<Vec<Workload>> {
             name: "defer",
             functions: vec!["runtime.deferproc".into(), "runtime.deferreturn".into()],
         },
+        // Defer registration with capture detection: the closure captures a map.
+        Workload {
+            name: "capture",
+            functions: vec!["runtime.deferproc".into(), "runtime.deferreturn".into()],
+        },
         Workload { name: "map", functions: vec!["runtime.mapassign_fast64".into()] },
         Workload { name: "alloc", functions: alloc },
     ])
@@ -407,16 +412,7 @@ fn untraced_and_bpftrace(
 
 fn per_hit(ctx: &Ctx, hits: &Path, calls: u64) -> Result<Value> {
     let mut rows = Vec::new();
-    let mut workloads = workloads(ctx, hits)?;
-    // Defer registration with capture detection: the closure captures a map.
-    workloads.insert(
-        1,
-        Workload {
-            name: "capture",
-            functions: vec!["runtime.deferproc".into(), "runtime.deferreturn".into()],
-        },
-    );
-    for workload in workloads {
+    for workload in workloads(ctx, hits)? {
         let script_path = ctx.out.join(format!("count-{}.bt", workload.name));
         std::fs::write(&script_path, bpftrace_script(hits, &workload.functions))?;
         let report = ctx.out.join("per-hit-report.json");
@@ -579,16 +575,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 fn kernel_side(ctx: &Ctx, hits: &Path, calls: u64) -> Result<Value> {
     let _stats = BpfStats::enable()?;
     let mut rows = Vec::new();
-    let mut workloads = workloads(ctx, hits)?;
-    // Defer registration with capture detection: the closure captures a map.
-    workloads.insert(
-        1,
-        Workload {
-            name: "capture",
-            functions: vec!["runtime.deferproc".into(), "runtime.deferreturn".into()],
-        },
-    );
-    for workload in workloads {
+    for workload in workloads(ctx, hits)? {
         let script_path = ctx.out.join(format!("count-{}.bt", workload.name));
         std::fs::write(&script_path, bpftrace_script(hits, &workload.functions))?;
         let args = hits_args(workload.name, calls, "500ms");
