@@ -2,37 +2,49 @@
 //! CPU. Pure: hit counts and the calibrated cost per hit in, a duty cycle per sampled probe
 //! family out; the session applies it by attaching families for that fraction of each tick.
 //!
-//! Defer probes always stay on (they are what deferprobe is for). When the projected cost
-//! exceeds the budget, allocation probes are sampled first, then map writes.
+//! The probes pending defers are built from always stay on (heap defer registrations,
+//! deferreturn in heap-defer frames, goroutine exits: they are what deferprobe is for). When
+//! the projected cost exceeds the budget, the others are sampled: stack-defer counting first
+//! (a count that no finding depends on), then allocations, then map writes.
 
 use serde::Serialize;
 
 use crate::plan::ProbeProgram;
 
-/// Probe families the governor may sample, most expensive-to-keep first.
+/// Probe families the governor may sample, in the order they are degraded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SampledFamily {
+    /// `runtime.deferprocStack`: stack defers can't pile up, so they are only counted.
+    StackDefers,
     Allocations,
     MapWrites,
 }
 
+/// Number of [`SampledFamily`] values.
+pub const SAMPLED_FAMILIES: usize = 3;
+
 impl SampledFamily {
     /// In the order they are degraded.
-    pub const ALL: [SampledFamily; 2] = [SampledFamily::Allocations, SampledFamily::MapWrites];
+    pub const ALL: [SampledFamily; SAMPLED_FAMILIES] =
+        [SampledFamily::StackDefers, SampledFamily::Allocations, SampledFamily::MapWrites];
 
     pub fn programs(self) -> &'static [ProbeProgram] {
         match self {
-            SampledFamily::Allocations => {
-                &[ProbeProgram::Mallocgc, ProbeProgram::MallocgcSizeClass]
-            }
+            SampledFamily::StackDefers => &[ProbeProgram::DeferProcStack],
+            SampledFamily::Allocations => &[
+                ProbeProgram::Mallocgc,
+                ProbeProgram::MallocgcSizeClass,
+                ProbeProgram::ProfileAlloc,
+            ],
             SampledFamily::MapWrites => &[ProbeProgram::MapAssign],
         }
     }
 
-    /// As in the report: `allocations`, `map_writes`.
+    /// As in the report: `stack_defers`, `allocations`, `map_writes`.
     pub fn name(self) -> &'static str {
         match self {
+            SampledFamily::StackDefers => "stack_defers",
             SampledFamily::Allocations => "allocations",
             SampledFamily::MapWrites => "map_writes",
         }
@@ -61,9 +73,9 @@ pub struct Governor {
     /// Calibrated cost of one probe hit.
     hit_ns: f64,
     /// Current duty cycle per sampled family (1 = always attached).
-    duty: [f64; 2],
+    duty: [f64; SAMPLED_FAMILIES],
     /// Latest hits-per-second estimate per sampled family (None until observed).
-    rate: [Option<f64>; 2],
+    rate: [Option<f64>; SAMPLED_FAMILIES],
     /// The smallest fractional duty cycle; below it a family is detached.
     min_duty: f64,
     /// Whether the always-on defer probes alone cost more than the budget at the last tick.
@@ -78,12 +90,12 @@ pub struct Governor {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Observation {
     pub seconds: f64,
-    /// Hits of the always-on defer probes.
+    /// Hits of the always-on defer probes (heap defers, deferreturn, goroutine exits).
     pub defer_hits: u64,
     /// Hits of each sampled family, indexed like [`SampledFamily::ALL`].
-    pub sampled_hits: [u64; 2],
+    pub sampled_hits: [u64; SAMPLED_FAMILIES],
     /// The duty cycle each sampled family was attached at during the tick.
-    pub duty_in_force: [f64; 2],
+    pub duty_in_force: [f64; SAMPLED_FAMILIES],
 }
 
 /// A duty cycle that changed, for the log.
@@ -104,8 +116,8 @@ impl Governor {
         Governor {
             budget_ns_per_s: max_overhead_percent / 100.0 * 1e9,
             hit_ns,
-            duty: [1.0; 2],
-            rate: [None; 2],
+            duty: [1.0; SAMPLED_FAMILIES],
+            rate: [None; SAMPLED_FAMILIES],
             min_duty: if windows { min_duty } else { 0.0 },
             defers_over_budget: false,
             windows,
@@ -221,7 +233,7 @@ mod tests {
         Observation {
             seconds: 1.0,
             defer_hits: defers,
-            sampled_hits: [allocs, maps],
+            sampled_hits: [0, allocs, maps],
             duty_in_force: SampledFamily::ALL.map(|family| governor.duty(family)),
         }
     }
@@ -248,6 +260,21 @@ mod tests {
         assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
         // Next tick sees only the sampled tenth, and the estimate stays the same: stable.
         assert!(governor.observe(&tick(&governor, 700, 300, 1300)).is_empty());
+    }
+
+    /// Stack-defer counting is degraded before allocations: no finding depends on it.
+    #[test]
+    fn stack_defers_degrade_first() {
+        let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
+        // 2500 hits/s budget: defers 500, stack defers 1500, allocations 1000, maps 400.
+        let observation =
+            Observation { sampled_hits: [1500, 1000, 400], ..tick(&governor, 500, 0, 0) };
+        governor.observe(&observation);
+        // 2000 left after defers: maps (400) and allocations (1000) fit at full duty; stack
+        // defers get what remains: 600 of 1500 → 0.4 → the 0.3 step.
+        assert_eq!(governor.duty(SampledFamily::StackDefers), 0.3);
+        assert_eq!(governor.duty(SampledFamily::Allocations), 1.0);
+        assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
     }
 
     #[test]
@@ -295,7 +322,8 @@ mod tests {
         assert_eq!(governor.duty_for_tick(SampledFamily::MapWrites, REFRESH_EVERY_TICKS), 1.0);
         // In the refresh window (5% of a second) the program made 5 allocations: 100/s, and
         // the defers calmed down: allocations fit again.
-        let observation = Observation { duty_in_force: [0.05, 1.0], ..tick(&governor, 500, 5, 50) };
+        let observation =
+            Observation { duty_in_force: [1.0, 0.05, 1.0], ..tick(&governor, 500, 5, 50) };
         governor.observe(&observation);
         assert_eq!(governor.duty(SampledFamily::Allocations), 1.0);
     }

@@ -25,7 +25,7 @@ use crate::{
     cli::RunArgs,
     closure_words::captured_words,
     error::{Error, Result},
-    governor::{Governor, Observation, SampledFamily},
+    governor::{Governor, Observation, SAMPLED_FAMILIES, SampledFamily},
     layout::RuntimeLayout,
     memory::{ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
     plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
@@ -262,7 +262,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 SampledFamily::MapWrites => {
                     ", and maps written outside the windows can't be recognised as captures"
                 }
-                SampledFamily::Allocations => "",
+                SampledFamily::StackDefers | SampledFamily::Allocations => "",
             }
         ));
     }
@@ -447,8 +447,8 @@ struct Sampler {
     last: Counters,
     last_tick: Instant,
     /// The duty cycle in force during the current tick, per family.
-    in_force: [f64; 2],
-    stats: [FamilyStats; 2],
+    in_force: [f64; SAMPLED_FAMILIES],
+    stats: [FamilyStats; SAMPLED_FAMILIES],
     max_overhead_percent: f64,
     hit_cost_ns: Option<u64>,
     /// Ticks so far (refresh windows of detached families come every few).
@@ -514,8 +514,8 @@ impl Sampler {
             // The counters start at zero when the programs load.
             last: Counters::ZERO,
             last_tick: Instant::now(),
-            in_force: [1.0; 2],
-            stats: [FamilyStats::default(); 2],
+            in_force: [1.0; SAMPLED_FAMILIES],
+            stats: [FamilyStats::default(); SAMPLED_FAMILIES],
             max_overhead_percent,
             hit_cost_ns: hit_cost.map(|c| c.as_nanos() as u64),
             ticks: 0,
@@ -589,8 +589,9 @@ impl Sampler {
         let seconds = self.last_tick.elapsed().as_secs_f64();
         let delta = |counter: Counter| now.get(counter) - self.last.get(counter);
         let allocation_hits = delta(Counter::Malloc) + delta(Counter::AllocSamples);
-        let sampled_hits = [allocation_hits, delta(Counter::MapAssign)];
-        let bytes = [delta(Counter::AllocBytes) as f64, 0.0];
+        let sampled_hits =
+            [delta(Counter::DeferProcStack), allocation_hits, delta(Counter::MapAssign)];
+        let bytes = [0.0, delta(Counter::AllocBytes) as f64, 0.0];
         for (index, stats) in self.stats.iter_mut().enumerate() {
             let duty = self.in_force[index];
             stats.seconds += seconds;
@@ -603,10 +604,8 @@ impl Sampler {
                 false => self.governor.rate(SampledFamily::ALL[index]).unwrap_or(0.0) * seconds,
             };
         }
-        let defer_hits = delta(Counter::DeferProc)
-            + delta(Counter::DeferProcStack)
-            + delta(Counter::DeferReturn)
-            + delta(Counter::GoroutineExit);
+        let defer_hits =
+            delta(Counter::DeferProc) + delta(Counter::DeferReturn) + delta(Counter::GoroutineExit);
         self.seconds += seconds;
         self.defer_probe_ns += defer_hits as f64 * self.governor.hit_ns();
         let observation =

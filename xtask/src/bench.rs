@@ -1092,7 +1092,11 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
     for (name, label, budget) in [
         ("untraced", "untraced", None),
         ("deferprobe", "deferprobe, default probes, default `--max-overhead` (5)", Some(5.0)),
-        ("deferprobe_max_overhead_10", "deferprobe, default probes, `--max-overhead 10`", Some(10.0)),
+        (
+            "deferprobe_max_overhead_10",
+            "deferprobe, default probes, `--max-overhead 10`",
+            Some(10.0),
+        ),
         ("deferprobe_all_on", "deferprobe, every probe always on (`--max-overhead 1000`)", None),
         ("deferprobe_defers", "deferprobe `--probes defers` (always on)", None),
         ("deferprobe_map_writes", "deferprobe `--probes map-writes` (always on)", None),
