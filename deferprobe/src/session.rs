@@ -435,6 +435,9 @@ struct Traced {
 /// How often the governor re-evaluates, and the period its sampling windows divide.
 const GOVERNOR_TICK: Duration = Duration::from_secs(1);
 const FIRST_GOVERNOR_TICK: Duration = Duration::from_millis(100);
+/// Between ticks, the cost is checked at every drain; over budget for at least this long, the
+/// governor decides at once (degrading fast, raising only at the regular ticks).
+const EARLY_TICK_AFTER: Duration = Duration::from_millis(100);
 
 /// Applies the governor's duty cycles to the tracer (a family with duty d is attached for the
 /// first d of each tick) and keeps what the report needs to present sampled counts as
@@ -582,6 +585,33 @@ impl Sampler {
         Ok(window)
     }
 
+    /// Whether the probes cost more than the budget since the last tick (at least
+    /// [`EARLY_TICK_AFTER`] ago) while every sampled family was fully attached or detached
+    /// (no windows, which the regular ticks pace): the governor then decides at once. This is
+    /// load rising on families at full duty, e.g. a service that was idle at the last tick.
+    fn over_budget(&self, tracer: &Tracer) -> Result<bool> {
+        let seconds = self.last_tick.elapsed().as_secs_f64();
+        let windowed = self.in_force.iter().any(|duty| *duty > 0.0 && *duty < 1.0);
+        if seconds < EARLY_TICK_AFTER.as_secs_f64() || windowed {
+            return Ok(false);
+        }
+        let now = tracer.counters()?;
+        let hits: u64 = [
+            Counter::DeferProc,
+            Counter::DeferReturn,
+            Counter::GoroutineExit,
+            Counter::DeferProcStack,
+            Counter::Malloc,
+            Counter::AllocSamples,
+            Counter::MapAssign,
+        ]
+        .into_iter()
+        .map(|counter| now.get(counter) - self.last.get(counter))
+        .sum();
+        let percent = hits as f64 * self.governor.hit_ns() / seconds / 1e7;
+        Ok(percent > self.max_overhead_percent && !self.governor.defers_over_budget())
+    }
+
     /// Adds the hits since the last tick to the estimates, at the duty cycles that were in
     /// force, and returns them for the governor.
     fn account(&mut self, tracer: &Tracer) -> Result<Observation> {
@@ -709,6 +739,13 @@ async fn trace(
             _ = drain_tick.tick() => {
                 drain(tracer, &mut aggregator, &mut batch, context.closures);
                 read_memprofile_rate();
+                // Load that rises between ticks is answered now, not at the next tick.
+                if !window_open && sampler.over_budget(tracer)? {
+                    if let Some(end) = sampler.tick(tracer)? {
+                        window_end.as_mut().reset(end);
+                        window_open = true;
+                    }
+                }
             }
             _ = governor_tick.tick() => {
                 if let Some(end) = sampler.tick(tracer)? {
