@@ -140,7 +140,11 @@ impl Tracer {
             closure_words,
             attached,
         };
-        for program in ProbeProgram::ALL {
+        // goexit1 first: the kernel caches goroutine ids by g and forgets one when its
+        // goroutine exits, which must be seen before any id is cached.
+        let goexit_first =
+            ProbeProgram::ALL.iter().copied().filter(|p| *p != ProbeProgram::Goexit1);
+        for program in std::iter::once(ProbeProgram::Goexit1).chain(goexit_first) {
             tracer.set_attached(program, true)?;
         }
         Ok(tracer)

@@ -1084,10 +1084,9 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
         sv["wrk"].as_str().unwrap_or(""),
         reps
     );
-    let base = f(&sv["results"]["untraced"]["requests_per_sec"]);
     let _ = writeln!(
         s,
-        "| configuration | requests/s | vs untraced | loss (points) | defer probes (% of a CPU, est.) | budget P: loss ≤ P + 0.5 |\n|---|---|---|---|---|---|"
+        "Requests/s: median of the runs. vs untraced: median over the rounds of each run's ratio to the untraced run of its round (the machine's speed drifts between rounds); loss = 100 % − that.\n\n| configuration | requests/s | vs untraced | loss (points) | defer probes (% of a CPU, est.) | budget P: loss ≤ P + 0.5 |\n|---|---|---|---|---|---|"
     );
     for (name, label, budget) in [
         ("untraced", "untraced", None),
@@ -1108,7 +1107,17 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
             continue;
         }
         let rps = f(&row["requests_per_sec"]);
-        let loss = 100.0 * (1.0 - rps / base);
+        // Each run against the untraced run of the same round (interleaved): the machine's
+        // speed drifts by ±10 % between rounds, which the ratio cancels out.
+        let untraced = sv["results"]["untraced"]["samples"].as_array().cloned().unwrap_or_default();
+        let mut ratios: Vec<f64> = row["samples"]
+            .as_array()
+            .map(|samples| {
+                samples.iter().zip(&untraced).map(|(traced, base)| f(traced) / f(base)).collect()
+            })
+            .unwrap_or_default();
+        let ratio = if ratios.is_empty() { f64::NAN } else { median(&mut ratios) };
+        let loss = 100.0 * (1.0 - ratio);
         let governor = &sv["deferprobe_reports"][name]["governor"];
         let defer_percent = match governor["defer_probes_percent"].as_f64() {
             Some(p) => format!("{p:.1}"),
@@ -1122,7 +1131,7 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
         let _ = writeln!(
             s,
             "| {label} | {rps:.0} | {:.1} % | {loss:.1} | {defer_percent} | {verdict} |",
-            100.0 * rps / base
+            100.0 * ratio
         );
     }
     let _ = writeln!(
