@@ -101,30 +101,11 @@ impl Tracer {
         let attached = offsets.values().map(Vec::len).sum();
         let hit_cost = calibrate(&mut ebpf, mode);
 
-        let events = ebpf
-            .take_map("EVENTS")
-            .ok_or_else(|| Error::internal("no EVENTS map"))
-            .and_then(|map| RingBuf::try_from(map).map_err(|err| bpf_error("EVENTS", &err)))?;
-        let counters =
-            ebpf.take_map("COUNTERS").ok_or_else(|| Error::internal("no COUNTERS map")).and_then(
-                |map| PerCpuArray::try_from(map).map_err(|err| bpf_error("COUNTERS", &err)),
-            )?;
-        let known_maps = ebpf
-            .take_map("KNOWN_MAPS")
-            .ok_or_else(|| Error::internal("no KNOWN_MAPS map"))
-            .and_then(|map| HashMap::try_from(map).map_err(|err| bpf_error("KNOWN_MAPS", &err)))?;
-        let recent_maps = ebpf
-            .take_map("RECENT_MAPS")
-            .ok_or_else(|| Error::internal("no RECENT_MAPS map"))
-            .and_then(|map| {
-                PerCpuArray::try_from(map).map_err(|err| bpf_error("RECENT_MAPS", &err))
-            })?;
-        let closure_words = ebpf
-            .take_map("CLOSURE_WORDS")
-            .ok_or_else(|| Error::internal("no CLOSURE_WORDS map"))
-            .and_then(|map| {
-                HashMap::try_from(map).map_err(|err| bpf_error("CLOSURE_WORDS", &err))
-            })?;
+        let events = take_map(&mut ebpf, "EVENTS")?;
+        let counters = take_map(&mut ebpf, "COUNTERS")?;
+        let known_maps = take_map(&mut ebpf, "KNOWN_MAPS")?;
+        let recent_maps = take_map(&mut ebpf, "RECENT_MAPS")?;
+        let closure_words = take_map(&mut ebpf, "CLOSURE_WORDS")?;
         let mut tracer = Tracer {
             ebpf,
             mode,
@@ -348,6 +329,15 @@ pub fn missing_kernel_features(btf: bool, ring_buffer: bool) -> Result<()> {
 }
 
 /// Maps an aya error to one line of the right kind: permission problems are the common case.
+/// Takes map `name` out of the loaded object as the map type it is used as.
+fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| Error::internal(format!("no {name} map")))?;
+    T::try_from(map).map_err(|err| bpf_error(name, &err))
+}
+
 fn bpf_error(what: &str, err: &dyn std::error::Error) -> Error {
     let mut message = format!("{what}: {err}");
     let mut source = err.source();

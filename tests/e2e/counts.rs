@@ -199,21 +199,14 @@ fn each_probe_family_on_its_own() {
         ("map-writes", &["mapassign"]),
         ("allocations", &["mallocgc", "alloc_bytes"]),
     ] {
-        let report_file = report_path(&format!("family-{family}"));
-        let output = deferprobe()
-            .args(["run", "--probes", family])
-            .args(ALL_PROBES_ON)
-            .arg("--report")
-            .arg(&report_file)
-            .arg("--")
-            .arg(&program)
-            .args(WORKLOAD_ARGS)
-            .output()
-            .unwrap();
-        let (stdout, stderr) = text(&output);
-        assert!(output.status.success(), "{family}: {stderr}");
+        let Traced { code, stdout, stderr, report } = trace_command_with(
+            &format!("family-{family}"),
+            &["--probes", family],
+            &program,
+            &WORKLOAD_ARGS,
+        );
+        assert_eq!(code, 0, "{family}: {stderr}");
         let truth = ground_truth(&stdout);
-        let report = read_json(&report_file);
         let json_family = family.replace('-', "_");
         assert_eq!(report["probes"]["families"], serde_json::json!([json_family]), "{report}");
         assert!(stderr.contains(&format!("families=\"{json_family}\"")), "{stderr}");
