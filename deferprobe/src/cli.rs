@@ -57,8 +57,9 @@ pub struct RunArgs {
     pub ring_buffer_kib: u32,
 
     /// Keep the probes' cost under this percent of one CPU: when the projected cost is higher,
-    /// allocation probes, then map-write probes, are sampled (attached part of each second).
-    /// Defer probes always stay on. Sampled counts are reported as estimates.
+    /// stack-defer counting, then allocation probes, then map-write probes are sampled
+    /// (attached part of each second) or detached. The probes pending defers are built from
+    /// always stay on. Sampled counts are reported as estimates.
     #[arg(long, value_name = "PERCENT", default_value_t = 5.0, value_parser = parse_percent)]
     pub max_overhead: f64,
 

@@ -434,7 +434,7 @@ struct Traced {
 
 /// How often the governor re-evaluates, and the period its sampling windows divide.
 const GOVERNOR_TICK: Duration = Duration::from_secs(1);
-const FIRST_GOVERNOR_TICK: Duration = Duration::from_millis(100);
+const FIRST_GOVERNOR_TICK: Duration = Duration::from_millis(50);
 /// Between ticks, the cost is checked at every drain; over budget for at least this long, the
 /// governor decides at once (degrading fast, raising only at the regular ticks).
 const EARLY_TICK_AFTER: Duration = Duration::from_millis(100);
