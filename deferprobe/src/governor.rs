@@ -132,7 +132,7 @@ impl Governor {
     /// that a detached family gets a refresh window every [`REFRESH_EVERY_TICKS`].
     pub fn duty_for_tick(&self, family: SampledFamily, tick: u64) -> f64 {
         let duty = self.duty(family);
-        match duty == 0.0 && self.windows && tick % REFRESH_EVERY_TICKS == 0 {
+        match duty == 0.0 && self.windows && tick.is_multiple_of(REFRESH_EVERY_TICKS) {
             true => self.min_duty.max(STEPS[1]),
             false => duty,
         }

@@ -449,8 +449,12 @@ struct Sampler {
     windows: bool,
     last: Counters,
     last_tick: Instant,
-    /// The duty cycle in force during the current tick, per family.
-    in_force: [f64; SAMPLED_FAMILIES],
+    /// The duty cycle planned for the current tick, per family.
+    planned: [f64; SAMPLED_FAMILIES],
+    /// Since when each family is attached (None: detached), and for how long it was attached
+    /// since the last tick: rates and estimates use the time really attached, not the plan.
+    attached_since: [Option<Instant>; SAMPLED_FAMILIES],
+    attached_secs: [f64; SAMPLED_FAMILIES],
     stats: [FamilyStats; SAMPLED_FAMILIES],
     max_overhead_percent: f64,
     hit_cost_ns: Option<u64>,
@@ -517,7 +521,10 @@ impl Sampler {
             // The counters start at zero when the programs load.
             last: Counters::ZERO,
             last_tick: Instant::now(),
-            in_force: [1.0; SAMPLED_FAMILIES],
+            planned: [1.0; SAMPLED_FAMILIES],
+            // The tracer attached every family.
+            attached_since: [Some(Instant::now()); SAMPLED_FAMILIES],
+            attached_secs: [0.0; SAMPLED_FAMILIES],
             stats: [FamilyStats::default(); SAMPLED_FAMILIES],
             max_overhead_percent,
             hit_cost_ns: hit_cost.map(|c| c.as_nanos() as u64),
@@ -531,6 +538,62 @@ impl Sampler {
     /// One governor tick: account for the tick that ended, decide, and open the next tick's
     /// windows. Returns when the windows close (None if nothing is sampled).
     fn tick(&mut self, tracer: &mut Tracer) -> Result<Option<tokio::time::Instant>> {
+        self.decide(tracer)?;
+        let mut window = None;
+        for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
+            let duty = self.governor.duty_for_tick(family, self.ticks);
+            self.planned[index] = duty;
+            if duty < 1.0 {
+                let stats = &mut self.stats[index];
+                stats.sampled = true;
+                stats.min_duty = stats.min_duty.min(duty);
+            }
+            self.set_family(tracer, index, duty > 0.0)?;
+            if duty > 0.0 && duty < 1.0 && self.windows {
+                window = Some(tokio::time::Instant::now() + GOVERNOR_TICK.mul_f64(duty));
+            }
+        }
+        Ok(window)
+    }
+
+    /// Between ticks, with no window open: when the always-on probes and the fully attached
+    /// families have cost more than the budget since the last tick (at least
+    /// [`EARLY_TICK_AFTER`] ago), e.g. a service that was idle at the last tick now under load,
+    /// the governor decides at once, and families it degrades are detached until the next
+    /// tick opens their windows. Never attaches anything.
+    fn degrade_if_over_budget(&mut self, tracer: &mut Tracer) -> Result<()> {
+        let seconds = self.last_tick.elapsed().as_secs_f64();
+        if seconds < EARLY_TICK_AFTER.as_secs_f64() || self.governor.defers_over_budget() {
+            return Ok(());
+        }
+        let now = tracer.counters()?;
+        let delta = |counter: Counter| now.get(counter) - self.last.get(counter);
+        let sampled_hits = sampled_hits(&delta);
+        let full: u64 = (0..SAMPLED_FAMILIES)
+            .filter(|&index| self.planned[index] == 1.0 && self.attached_since[index].is_some())
+            .map(|index| sampled_hits[index])
+            .sum();
+        let hits = defer_hits(&delta) + full;
+        if hits as f64 * self.governor.hit_ns() / seconds / 1e7 <= self.max_overhead_percent {
+            return Ok(());
+        }
+        self.decide(tracer)?;
+        for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
+            let duty = self.governor.duty(family);
+            if duty < self.planned[index] {
+                self.planned[index] = duty;
+                let stats = &mut self.stats[index];
+                stats.sampled = true;
+                stats.min_duty = stats.min_duty.min(duty);
+                self.set_family(tracer, index, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Accounts for the time since the last tick and lets the governor decide; logs what
+    /// changed.
+    fn decide(&mut self, tracer: &Tracer) -> Result<()> {
         let observation = self.account(tracer)?;
         let was_over_budget = self.governor.defers_over_budget();
         let changes = self.governor.observe(&observation);
@@ -566,92 +629,68 @@ impl Sampler {
                 "governor changed a duty cycle"
             );
         }
-        let mut window = None;
-        for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
-            let duty = self.governor.duty_for_tick(family, self.ticks);
-            self.in_force[index] = duty;
-            if duty < 1.0 {
-                let stats = &mut self.stats[index];
-                stats.sampled = true;
-                stats.min_duty = stats.min_duty.min(duty);
-            }
-            for program in family.programs() {
-                tracer.set_attached(*program, duty > 0.0)?;
-            }
-            if duty > 0.0 && duty < 1.0 && self.windows {
-                window = Some(tokio::time::Instant::now() + GOVERNOR_TICK.mul_f64(duty));
-            }
-        }
-        Ok(window)
+        Ok(())
     }
 
-    /// Whether the probes cost more than the budget since the last tick (at least
-    /// [`EARLY_TICK_AFTER`] ago) while every sampled family was fully attached or detached
-    /// (no windows, which the regular ticks pace): the governor then decides at once. This is
-    /// load rising on families at full duty, e.g. a service that was idle at the last tick.
-    fn over_budget(&self, tracer: &Tracer) -> Result<bool> {
-        let seconds = self.last_tick.elapsed().as_secs_f64();
-        let windowed = self.in_force.iter().any(|duty| *duty > 0.0 && *duty < 1.0);
-        if seconds < EARLY_TICK_AFTER.as_secs_f64() || windowed {
-            return Ok(false);
+    /// Attaches or detaches a family, keeping count of the time it is attached.
+    fn set_family(&mut self, tracer: &mut Tracer, index: usize, attach: bool) -> Result<()> {
+        for program in SampledFamily::ALL[index].programs() {
+            tracer.set_attached(*program, attach)?;
         }
-        let now = tracer.counters()?;
-        let hits: u64 = [
-            Counter::DeferProc,
-            Counter::DeferReturn,
-            Counter::GoroutineExit,
-            Counter::DeferProcStack,
-            Counter::Malloc,
-            Counter::AllocSamples,
-            Counter::MapAssign,
-        ]
-        .into_iter()
-        .map(|counter| now.get(counter) - self.last.get(counter))
-        .sum();
-        let percent = hits as f64 * self.governor.hit_ns() / seconds / 1e7;
-        Ok(percent > self.max_overhead_percent && !self.governor.defers_over_budget())
+        match (attach, self.attached_since[index]) {
+            (true, None) => self.attached_since[index] = Some(Instant::now()),
+            (false, Some(since)) => {
+                self.attached_secs[index] += since.elapsed().as_secs_f64();
+                self.attached_since[index] = None;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
-    /// Adds the hits since the last tick to the estimates, at the duty cycles that were in
-    /// force, and returns them for the governor.
+    /// Adds the hits since the last tick to the estimates, scaled by the fraction of the time
+    /// each family was really attached, and returns them for the governor.
     fn account(&mut self, tracer: &Tracer) -> Result<Observation> {
         let now = tracer.counters()?;
-        let seconds = self.last_tick.elapsed().as_secs_f64();
+        let at = Instant::now();
+        let seconds = at.duration_since(self.last_tick).as_secs_f64();
         let delta = |counter: Counter| now.get(counter) - self.last.get(counter);
-        let allocation_hits = delta(Counter::Malloc) + delta(Counter::AllocSamples);
-        let sampled_hits =
-            [delta(Counter::DeferProcStack), allocation_hits, delta(Counter::MapAssign)];
+        let sampled_hits = sampled_hits(&delta);
         let bytes = [0.0, delta(Counter::AllocBytes) as f64, 0.0];
+        let mut attached = [0.0; SAMPLED_FAMILIES];
         for (index, stats) in self.stats.iter_mut().enumerate() {
-            let duty = self.in_force[index];
+            if let Some(since) = self.attached_since[index] {
+                self.attached_secs[index] += at.duration_since(since).as_secs_f64();
+                self.attached_since[index] = Some(at);
+            }
+            let fraction = (self.attached_secs[index] / seconds.max(1e-9)).min(1.0);
+            self.attached_secs[index] = 0.0;
+            attached[index] = fraction;
             stats.seconds += seconds;
-            stats.duty_seconds += duty * seconds;
+            stats.duty_seconds += fraction * seconds;
             stats.observed += sampled_hits[index];
             stats.observed_bytes += bytes[index];
-            stats.estimated += match duty > 0.0 {
-                true => sampled_hits[index] as f64 / duty,
+            stats.estimated += match fraction > 0.0 {
+                true => sampled_hits[index] as f64 / fraction,
                 // Detached: at the rate last seen.
                 false => self.governor.rate(SampledFamily::ALL[index]).unwrap_or(0.0) * seconds,
             };
         }
-        let defer_hits =
-            delta(Counter::DeferProc) + delta(Counter::DeferReturn) + delta(Counter::GoroutineExit);
+        let defer_hits = defer_hits(&delta);
         self.seconds += seconds;
         self.defer_probe_ns += defer_hits as f64 * self.governor.hit_ns();
         let observation =
-            Observation { seconds, defer_hits, sampled_hits, duty_in_force: self.in_force };
+            Observation { seconds, defer_hits, sampled_hits, duty_in_force: attached };
         self.last = now;
-        self.last_tick = Instant::now();
+        self.last_tick = at;
         Ok(observation)
     }
 
     /// Ends the sampling windows: detaches every family below full duty.
-    fn close_windows(&self, tracer: &mut Tracer) -> Result<()> {
-        for family in SampledFamily::ALL {
+    fn close_windows(&mut self, tracer: &mut Tracer) -> Result<()> {
+        for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
             if self.governor.duty(family) < 1.0 {
-                for program in family.programs() {
-                    tracer.set_attached(*program, false)?;
-                }
+                self.set_family(tracer, index, false)?;
             }
         }
         Ok(())
@@ -690,6 +729,20 @@ impl Sampler {
             defers_over_budget_secs: self.defers_over_budget_secs,
         }
     }
+}
+
+/// Hits of the probes that always stay on (heap defers, deferreturn, goroutine exits).
+fn defer_hits(delta: &impl Fn(Counter) -> u64) -> u64 {
+    delta(Counter::DeferProc) + delta(Counter::DeferReturn) + delta(Counter::GoroutineExit)
+}
+
+/// Hits of each sampled family, indexed like [`SampledFamily::ALL`].
+fn sampled_hits(delta: &impl Fn(Counter) -> u64) -> [u64; SAMPLED_FAMILIES] {
+    [
+        delta(Counter::DeferProcStack),
+        delta(Counter::Malloc) + delta(Counter::AllocSamples),
+        delta(Counter::MapAssign),
+    ]
 }
 
 /// The loop. `child` is set when deferprobe started the target: signals are then forwarded to
@@ -740,11 +793,8 @@ async fn trace(
                 drain(tracer, &mut aggregator, &mut batch, context.closures);
                 read_memprofile_rate();
                 // Load that rises between ticks is answered now, not at the next tick.
-                if !window_open && sampler.over_budget(tracer)? {
-                    if let Some(end) = sampler.tick(tracer)? {
-                        window_end.as_mut().reset(end);
-                        window_open = true;
-                    }
+                if !window_open {
+                    sampler.degrade_if_over_budget(tracer)?;
                 }
             }
             _ = governor_tick.tick() => {
