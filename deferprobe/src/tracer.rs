@@ -268,25 +268,58 @@ fn time_calls(calls: u64) -> Duration {
     started.elapsed()
 }
 
+/// Times `calls` calls of the calibration target, each after touching every cache line of
+/// `work`: a hit in a real program comes between other work that has taken the caches, which
+/// makes it cost more than in a tight loop.
+fn time_cold_calls(calls: u64, work: &mut [u8]) -> Duration {
+    let mut elapsed = Duration::ZERO;
+    let mut value = 0;
+    for _ in 0..calls {
+        for line in work.chunks_mut(64) {
+            line[0] = line[0].wrapping_add(1);
+        }
+        std::hint::black_box(&mut *work);
+        let started = Instant::now();
+        // SAFETY: a leaf function of ours that only adds 1 (see the assembly above).
+        value = unsafe { deferprobe_calibration_target(std::hint::black_box(value)) };
+        elapsed += started.elapsed();
+    }
+    std::hint::black_box(value);
+    elapsed
+}
+
 /// Measures the cost of one uprobe hit here: the calibration target timed without and with the
-/// (empty) calibration probe on it, in this process. None if it can't be attached (e.g. a
-/// stripped deferprobe binary).
+/// (empty) calibration probe on it, in this process, each call after other work has taken the
+/// caches (see [`time_cold_calls`]). None if it can't be attached (e.g. a stripped deferprobe
+/// binary).
 fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Duration> {
-    const PLAIN_CALLS: u64 = 20_000;
-    const PROBED_CALLS: u64 = 400;
+    const CALLS: u64 = 200;
     let name = program_name("calibrate", mode);
     let uprobe: &mut UProbe = ebpf.program_mut(&name)?.try_into().ok()?;
     uprobe.load().ok()?;
-    let plain = time_calls(PLAIN_CALLS).as_nanos() as f64 / PLAIN_CALLS as f64;
+    let mut work = vec![0u8; CALIBRATION_WORK_BYTES];
+    let plain_before = time_cold_calls(CALLS, &mut work);
     let pid = NonZeroU32::new(std::process::id())?;
     let link = uprobe
         .attach(["deferprobe_calibration_target"], "/proc/self/exe", UProbeScope::OneProcess(pid))
         .ok()?;
     time_calls(20); // the first hits set up the process's uprobe area
-    let probed = time_calls(PROBED_CALLS).as_nanos() as f64 / PROBED_CALLS as f64;
+    let probed = time_cold_calls(CALLS, &mut work);
+    let hot = time_calls(CALLS);
     uprobe.detach(link).ok()?;
-    Some(Duration::from_nanos((probed - plain).max(1.0) as u64))
+    let plain_after = time_cold_calls(CALLS, &mut work);
+    let plain = (plain_before + plain_after).as_nanos() as f64 / (2 * CALLS) as f64;
+    let cold = probed.as_nanos() as f64 / CALLS as f64 - plain;
+    tracing::debug!(
+        cold_hit_ns = cold,
+        hot_hit_ns = hot.as_nanos() as f64 / CALLS as f64,
+        "calibration"
+    );
+    Some(Duration::from_nanos(cold.max(1.0) as u64))
 }
+
+/// What the calibration touches between two calls: about an L2 cache.
+const CALIBRATION_WORK_BYTES: usize = 512 * 1024;
 
 /// The configuration the probes read (ELF virtual addresses; the probes work out the load bias
 /// of PIE binaries themselves).
