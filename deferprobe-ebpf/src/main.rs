@@ -106,14 +106,9 @@ fn goid_of(g: u64) -> Option<u64> {
     if let Some(goid) = unsafe { GOROUTINE_IDS.get(&g) } {
         return Some(*goid);
     }
-    let goid = read_goid(g)?;
+    let goid = read_user_u64(g + PROBE_CONFIG.load().g_goid)?;
     let _ = GOROUTINE_IDS.insert(&g, &goid, 0);
     Some(goid)
-}
-
-#[inline(always)]
-fn read_goid(g: u64) -> Option<u64> {
-    read_user_u64(g + PROBE_CONFIG.load().g_goid)
 }
 
 /// Tracks the user-memory reads of one probe hit that must succeed; a hit with any failed read
@@ -439,22 +434,20 @@ fn on_profilealloc(ctx: &ProbeContext) -> u32 {
     0
 }
 
-/// `runtime.goexit1()`: the goroutine in R14 is ending; g structs are reused afterwards.
+/// `runtime.goexit1()`: the goroutine in R14 is ending; g structs are reused afterwards, so its
+/// id is forgotten. Only goroutines the defer probes have seen (their id is cached) can hold
+/// records userspace tracks: only their exits are events. In a service that starts a goroutine
+/// per request, most exits are of goroutines that never deferred on the heap, and this keeps
+/// their probe hit to a lookup and a counter. (A goroutine whose cached id was evicted, or
+/// whose records were found pending at attach, is released by reconciliation instead.)
 #[inline(always)]
 fn on_goexit1(ctx: &ProbeContext) -> u32 {
     bump(Counter::GoroutineExit, 1);
     let g = regs(ctx).r14;
-    // The g will be reused for another goroutine: forget its id.
     // SAFETY: the value is copied out at once.
-    let goid = match unsafe { GOROUTINE_IDS.get(&g) } {
-        Some(goid) => {
-            let goid = *goid;
-            let _ = GOROUTINE_IDS.remove(&g);
-            Some(goid)
-        }
-        None => read_goid(g),
-    };
-    emit(GoroutineExit { header: header(EventKind::GoroutineExit, goid.unwrap_or(0)) });
+    let Some(goid) = (unsafe { GOROUTINE_IDS.get(&g) }).copied() else { return 0 };
+    let _ = GOROUTINE_IDS.remove(&g);
+    emit(GoroutineExit { header: header(EventKind::GoroutineExit, goid) });
     0
 }
 
