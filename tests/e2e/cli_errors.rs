@@ -67,6 +67,14 @@ fn inspect_prints_release_and_plan() {
         let deferproc = probes.iter().find(|p| p["symbol"] == "runtime.deferproc").unwrap();
         assert_eq!(deferproc["after_stack_check"], true, "{deferproc}");
         assert!(deferproc["attach_offset"].as_u64().unwrap() > 0);
+        // deferreturn: on the CALLs in the loop-defer function, not at its entry.
+        let returns: Vec<&serde_json::Value> =
+            probes.iter().filter(|p| p["program"] == "defer_return").collect();
+        assert!(returns.iter().any(|p| p["symbol"] == "main.loopDefers"), "{returns:?}");
+        assert!(returns.iter().all(|p| p["call_to"] == "runtime.deferreturn"), "{returns:?}");
+        // The workload never reads its memory profile: the linker turned profiling off.
+        assert_eq!(json["memory_profiling"]["state"], "disabled", "{}", json["memory_profiling"]);
+        assert!(stdout.contains("mem profile  off"), "{stdout}");
     }
 }
 
