@@ -305,28 +305,29 @@ fn on_deferproc(ctx: &ProbeContext) -> u32 {
     if !is_static {
         // The code pointer and the words after it, in one read. Words past the closure's end
         // (filtered out in userspace, which knows its size) may lie on an unreadable page:
-        // then word by word, as far as readable.
+        // then word by word, as far as readable (unread words stay 0: no capture).
         // SAFETY: bpf_probe_read_user checks the address; failure is an Err, not a fault.
-        match unsafe { bpf_probe_read_user(closure as *const [u64; CAPTURE_WORDS + 1]) } {
-            Ok(words) => {
-                event.closure_fn = words[0];
-                // SAFETY: the value is copied out at once.
-                let captured =
-                    unsafe { CLOSURE_WORDS.get(&words[0]) }.map_or(CAPTURE_WORDS as u64, |n| *n);
-                for i in 0..CAPTURE_WORDS {
-                    if i as u64 >= captured {
-                        break;
-                    }
-                    classify_capture(&mut event, i, words[i + 1]);
-                }
-            }
+        let words = match unsafe { bpf_probe_read_user(closure as *const [u64; CAPTURE_WORDS + 1]) }
+        {
+            Ok(words) => words,
             Err(_) => {
-                event.closure_fn = reads.u64(closure);
-                for i in 0..CAPTURE_WORDS {
-                    let Some(word) = read_user_u64(closure + 8 * (i as u64 + 1)) else { break };
-                    classify_capture(&mut event, i, word);
+                let mut words = [0; CAPTURE_WORDS + 1];
+                words[0] = reads.u64(closure);
+                for i in 1..=CAPTURE_WORDS {
+                    let Some(word) = read_user_u64(closure + 8 * i as u64) else { break };
+                    words[i] = word;
                 }
+                words
             }
+        };
+        event.closure_fn = words[0];
+        // SAFETY: the value is copied out at once.
+        let captured = unsafe { CLOSURE_WORDS.get(&words[0]) }.map_or(CAPTURE_WORDS as u64, |n| *n);
+        for i in 0..CAPTURE_WORDS {
+            if i as u64 >= captured {
+                break;
+            }
+            classify_capture(&mut event, i, words[i + 1]);
         }
     }
     reads.finish();

@@ -333,10 +333,11 @@ impl ProbePlan {
                 probes.push(plan_probe(binary, row.program, function)?);
             }
         }
-        let size_specialized_max = match probes_of(&probes, ProbeProgram::MallocgcSizeClass) {
-            0 => 0,
-            _ => size_specialized_max(release),
-        };
+        let size_specialized_max =
+            match probes.iter().any(|p| p.program == ProbeProgram::MallocgcSizeClass) {
+                true => size_specialized_max(release),
+                false => 0,
+            };
         let mut families = options.families.clone();
         families.sort();
         families.dedup();
@@ -419,10 +420,6 @@ fn plan_call_probe(
         after_stack_check: true,
         call_to: Some(callee),
     })
-}
-
-fn probes_of(probes: &[PlannedProbe], program: ProbeProgram) -> usize {
-    probes.iter().filter(|p| p.program == program).count()
 }
 
 /// The sizes `runtime.mallocgc` hands to the size-specialized entries: every size from 1 to

@@ -542,12 +542,7 @@ impl Sampler {
         let mut window = None;
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
             let duty = self.governor.duty_for_tick(family, self.ticks);
-            self.planned[index] = duty;
-            if duty < 1.0 {
-                let stats = &mut self.stats[index];
-                stats.sampled = true;
-                stats.min_duty = stats.min_duty.min(duty);
-            }
+            self.plan(index, duty);
             self.set_family(tracer, index, duty > 0.0)?;
             if duty > 0.0 && duty < 1.0 && self.windows {
                 window = Some(tokio::time::Instant::now() + GOVERNOR_TICK.mul_f64(duty));
@@ -581,10 +576,7 @@ impl Sampler {
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
             let duty = self.governor.duty(family);
             if duty < self.planned[index] {
-                self.planned[index] = duty;
-                let stats = &mut self.stats[index];
-                stats.sampled = true;
-                stats.min_duty = stats.min_duty.min(duty);
+                self.plan(index, duty);
                 self.set_family(tracer, index, false)?;
             }
         }
@@ -630,6 +622,17 @@ impl Sampler {
             );
         }
         Ok(())
+    }
+
+    /// Records the duty cycle planned for a family, and in its report whether and how far it
+    /// was sampled.
+    fn plan(&mut self, index: usize, duty: f64) {
+        self.planned[index] = duty;
+        if duty < 1.0 {
+            let stats = &mut self.stats[index];
+            stats.sampled = true;
+            stats.min_duty = stats.min_duty.min(duty);
+        }
     }
 
     /// Attaches or detaches a family, keeping count of the time it is attached.

@@ -35,6 +35,8 @@ const COUNT_VARIANTS: [&str; 4] = ["plain", "stripped", "pie", "cgo"];
 const WORKLOAD_ARGS: [&str; 8] =
     ["-calls", "12", "-defers", "15", "-map-writes", "300", "-goroutines", "6"];
 const WORKLOAD_HEAP_DEFERS: u64 = 12 * 15 + 6 * 2;
+/// Calls of the loop-defer function: 12 from main, one in each of the 6 goroutines.
+const WORKLOAD_FRAME_RETURNS: u64 = 12 + 6;
 
 /// One Go program built with one Go release in one variant.
 #[derive(Clone, Debug)]
@@ -233,6 +235,13 @@ fn check_workload(target: &Target) {
         truth.heap_defers,
         "heap defers must be exact (program: {})\n{context}",
         truth.heap_defers
+    );
+    // deferreturn is probed where loopDefers calls it: once per return of loopDefers.
+    assert_eq!(truth.heap_defer_frame_returns, WORKLOAD_FRAME_RETURNS, "the program's own count");
+    assert_eq!(
+        traced.count("deferreturn"),
+        truth.heap_defer_frame_returns,
+        "returns of heap-defer frames must be exact\n{context}"
     );
     let map_writes = truth.str_map_writes + truth.int_map_writes;
     assert!(
