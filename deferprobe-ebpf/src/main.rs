@@ -270,28 +270,45 @@ fn add_known_map_writes(map: u64, writes: u64) -> bool {
     }
 }
 
-/// `runtime.deferproc(fn)` and `runtime.deferprocat(fn, frame)`: RAX = the closure. Its
-/// captured words are checked against the known maps now, before anything can change them:
+/// A heap defer: `runtime.deferproc(fn)`, probed on each `CALL runtime.deferproc` (the probe's
+/// address gives the defer site: its return address is the CALL + 5, and RSP is the calling
+/// frame's SP); `runtime.deferprocat(fn, frame)`, probed at its entry (the return address is
+/// read from the stack). RAX = the closure. Its captured words are checked against the known maps now, before anything can change them:
 /// a word that is a known map is a capture by value; a word pointing to a variable holding a
 /// known map is a capture by reference (how Go captures a variable the closure assigns).
 ///
 /// User-memory reads are what a hit costs most (about 120 ns each on the development VMs), so
-/// there are as few as possible: the goroutine id and the return address always; for a
+/// there are as few as possible: the goroutine id once per goroutine (it is cached); for a
 /// closure that captures, its code pointer and captured words in one read, plus one per word
 /// that may point to a captured variable. A static closure (inside the executable's image)
 /// captures nothing and is not read at all: userspace reads its code pointer from the file.
 #[inline(always)]
-fn on_deferproc(ctx: &ProbeContext) -> u32 {
-    bump(Counter::DeferProc, 1);
+fn on_deferproc_call(ctx: &ProbeContext) -> u32 {
     let r = regs(ctx);
-    let closure = r.rax;
+    // The kernel sets the ip to the probed instruction before running handlers.
+    on_heap_defer(r, r.rip + CALL_REL32_LEN, r.rsp, Reads::new())
+}
+
+/// `runtime.deferprocat` at its entry, after the stack check: the return address is at [RSP].
+#[inline(always)]
+fn on_deferprocat(ctx: &ProbeContext) -> u32 {
+    let r = regs(ctx);
     let mut reads = Reads::new();
+    let caller_pc = reads.u64(r.rsp);
+    on_heap_defer(r, caller_pc, r.rsp + 8, reads)
+}
+
+/// The event of a heap defer registered by the frame at `caller_sp`, at `caller_pc`.
+#[inline(always)]
+fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, mut reads: Reads) -> u32 {
+    bump(Counter::DeferProc, 1);
+    let closure = r.rax;
     let mut event = DeferRegistered {
         header: timed_header(EventKind::DeferRegistered, goid_of(r.r14).unwrap_or(0)),
         closure,
         closure_fn: 0,
-        caller_pc: reads.u64(r.rsp),
-        caller_sp: r.rsp + 8,
+        caller_pc,
+        caller_sp,
         g: r.r14,
         captured_maps: [0; CAPTURE_WORDS],
         capture_kinds: [0; CAPTURE_WORDS],
@@ -480,7 +497,8 @@ fn on_calibrate(_ctx: &ProbeContext) -> u32 {
 entry_points! {
     calibrate, calibrate_multi => on_calibrate;
     mapassign, mapassign_multi => on_mapassign;
-    deferproc, deferproc_multi => on_deferproc;
+    deferproc, deferproc_multi => on_deferproc_call;
+    deferprocat, deferprocat_multi => on_deferprocat;
     deferproc_stack, deferproc_stack_multi => on_deferproc_stack;
     deferreturn, deferreturn_multi => on_deferreturn;
     mallocgc, mallocgc_multi => on_mallocgc;

@@ -10,7 +10,7 @@
 use serde::Serialize;
 
 use crate::{
-    binary::{DeferreturnCall, Function, GoBinary, prologue},
+    binary::{FrameCall, Function, GoBinary, HeapDeferFrameCalls, prologue},
     error::{Error, Result},
     layout::{self, GoRelease, LayoutSource, RuntimeLayout},
 };
@@ -81,6 +81,7 @@ impl Default for PlanOptions {
 pub enum ProbeProgram {
     MapAssign,
     DeferProc,
+    DeferProcAt,
     DeferProcStack,
     DeferReturn,
     Mallocgc,
@@ -90,9 +91,10 @@ pub enum ProbeProgram {
 }
 
 impl ProbeProgram {
-    pub const ALL: [ProbeProgram; 8] = [
+    pub const ALL: [ProbeProgram; 9] = [
         ProbeProgram::MapAssign,
         ProbeProgram::DeferProc,
+        ProbeProgram::DeferProcAt,
         ProbeProgram::DeferProcStack,
         ProbeProgram::DeferReturn,
         ProbeProgram::Mallocgc,
@@ -106,6 +108,7 @@ impl ProbeProgram {
         match self {
             ProbeProgram::MapAssign => "mapassign",
             ProbeProgram::DeferProc => "deferproc",
+            ProbeProgram::DeferProcAt => "deferprocat",
             ProbeProgram::DeferProcStack => "deferproc_stack",
             ProbeProgram::DeferReturn => "deferreturn",
             ProbeProgram::Mallocgc => "mallocgc",
@@ -118,6 +121,7 @@ impl ProbeProgram {
     pub fn family(self) -> ProbeFamily {
         match self {
             ProbeProgram::DeferProc
+            | ProbeProgram::DeferProcAt
             | ProbeProgram::DeferProcStack
             | ProbeProgram::DeferReturn
             | ProbeProgram::Goexit1 => ProbeFamily::Defers,
@@ -141,7 +145,9 @@ impl ProbeProgram {
     pub fn reports(self) -> &'static str {
         match self {
             ProbeProgram::MapAssign => "count of map writes",
-            ProbeProgram::DeferProc => "count + event: heap defer (goid, closure, caller pc/sp)",
+            ProbeProgram::DeferProc | ProbeProgram::DeferProcAt => {
+                "count + event: heap defer (goid, closure, caller pc/sp)"
+            }
             ProbeProgram::DeferProcStack => "count of stack defers",
             ProbeProgram::DeferReturn => {
                 "count + event: a heap-defer frame runs its defers (goid, frame pc/sp)"
@@ -163,12 +169,16 @@ impl ProbeProgram {
     pub fn registers(self) -> &'static [(&'static str, &'static str)] {
         const G: (&str, &str) = ("r14", "g (current goroutine)");
         const RET: (&str, &str) = ("[rsp]", "return address");
+        const CALL_RSP: (&str, &str) = ("rsp", "the calling frame's SP");
         match self {
             ProbeProgram::MapAssign => &[("rax", "map type"), ("rbx", "map")],
-            ProbeProgram::DeferProc => &[("rax", "closure (*funcval)"), G, RET],
+            ProbeProgram::DeferProc => {
+                &[("rax", "closure (*funcval)"), G, CALL_RSP, ("rip", "the CALL (+5: return address)")]
+            }
+            ProbeProgram::DeferProcAt => &[("rax", "closure (*funcval)"), G, RET],
             ProbeProgram::DeferProcStack => &[("rax", "*_defer (on the caller's stack)")],
             ProbeProgram::DeferReturn => {
-                &[G, ("rsp", "the frame's SP"), ("rip", "the CALL (+5: return address)")]
+                &[G, CALL_RSP, ("rip", "the CALL (+5: return address)")]
             }
             ProbeProgram::Mallocgc => &[("rax", "size"), ("rbx", "*_type")],
             ProbeProgram::MallocgcSizeClass => &[("rax", "size")],
@@ -179,15 +189,20 @@ impl ProbeProgram {
 }
 
 /// How a table row names its functions.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Symbols {
     /// One function with this exact name.
     Exact(&'static str),
     /// Go 1.26+/1.27 size-specialized malloc entries: `runtime.mallocgc<Kind>SC<n>` or
     /// `runtime.mallocgc<Kind>Size<n>` (not the `*SlowPath` helpers).
     SizeSpecializedMalloc,
+    /// Not a function entry: every `CALL runtime.deferproc` ([`GoBinary::heap_defer_frame_calls`]).
+    /// The probe's own address then gives the defer site (the return address is the CALL + 5),
+    /// where a probe at deferproc's entry must read it from the stack: one user-memory read
+    /// less per heap defer (about 120 ns a hit on the development VMs).
+    DeferprocCalls,
     /// Not a function entry: every `CALL runtime.deferreturn` in the functions that own heap
-    /// `_defer` records ([`GoBinary::heap_defer_frame_returns`]). Probing runtime.deferreturn
+    /// `_defer` records ([`GoBinary::heap_defer_frame_calls`]). Probing runtime.deferreturn
     /// itself would also trap on every return of every function with a stack defer, which
     /// releases nothing deferprobe tracks and, in a net/http + encoding/json service, is
     /// nearly all deferreturn calls (17 per request in `tests/go/benchsvc`, none of them heap).
@@ -215,10 +230,16 @@ const RUNTIME_FUNCTIONS: &[RuntimeFunction] = &[
     row("runtime.mapassign_fast64", ProbeProgram::MapAssign),
     row("runtime.mapassign_fast64ptr", ProbeProgram::MapAssign),
     row("runtime.mapassign_faststr", ProbeProgram::MapAssign),
-    row("runtime.deferproc", ProbeProgram::DeferProc),
+    RuntimeFunction {
+        symbols: Symbols::DeferprocCalls,
+        program: ProbeProgram::DeferProc,
+        since: OLDEST_SUPPORTED,
+    },
+    // Called from the range-over-func body closures, which the compiler generates: few sites,
+    // few calls; probed at its entry.
     RuntimeFunction {
         symbols: Symbols::Exact("runtime.deferprocat"),
-        program: ProbeProgram::DeferProc,
+        program: ProbeProgram::DeferProcAt,
         since: GoRelease::new(1, 22),
     },
     row("runtime.deferprocStack", ProbeProgram::DeferProcStack),
@@ -252,7 +273,7 @@ pub struct PlannedProbe {
     /// Whether `attach_offset` is past the stack check (so a call is seen once, not twice).
     pub after_stack_check: bool,
     /// For a probe on a call instruction inside `symbol` rather than on its entry: the
-    /// function called there (`runtime.deferreturn`).
+    /// function called there (`runtime.deferproc`, `runtime.deferreturn`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub call_to: Option<&'static str>,
     /// File offset of the attach point, what the kernel's uprobe API takes.
@@ -303,11 +324,24 @@ impl ProbePlan {
                 && options.families.contains(&row.program.family())
                 && row.program.allocation_mode().is_none_or(|mode| mode == options.allocations)
         };
+        let mut frame_calls: Option<HeapDeferFrameCalls> = None;
         for row in RUNTIME_FUNCTIONS.iter().filter(planned) {
             let functions: Vec<Function> = match row.symbols {
-                Symbols::DeferreturnCallsInHeapDeferFrames => {
-                    for call in binary.heap_defer_frame_returns()? {
-                        probes.push(plan_call_probe(binary, row.program, call, DEFERRETURN)?);
+                Symbols::DeferprocCalls | Symbols::DeferreturnCallsInHeapDeferFrames => {
+                    let frame_calls = match &mut frame_calls {
+                        Some(calls) => calls,
+                        none => none.insert(binary.heap_defer_frame_calls()?),
+                    };
+                    if row.symbols == Symbols::DeferprocCalls && binary.function(DEFERPROC).is_none()
+                    {
+                        absent.push(DEFERPROC.to_owned());
+                    }
+                    let (calls, callee) = match row.symbols {
+                        Symbols::DeferprocCalls => (&frame_calls.deferproc, DEFERPROC),
+                        _ => (&frame_calls.deferreturn, DEFERRETURN),
+                    };
+                    for call in calls {
+                        probes.push(plan_call_probe(binary, row.program, call, callee)?);
                     }
                     continue;
                 }
@@ -400,6 +434,7 @@ fn plan_probe(
     })
 }
 
+const DEFERPROC: &str = "runtime.deferproc";
 const DEFERRETURN: &str = "runtime.deferreturn";
 
 /// A probe on a `CALL callee` instruction (5 bytes, `CALL rel32`, which the kernel emulates
@@ -407,14 +442,14 @@ const DEFERRETURN: &str = "runtime.deferreturn";
 fn plan_call_probe(
     binary: &GoBinary,
     program: ProbeProgram,
-    call: DeferreturnCall,
+    call: &FrameCall,
     callee: &'static str,
 ) -> Result<PlannedProbe> {
     Ok(PlannedProbe {
         program,
         file_offset: binary.file_offset(call.call_address)?,
         attach_offset: call.call_address - call.function.address,
-        symbol: call.function.name,
+        symbol: call.function.name.clone(),
         address: call.function.address,
         size: call.function.size,
         after_stack_check: true,
@@ -463,37 +498,47 @@ mod tests {
                     assert_eq!(Some(plan.layout), layout::for_release(plan.release), "{what}");
                     let symbols: Vec<&str> =
                         plan.probes.iter().map(|p| p.symbol.as_str()).collect();
-                    for symbol in ["runtime.deferproc", "runtime.mallocgc"] {
-                        let probe = plan.probes.iter().find(|p| p.symbol == symbol);
-                        let probe = probe.unwrap_or_else(|| panic!("{what}: no {symbol}"));
-                        assert!(probe.after_stack_check, "{what} {symbol}");
+                    let probe = plan.probes.iter().find(|p| p.symbol == "runtime.mallocgc");
+                    assert!(probe.is_some_and(|p| p.after_stack_check), "{what}: {probe:?}");
+                    // deferproc is probed on each CALL of it, deferreturn on each CALL in a
+                    // function with a heap defer: on the 5-byte CALL, not at the callee.
+                    for (program, callee) in [
+                        (ProbeProgram::DeferProc, "runtime.deferproc"),
+                        (ProbeProgram::DeferReturn, "runtime.deferreturn"),
+                    ] {
+                        let calls: Vec<&PlannedProbe> = plan.probes_of(program).collect();
+                        for site in binary.heap_defer_sites().unwrap() {
+                            let function = &site.location.function;
+                            assert!(
+                                calls.iter().any(|p| p.symbol == *function),
+                                "{what}: no {callee} probe in {function}: {calls:#?}"
+                            );
+                        }
+                        assert!(!symbols.contains(&callee), "{what}");
+                        for probe in calls {
+                            assert_eq!(probe.call_to, Some(callee), "{what}");
+                            let code =
+                                binary.function_code(&binary.function_at(probe.address).unwrap());
+                            let at = probe.attach_offset as usize;
+                            let rel = i32::from_le_bytes(
+                                code.unwrap()[at + 1..at + 5].try_into().unwrap(),
+                            );
+                            let target = (probe.address + probe.attach_offset + 5)
+                                .wrapping_add_signed(rel.into());
+                            assert_eq!(
+                                Some(target),
+                                binary.function(callee).map(|f| f.address),
+                                "{what}"
+                            );
+                        }
                     }
-                    // deferreturn is probed where each function with a heap defer calls it,
-                    // on the 5-byte CALL, and not at runtime.deferreturn itself.
-                    let returns: Vec<&PlannedProbe> =
-                        plan.probes_of(ProbeProgram::DeferReturn).collect();
-                    for site in binary.heap_defer_sites().unwrap() {
-                        let function = &site.location.function;
-                        assert!(
-                            returns.iter().any(|p| p.symbol == *function),
-                            "{what}: no deferreturn probe in {function}: {returns:#?}"
-                        );
-                    }
-                    assert!(!symbols.contains(&"runtime.deferreturn"), "{what}");
-                    for probe in returns {
-                        assert_eq!(probe.call_to, Some("runtime.deferreturn"), "{what}");
-                        let code =
-                            binary.function_code(&binary.function_at(probe.address).unwrap());
-                        let at = probe.attach_offset as usize;
-                        let rel =
-                            i32::from_le_bytes(code.unwrap()[at + 1..at + 5].try_into().unwrap());
-                        let target = (probe.address + probe.attach_offset + 5)
-                            .wrapping_add_signed(rel.into());
-                        assert_eq!(
-                            Some(target),
-                            binary.function("runtime.deferreturn").map(|f| f.address),
-                            "{what}"
-                        );
+                    // Every heap defer site has its probe (deferprocat's is at its entry).
+                    let sites = binary.heap_defer_sites().unwrap();
+                    for site in sites.iter().filter(|site| site.callee == "runtime.deferproc") {
+                        let probe = plan.probes_of(ProbeProgram::DeferProc).find(|p| {
+                            p.address + p.attach_offset == site.call_address
+                        });
+                        assert!(probe.is_some(), "{what}: {site:?} unprobed");
                     }
                     if toolchain.minor() < 22 {
                         assert!(!symbols.contains(&"runtime.deferprocat"), "{what}");

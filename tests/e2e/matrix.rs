@@ -193,14 +193,18 @@ fn elf_is_pie(binary: &Path) -> bool {
     u16::from_le_bytes([header[16], header[17]]) == 3
 }
 
-/// The `runtime.deferproc` probe of an `inspect --json` plan.
-fn deferproc_probe(inspection: &Value) -> &Value {
-    inspection["plan"]["probes"]
-        .as_array()
-        .expect("plan.probes")
+/// The probes of an `inspect --json` plan on the `CALL runtime.deferproc` instructions in
+/// `function` (at least one).
+fn deferproc_calls<'a>(inspection: &'a Value, function: &str) -> Vec<&'a Value> {
+    let calls: Vec<&Value> = (inspection["plan"]["probes"].as_array().expect("plan.probes"))
         .iter()
-        .find(|p| p["symbol"] == "runtime.deferproc")
-        .unwrap_or_else(|| panic!("no runtime.deferproc probe in {inspection}"))
+        .filter(|p| p["program"] == "defer_proc" && p["symbol"] == function)
+        .collect();
+    assert!(!calls.is_empty(), "no deferproc probe in {function}: {inspection}");
+    for call in &calls {
+        assert_eq!(call["call_to"], "runtime.deferproc", "{call}");
+    }
+    calls
 }
 
 /// 1-based line of the first line of tests/go/<program>/main.go containing `needle`.
@@ -281,8 +285,7 @@ fn check_workload(target: &Target) {
     // `-s -w` removes DWARF: the offsets then come from the per-release table.
     let layout = if target.variant == "stripped" { "release_table" } else { "dwarf" };
     assert_eq!(json["plan"]["layout_source"], layout, "{text}");
-    let deferproc = deferproc_probe(&json);
-    assert_eq!(deferproc["after_stack_check"], true, "{deferproc}");
+    let deferproc = deferproc_calls(&json, "main.loopDefers");
 
     // The heap-defer sites known statically: the loop defer of main.loopDefers, with the file
     // and line of its `defer` statement, at the return address the traced run reported.
@@ -300,6 +303,13 @@ fn check_workload(target: &Target) {
         .find(|s| s["function"] == "main.loopDefers")
         .unwrap_or_else(|| panic!("no main.loopDefers in heap_defer_sites: {json}"));
     assert_eq!(static_site["line"], line, "{static_site}");
+    let call_address = static_site["call_address"].as_u64().expect("call_address");
+    assert!(
+        deferproc.iter().any(|p| {
+            p["address"].as_u64().unwrap() + p["attach_offset"].as_u64().unwrap() == call_address
+        }),
+        "the loop defer's CALL must be probed: {static_site} {deferproc:?}"
+    );
     let return_address = static_site["return_address"].as_u64().expect("return_address");
     assert_eq!(
         traced_site["pc"],
@@ -534,8 +544,8 @@ fn size_specialized_malloc_counts_like_the_generic_build() {
 
 /// Double-hit proof, on each release of tests/go/releases.txt: the recursion program grows its
 /// goroutines' stacks inside `runtime.deferproc` (see tests/go/recursion/main.go), so a probe at
-/// deferproc's first instruction fires more often than deferproc is called. deferprobe's probe,
-/// after the stack check, must count every heap defer exactly once.
+/// deferproc's first instruction fires more often than deferproc is called. deferprobe's probes,
+/// on the CALLs of deferproc, must count every heap defer exactly once.
 ///
 /// The uprobe counters count every process running the recursion binary, so no other test may
 /// run it.
@@ -551,22 +561,22 @@ fn deep_recursion_counts_each_heap_defer_once() {
         |release| {
             let program = go_program(release, "recursion");
             let (_, inspection) = inspect(&program);
-            let probe = deferproc_probe(&inspection);
-            let attach_offset = probe["attach_offset"].as_u64().unwrap();
-            assert!(
-                probe["after_stack_check"] == true && attach_offset > 0,
-                "deferprobe must probe deferproc after its stack check: {probe}"
-            );
-            let after_check = probe["file_offset"].as_u64().unwrap();
+            let calls: Vec<u64> = deferproc_calls(&inspection, "main.descend")
+                .iter()
+                .map(|p| p["file_offset"].as_u64().unwrap())
+                .collect();
+            let entry = call_target_file_offset(&program, calls[0]);
 
-            // What a probe on the first instruction would see, and what one at deferprobe's
-            // attach point sees (kernel uprobe counters, in a run without deferprobe).
-            let entry_hits = UprobeCounter::new(&program, after_check - attach_offset);
-            let attach_hits = UprobeCounter::new(&program, after_check);
+            // What a probe on deferproc's first instruction would see, and what deferprobe's
+            // probes see (kernel uprobe counters, in a run without deferprobe).
+            let entry_hits = UprobeCounter::new(&program, entry);
+            let call_hits: Vec<UprobeCounter> =
+                calls.iter().map(|call| UprobeCounter::new(&program, *call)).collect();
             let output = Command::new(&program).args(args).output().unwrap();
             assert_eq!(output.status.code(), Some(5), "{output:?}");
             let truth = ground_truth(&text(&output).0);
-            let (entry_hits, attach_hits) = (entry_hits.hits(), attach_hits.hits());
+            let entry_hits = entry_hits.hits();
+            let attach_hits: u64 = call_hits.into_iter().map(UprobeCounter::hits).sum();
             assert_eq!(truth.heap_defers, GOROUTINES * (DEPTH + 1), "the program's own count");
             assert_eq!(attach_hits, truth.heap_defers, "uprobe hits at deferprobe's attach point");
             assert!(
@@ -596,6 +606,16 @@ fn deep_recursion_counts_each_heap_defer_once() {
             assert_eq!(traced.report["pending"]["heap_defers"], 0, "{context}");
         },
     );
+}
+
+/// The file offset a `CALL rel32` at `call` (a file offset) of `binary` calls (the code is one
+/// segment, so file offsets differ as addresses do).
+fn call_target_file_offset(binary: &Path, call: u64) -> u64 {
+    let bytes = std::fs::read(binary).unwrap();
+    let at = usize::try_from(call).unwrap();
+    assert_eq!(bytes[at], 0xe8, "not a CALL rel32 at {call:#x} of {}", binary.display());
+    let rel = i32::from_le_bytes(bytes[at + 1..at + 5].try_into().unwrap());
+    (call + 5).wrapping_add_signed(rel.into())
 }
 
 /// Every variant in tests/go/matrix.txt is checked by one of the tests above, and every variant

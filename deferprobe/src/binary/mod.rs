@@ -48,14 +48,25 @@ const HEAP_DEFER_FUNCTIONS: [&str; 2] = ["runtime.deferproc", "runtime.deferproc
 /// `runtime.deferprocat`; the records belong to that outer frame).
 const HEAP_DEFER_OWNER_MARKERS: [&str; 2] = ["runtime.deferproc", "runtime.deferrangefunc"];
 
-/// A `CALL runtime.deferreturn` in a function that owns heap `_defer` records: where that frame
-/// runs its records on a normal return, and where the runtime resumes it after a `recover`.
+/// A `CALL rel32` instruction in a function that owns heap `_defer` records, where a probe sits
+/// instead of at the callee's entry ([`GoBinary::heap_defer_frame_calls`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeferreturnCall {
+pub struct FrameCall {
     /// The function containing the call.
     pub function: Function,
     /// The CALL instruction (ELF virtual address).
     pub call_address: u64,
+}
+
+/// The calls in the frames that own heap `_defer` records that deferprobe probes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeapDeferFrameCalls {
+    /// Every `CALL runtime.deferproc`: a heap record registered, at a site the probe knows
+    /// from where it sits (no return address to read).
+    pub deferproc: Vec<FrameCall>,
+    /// Every `CALL runtime.deferreturn` in those frames: where a frame runs its records on a
+    /// normal return, and where the runtime resumes it after a `recover`.
+    pub deferreturn: Vec<FrameCall>,
 }
 
 /// A Go executable, memory-mapped and analysed once by [`GoBinary::open`].
@@ -233,41 +244,45 @@ impl GoBinary {
         Ok(sites)
     }
 
-    /// Every `CALL runtime.deferreturn` in a function that owns heap `_defer` records (see
-    /// [`HEAP_DEFER_OWNER_MARKERS`]), sorted by address. Frames that only ever use open-coded or
-    /// stack defers are left out: their deferreturn calls release nothing deferprobe tracks, and
-    /// in real programs they are most of them (encoding/json, for one, returns through
-    /// deferreturn from every value it marshals).
-    pub fn heap_defer_frame_returns(&self) -> Result<Vec<DeferreturnCall>, BinaryError> {
-        let Some(deferreturn) = self.function("runtime.deferreturn") else {
-            return Ok(Vec::new());
-        };
-        let markers: Vec<u64> = HEAP_DEFER_OWNER_MARKERS
-            .iter()
-            .filter_map(|name| self.function(name).map(|function| function.address))
-            .collect();
+    /// The probed calls in the functions that own heap `_defer` records (see
+    /// [`HEAP_DEFER_OWNER_MARKERS`]), each list sorted by address, from one scan of the code.
+    ///
+    /// deferreturn calls of frames that only ever use open-coded or stack defers are left out:
+    /// they release nothing deferprobe tracks, and in real programs they are most of them
+    /// (encoding/json, for one, returns through deferreturn from every value it marshals).
+    pub fn heap_defer_frame_calls(&self) -> Result<HeapDeferFrameCalls, BinaryError> {
+        let address_of = |name: &str| self.function(name).map(|function| function.address);
+        let deferproc = address_of("runtime.deferproc");
+        let deferreturn = address_of("runtime.deferreturn");
+        let markers: Vec<u64> =
+            HEAP_DEFER_OWNER_MARKERS.iter().filter_map(|name| address_of(name)).collect();
+        let mut found = HeapDeferFrameCalls::default();
         if markers.is_empty() {
-            return Ok(Vec::new());
+            return Ok(found);
         }
-        let targets: Vec<u64> = markers.iter().copied().chain([deferreturn.address]).collect();
-        let mut returns = Vec::new();
+        let targets: Vec<u64> = markers.iter().copied().chain(deferreturn).collect();
         for function in self.functions.all() {
             let code = self.function_code(function)?;
             let calls = calls::direct_calls(code, function.address, &targets)
                 .map_err(|err| self.in_function(function, err))?;
-            if calls.iter().any(|call| markers.contains(&call.target)) {
-                returns.extend(calls.iter().filter(|call| call.target == deferreturn.address).map(
-                    |call| DeferreturnCall {
-                        function: function.clone(),
-                        call_address: call.address,
-                    },
-                ));
+            if !calls.iter().any(|call| markers.contains(&call.target)) {
+                continue;
+            }
+            for call in calls {
+                let list = match Some(call.target) {
+                    target if target == deferproc => &mut found.deferproc,
+                    target if target == deferreturn => &mut found.deferreturn,
+                    _ => continue,
+                };
+                list.push(FrameCall { function: function.clone(), call_address: call.address });
             }
         }
         // Aliases (two symbols for one function) would list a call twice.
-        returns.sort_by_key(|call| call.call_address);
-        returns.dedup_by_key(|call| call.call_address);
-        Ok(returns)
+        for list in [&mut found.deferproc, &mut found.deferreturn] {
+            list.sort_by_key(|call| call.call_address);
+            list.dedup_by_key(|call| call.call_address);
+        }
+        Ok(found)
     }
 
     /// All functions whose name starts with `prefix`, sorted by address (e.g.

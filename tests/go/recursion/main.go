@@ -10,7 +10,7 @@
 // calls morestack, the stack is copied to a bigger one, and deferproc starts again from its
 // first instruction. (Without the pad array, newdefer's check failed first and deferproc was
 // never re-entered.) A uprobe on deferproc's entry sees that call twice; deferprobe's probe,
-// placed after the stack check, sees it once. Every goroutine starts with an 8 KiB stack, so
+// on the CALL of deferproc in descend, sees it once. Every goroutine starts with an 8 KiB stack, so
 // each one grows (and re-enters deferproc) several times on the way down.
 //
 //	-depth D        recursion depth per goroutine
