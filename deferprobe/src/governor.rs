@@ -62,6 +62,19 @@ const STEPS: [f64; 8] = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0];
 /// this many ticks, so that its hit rate, and with it the decision, stays current.
 pub const REFRESH_EVERY_TICKS: u64 = 10;
 
+/// An observation shorter than this decides nothing (its counts are too few to trust; e.g. a
+/// tick that comes right after a between-ticks decision).
+pub const MIN_OBSERVATION_SECS: f64 = 0.01;
+
+/// A family's rate is measured only from observations in which it was attached at least this
+/// long. Hits still arrive for a moment after a detach (until the link's breakpoints are gone);
+/// divided by a fraction of a millisecond of attached time they would give absurd rates.
+pub const MIN_ATTACHED_SECS: f64 = 0.01;
+
+/// The largest share of a CPU the slow-down correction assumes the probes took (see
+/// [`Governor::observe`]): rates are at most doubled.
+const MAX_SLOWDOWN_SHARE: f64 = 0.5;
+
 /// Raise a duty cycle only when the projection at the higher step stays under this share of
 /// the budget (hysteresis).
 const RAISE_BELOW: f64 = 0.8;
@@ -154,20 +167,31 @@ impl Governor {
         self.defers_over_budget
     }
 
-    /// Takes one tick's counts and returns the duty cycles that changed.
+    /// Takes one tick's counts and returns the duty cycles that changed. An observation shorter
+    /// than [`MIN_OBSERVATION_SECS`] changes nothing.
     pub fn observe(&mut self, observation: &Observation) -> Vec<Change> {
-        if observation.seconds <= 0.0 {
+        if observation.seconds < MIN_OBSERVATION_SECS {
             return Vec::new();
         }
+        // Probes slow down the program they trace: while they took a share f of a CPU, a
+        // program doing its work on one CPU did only 1 − f of it, and every rate seen was that
+        // much lower than it will be once families are degraded. Rates are scaled back up, so
+        // that one decision lands within the budget instead of creeping down to it tick by
+        // tick (a program on more CPUs slows down less: the correction then errs on the safe
+        // side).
+        let all_hits = observation.defer_hits + observation.sampled_hits.iter().sum::<u64>();
+        let share = all_hits as f64 * self.hit_ns / (observation.seconds * 1e9);
+        let unslowed = 1.0 / (1.0 - share.min(MAX_SLOWDOWN_SHARE));
         for family in SampledFamily::ALL {
             let duty = observation.duty_in_force[family.index()];
             // A family attached for a fraction of the tick saw that fraction of its hits.
-            if duty > 0.0 {
+            if duty * observation.seconds >= MIN_ATTACHED_SECS {
                 let hits = observation.sampled_hits[family.index()] as f64;
-                self.rate[family.index()] = Some(hits / (duty * observation.seconds));
+                self.rate[family.index()] = Some(hits / (duty * observation.seconds) * unslowed);
             }
         }
-        let defer_cost = observation.defer_hits as f64 / observation.seconds * self.hit_ns;
+        let defer_cost =
+            observation.defer_hits as f64 / observation.seconds * unslowed * self.hit_ns;
         let cost = |family: SampledFamily| self.rate[family.index()].unwrap_or(0.0) * self.hit_ns;
         let projected = defer_cost + SampledFamily::ALL.iter().map(|f| cost(*f)).sum::<f64>();
 
@@ -250,29 +274,70 @@ mod tests {
     #[test]
     fn allocations_degrade_first() {
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
-        // 700 defers + 1300 maps + 3000 allocs per second: 10% of a CPU.
-        let changes = governor.observe(&tick(&governor, 700, 3000, 1300));
+        // 400 defers + 8800 allocs + 800 maps per second: 20% of a CPU, so the program ran at
+        // 80% of its speed: unslowed, 500 + 11000 + 1000 = 25%.
+        let changes = governor.observe(&tick(&governor, 400, 8800, 800));
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert_eq!(changes[0].family, SampledFamily::Allocations);
-        assert!((changes[0].projected_percent - 10.0).abs() < 1e-9);
-        // Budget left for allocations: 2500 - 700 - 1300 = 500 hits/s of 3000: 1/6 → 0.1.
-        assert_eq!(governor.duty(SampledFamily::Allocations), 0.1);
+        assert!((changes[0].projected_percent - 25.0).abs() < 1e-6, "{changes:?}");
+        // Budget left for allocations: 2500 - 500 - 1000 = 1000 hits/s of 11000 → 0.05.
+        assert_eq!(governor.duty(SampledFamily::Allocations), 0.05);
         assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
-        // Next tick sees only the sampled tenth, and the estimate stays the same: stable.
-        assert!(governor.observe(&tick(&governor, 700, 300, 1300)).is_empty());
+        // Next tick sees the sampled twentieth of the unslowed rate: stable.
+        assert!(governor.observe(&tick(&governor, 500, 550, 1000)).is_empty());
+    }
+
+    /// Seen on the HTTP service: a family detached at a tick still had hits while its link's
+    /// breakpoints went away (6,415 allocations over 0.3 ms of attached time, "22 M/s"); and a
+    /// tick right after a between-ticks decision observed 0.3 ms. Neither may decide anything.
+    #[test]
+    fn slivers_of_time_measure_nothing() {
+        let mut governor = Governor::new(10.0, 1000.0, 0.05, true);
+        // 50 ms fully attached at 1 µs a hit: 20k defers/s, 4k stack defers/s, 360k
+        // allocations/s, 116k map writes/s: half a CPU, so the rates unslowed are twice that.
+        let first = Observation {
+            seconds: 0.05,
+            defer_hits: 1000,
+            sampled_hits: [200, 18_000, 5800],
+            duty_in_force: [1.0; SAMPLED_FAMILIES],
+        };
+        governor.observe(&first);
+        let rates = SampledFamily::ALL.map(|family| governor.rate(family));
+        assert_eq!(rates, [Some(8000.0), Some(720_000.0), Some(232_000.0)]);
+        let duties = SampledFamily::ALL.map(|family| governor.duty(family));
+        // Defers take 4 % of the 10; allocations (72 %) can't fit, map writes (23.2 %) at 0.2.
+        assert_eq!(duties, [0.0, 0.0, 0.2]);
+
+        let sliver = Observation {
+            seconds: 0.0003,
+            defer_hits: 5,
+            sampled_hits: [0, 0, 30],
+            duty_in_force: [0.0, 0.0, 1.0],
+        };
+        assert!(governor.observe(&sliver).is_empty());
+        let after_detach = Observation {
+            seconds: 1.0,
+            defer_hits: 40_000,
+            sampled_hits: [10, 6415, 46_400],
+            duty_in_force: [0.0002, 0.0003, 0.2],
+        };
+        governor.observe(&after_detach);
+        let rates = SampledFamily::ALL.map(|family| governor.rate(family));
+        assert_eq!(rates[..2], [Some(8000.0), Some(720_000.0)]);
     }
 
     /// Stack-defer counting is degraded before allocations: no finding depends on it.
     #[test]
     fn stack_defers_degrade_first() {
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
-        // 2500 hits/s budget: defers 500, stack defers 1500, allocations 1000, maps 400.
+        // 2500 hits/s budget: defers 450, stack defers 3600, allocations 680, maps 270: 10% of
+        // a CPU, so unslowed (÷ 0.9) 500, 4000, 755.6, 300.
         let observation =
-            Observation { sampled_hits: [1500, 1000, 400], ..tick(&governor, 500, 0, 0) };
+            Observation { sampled_hits: [3600, 680, 270], ..tick(&governor, 450, 0, 0) };
         governor.observe(&observation);
-        // 2000 left after defers: maps (400) and allocations (1000) fit at full duty; stack
-        // defers get what remains: 600 of 1500 → 0.4 → the 0.3 step.
-        assert_eq!(governor.duty(SampledFamily::StackDefers), 0.3);
+        // 2000 left after defers: maps and allocations fit at full duty; stack defers get what
+        // remains: 944 of 4000 → 0.24 → the 0.2 step.
+        assert_eq!(governor.duty(SampledFamily::StackDefers), 0.2);
         assert_eq!(governor.duty(SampledFamily::Allocations), 1.0);
         assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
     }
@@ -280,8 +345,9 @@ mod tests {
     #[test]
     fn map_writes_degrade_when_allocations_are_at_the_floor() {
         let mut governor = Governor::new(2.0, HIT_NS, 0.0, true);
-        // 1000 hits/s budget; defers take 600, maps 2000, allocs 4000.
-        governor.observe(&tick(&governor, 600, 4000, 2000));
+        // 1000 hits/s budget; defers 480, allocs 7920, maps 1600: 20% of a CPU, so unslowed
+        // (÷ 0.8) defers take 600, maps 2000 (0.2 of them fit), allocs 9900.
+        governor.observe(&tick(&governor, 480, 7920, 1600));
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
         assert_eq!(governor.duty(SampledFamily::MapWrites), 0.2);
         // Defers stay on even if they alone exceed the budget.
@@ -296,9 +362,10 @@ mod tests {
     /// detached and the governor says so.
     #[test]
     fn detaches_below_the_smallest_window() {
-        // 2500 hits/s budget: defers take 2400, allocations would need 5% of 3000 = 150.
+        // 2500 hits/s budget: 2070 defers, 2880 allocations and 50 map writes are 10% of a
+        // CPU; unslowed (÷ 0.9) defers take 2300, allocations would need 5% of 3200 = 160.
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
-        governor.observe(&tick(&governor, 2400, 3000, 50));
+        governor.observe(&tick(&governor, 2070, 2880, 50));
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
         assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
         assert!(!governor.defers_over_budget());
@@ -312,7 +379,7 @@ mod tests {
     #[test]
     fn detached_families_are_refreshed() {
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
-        governor.observe(&tick(&governor, 2400, 3000, 50));
+        governor.observe(&tick(&governor, 2070, 2880, 50));
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
         let refresh = |governor: &Governor, tick: u64| {
             governor.duty_for_tick(SampledFamily::Allocations, tick)
@@ -339,9 +406,9 @@ mod tests {
     #[test]
     fn recovers_when_the_load_drops() {
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
-        governor.observe(&tick(&governor, 700, 3000, 1300));
-        assert_eq!(governor.duty(SampledFamily::Allocations), 0.1);
-        // The program calms down: the sampled window sees 10 allocations (100/s).
+        governor.observe(&tick(&governor, 400, 8800, 800));
+        assert_eq!(governor.duty(SampledFamily::Allocations), 0.05);
+        // The program calms down: the sampled window sees 10 allocations (200/s).
         let changes = governor.observe(&tick(&governor, 100, 10, 100));
         assert_eq!(governor.duty(SampledFamily::Allocations), 1.0, "{changes:?}");
     }

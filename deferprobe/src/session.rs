@@ -17,7 +17,7 @@ use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     time::{MissedTickBehavior, interval, interval_at, sleep},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     aggregator::{Aggregator, Event, Reconciled},
@@ -551,11 +551,14 @@ impl Sampler {
         Ok(window)
     }
 
-    /// Between ticks, with no window open: when the always-on probes and the fully attached
-    /// families have cost more than the budget since the last tick (at least
-    /// [`EARLY_TICK_AFTER`] ago), e.g. a service that was idle at the last tick now under load,
-    /// the governor decides at once, and families it degrades are detached until the next
-    /// tick opens their windows. Never attaches anything.
+    /// Between ticks: when the probes are on course to cost more than the budget in this tick (at least [`EARLY_TICK_AFTER`] after the last one), e.g. a service
+    /// that was idle at the last tick now under load, the governor decides at once, and
+    /// families it degrades are detached until the next tick opens their windows. Never
+    /// attaches anything.
+    ///
+    /// The always-on probes and fully attached families cost what they did since the tick, per
+    /// second; what a sampled family's window cost so far is at least its cost for the tick
+    /// (a window still open is cut short when the governor degrades its family).
     fn degrade_if_over_budget(&mut self, tracer: &mut Tracer) -> Result<()> {
         let seconds = self.last_tick.elapsed().as_secs_f64();
         if seconds < EARLY_TICK_AFTER.as_secs_f64() || self.governor.defers_over_budget() {
@@ -564,12 +567,16 @@ impl Sampler {
         let now = tracer.counters()?;
         let delta = |counter: Counter| now.get(counter) - self.last.get(counter);
         let sampled_hits = sampled_hits(&delta);
-        let full: u64 = (0..SAMPLED_FAMILIES)
-            .filter(|&index| self.planned[index] == 1.0 && self.attached_since[index].is_some())
-            .map(|index| sampled_hits[index])
-            .sum();
-        let hits = defer_hits(&delta) + full;
-        if hits as f64 * self.governor.hit_ns() / seconds / 1e7 <= self.max_overhead_percent {
+        let (mut full, mut windowed) = (0, 0);
+        for (index, hits) in sampled_hits.into_iter().enumerate() {
+            match self.planned[index] == 1.0 && self.attached_since[index].is_some() {
+                true => full += hits,
+                false => windowed += hits,
+            }
+        }
+        let hits_per_second = (defer_hits(&delta) + full) as f64 / seconds
+            + windowed as f64 / GOVERNOR_TICK.as_secs_f64().max(seconds);
+        if hits_per_second * self.governor.hit_ns() / 1e7 <= self.max_overhead_percent {
             return Ok(());
         }
         self.decide(tracer)?;
@@ -589,6 +596,14 @@ impl Sampler {
         let observation = self.account(tracer)?;
         let was_over_budget = self.governor.defers_over_budget();
         let changes = self.governor.observe(&observation);
+        debug!(
+            seconds = observation.seconds,
+            defer_hits = observation.defer_hits,
+            sampled_hits = ?observation.sampled_hits,
+            attached = ?observation.duty_in_force,
+            rates = ?SampledFamily::ALL.map(|family| self.governor.rate(family)),
+            "governor observed"
+        );
         if self.governor.defers_over_budget() {
             self.defers_over_budget_secs += observation.seconds;
         }
@@ -796,9 +811,7 @@ async fn trace(
                 drain(tracer, &mut aggregator, &mut batch, context.closures);
                 read_memprofile_rate();
                 // Load that rises between ticks is answered now, not at the next tick.
-                if !window_open {
-                    sampler.degrade_if_over_budget(tracer)?;
-                }
+                sampler.degrade_if_over_budget(tracer)?;
             }
             _ = governor_tick.tick() => {
                 if let Some(end) = sampler.tick(tracer)? {
