@@ -273,9 +273,10 @@ fn add_known_map_writes(map: u64, writes: u64) -> bool {
 /// A heap defer: `runtime.deferproc(fn)`, probed on each `CALL runtime.deferproc` (the probe's
 /// address gives the defer site: its return address is the CALL + 5, and RSP is the calling
 /// frame's SP); `runtime.deferprocat(fn, frame)`, probed at its entry (the return address is
-/// read from the stack). RAX = the closure. Its captured words are checked against the known maps now, before anything can change them:
-/// a word that is a known map is a capture by value; a word pointing to a variable holding a
-/// known map is a capture by reference (how Go captures a variable the closure assigns).
+/// read from the stack). RAX = the closure. Its captured words are checked against the known
+/// maps now, before anything can change them: a word that is a known map is a capture by
+/// value; a word pointing to a variable holding a known map is a capture by reference (how Go
+/// captures a variable the closure assigns).
 ///
 /// User-memory reads are what a hit costs most (about 120 ns each on the development VMs), so
 /// there are as few as possible: the goroutine id once per goroutine (it is cached); for a

@@ -172,14 +172,15 @@ impl ProbeProgram {
         const CALL_RSP: (&str, &str) = ("rsp", "the calling frame's SP");
         match self {
             ProbeProgram::MapAssign => &[("rax", "map type"), ("rbx", "map")],
-            ProbeProgram::DeferProc => {
-                &[("rax", "closure (*funcval)"), G, CALL_RSP, ("rip", "the CALL (+5: return address)")]
-            }
+            ProbeProgram::DeferProc => &[
+                ("rax", "closure (*funcval)"),
+                G,
+                CALL_RSP,
+                ("rip", "the CALL (+5: return address)"),
+            ],
             ProbeProgram::DeferProcAt => &[("rax", "closure (*funcval)"), G, RET],
             ProbeProgram::DeferProcStack => &[("rax", "*_defer (on the caller's stack)")],
-            ProbeProgram::DeferReturn => {
-                &[G, CALL_RSP, ("rip", "the CALL (+5: return address)")]
-            }
+            ProbeProgram::DeferReturn => &[G, CALL_RSP, ("rip", "the CALL (+5: return address)")],
             ProbeProgram::Mallocgc => &[("rax", "size"), ("rbx", "*_type")],
             ProbeProgram::MallocgcSizeClass => &[("rax", "size")],
             ProbeProgram::Goexit1 => &[G],
@@ -196,10 +197,11 @@ enum Symbols {
     /// Go 1.26+/1.27 size-specialized malloc entries: `runtime.mallocgc<Kind>SC<n>` or
     /// `runtime.mallocgc<Kind>Size<n>` (not the `*SlowPath` helpers).
     SizeSpecializedMalloc,
-    /// Not a function entry: every `CALL runtime.deferproc` ([`GoBinary::heap_defer_frame_calls`]).
-    /// The probe's own address then gives the defer site (the return address is the CALL + 5),
-    /// where a probe at deferproc's entry must read it from the stack: one user-memory read
-    /// less per heap defer (about 120 ns a hit on the development VMs).
+    /// Not a function entry: every `CALL runtime.deferproc`
+    /// ([`GoBinary::heap_defer_frame_calls`]). The probe's own address then gives the defer
+    /// site (the return address is the CALL + 5), where a probe at deferproc's entry must read
+    /// it from the stack: one user-memory read less per heap defer (about 120 ns a hit on the
+    /// development VMs).
     DeferprocCalls,
     /// Not a function entry: every `CALL runtime.deferreturn` in the functions that own heap
     /// `_defer` records ([`GoBinary::heap_defer_frame_calls`]). Probing runtime.deferreturn
@@ -332,7 +334,8 @@ impl ProbePlan {
                         Some(calls) => calls,
                         none => none.insert(binary.heap_defer_frame_calls()?),
                     };
-                    if row.symbols == Symbols::DeferprocCalls && binary.function(DEFERPROC).is_none()
+                    if row.symbols == Symbols::DeferprocCalls
+                        && binary.function(DEFERPROC).is_none()
                     {
                         absent.push(DEFERPROC.to_owned());
                     }
@@ -535,9 +538,9 @@ mod tests {
                     // Every heap defer site has its probe (deferprocat's is at its entry).
                     let sites = binary.heap_defer_sites().unwrap();
                     for site in sites.iter().filter(|site| site.callee == "runtime.deferproc") {
-                        let probe = plan.probes_of(ProbeProgram::DeferProc).find(|p| {
-                            p.address + p.attach_offset == site.call_address
-                        });
+                        let probe = plan
+                            .probes_of(ProbeProgram::DeferProc)
+                            .find(|p| p.address + p.attach_offset == site.call_address);
                         assert!(probe.is_some(), "{what}: {site:?} unprobed");
                     }
                     if toolchain.minor() < 22 {

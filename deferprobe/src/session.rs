@@ -551,10 +551,10 @@ impl Sampler {
         Ok(window)
     }
 
-    /// Between ticks: when the probes are on course to cost more than the budget in this tick (at least [`EARLY_TICK_AFTER`] after the last one), e.g. a service
-    /// that was idle at the last tick now under load, the governor decides at once, and
-    /// families it degrades are detached until the next tick opens their windows. Never
-    /// attaches anything.
+    /// Between ticks: when the probes are on course to cost more than the budget in this tick
+    /// (at least [`EARLY_TICK_AFTER`] after the last one), e.g. a service that was idle at the
+    /// last tick now under load, the governor decides at once, and families it degrades are
+    /// detached until the next tick opens their windows. Never attaches anything.
     ///
     /// The always-on probes and fully attached families cost what they did since the tick, per
     /// second; what a sampled family's window cost so far is at least its cost for the tick

@@ -462,7 +462,8 @@ fn per_hit(ctx: &Ctx, hits: &Path, calls: u64) -> Result<Value> {
     }
     // Reference: bpftrace's cost per hit on an instruction the kernel emulates (deferprocStack
     // starts with PUSHQ BP), where deferprobe's probes sit (after the stack check, also PUSHQ
-    // BP), rather than on the CMPQ of a function's entry, which the kernel single-steps.
+    // BP, or on CALLs, also emulated), rather than on the CMPQ of a function's entry, which the
+    // kernel single-steps.
     let script_path = ctx.out.join("count-stack.bt");
     std::fs::write(&script_path, bpftrace_script(hits, &["runtime.deferprocStack".to_owned()]))?;
     let args = hits_args("stack", calls, "0s");
@@ -744,8 +745,60 @@ fn attach_latency(ctx: &Ctx, big: &Path) -> Result<Value> {
 
 // --------------------------------------------------------------------------- service
 
-fn wrk(url: &str, secs: u64) -> Result<f64> {
-    let out = Command::new("wrk").args(["-t1", "-c8", &format!("-d{secs}s"), url]).output()?;
+/// Where the service runs and where everything else does. `--max-overhead` is a share of one
+/// CPU: with the server alone on CPU 0 (`GOMAXPROCS=1`), what the probes cost it is what it
+/// loses in throughput, and wrk and the tracers (on the other CPUs) take nothing from it. On a
+/// single-CPU machine nothing is pinned.
+struct Pinning {
+    server: Option<String>,
+    others: Option<String>,
+}
+
+impl Pinning {
+    fn new() -> Pinning {
+        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+        match cpus >= 2 {
+            true => Pinning { server: Some("0".into()), others: Some(format!("1-{}", cpus - 1)) },
+            false => Pinning { server: None, others: None },
+        }
+    }
+
+    fn command(cpus: &Option<String>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match cpus {
+            Some(cpus) => {
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", cpus]).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn server(&self, program: &Path) -> Command {
+        let mut cmd = Self::command(&self.server, program);
+        if self.server.is_some() {
+            cmd.env("GOMAXPROCS", "1");
+        }
+        cmd
+    }
+
+    fn other(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        Self::command(&self.others, program)
+    }
+
+    fn describe(&self) -> String {
+        match (&self.server, &self.others) {
+            (Some(server), Some(others)) => format!(
+                "server on CPU {server} with GOMAXPROCS=1 (`taskset -c {server}`), wrk and the \
+                 tracers on CPUs {others}"
+            ),
+            _ => "not pinned (one CPU)".into(),
+        }
+    }
+}
+
+fn wrk(pinning: &Pinning, url: &str, secs: u64) -> Result<f64> {
+    let out = pinning.other("wrk").args(["-t1", "-c8", &format!("-d{secs}s"), url]).output()?;
     ensure!(out.status.success(), "wrk failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
@@ -776,7 +829,8 @@ fn start_tracer(mut cmd: Command, marker: &str, log: &Path) -> Result<Child> {
 }
 
 fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
-    let (mut server, line) = spawn_until(&mut Command::new(svc), "listening on")?;
+    let pinning = Pinning::new();
+    let (mut server, line) = spawn_until(&mut pinning.server(svc), "listening on")?;
     let addr = line.trim_start_matches("listening on ").to_owned();
     let url = format!("http://{addr}/items?n=16");
     let pid = server.id().to_string();
@@ -804,19 +858,19 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
         .collect();
     let mut counts = json!({});
     let result = (|| -> Result<()> {
-        wrk(&url, 1)?; // warm-up
+        wrk(&pinning, &url, 1)?; // warm-up
         for rep in 0..ctx.reps {
             for (name, samples) in configs.iter_mut() {
                 eprintln!("[bench]   service {name} rep {}", rep + 1);
                 let tracer = match *name {
                     "untraced" => None,
                     "bpftrace" => {
-                        let mut cmd = Command::new("bpftrace");
+                        let mut cmd = pinning.other("bpftrace");
                         cmd.args(["-p", &pid]).arg(&script);
                         Some(start_tracer(cmd, "live", &log)?)
                     }
                     _ => {
-                        let mut cmd = Command::new(&ctx.deferprobe);
+                        let mut cmd = pinning.other(&ctx.deferprobe);
                         cmd.args(["run", "--pid", &pid, "--interval", "1h", "--report"])
                             .arg(&report);
                         let flags = deferprobe_configs.iter().find(|(n, _)| n == name);
@@ -824,7 +878,7 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
                         Some(start_tracer(cmd, "probes attached", &log)?)
                     }
                 };
-                let rps = wrk(&url, secs);
+                let rps = wrk(&pinning, &url, secs);
                 if let Some(mut tracer) = tracer {
                     interrupt(&mut tracer)?;
                     if name.starts_with("deferprobe") {
@@ -848,6 +902,7 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
     Ok(json!({
         "url": url,
         "wrk": format!("wrk -t1 -c8 -d{secs}s {url}"),
+        "pinning": pinning.describe(),
         "functions": functions.len(),
         "results": rows,
         "deferprobe_reports": counts,
@@ -934,7 +989,8 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
              instruction the kernel emulates ({:.0} ns, measured on `runtime.deferprocStack`, whose first \
              instruction is `PUSHQ BP`, with `benchhits -workload stack`: {:.2} hits/call). bpftrace \
              attaches at function entry, a `CMPQ SP, 0x10(R14)` the kernel must single-step; deferprobe \
-             attaches after the stack check, on `PUSHQ BP`, which the kernel emulates.",
+             attaches after the stack check, on `PUSHQ BP`, and on the `CALL`s of deferproc and \
+             deferreturn, which the kernel emulates.",
             f(&row["bpftrace_push_ns_per_hit"]),
             f(&row["bpftrace_hits_per_call"])
         );
@@ -1086,7 +1142,8 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
     );
     let _ = writeln!(
         s,
-        "Requests/s: median of the runs. vs untraced: median over the rounds of each run's ratio to the untraced run of its round (the machine's speed drifts between rounds); loss = 100 % − that.\n\n| configuration | requests/s | vs untraced | loss (points) | defer probes (% of a CPU, est.) | budget P: loss ≤ P + 0.5 |\n|---|---|---|---|---|---|"
+        "CPUs: {}. Requests/s: median of the runs. vs untraced: median over the rounds of each run's ratio to the untraced run of its round (the machine's speed drifts between rounds); loss = 100 % − that.\n\n| configuration | requests/s | vs untraced | loss (points) | defer probes (% of a CPU, est.) | budget P: loss ≤ P + 0.5 |\n|---|---|---|---|---|---|",
+        sv["pinning"].as_str().unwrap_or("not recorded")
     );
     for (name, label, budget) in [
         ("untraced", "untraced", None),
