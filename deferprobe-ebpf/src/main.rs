@@ -64,6 +64,21 @@ static GOROUTINE_IDS: LruHashMap<u64, u64> =
 #[map]
 static CLOSURE_WORDS: HashMap<u64, u64> = HashMap::with_max_entries(CLOSURE_WORDS_CAPACITY, 0);
 
+/// Per-CPU cache of [`CLOSURE_WORDS`] entries, direct-mapped by code pointer: a closure that
+/// defers over and over (a `defer` in a loop) finds its captured-word count in an array slot
+/// instead of a hash lookup. A slot is one word, `code | words` (Go functions are at least
+/// 8-byte aligned and a count is at most [`CAPTURE_WORDS`]), written in one store: a probe
+/// preempted on the same CPU can't leave a code with another closure's count. Entries never go
+/// stale: a code pointer's count never changes. 0: empty.
+#[map]
+static RECENT_CLOSURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(RECENT_CLOSURE_SLOTS, 0);
+
+/// Slots of [`RECENT_CLOSURES`] (a power of two).
+const RECENT_CLOSURE_SLOTS: u32 = 64;
+
+/// The low bits of a [`RECENT_CLOSURES`] slot that hold the count.
+const RECENT_CLOSURE_COUNT_MASK: u64 = 7;
+
 /// Per-CPU cache of recently written maps in front of `KNOWN_MAPS` (see `on_mapassign`).
 #[map]
 static RECENT_MAPS: PerCpuArray<RecentMap> = PerCpuArray::with_max_entries(RECENT_MAP_SLOTS, 0);
@@ -339,8 +354,7 @@ fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, mut reads: Reads) 
             }
         };
         event.closure_fn = words[0];
-        // SAFETY: the value is copied out at once.
-        let captured = unsafe { CLOSURE_WORDS.get(&words[0]) }.map_or(CAPTURE_WORDS as u64, |n| *n);
+        let captured = captured_words(words[0]);
         for i in 0..CAPTURE_WORDS {
             if i as u64 >= captured {
                 break;
@@ -353,6 +367,47 @@ fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, mut reads: Reads) 
     0
 }
 
+/// How many words the closure with code pointer `code` captures, as userspace decoded it
+/// ([`CLOSURE_WORDS`], through this CPU's [`RECENT_CLOSURES`] slot); all [`CAPTURE_WORDS`]
+/// until userspace has.
+#[inline(always)]
+fn captured_words(code: u64) -> u64 {
+    let cacheable = code != 0 && code & RECENT_CLOSURE_COUNT_MASK == 0;
+    let slot = RECENT_CLOSURES.get_ptr_mut(((code >> 4) as u32) & (RECENT_CLOSURE_SLOTS - 1));
+    if let Some(slot) = slot {
+        // SAFETY: a per-CPU map value, read in one load.
+        let entry = unsafe { core::ptr::read_volatile(slot) };
+        if cacheable && entry & !RECENT_CLOSURE_COUNT_MASK == code {
+            return entry & RECENT_CLOSURE_COUNT_MASK;
+        }
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(words) = (unsafe { CLOSURE_WORDS.get(&code) }).copied() else {
+        return CAPTURE_WORDS as u64;
+    };
+    if let Some(slot) = slot
+        && cacheable
+        && words <= RECENT_CLOSURE_COUNT_MASK
+    {
+        // SAFETY: as above, written in one store.
+        unsafe { core::ptr::write_volatile(slot, code | words) };
+    }
+    words
+}
+
+/// Whether `word` is a map mapassign has seen: in this CPU's recent-maps slot (an array
+/// access), else in the known-maps set.
+#[inline(always)]
+fn is_known_map(word: u64) -> bool {
+    if let Some(slot) = RECENT_MAPS.get(recent_map_slot(word))
+        && slot.map == word
+    {
+        return true;
+    }
+    // SAFETY: a lookup only; the value is not used.
+    unsafe { KNOWN_MAPS.get(&word) }.is_some()
+}
+
 /// Captured word `i` of a closure (`word`): a known map (by value), or a pointer to a variable
 /// holding one (by reference). Reading what it points to is speculative (it may not be a
 /// pointer at all).
@@ -361,13 +416,12 @@ fn classify_capture(event: &mut DeferRegistered, i: usize, word: u64) {
     if word == 0 {
         return;
     }
-    // SAFETY: lookups only; the values are not used.
-    if unsafe { KNOWN_MAPS.get(&word) }.is_some() {
+    if is_known_map(word) {
         event.captured_maps[i] = word;
         event.capture_kinds[i] = CaptureKind::ByValue as u8;
     } else if let Some(target) = read_user_u64(word)
         && target != 0
-        && unsafe { KNOWN_MAPS.get(&target) }.is_some()
+        && is_known_map(target)
     {
         event.captured_maps[i] = target;
         event.capture_kinds[i] = CaptureKind::ByReference as u8;
