@@ -5,7 +5,9 @@
 //! The probes pending defers are built from always stay on (heap defer registrations,
 //! deferreturn in heap-defer frames, goroutine exits: they are what deferprobe is for). When
 //! the projected cost exceeds the budget, the others are sampled: stack-defer counting first
-//! (a count that no finding depends on), then allocations, then map writes.
+//! (a count that no finding depends on), then allocations, then map writes. Rates are
+//! corrected for the slow-down the probes themselves caused while they were measured, and
+//! observations too short to trust decide nothing.
 
 use serde::Serialize;
 
