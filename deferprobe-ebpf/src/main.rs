@@ -373,7 +373,8 @@ fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, mut reads: Reads) 
 #[inline(always)]
 fn captured_words(code: u64) -> u64 {
     let cacheable = code != 0 && code & RECENT_CLOSURE_COUNT_MASK == 0;
-    let slot = RECENT_CLOSURES.get_ptr_mut(((code >> 4) as u32) & (RECENT_CLOSURE_SLOTS - 1));
+    // Go aligns functions to 32 bytes on amd64: the bits above those pick the slot.
+    let slot = RECENT_CLOSURES.get_ptr_mut(((code >> 5) as u32) & (RECENT_CLOSURE_SLOTS - 1));
     if let Some(slot) = slot {
         // SAFETY: a per-CPU map value, read in one load.
         let entry = unsafe { core::ptr::read_volatile(slot) };
