@@ -755,11 +755,18 @@ struct Pinning {
 }
 
 impl Pinning {
+    /// The first CPU this process may run on for the server, the others for the rest
+    /// (`Cpus_allowed_list`, so a restricted cpuset is respected).
     fn new() -> Pinning {
-        let cpus = thread::available_parallelism().map_or(1, |n| n.get());
-        match cpus >= 2 {
-            true => Pinning { server: Some("0".into()), others: Some(format!("1-{}", cpus - 1)) },
-            false => Pinning { server: None, others: None },
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"));
+        let cpus = allowed.map(|list| cpu_list(list.trim())).unwrap_or_default();
+        match cpus.split_first() {
+            Some((server, others)) if !others.is_empty() => Pinning {
+                server: Some(server.to_string()),
+                others: Some(others.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+            },
+            _ => Pinning { server: None, others: None },
         }
     }
 
@@ -790,11 +797,23 @@ impl Pinning {
         match (&self.server, &self.others) {
             (Some(server), Some(others)) => format!(
                 "server on CPU {server} with GOMAXPROCS=1 (`taskset -c {server}`), wrk and the \
-                 tracers on CPUs {others}"
+                 tracers on CPU(s) {others}"
             ),
             _ => "not pinned (one CPU)".into(),
         }
     }
+}
+
+/// `0-2,5` → [0, 1, 2, 5].
+fn cpu_list(list: &str) -> Vec<u32> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|part| !part.is_empty()) {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        if let (Ok(first), Ok(last)) = (first.parse::<u32>(), last.parse::<u32>()) {
+            cpus.extend(first..=last);
+        }
+    }
+    cpus
 }
 
 fn wrk(pinning: &Pinning, url: &str, secs: u64) -> Result<f64> {
@@ -1217,4 +1236,17 @@ fn write_benchmarks_md(path: &Path, generated: &str) -> Result<()> {
     };
     std::fs::write(path, text)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_list;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(cpu_list("0-1"), vec![0, 1]);
+        assert_eq!(cpu_list("0-2,5,7-8"), vec![0, 1, 2, 5, 7, 8]);
+        assert_eq!(cpu_list("3"), vec![3]);
+        assert_eq!(cpu_list(""), Vec::<u32>::new());
+    }
 }

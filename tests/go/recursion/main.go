@@ -10,8 +10,8 @@
 // calls morestack, the stack is copied to a bigger one, and deferproc starts again from its
 // first instruction. (Without the pad array, newdefer's check failed first and deferproc was
 // never re-entered.) A uprobe on deferproc's entry sees that call twice; deferprobe's probe,
-// on the CALL of deferproc in descend, sees it once. Every goroutine starts with an 8 KiB stack, so
-// each one grows (and re-enters deferproc) several times on the way down.
+// on the CALL of deferproc in descend, sees it once. Every goroutine starts with an 8 KiB
+// stack, so each one grows (and re-enters deferproc) several times on the way down.
 //
 //	-depth D        recursion depth per goroutine
 //	-goroutines G   goroutines, run one after the other
