@@ -881,8 +881,9 @@ async fn trace(
     })
 }
 
-/// Moves every waiting event into the aggregator, in probe-time order (records from different
-/// CPUs can reach the ring buffer slightly out of order).
+/// Moves every waiting event into the aggregator, in ring-buffer order; fills in the code
+/// pointer of static closures (the kernel doesn't read them) and tells the kernel the size of
+/// each closure it sees for the first time.
 fn drain(
     tracer: &mut Tracer,
     aggregator: &mut Aggregator,
