@@ -60,9 +60,22 @@ impl SampledFamily {
 /// Duty cycles are chosen from these steps (fewer changes, less flapping).
 const STEPS: [f64; 8] = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0];
 
-/// A detached family (duty 0) is attached for one window of the smallest duty cycle every
-/// this many ticks, so that its hit rate, and with it the decision, stays current.
+/// A detached family (duty 0) is attached for one window of [`REFRESH_DUTY`] every this many
+/// ticks, so that its hit rate, and with it the decision, stays current.
 pub const REFRESH_EVERY_TICKS: u64 = 10;
+
+/// The duty cycle of a refresh window: 20 ms of a 1-second tick is thousands of hits in a busy
+/// program, enough to measure a rate. What refresh windows cost is budgeted (a detached family
+/// still takes `REFRESH_DUTY / REFRESH_EVERY_TICKS` of its full cost).
+pub const REFRESH_DUTY: f64 = 0.02;
+
+/// The governor plans with this multiple of the calibrated cost of a hit. Calibration times
+/// hits on deferprobe's own thread, with an empty program; in a busy Go program a hit costs
+/// more: the trap evicts the program's cache and TLB entries, and the real programs do more
+/// than the empty one. In the benchmark's HTTP service a hit cost the server 0.86 – 1.78 × the
+/// calibrated cost, depending on the probe family and the run (BENCHMARKS.md). A budget is a
+/// cap: better to sample a little more than needed than to exceed it.
+pub const HIT_COST_HEADROOM: f64 = 1.5;
 
 /// An observation shorter than this decides nothing (its counts are too few to trust; e.g. a
 /// tick that comes right after a between-ticks decision).
@@ -81,11 +94,17 @@ const MAX_SLOWDOWN_SHARE: f64 = 0.5;
 /// the budget (hysteresis).
 const RAISE_BELOW: f64 = 0.8;
 
+/// The cost per hit the governor plans with, from the calibrated one.
+pub fn planned_hit_ns(calibrated_ns: f64) -> f64 {
+    calibrated_ns * HIT_COST_HEADROOM
+}
+
 #[derive(Clone, Debug)]
 pub struct Governor {
     /// Budget in probe-ns per second of wall time.
     budget_ns_per_s: f64,
-    /// Calibrated cost of one probe hit.
+    /// What the governor counts one probe hit as costing (the calibrated cost with
+    /// [`HIT_COST_HEADROOM`]).
     hit_ns: f64,
     /// Current duty cycle per sampled family (1 = always attached).
     duty: [f64; SAMPLED_FAMILIES],
@@ -124,7 +143,8 @@ pub struct Change {
 }
 
 impl Governor {
-    /// `max_overhead_percent` of one CPU; `hit_ns` from calibration; `min_duty` 0 when families
+    /// `max_overhead_percent` of one CPU; `hit_ns` what a hit counts as costing (see
+    /// [`planned_hit_ns`]); `min_duty` 0 when families
     /// may be detached entirely, or a floor when they are sampled in windows; `windows` false
     /// when only on and off are possible.
     pub fn new(max_overhead_percent: f64, hit_ns: f64, min_duty: f64, windows: bool) -> Governor {
@@ -148,7 +168,7 @@ impl Governor {
     pub fn duty_for_tick(&self, family: SampledFamily, tick: u64) -> f64 {
         let duty = self.duty(family);
         match duty == 0.0 && self.windows && tick.is_multiple_of(REFRESH_EVERY_TICKS) {
-            true => self.min_duty.max(STEPS[1]),
+            true => REFRESH_DUTY,
             false => duty,
         }
     }
@@ -158,7 +178,7 @@ impl Governor {
         self.rate[family.index()]
     }
 
-    /// The calibrated cost of one hit, in ns.
+    /// What one hit counts as costing, in ns.
     pub fn hit_ns(&self) -> f64 {
         self.hit_ns
     }
@@ -242,9 +262,18 @@ impl Governor {
                     projected_percent: projected / 1e9 * 100.0,
                 });
             }
-            left -= next * cost(family);
+            left -= self.mean_duty(next) * cost(family);
         }
         changes
+    }
+
+    /// The share of the time a family at `duty` is attached on average: a detached family
+    /// still has its refresh windows.
+    fn mean_duty(&self, duty: f64) -> f64 {
+        match duty == 0.0 && self.windows {
+            true => REFRESH_DUTY / REFRESH_EVERY_TICKS as f64,
+            false => duty,
+        }
     }
 }
 
@@ -348,10 +377,12 @@ mod tests {
     fn map_writes_degrade_when_allocations_are_at_the_floor() {
         let mut governor = Governor::new(2.0, HIT_NS, 0.0, true);
         // 1000 hits/s budget; defers 480, allocs 7920, maps 1600: 20% of a CPU, so unslowed
-        // (÷ 0.8) defers take 600, maps 2000 (0.2 of them fit), allocs 9900.
+        // (÷ 0.8) defers take 600, maps 2000, allocs 9900. Allocations are detached, and their
+        // refresh windows (a fiftieth of every tenth second: 19.8 hits/s) are budgeted: 380.2
+        // left for map writes, 0.19 of them: the 0.1 step (without the refresh windows, 0.2).
         governor.observe(&tick(&governor, 480, 7920, 1600));
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
-        assert_eq!(governor.duty(SampledFamily::MapWrites), 0.2);
+        assert_eq!(governor.duty(SampledFamily::MapWrites), 0.1);
         // Defers stay on even if they alone exceed the budget.
         let mut governor = Governor::new(1.0, HIT_NS, 0.0, true);
         governor.observe(&tick(&governor, 5000, 10, 10));
@@ -387,7 +418,7 @@ mod tests {
             governor.duty_for_tick(SampledFamily::Allocations, tick)
         };
         assert_eq!(refresh(&governor, 1), 0.0);
-        assert_eq!(refresh(&governor, REFRESH_EVERY_TICKS), 0.05);
+        assert_eq!(refresh(&governor, REFRESH_EVERY_TICKS), REFRESH_DUTY);
         assert_eq!(governor.duty_for_tick(SampledFamily::MapWrites, REFRESH_EVERY_TICKS), 1.0);
         // In the refresh window (5% of a second) the program made 5 allocations: 100/s, and
         // the defers calmed down: allocations fit again.

@@ -260,9 +260,12 @@ pub struct GovernorReport {
     pub max_overhead_percent: f64,
     /// What one probe hit costs on this machine, measured at start (null if it couldn't be).
     pub hit_cost_ns: Option<u64>,
+    /// What the governor counts a hit as costing: the calibrated cost (or a fallback) with
+    /// headroom for what a hit costs a busy program beyond it.
+    pub planned_hit_cost_ns: u64,
     pub sampled: Vec<SamplingReport>,
     /// What the always-on defer probes cost, in percent of one CPU (their hits × the
-    /// calibrated cost, over the whole trace).
+    /// planned cost per hit, over the whole trace).
     pub defer_probes_percent: f64,
     /// Seconds in which the defer probes alone cost more than `max_overhead_percent`.
     pub defers_over_budget_secs: f64,
@@ -916,6 +919,7 @@ mod tests {
             governor: GovernorReport {
                 max_overhead_percent: 5.0,
                 hit_cost_ns: Some(20_000),
+                planned_hit_cost_ns: 30_000,
                 sampled: vec![SamplingReport {
                     family: crate::governor::SampledFamily::Allocations,
                     min_duty_cycle: 0.1,

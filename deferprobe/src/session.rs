@@ -25,7 +25,10 @@ use crate::{
     cli::RunArgs,
     closure_words::captured_words,
     error::{Error, Result},
-    governor::{Governor, Observation, SAMPLED_FAMILIES, SampledFamily},
+    governor::{
+        Governor, MIN_OBSERVATION_SECS, Observation, SAMPLED_FAMILIES, SampledFamily,
+        planned_hit_ns,
+    },
     layout::RuntimeLayout,
     memory::{ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
     plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
@@ -434,10 +437,11 @@ struct Traced {
 
 /// How often the governor re-evaluates, and the period its sampling windows divide.
 const GOVERNOR_TICK: Duration = Duration::from_secs(1);
-const FIRST_GOVERNOR_TICK: Duration = Duration::from_millis(50);
-/// Between ticks, the cost is checked at every drain; over budget for at least this long, the
-/// governor decides at once (degrading fast, raising only at the regular ticks).
-const EARLY_TICK_AFTER: Duration = Duration::from_millis(100);
+/// The first decision: every family is attached until then.
+const FIRST_GOVERNOR_TICK: Duration = Duration::from_millis(20);
+/// Between ticks, the cost of the last this-long is checked; over budget, the governor decides
+/// at once (degrading fast, raising only at the regular ticks).
+const BUDGET_CHECK_EVERY: Duration = Duration::from_millis(20);
 
 /// Applies the governor's duty cycles to the tracer (a family with duty d is attached for the
 /// first d of each tick) and keeps what the report needs to present sampled counts as
@@ -449,6 +453,8 @@ struct Sampler {
     windows: bool,
     last: Counters,
     last_tick: Instant,
+    /// The counters at the last between-ticks budget check.
+    last_check: (Counters, Instant),
     /// The duty cycle planned for the current tick, per family.
     planned: [f64; SAMPLED_FAMILIES],
     /// Since when each family is attached (None: detached), and for how long it was attached
@@ -458,7 +464,7 @@ struct Sampler {
     stats: [FamilyStats; SAMPLED_FAMILIES],
     max_overhead_percent: f64,
     hit_cost_ns: Option<u64>,
-    /// Ticks so far (refresh windows of detached families come every few).
+    /// Regular ticks so far (refresh windows of detached families come every few).
     ticks: u64,
     /// Seconds traced, and the probe time the always-on defer probes took in them (ns).
     seconds: f64,
@@ -513,7 +519,7 @@ impl Sampler {
         Ok(Sampler {
             governor: Governor::new(
                 max_overhead_percent,
-                hit_ns,
+                planned_hit_ns(hit_ns),
                 if windows { 0.05 } else { 0.0 },
                 windows,
             ),
@@ -521,6 +527,7 @@ impl Sampler {
             // The counters start at zero when the programs load.
             last: Counters::ZERO,
             last_tick: Instant::now(),
+            last_check: (Counters::ZERO, Instant::now()),
             planned: [1.0; SAMPLED_FAMILIES],
             // The tracer attached every family.
             attached_since: [Some(Instant::now()); SAMPLED_FAMILIES],
@@ -539,6 +546,7 @@ impl Sampler {
     /// windows. Returns when the windows close (None if nothing is sampled).
     fn tick(&mut self, tracer: &mut Tracer) -> Result<Option<tokio::time::Instant>> {
         self.decide(tracer)?;
+        self.ticks += 1;
         let mut window = None;
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
             let duty = self.governor.duty_for_tick(family, self.ticks);
@@ -551,32 +559,32 @@ impl Sampler {
         Ok(window)
     }
 
-    /// Between ticks: when the probes are on course to cost more than the budget in this tick
-    /// (at least [`EARLY_TICK_AFTER`] after the last one), e.g. a service that was idle at the
-    /// last tick now under load, the governor decides at once, and families it degrades are
+    /// Between ticks, every [`BUDGET_CHECK_EVERY`]: when what the probes cost since the last
+    /// check, carried over the tick, exceeds the budget (e.g. a service that was idle at the
+    /// last tick is now under load), the governor decides at once, and families it degrades are
     /// detached until the next tick opens their windows. Never attaches anything.
     ///
-    /// The always-on probes and fully attached families cost what they did since the tick, per
-    /// second; what a sampled family's window cost so far is at least its cost for the tick
-    /// (a window still open is cut short when the governor degrades its family).
+    /// The always-on probes and fully attached families cost their rate since the last check;
+    /// a family in its sampling window that rate for its duty cycle; a closed window nothing
+    /// more.
     fn degrade_if_over_budget(&mut self, tracer: &mut Tracer) -> Result<()> {
-        let seconds = self.last_tick.elapsed().as_secs_f64();
-        if seconds < EARLY_TICK_AFTER.as_secs_f64() || self.governor.defers_over_budget() {
+        let (now, at) = (tracer.counters()?, Instant::now());
+        let (last, last_at) = std::mem::replace(&mut self.last_check, (now, at));
+        let seconds = at.duration_since(last_at).as_secs_f64();
+        if seconds < MIN_OBSERVATION_SECS
+            || self.last_tick.elapsed().as_secs_f64() < MIN_OBSERVATION_SECS
+            || self.governor.defers_over_budget()
+        {
             return Ok(());
         }
-        let now = tracer.counters()?;
-        let delta = |counter: Counter| now.get(counter) - self.last.get(counter);
-        let sampled_hits = sampled_hits(&delta);
-        let (mut full, mut windowed) = (0, 0);
-        for (index, hits) in sampled_hits.into_iter().enumerate() {
-            match self.planned[index] == 1.0 && self.attached_since[index].is_some() {
-                true => full += hits,
-                false => windowed += hits,
+        let delta = |counter: Counter| now.get(counter) - last.get(counter);
+        let mut hits = defer_hits(&delta) as f64;
+        for (index, family_hits) in sampled_hits(&delta).into_iter().enumerate() {
+            if self.attached_since[index].is_some() {
+                hits += family_hits as f64 * self.planned[index];
             }
         }
-        let hits_per_second = (defer_hits(&delta) + full) as f64 / seconds
-            + windowed as f64 / GOVERNOR_TICK.as_secs_f64().max(seconds);
-        if hits_per_second * self.governor.hit_ns() / 1e7 <= self.max_overhead_percent {
+        if hits / seconds * self.governor.hit_ns() / 1e7 <= self.max_overhead_percent {
             return Ok(());
         }
         self.decide(tracer)?;
@@ -625,7 +633,6 @@ impl Sampler {
                 ),
             }
         }
-        self.ticks += 1;
         for change in changes {
             info!(
                 family = ?change.family,
@@ -739,6 +746,7 @@ impl Sampler {
         GovernorReport {
             max_overhead_percent: self.max_overhead_percent,
             hit_cost_ns: self.hit_cost_ns,
+            planned_hit_cost_ns: self.governor.hit_ns().round() as u64,
             sampled,
             defer_probes_percent: match self.seconds > 0.0 {
                 true => self.defer_probe_ns / self.seconds / 1e7,
@@ -790,6 +798,8 @@ async fn trace(
     let mut governor_tick =
         interval_at(tokio::time::Instant::now() + FIRST_GOVERNOR_TICK, GOVERNOR_TICK);
     governor_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut budget_check = interval(BUDGET_CHECK_EVERY);
+    budget_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let window_end = sleep(Duration::MAX / 4);
     tokio::pin!(window_end);
     let mut window_open = false;
@@ -810,6 +820,8 @@ async fn trace(
             _ = drain_tick.tick() => {
                 drain(tracer, &mut aggregator, &mut batch, context.closures);
                 read_memprofile_rate();
+            }
+            _ = budget_check.tick() => {
                 // Load that rises between ticks is answered now, not at the next tick.
                 sampler.degrade_if_over_budget(tracer)?;
             }

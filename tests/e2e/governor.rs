@@ -30,6 +30,9 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
     let hit_cost_ns = report["governor"]["hit_cost_ns"].as_u64().expect("calibrated cost");
     assert_eq!(calibrated[0]["hit_cost_ns"], hit_cost_ns);
     assert!(hit_cost_ns > 100, "a uprobe hit can't cost {hit_cost_ns} ns");
+    // The governor plans with headroom over the calibrated cost.
+    let planned = report["governor"]["planned_hit_cost_ns"].as_u64().expect("planned cost");
+    assert_eq!(planned, (hit_cost_ns as f64 * 1.5).round() as u64, "{}", report["governor"]);
     assert_eq!(report["governor"]["max_overhead_percent"], 0.1);
 
     let changes = json_logs(&stderr, "governor changed a duty cycle");

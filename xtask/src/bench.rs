@@ -803,14 +803,23 @@ fn cpu_list(list: &str) -> Vec<u32> {
     cpus
 }
 
-fn wrk(pinning: &Pinning, url: &str, secs: u64) -> Result<f64> {
-    let out = pinning.other("wrk").args(["-t1", "-c8", &format!("-d{secs}s"), url]).output()?;
-    ensure!(out.status.success(), "wrk failed: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Requests/sec in wrk output:\n{text}"))
+/// Requests the service has answered so far (its `GET /served`).
+fn served(addr: &str) -> Result<u64> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.write_all(b"GET /served HTTP/1.0\r\nHost: bench\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    body.trim().parse().with_context(|| format!("GET /served answered {answer:?}"))
+}
+
+/// The service's throughput over the next `secs` seconds (requests/s), wrk keeping the load on.
+fn throughput(addr: &str, secs: u64) -> Result<f64> {
+    let (before, started) = (served(addr)?, Instant::now());
+    thread::sleep(Duration::from_secs(secs));
+    let after = served(addr)?;
+    Ok((after - before) as f64 / started.elapsed().as_secs_f64())
 }
 
 fn interrupt(child: &mut Child) -> Result<()> {
@@ -857,23 +866,33 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
         ("deferprobe_map_writes", vec!["--max-overhead", "1000", "--probes", "map-writes"]),
         ("deferprobe_allocations", vec!["--max-overhead", "1000", "--probes", "allocations"]),
     ];
-    let mut configs: Vec<(&str, Vec<f64>)> = std::iter::once("untraced")
-        .chain(deferprobe_configs.iter().map(|(name, _)| *name))
-        .chain(["bpftrace"])
-        .map(|name| (name, vec![]))
-        .collect();
+    let traced: Vec<&str> =
+        deferprobe_configs.iter().map(|(name, _)| *name).chain(["bpftrace"]).collect();
+    // wrk keeps the load on from start to end; each traced phase lies between two untraced
+    // ones, and its loss is against their mean: the machine's speed drifts by ±10 % over
+    // minutes, and the adjacent phases follow it.
+    let mut load = pinning
+        .other("wrk")
+        .args(["-t1", "-c8", "-d1h", &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut untraced = Vec::new();
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); traced.len()];
+    let mut losses: Vec<Vec<f64>> = vec![Vec::new(); traced.len()];
     let mut counts = json!({});
     let result = (|| -> Result<()> {
-        wrk(&pinning, &url, 1)?; // warm-up
+        thread::sleep(Duration::from_secs(1)); // warm-up
+        let mut before = throughput(&addr, secs)?;
+        untraced.push(before);
         for rep in 0..ctx.reps {
-            for (name, samples) in configs.iter_mut() {
+            for (index, name) in traced.iter().enumerate() {
                 eprintln!("[bench]   service {name} rep {}", rep + 1);
-                let tracer = match *name {
-                    "untraced" => None,
+                let mut tracer = match *name {
                     "bpftrace" => {
                         let mut cmd = pinning.other("bpftrace");
                         cmd.args(["-p", &pid]).arg(&script);
-                        Some(start_tracer(cmd, "live", &log)?)
+                        start_tracer(cmd, "live", &log)?
                     }
                     _ => {
                         let mut cmd = pinning.other(&ctx.deferprobe);
@@ -881,33 +900,46 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
                             .arg(&report);
                         let flags = deferprobe_configs.iter().find(|(n, _)| n == name);
                         cmd.args(flags.map(|(_, flags)| flags.as_slice()).unwrap_or_default());
-                        Some(start_tracer(cmd, "probes attached", &log)?)
+                        start_tracer(cmd, "probes attached", &log)?
                     }
                 };
-                let rps = wrk(&pinning, &url, secs);
-                if let Some(mut tracer) = tracer {
-                    interrupt(&mut tracer)?;
-                    if name.starts_with("deferprobe") {
-                        let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
-                        counts[*name] = json!({"counts": full["counts"], "duration_secs": full["duration_secs"],
-                            "governor": full["governor"]});
-                    }
+                let rps = throughput(&addr, secs);
+                interrupt(&mut tracer)?;
+                if name.starts_with("deferprobe") {
+                    let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+                    counts[*name] = json!({"counts": full["counts"], "duration_secs": full["duration_secs"],
+                        "governor": full["governor"]});
                 }
-                samples.push(rps?);
+                let rps = rps?;
+                let after = throughput(&addr, secs)?;
+                untraced.push(after);
+                samples[index].push(rps);
+                losses[index].push(100.0 * (1.0 - rps / ((before + after) / 2.0)));
+                before = after;
             }
         }
         Ok(())
     })();
+    let _ = load.kill();
+    let _ = load.wait();
     let _ = server.kill();
     let _ = server.wait();
     result?;
-    let mut rows = json!({});
-    for (name, samples) in &configs {
-        rows[*name] = json!({"requests_per_sec": median(&mut samples.clone()), "samples": samples});
+    let mut rows = json!({
+        "untraced": {"requests_per_sec": median(&mut untraced.clone()), "samples": untraced},
+    });
+    for (index, name) in traced.iter().enumerate() {
+        rows[*name] = json!({
+            "requests_per_sec": median(&mut samples[index].clone()),
+            "samples": samples[index],
+            "loss_points": median(&mut losses[index].clone()),
+            "losses": losses[index],
+        });
     }
     Ok(json!({
         "url": url,
-        "wrk": format!("wrk -t1 -c8 -d{secs}s {url}"),
+        "wrk": format!("wrk -t1 -c8 {url}"),
+        "secs": secs,
         "pinning": pinning.describe(),
         "functions": functions.len(),
         "results": rows,
@@ -1142,13 +1174,14 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
     let sv = &r["service"];
     let _ = writeln!(
         s,
-        "#### 6. Real service (`{}`, median of {} interleaved runs)\n",
+        "#### 6. Real service (`{}` keeping the load on; {} phases of {} s per configuration)\n",
         sv["wrk"].as_str().unwrap_or(""),
-        reps
+        reps,
+        sv["secs"]
     );
     let _ = writeln!(
         s,
-        "CPUs: {}. Requests/s: median of the runs. vs untraced: median over the rounds of each run's ratio to the untraced run of its round (the machine's speed drifts between rounds); loss = 100 % − that.\n\n| configuration | requests/s | vs untraced | loss (points) | defer probes (% of a CPU, est.) | budget P: loss ≤ P + 0.5 |\n|---|---|---|---|---|---|",
+        "CPUs: {}. Requests/s: what the service answered in a phase (its own count), median of the phases. Each traced phase lies between two untraced ones; its loss is against their mean (the machine's speed drifts over minutes), in points of the untraced throughput; the loss shown is the median of the phases, each phase's loss follows.\n\n| configuration | requests/s | loss (points) | loss of each phase | defer probes (% of a CPU, est.) | budget P: loss ≤ P + 0.5 |\n|---|---|---|---|---|---|",
         sv["pinning"].as_str().unwrap_or("not recorded")
     );
     for (name, label, budget) in [
@@ -1170,17 +1203,13 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
             continue;
         }
         let rps = f(&row["requests_per_sec"]);
-        // Each run against the untraced run of the same round (interleaved): the machine's
-        // speed drifts by ±10 % between rounds, which the ratio cancels out.
-        let untraced = sv["results"]["untraced"]["samples"].as_array().cloned().unwrap_or_default();
-        let mut ratios: Vec<f64> = row["samples"]
+        let loss = row["loss_points"].as_f64().unwrap_or(0.0);
+        let each = row["losses"]
             .as_array()
-            .map(|samples| {
-                samples.iter().zip(&untraced).map(|(traced, base)| f(traced) / f(base)).collect()
+            .map(|losses| {
+                losses.iter().map(|l| format!("{:.1}", f(l))).collect::<Vec<_>>().join(", ")
             })
-            .unwrap_or_default();
-        let ratio = if ratios.is_empty() { f64::NAN } else { median(&mut ratios) };
-        let loss = 100.0 * (1.0 - ratio);
+            .unwrap_or_else(|| "—".to_owned());
         let governor = &sv["deferprobe_reports"][name]["governor"];
         let defer_percent = match governor["defer_probes_percent"].as_f64() {
             Some(p) => format!("{p:.1}"),
@@ -1193,8 +1222,7 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
         };
         let _ = writeln!(
             s,
-            "| {label} | {rps:.0} | {:.1} % | {loss:.1} | {defer_percent} | {verdict} |",
-            100.0 * ratio
+            "| {label} | {rps:.0} | {loss:.1} | {each} | {defer_percent} | {verdict} |"
         );
     }
     let _ = writeln!(

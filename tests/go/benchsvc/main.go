@@ -4,6 +4,8 @@
 //
 //	GET  /items?n=K   a JSON object of K generated entries (built in a map)
 //	POST /count       counts the words of the request body in a map, answers the top counts
+//	GET  /served      how many /items and /count requests were answered so far (the bench
+//	                  measures throughput from it while wrk keeps the load on)
 //
 // Flags: -addr (default 127.0.0.1:0). It prints "listening on ADDR" once it accepts.
 package main
@@ -22,11 +24,11 @@ import (
 	"sync/atomic"
 )
 
-var inFlight atomic.Int64
+var inFlight, served atomic.Int64
 
 func track() func() {
 	inFlight.Add(1)
-	return func() { inFlight.Add(-1) }
+	return func() { inFlight.Add(-1); served.Add(1) }
 }
 
 func items(w http.ResponseWriter, r *http.Request) {
@@ -83,6 +85,9 @@ func main() {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/items", items)
 	mux.HandleFunc("/count", count)
+	mux.HandleFunc("/served", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, served.Load())
+	})
 	fmt.Printf("listening on %s\n", ln.Addr())
 	os.Stdout.Sync()
 	if err := http.Serve(ln, mux); err != nil {
