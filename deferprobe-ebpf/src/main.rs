@@ -53,10 +53,23 @@ static KNOWN_MAPS: LruHashMap<u64, KnownMap> = LruHashMap::with_max_entries(KNOW
 
 /// Goroutine ids by g (R14), so that defer probes need not read `g.goid` on every hit. A g
 /// changes goroutine only through `runtime.goexit1` (the runtime hands out a new goid when it
-/// reuses the g), whose probe removes it; bounded, least recently used first out.
+/// reuses the g), whose probe removes it; bounded, least recently used first out. Used only
+/// while [`GOROUTINE_ID_CACHE`] says goexit1 is attached; entries of an earlier generation are
+/// ignored (their goroutine may have ended unseen).
 #[map]
-static GOROUTINE_IDS: LruHashMap<u64, u64> =
+static GOROUTINE_IDS: LruHashMap<u64, CachedGoroutineId> =
     LruHashMap::with_max_entries(GOROUTINE_IDS_CAPACITY, 0);
+
+/// The generation of [`GOROUTINE_IDS`] in use, 0 while the cache is off. Userspace turns the
+/// cache on (a new generation) after attaching goexit1, and off before detaching it.
+#[map]
+static GOROUTINE_ID_CACHE: Array<u64> = Array::with_max_entries(1, 0);
+
+#[derive(Clone, Copy)]
+struct CachedGoroutineId {
+    goid: u64,
+    generation: u64,
+}
 
 /// Captured words of a closure by its code PC (runtime address), decoded by userspace from the
 /// closure's code: deferproc checks only those, not the neighbouring object's words. A
@@ -114,15 +127,23 @@ fn read_user_u64(addr: u64) -> Option<u64> {
 /// `g.goid` of the goroutine in `g` (R14), or None when it can't be read. Events that need the
 /// goroutine carry goid 0 then, and userspace counts them (`without_goroutine_id`).
 ///
-/// From [`GOROUTINE_IDS`] when there: a hash lookup costs well under half a user-memory read.
+/// From [`GOROUTINE_IDS`] when the cache is on and has it: a hash lookup costs well under half
+/// a user-memory read.
 #[inline(always)]
 fn goid_of(g: u64) -> Option<u64> {
-    // SAFETY: the value is copied out at once.
-    if let Some(goid) = unsafe { GOROUTINE_IDS.get(&g) } {
-        return Some(*goid);
+    let generation = GOROUTINE_ID_CACHE.get(0).copied().unwrap_or(0);
+    if generation != 0 {
+        // SAFETY: the value is copied out at once.
+        if let Some(cached) = unsafe { GOROUTINE_IDS.get(&g) }.copied()
+            && cached.generation == generation
+        {
+            return Some(cached.goid);
+        }
     }
     let goid = read_user_u64(g + PROBE_CONFIG.load().g_goid)?;
-    let _ = GOROUTINE_IDS.insert(&g, &goid, 0);
+    if generation != 0 {
+        let _ = GOROUTINE_IDS.insert(&g, &CachedGoroutineId { goid, generation }, 0);
+    }
     Some(goid)
 }
 
@@ -509,19 +530,22 @@ fn on_profilealloc(ctx: &ProbeContext) -> u32 {
 }
 
 /// `runtime.goexit1()`: the goroutine in R14 is ending; g structs are reused afterwards, so its
-/// id is forgotten. Only goroutines the defer probes have seen (their id is cached) can hold
-/// records userspace tracks: only their exits are events. In a service that starts a goroutine
-/// per request, most exits are of goroutines that never deferred on the heap, and this keeps
-/// their probe hit to a lookup and a counter. (A goroutine whose cached id was evicted, or
-/// whose records were found pending at attach, is released by reconciliation instead.)
+/// id is forgotten. Only goroutines the defer probes have seen (their id is cached in this
+/// generation) can hold records userspace tracks: only their exits are events. In a service
+/// that starts a goroutine per request, most exits are of goroutines that never deferred on the
+/// heap, and this keeps their probe hit to a lookup and a counter. (A goroutine whose cached id
+/// was evicted, or whose records were found pending at attach, is released by reconciliation
+/// instead.) While the cache is off, goexit1 is attached only to count exits.
 #[inline(always)]
 fn on_goexit1(ctx: &ProbeContext) -> u32 {
     bump(Counter::GoroutineExit, 1);
     let g = regs(ctx).r14;
     // SAFETY: the value is copied out at once.
-    let Some(goid) = (unsafe { GOROUTINE_IDS.get(&g) }).copied() else { return 0 };
+    let Some(cached) = (unsafe { GOROUTINE_IDS.get(&g) }).copied() else { return 0 };
     let _ = GOROUTINE_IDS.remove(&g);
-    emit(GoroutineExit { header: header(EventKind::GoroutineExit, goid) });
+    if cached.generation == GOROUTINE_ID_CACHE.get(0).copied().unwrap_or(0) {
+        emit(GoroutineExit { header: header(EventKind::GoroutineExit, cached.goid) });
+    }
     0
 }
 

@@ -550,6 +550,12 @@ impl Aggregator {
         self.events
     }
 
+    /// Whether any goroutine is tracked (it registered heap defers, or had some pending when
+    /// tracing started, and has not been seen ending).
+    pub fn tracks_goroutines(&self) -> bool {
+        !self.goroutines.is_empty()
+    }
+
     /// Heap defers registered and not yet run, over all goroutines.
     pub fn pending_heap_defers(&self) -> u64 {
         self.goroutines.values().map(|g| g.pending.len() as u64).sum()

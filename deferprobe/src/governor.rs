@@ -3,11 +3,12 @@
 //! family out; the session applies it by attaching families for that fraction of each tick.
 //!
 //! The probes pending defers are built from always stay on (heap defer registrations,
-//! deferreturn in heap-defer frames, goroutine exits: they are what deferprobe is for). When
-//! the projected cost exceeds the budget, the others are sampled: stack-defer counting first
-//! (a count that no finding depends on), then allocations, then map writes. Rates are
-//! corrected for the slow-down the probes themselves caused while they were measured, and
-//! observations too short to trust decide nothing.
+//! deferreturn in heap-defer frames, and goroutine exits once a heap defer has been seen: they
+//! are what deferprobe is for). When the projected cost exceeds the budget, the others are
+//! sampled: goroutine exits while no heap defer has been seen (then they only count exits),
+//! stack-defer counting (a count that no finding depends on), then allocations, then map
+//! writes. Rates are corrected for the slow-down the probes themselves caused while they were
+//! measured, and observations too short to trust decide nothing.
 
 use serde::Serialize;
 
@@ -17,6 +18,11 @@ use crate::plan::ProbeProgram;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SampledFamily {
+    /// `runtime.goexit1`, until it is required (see [`Governor::require`]): before any heap
+    /// defer it has no record to release and no cached goroutine id to forget, and only counts
+    /// goroutine exits. A service that starts a goroutine per request (net/http does, for its
+    /// background read) exits goroutines at its request rate.
+    GoroutineExits,
     /// `runtime.deferprocStack`: stack defers can't pile up, so they are only counted.
     StackDefers,
     Allocations,
@@ -24,15 +30,20 @@ pub enum SampledFamily {
 }
 
 /// Number of [`SampledFamily`] values.
-pub const SAMPLED_FAMILIES: usize = 3;
+pub const SAMPLED_FAMILIES: usize = 4;
 
 impl SampledFamily {
     /// In the order they are degraded.
-    pub const ALL: [SampledFamily; SAMPLED_FAMILIES] =
-        [SampledFamily::StackDefers, SampledFamily::Allocations, SampledFamily::MapWrites];
+    pub const ALL: [SampledFamily; SAMPLED_FAMILIES] = [
+        SampledFamily::GoroutineExits,
+        SampledFamily::StackDefers,
+        SampledFamily::Allocations,
+        SampledFamily::MapWrites,
+    ];
 
     pub fn programs(self) -> &'static [ProbeProgram] {
         match self {
+            SampledFamily::GoroutineExits => &[ProbeProgram::Goexit1],
             SampledFamily::StackDefers => &[ProbeProgram::DeferProcStack],
             SampledFamily::Allocations => &[
                 ProbeProgram::Mallocgc,
@@ -43,9 +54,10 @@ impl SampledFamily {
         }
     }
 
-    /// As in the report: `stack_defers`, `allocations`, `map_writes`.
+    /// As in the report: `goroutine_exits`, `stack_defers`, `allocations`, `map_writes`.
     pub fn name(self) -> &'static str {
         match self {
+            SampledFamily::GoroutineExits => "goroutine_exits",
             SampledFamily::StackDefers => "stack_defers",
             SampledFamily::Allocations => "allocations",
             SampledFamily::MapWrites => "map_writes",
@@ -108,6 +120,8 @@ pub struct Governor {
     hit_ns: f64,
     /// Current duty cycle per sampled family (1 = always attached).
     duty: [f64; SAMPLED_FAMILIES],
+    /// Families that must stay attached from now on (see [`Governor::require`]).
+    required: [bool; SAMPLED_FAMILIES],
     /// Latest hits-per-second estimate per sampled family (None until observed).
     rate: [Option<f64>; SAMPLED_FAMILIES],
     /// The smallest fractional duty cycle; below it a family is detached.
@@ -124,7 +138,7 @@ pub struct Governor {
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Observation {
     pub seconds: f64,
-    /// Hits of the always-on defer probes (heap defers, deferreturn, goroutine exits).
+    /// Hits of the always-on defer probes (heap defers, deferreturn).
     pub defer_hits: u64,
     /// Hits of each sampled family, indexed like [`SampledFamily::ALL`].
     pub sampled_hits: [u64; SAMPLED_FAMILIES],
@@ -152,6 +166,7 @@ impl Governor {
             budget_ns_per_s: max_overhead_percent / 100.0 * 1e9,
             hit_ns,
             duty: [1.0; SAMPLED_FAMILIES],
+            required: [false; SAMPLED_FAMILIES],
             rate: [None; SAMPLED_FAMILIES],
             min_duty: if windows { min_duty } else { 0.0 },
             defers_over_budget: false,
@@ -161,6 +176,30 @@ impl Governor {
 
     pub fn duty(&self, family: SampledFamily) -> f64 {
         self.duty[family.index()]
+    }
+
+    /// From now on `family` stays attached, and counts as always on: goroutine exits once a
+    /// heap defer has been seen. Returns whether its duty cycle changed (to 1).
+    pub fn require(&mut self, family: SampledFamily) -> bool {
+        self.required[family.index()] = true;
+        let changed = self.duty[family.index()] != 1.0;
+        self.duty[family.index()] = 1.0;
+        changed
+    }
+
+    pub fn is_required(&self, family: SampledFamily) -> bool {
+        self.required[family.index()]
+    }
+
+    /// Of `sampled_hits` (indexed like [`SampledFamily::ALL`]), those of required families:
+    /// always-on hits.
+    pub fn required_hits(&self, sampled_hits: &[u64; SAMPLED_FAMILIES]) -> u64 {
+        sampled_hits
+            .iter()
+            .zip(self.required)
+            .filter(|(_, required)| *required)
+            .map(|(h, _)| h)
+            .sum()
     }
 
     /// The duty cycle to attach `family` at during tick number `tick`: its duty cycle, except
@@ -212,10 +251,14 @@ impl Governor {
                 self.rate[family.index()] = Some(hits / (duty * observation.seconds) * unslowed);
             }
         }
-        let defer_cost =
-            observation.defer_hits as f64 / observation.seconds * unslowed * self.hit_ns;
         let cost = |family: SampledFamily| self.rate[family.index()].unwrap_or(0.0) * self.hit_ns;
-        let projected = defer_cost + SampledFamily::ALL.iter().map(|f| cost(*f)).sum::<f64>();
+        let required = |family: SampledFamily| self.required[family.index()];
+        let defer_cost = observation.defer_hits as f64 / observation.seconds
+            * unslowed
+            * self.hit_ns
+            + SampledFamily::ALL.iter().filter(|f| required(**f)).map(|f| cost(*f)).sum::<f64>();
+        let projected = defer_cost
+            + SampledFamily::ALL.iter().filter(|f| !required(**f)).map(|f| cost(*f)).sum::<f64>();
 
         // Degrade in order: each family gets what the budget leaves after the always-on
         // probes and the families degraded after it (kept at full duty if they fit).
@@ -223,9 +266,16 @@ impl Governor {
         self.defers_over_budget = defer_cost > self.budget_ns_per_s;
         let mut left = self.budget_ns_per_s - defer_cost;
         let later_cost = |index: usize| -> f64 {
-            SampledFamily::ALL[index + 1..].iter().map(|f| cost(*f)).sum()
+            SampledFamily::ALL[index + 1..]
+                .iter()
+                .filter(|f| !required(**f))
+                .map(|f| cost(*f))
+                .sum()
         };
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
+            if required(family) {
+                continue;
+            }
             let wanted = if cost(family) == 0.0 {
                 1.0
             } else {
@@ -288,7 +338,7 @@ mod tests {
         Observation {
             seconds: 1.0,
             defer_hits: defers,
-            sampled_hits: [0, allocs, maps],
+            sampled_hits: [0, 0, allocs, maps],
             duty_in_force: SampledFamily::ALL.map(|family| governor.duty(family)),
         }
     }
@@ -329,32 +379,33 @@ mod tests {
         let first = Observation {
             seconds: 0.05,
             defer_hits: 1000,
-            sampled_hits: [200, 18_000, 5800],
+            sampled_hits: [0, 200, 18_000, 5800],
             duty_in_force: [1.0; SAMPLED_FAMILIES],
         };
         governor.observe(&first);
         let rates = SampledFamily::ALL.map(|family| governor.rate(family));
-        assert_eq!(rates, [Some(8000.0), Some(720_000.0), Some(232_000.0)]);
+        assert_eq!(rates, [Some(0.0), Some(8000.0), Some(720_000.0), Some(232_000.0)]);
         let duties = SampledFamily::ALL.map(|family| governor.duty(family));
-        // Defers take 4 % of the 10; allocations (72 %) can't fit, map writes (23.2 %) at 0.2.
-        assert_eq!(duties, [0.0, 0.0, 0.2]);
+        // Defers take 4 % of the 10; no goroutine exits; allocations (72 %) can't fit, map
+        // writes (23.2 %) at 0.2.
+        assert_eq!(duties, [1.0, 0.0, 0.0, 0.2]);
 
         let sliver = Observation {
             seconds: 0.0003,
             defer_hits: 5,
-            sampled_hits: [0, 0, 30],
-            duty_in_force: [0.0, 0.0, 1.0],
+            sampled_hits: [0, 0, 0, 30],
+            duty_in_force: [1.0, 0.0, 0.0, 1.0],
         };
         assert!(governor.observe(&sliver).is_empty());
         let after_detach = Observation {
             seconds: 1.0,
             defer_hits: 40_000,
-            sampled_hits: [10, 6415, 46_400],
-            duty_in_force: [0.0002, 0.0003, 0.2],
+            sampled_hits: [0, 10, 6415, 46_400],
+            duty_in_force: [1.0, 0.0002, 0.0003, 0.2],
         };
         governor.observe(&after_detach);
         let rates = SampledFamily::ALL.map(|family| governor.rate(family));
-        assert_eq!(rates[..2], [Some(8000.0), Some(720_000.0)]);
+        assert_eq!(rates[1..3], [Some(8000.0), Some(720_000.0)]);
     }
 
     /// Stack-defer counting is degraded before allocations: no finding depends on it.
@@ -364,7 +415,7 @@ mod tests {
         // 2500 hits/s budget: defers 450, stack defers 3600, allocations 680, maps 270: 10% of
         // a CPU, so unslowed (÷ 0.9) 500, 4000, 755.6, 300.
         let observation =
-            Observation { sampled_hits: [3600, 680, 270], ..tick(&governor, 450, 0, 0) };
+            Observation { sampled_hits: [0, 3600, 680, 270], ..tick(&governor, 450, 0, 0) };
         governor.observe(&observation);
         // 2000 left after defers: maps and allocations fit at full duty; stack defers get what
         // remains: 944 of 4000 → 0.24 → the 0.2 step.
@@ -423,9 +474,40 @@ mod tests {
         // In the refresh window (5% of a second) the program made 5 allocations: 100/s, and
         // the defers calmed down: allocations fit again.
         let observation =
-            Observation { duty_in_force: [1.0, 0.05, 1.0], ..tick(&governor, 500, 5, 50) };
+            Observation { duty_in_force: [1.0, 1.0, 0.05, 1.0], ..tick(&governor, 500, 5, 50) };
         governor.observe(&observation);
         assert_eq!(governor.duty(SampledFamily::Allocations), 1.0);
+    }
+
+    /// Seen on the HTTP service: no heap defer, and a goroutine exit per request (net/http's
+    /// background read). Before the first heap defer, exits are sampled first; from it on they
+    /// are always on, and count against the budget like the defer probes.
+    #[test]
+    fn goroutine_exits_are_sampled_until_required() {
+        let exits = SampledFamily::GoroutineExits;
+        let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
+        // 40,000 exits and 225 map writes per second: 80 % of a CPU, so unslowed (at most
+        // doubled) 160 % for the exits, 0.9 % for the map writes: these fit in the 5 %, not even
+        // a 5 % window of the exits does.
+        let observation =
+            Observation { sampled_hits: [40_000, 0, 0, 225], ..tick(&governor, 0, 0, 0) };
+        governor.observe(&observation);
+        assert_eq!(governor.duty(exits), 0.0);
+        assert_eq!(governor.duty(SampledFamily::MapWrites), 1.0);
+        assert!(!governor.defers_over_budget());
+
+        // The first heap defer: exits are attached for good.
+        assert!(governor.require(exits));
+        assert!(governor.is_required(exits));
+        assert_eq!(governor.required_hits(&[7, 1, 2, 3]), 7);
+        // Exits, at full duty now (3200/s: 6.8 % unslowed), alone exceed the budget: every other
+        // family is detached.
+        let observation =
+            Observation { sampled_hits: [3200, 0, 0, 20], ..tick(&governor, 0, 0, 0) };
+        let changes = governor.observe(&observation);
+        assert_eq!(governor.duty(exits), 1.0, "{changes:?}");
+        assert_eq!(governor.duty(SampledFamily::MapWrites), 0.0);
+        assert!(governor.defers_over_budget());
     }
 
     #[test]

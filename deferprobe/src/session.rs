@@ -265,6 +265,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 SampledFamily::MapWrites => {
                     ", and maps written outside the windows can't be recognised as captures"
                 }
+                SampledFamily::GoroutineExits => {
+                    " (before the first heap defer, when there was no record for them to release)"
+                }
                 SampledFamily::StackDefers | SampledFamily::Allocations => "",
             }
         ));
@@ -567,9 +570,19 @@ impl Sampler {
     /// The always-on probes and fully attached families cost their rate since the last check;
     /// a family in its sampling window that rate for its duty cycle; a closed window nothing
     /// more.
-    fn degrade_if_over_budget(&mut self, tracer: &mut Tracer) -> Result<()> {
+    ///
+    /// First of all, goroutine exits become required at the first heap defer (registered, or
+    /// pending before the trace: `tracks_goroutines`).
+    fn degrade_if_over_budget(
+        &mut self,
+        tracer: &mut Tracer,
+        tracks_goroutines: bool,
+    ) -> Result<()> {
         let (now, at) = (tracer.counters()?, Instant::now());
         let (last, last_at) = std::mem::replace(&mut self.last_check, (now, at));
+        if tracks_goroutines || now.get(Counter::DeferProc) > last.get(Counter::DeferProc) {
+            self.require_exits(tracer)?;
+        }
         let seconds = at.duration_since(last_at).as_secs_f64();
         if seconds < MIN_OBSERVATION_SECS
             || self.last_tick.elapsed().as_secs_f64() < MIN_OBSERVATION_SECS
@@ -598,6 +611,22 @@ impl Sampler {
         Ok(())
     }
 
+    /// From the first heap defer on, goexit1 stays attached with the goroutine-id cache on: it
+    /// releases the records of goroutines that end in `runtime.Goexit`, and keeps the cache
+    /// right. Before, it only counted exits.
+    fn require_exits(&mut self, tracer: &mut Tracer) -> Result<()> {
+        let family = SampledFamily::GoroutineExits;
+        if self.governor.is_required(family) {
+            return Ok(());
+        }
+        if self.governor.require(family) {
+            info!("a heap defer was seen: goroutine exits are probed from now on, always on");
+        }
+        let index = SampledFamily::ALL.iter().position(|f| *f == family).expect("listed");
+        self.plan(index, 1.0);
+        self.set_family(tracer, index, true)
+    }
+
     /// Accounts for the time since the last tick and lets the governor decide; logs what
     /// changed.
     fn decide(&mut self, tracer: &Tracer) -> Result<()> {
@@ -616,7 +645,9 @@ impl Sampler {
             self.defers_over_budget_secs += observation.seconds;
         }
         if self.governor.defers_over_budget() != was_over_budget {
-            let percent = observation.defer_hits as f64 / observation.seconds.max(1e-9)
+            let required_hits = self.governor.required_hits(&observation.sampled_hits);
+            let percent = (observation.defer_hits + required_hits) as f64
+                / observation.seconds.max(1e-9)
                 * self.governor.hit_ns()
                 / 1e7;
             match self.governor.defers_over_budget() {
@@ -659,8 +690,18 @@ impl Sampler {
 
     /// Attaches or detaches a family, keeping count of the time it is attached.
     fn set_family(&mut self, tracer: &mut Tracer, index: usize, attach: bool) -> Result<()> {
-        for program in SampledFamily::ALL[index].programs() {
+        let family = SampledFamily::ALL[index];
+        // goexit1 is what makes the kernel forget cached goroutine ids: the cache is on exactly
+        // while it is attached.
+        let exits = family == SampledFamily::GoroutineExits;
+        if exits && !attach {
+            tracer.set_goroutine_id_cache(false)?;
+        }
+        for program in family.programs() {
             tracer.set_attached(*program, attach)?;
+        }
+        if exits && attach {
+            tracer.set_goroutine_id_cache(true)?;
         }
         match (attach, self.attached_since[index]) {
             (true, None) => self.attached_since[index] = Some(Instant::now()),
@@ -681,7 +722,10 @@ impl Sampler {
         let seconds = at.duration_since(self.last_tick).as_secs_f64();
         let delta = |counter: Counter| now.get(counter) - self.last.get(counter);
         let sampled_hits = sampled_hits(&delta);
-        let bytes = [0.0, delta(Counter::AllocBytes) as f64, 0.0];
+        let bytes = SampledFamily::ALL.map(|family| match family {
+            SampledFamily::Allocations => delta(Counter::AllocBytes) as f64,
+            _ => 0.0,
+        });
         let mut attached = [0.0; SAMPLED_FAMILIES];
         for (index, stats) in self.stats.iter_mut().enumerate() {
             if let Some(since) = self.attached_since[index] {
@@ -702,8 +746,9 @@ impl Sampler {
             };
         }
         let defer_hits = defer_hits(&delta);
+        let required_hits = self.governor.required_hits(&sampled_hits);
         self.seconds += seconds;
-        self.defer_probe_ns += defer_hits as f64 * self.governor.hit_ns();
+        self.defer_probe_ns += (defer_hits + required_hits) as f64 * self.governor.hit_ns();
         let observation =
             Observation { seconds, defer_hits, sampled_hits, duty_in_force: attached };
         self.last = now;
@@ -757,14 +802,16 @@ impl Sampler {
     }
 }
 
-/// Hits of the probes that always stay on (heap defers, deferreturn, goroutine exits).
+/// Hits of the probes that always stay on (heap defers, deferreturn); goroutine exits are a
+/// sampled family until a heap defer is seen.
 fn defer_hits(delta: &impl Fn(Counter) -> u64) -> u64 {
-    delta(Counter::DeferProc) + delta(Counter::DeferReturn) + delta(Counter::GoroutineExit)
+    delta(Counter::DeferProc) + delta(Counter::DeferReturn)
 }
 
 /// Hits of each sampled family, indexed like [`SampledFamily::ALL`].
 fn sampled_hits(delta: &impl Fn(Counter) -> u64) -> [u64; SAMPLED_FAMILIES] {
     [
+        delta(Counter::GoroutineExit),
         delta(Counter::DeferProcStack),
         delta(Counter::Malloc) + delta(Counter::AllocSamples),
         delta(Counter::MapAssign),
@@ -823,7 +870,7 @@ async fn trace(
             }
             _ = budget_check.tick() => {
                 // Load that rises between ticks is answered now, not at the next tick.
-                sampler.degrade_if_over_budget(tracer)?;
+                sampler.degrade_if_over_budget(tracer, aggregator.tracks_goroutines())?;
             }
             _ = governor_tick.tick() => {
                 if let Some(end) = sampler.tick(tracer)? {

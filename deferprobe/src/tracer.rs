@@ -12,7 +12,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapType, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         UProbe,
         uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
@@ -55,6 +55,11 @@ pub struct Tracer {
     known_maps: HashMap<MapData, u64, KnownMap>,
     recent_maps: PerCpuArray<MapData, RecentMap>,
     closure_words: HashMap<MapData, u64, u64>,
+    /// The kernel's goroutine-id cache switch: its generation, 0 while off; and the number of
+    /// generations so far.
+    goroutine_id_cache: Array<MapData, u64>,
+    goroutine_id_generation: u64,
+    goroutine_id_generations: u64,
     attached: usize,
 }
 
@@ -106,6 +111,7 @@ impl Tracer {
         let known_maps = take_map(&mut ebpf, "KNOWN_MAPS")?;
         let recent_maps = take_map(&mut ebpf, "RECENT_MAPS")?;
         let closure_words = take_map(&mut ebpf, "CLOSURE_WORDS")?;
+        let goroutine_id_cache = take_map(&mut ebpf, "GOROUTINE_ID_CACHE")?;
         let mut tracer = Tracer {
             ebpf,
             mode,
@@ -119,16 +125,37 @@ impl Tracer {
             known_maps,
             recent_maps,
             closure_words,
+            goroutine_id_cache,
+            goroutine_id_generation: 0,
+            goroutine_id_generations: 0,
             attached,
         };
-        // goexit1 first: the kernel caches goroutine ids by g and forgets one when its
-        // goroutine exits, which must be seen before any id is cached.
-        let goexit_first =
-            ProbeProgram::ALL.iter().copied().filter(|p| *p != ProbeProgram::Goexit1);
-        for program in std::iter::once(ProbeProgram::Goexit1).chain(goexit_first) {
+        for program in ProbeProgram::ALL {
             tracer.set_attached(program, true)?;
         }
+        tracer.set_goroutine_id_cache(true)?;
         Ok(tracer)
+    }
+
+    /// Turns the kernel's goroutine-id cache on (a new generation: ids cached before are
+    /// ignored) or off. It forgets a goroutine's id when goexit1 sees the goroutine end, so it
+    /// may be on only while goexit1 is attached: turn it on after attaching goexit1, off before
+    /// detaching it.
+    pub fn set_goroutine_id_cache(&mut self, on: bool) -> Result<()> {
+        let on = on && self.links.contains_key(&ProbeProgram::Goexit1);
+        let generation = match on {
+            true if self.goroutine_id_generation != 0 => return Ok(()),
+            true => {
+                self.goroutine_id_generations += 1;
+                self.goroutine_id_generations
+            }
+            false => 0,
+        };
+        self.goroutine_id_cache
+            .set(0, &generation, 0)
+            .map_err(|err| bpf_error("switching the goroutine-id cache", &err))?;
+        self.goroutine_id_generation = generation;
+        Ok(())
     }
 
     /// Attaches or detaches every probe of `program` (no-op if already so, or if the plan has

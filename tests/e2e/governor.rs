@@ -73,3 +73,80 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
         "{pump}"
     );
 }
+
+/// Goroutine exits are a sampled family until the first heap defer: a service that starts
+/// goroutines at its request rate (net/http does) and defers nothing on the heap pays for no
+/// exit probe. At the first heap defer they are attached again for good, and the kernel's
+/// goroutine-id cache starts a new generation: ids cached before the exits went unseen are
+/// not used. `captures -scenario churn` caches the ids of 200 goroutines (a heap-defer frame
+/// returning), ends a second of goroutine churn (which detaches the exit probe), lets those
+/// 200 end unseen, and then holds pending defers in 20 new goroutines, which reuse their g's.
+#[test]
+fn goroutine_exits_are_sampled_until_the_first_heap_defer() {
+    require_root();
+    for release in [go_releases()[0].clone(), go_releases().last().unwrap().clone()] {
+        let mut target = Workload::start_with_args(
+            &go_program(&release, "captures"),
+            &["-wait", "-scenario", "churn", "-n", "2"],
+        );
+        let report_file = report_path(&format!("churn-{release}"));
+        let mut cmd = deferprobe();
+        cmd.args(["run", "--pid", &target.pid().to_string(), "--interval", "1h"])
+            .args(["--max-overhead", "0.5", "--log-format", "json", "--report"])
+            .arg(&report_file);
+        let mut tracer = Running::spawn(cmd);
+        tracer.wait_for("probes attached");
+        let truth = target.work_json();
+        thread::sleep(Duration::from_millis(300));
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(tracer.child.id() as i32, libc::SIGINT) };
+        let (code, stdout, stderr) = tracer.finish();
+        target.end();
+        assert_eq!(code, 0, "{stdout}\n{}", stderr.join("\n"));
+        let report = read_json(&report_file);
+        let logs = stderr.join("\n");
+
+        let detached = json_logs(&stderr, "governor changed a duty cycle")
+            .into_iter()
+            .any(|change| change["family"] == "GoroutineExits" && change["to"] == 0.0);
+        assert!(detached, "the churn did not detach the exit probe: {logs}");
+        assert_eq!(
+            json_logs(
+                &stderr,
+                "a heap defer was seen: goroutine exits are probed from now on, always on"
+            )
+            .len(),
+            1,
+            "{logs}"
+        );
+        let sampled = report["governor"]["sampled"].as_array().unwrap();
+        let exits = sampled
+            .iter()
+            .find(|s| s["family"] == "goroutine_exits")
+            .unwrap_or_else(|| panic!("goroutine exits not sampled: {report}"));
+        assert!(exits["mean_duty_cycle"].as_f64().unwrap() < 1.0, "{exits}");
+        assert_eq!(exits["observed_calls"], report["counts"]["goroutine_exits"], "{exits}");
+
+        // Pending defers are exact, and so are the goroutines holding them.
+        assert_eq!(report["pending"]["heap_defers"], truth["pending_defers"], "{report}");
+        assert_eq!(report["pending"]["goroutines"], truth["pending_goroutines"], "{report}");
+        assert_eq!(report["counts"]["deferproc"], truth["registered"], "{report}");
+        let mut seen: Vec<u64> = report["goroutines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["goid"].as_u64().unwrap())
+            .collect();
+        let mut expected: Vec<u64> =
+            truth["goroutines"].as_array().unwrap().iter().map(|g| g.as_u64().unwrap()).collect();
+        seen.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(seen, expected, "{report}");
+        // Every record under the right goroutine from its registration on: none released and
+        // adopted again by reconciliation (which is what a stale cached id would lead to).
+        for site in report["sites"].as_array().unwrap() {
+            assert_eq!(site["released"], 0, "{site}");
+            assert_eq!(site["pending_before_trace"], 0, "{site}");
+        }
+    }
+}

@@ -9,6 +9,11 @@
 //	-scenario panics     panics recovered mid-frame and in outer frames, then -n pending
 //	-scenario goexit     goroutines ending with runtime.Goexit with pending records, then -n pending
 //	-scenario many       -goroutines goroutines, each holding -n pending defers
+//	-scenario churn      1 s of goroutines that start and end (about 100k/s) and no heap defer,
+//	                     then one goroutine holding 1 pending defer and, 300 ms later, 400
+//	                     holding -n (their ids in the truth). Before the churn, 200 goroutines
+//	                     pass through a heap-defer frame without deferring, and wait; they end
+//	                     after it.
 //	-wait                print "ready" and wait for a line on stdin before working
 package main
 
@@ -18,7 +23,9 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
+	"time"
 )
 
 var sink int
@@ -34,6 +41,26 @@ type truth struct {
 	Line               int    `json:"line"`
 	Registered         int    `json:"registered"`
 	Released           int    `json:"released"`
+	// The ids of the goroutines holding pending defers (-scenario churn).
+	Goroutines []int64 `json:"goroutines,omitempty"`
+}
+
+// goid is the current goroutine's id, from its stack trace's header ("goroutine 7 [").
+func goid() int64 {
+	buf := make([]byte, 64)
+	buf = buf[:runtime.Stack(buf, false)]
+	id, _ := strconv.ParseInt(strings.Fields(string(buf))[1], 10, 64)
+	return id
+}
+
+// deferIn defers n times in a loop: its frame owns heap records, and calls deferreturn on
+// return even when n is 0.
+//
+//go:noinline
+func deferIn(n int) {
+	for i := 0; i < n; i++ {
+		defer func() { sink++ }()
+	}
 }
 
 // lineAbove returns its caller's file and the line just above the call: the `defer`
@@ -215,6 +242,53 @@ func main() {
 		t.PendingDefers, t.PendingGoroutines = *n**goroutines, *goroutines
 		t.CapturedMaps = *n * *goroutines
 		t.Function, t.File, t.Line = all[0].Function, all[0].File, all[0].Line
+	case "churn":
+		release := make(chan struct{})
+		var passed, ended sync.WaitGroup
+		for i := 0; i < 200; i++ {
+			passed.Add(1)
+			ended.Add(1)
+			go func() {
+				defer ended.Done()
+				deferIn(0)
+				passed.Done()
+				<-release
+			}()
+		}
+		passed.Wait()
+		for deadline := time.Now().Add(time.Second); time.Now().Before(deadline); {
+			var wg sync.WaitGroup
+			for j := 0; j < 100; j++ {
+				wg.Add(1)
+				go wg.Done()
+			}
+			wg.Wait()
+			time.Sleep(time.Millisecond)
+		}
+		close(release)
+		ended.Wait()
+		// The first heap defer; deferprobe attaches the exit probe for good within 20 ms, and
+		// turns its goroutine-id cache on again. Then 400 goroutines: more than the runtime
+		// keeps free, so some run on the g's of the 200.
+		const holders = 400
+		all := make([]truth, holders+1)
+		ids := make([]int64, holders+1)
+		hold := func(g, n int) {
+			ids[g] = goid()
+			holdByValue(n, &all[g], ready)
+		}
+		go hold(holders, 1)
+		<-ready
+		time.Sleep(300 * time.Millisecond)
+		for g := 0; g < holders; g++ {
+			go hold(g, *n)
+		}
+		for g := 0; g < holders; g++ {
+			<-ready
+		}
+		t.PendingDefers, t.PendingGoroutines = *n*holders+1, holders+1
+		t.Registered = t.PendingDefers
+		t.Goroutines = ids
 	default:
 		os.Stderr.WriteString("unknown scenario " + *scenario + "\n")
 		os.Exit(2)
