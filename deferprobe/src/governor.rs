@@ -158,9 +158,8 @@ pub struct Change {
 
 impl Governor {
     /// `max_overhead_percent` of one CPU; `hit_ns` what a hit counts as costing (see
-    /// [`planned_hit_ns`]); `min_duty` 0 when families
-    /// may be detached entirely, or a floor when they are sampled in windows; `windows` false
-    /// when only on and off are possible.
+    /// [`planned_hit_ns`]); `min_duty` 0 when families may be detached entirely, or a floor
+    /// when they are sampled in windows; `windows` false when only on and off are possible.
     pub fn new(max_overhead_percent: f64, hit_ns: f64, min_duty: f64, windows: bool) -> Governor {
         Governor {
             budget_ns_per_s: max_overhead_percent / 100.0 * 1e9,
