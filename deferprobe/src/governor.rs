@@ -354,6 +354,15 @@ mod tests {
         }
     }
 
+    /// `seconds` with every family attached throughout.
+    fn attached_throughout(
+        seconds: f64,
+        defer_hits: u64,
+        sampled_hits: [u64; SAMPLED_FAMILIES],
+    ) -> Observation {
+        Observation { seconds, defer_hits, sampled_hits, duty_in_force: [1.0; SAMPLED_FAMILIES] }
+    }
+
     #[test]
     fn everything_on_within_budget() {
         // 5% of a CPU = 50 ms/s = 2500 hits/s at 20 µs.
@@ -387,12 +396,7 @@ mod tests {
         let mut governor = Governor::new(10.0, 1000.0, 0.05, true);
         // 50 ms fully attached at 1 µs a hit: 20k defers/s, 4k stack defers/s, 360k
         // allocations/s, 116k map writes/s: half a CPU, so the rates unslowed are twice that.
-        let first = Observation {
-            seconds: 0.05,
-            defer_hits: 1000,
-            sampled_hits: [0, 200, 18_000, 5800],
-            duty_in_force: [1.0; SAMPLED_FAMILIES],
-        };
+        let first = attached_throughout(0.05, 1000, [0, 200, 18_000, 5800]);
         governor.observe(&first);
         let rates = SampledFamily::ALL.map(|family| governor.rate(family));
         assert_eq!(rates, [Some(0.0), Some(8000.0), Some(720_000.0), Some(232_000.0)]);
@@ -530,12 +534,7 @@ mod tests {
         let mut governor = Governor::new(10.0, 1000.0, 0.05, true);
         // Fully attached: 600k map writes/s at 1 µs, 60 % of a CPU: at most doubled, 1.2 M/s
         // (120 %), of which 10 % fit: the 0.05 step.
-        let full = Observation {
-            seconds: 1.0,
-            defer_hits: 0,
-            sampled_hits: [0, 0, 0, 600_000],
-            duty_in_force: [1.0; SAMPLED_FAMILIES],
-        };
+        let full = attached_throughout(1.0, 0, [0, 0, 0, 600_000]);
         governor.observe(&full);
         assert_eq!(governor.duty(maps), 0.05);
         assert_eq!(governor.rate(maps), Some(1_200_000.0));
