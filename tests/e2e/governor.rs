@@ -79,8 +79,10 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
 /// exit probe. At the first heap defer they are attached again for good, and the kernel's
 /// goroutine-id cache starts a new generation: ids cached before the exits went unseen are
 /// not used. `captures -scenario churn` caches the ids of 200 goroutines (a heap-defer frame
-/// returning), ends a second of goroutine churn (which detaches the exit probe), lets those
-/// 200 end unseen, and then holds pending defers in 20 new goroutines, which reuse their g's.
+/// returning), runs a second of goroutine churn (which detaches the exit probe), lets those 200
+/// end unseen, registers one heap defer (the exit probe comes back), and 300 ms later holds
+/// pending defers in 400 new goroutines, some of them on the 200's g's. A stale id would put
+/// records under the wrong goroutine until reconciliation releases and adopts them again.
 #[test]
 fn goroutine_exits_are_sampled_until_the_first_heap_defer() {
     require_root();
