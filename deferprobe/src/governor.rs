@@ -64,7 +64,8 @@ impl SampledFamily {
         }
     }
 
-    fn index(self) -> usize {
+    /// Its place in [`SampledFamily::ALL`] (and in every per-family array).
+    pub fn index(self) -> usize {
         self as usize
     }
 }

@@ -622,9 +622,8 @@ impl Sampler {
         if self.governor.require(family) {
             info!("a heap defer was seen: goroutine exits are probed from now on, always on");
         }
-        let index = SampledFamily::ALL.iter().position(|f| *f == family).expect("listed");
-        self.plan(index, 1.0);
-        self.set_family(tracer, index, true)
+        self.plan(family.index(), 1.0);
+        self.set_family(tracer, family.index(), true)
     }
 
     /// Accounts for the time since the last tick and lets the governor decide; logs what
