@@ -16,7 +16,7 @@ use deferprobe_common::{
     GoroutineExit, MapSeen,
 };
 
-use crate::memory::{ChainRecord, RuntimeGoroutine};
+use crate::state::memory::{ChainRecord, RuntimeGoroutine};
 
 /// One decoded ring-buffer event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -745,7 +745,7 @@ mod tests {
             goid,
             defers: records
                 .iter()
-                .map(|&(closure, sp)| crate::memory::ChainRecord {
+                .map(|&(closure, sp)| crate::state::memory::ChainRecord {
                     closure,
                     sp,
                     pc: 0x401000,
@@ -873,7 +873,7 @@ mod tests {
             4,
             &[(0xc000_0300, 0xc000_8000), (0xc000_0200, 0xc000_8000), (0xc000_0100, 0xc000_8000)],
         );
-        runtime.defers.push(crate::memory::ChainRecord {
+        runtime.defers.push(crate::state::memory::ChainRecord {
             closure: 0xc000_0050,
             sp: 0xc000_9000,
             pc: 0x402000,

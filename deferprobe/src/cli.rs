@@ -23,8 +23,30 @@ pub struct Cli {
 pub enum Command {
     /// Trace a running Go process (--pid) or a command started under deferprobe (-- CMD ...).
     Run(RunArgs),
+    /// Read every goroutine's pending defers and what their closures captured from a running
+    /// Go process's memory, with no probes and without stopping it.
+    Snapshot(SnapshotArgs),
     /// Analyse a Go binary without running it: Go release and the probe plan.
     Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Process id of the running Go program to read.
+    #[arg(long, value_parser = parse_pid)]
+    pub pid: u32,
+
+    /// Print the report as JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also write the JSON report to this file.
+    #[arg(long, value_name = "FILE.json")]
+    pub report: Option<PathBuf>,
+
+    /// Report a frame as a defer_accumulation finding from this many pending heap defers.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_pending: u64,
 }
 
 #[derive(Debug, Args)]

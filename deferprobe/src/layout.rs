@@ -36,6 +36,12 @@ pub struct RuntimeLayout {
     pub defer_pc: u64,
     pub defer_fn: u64,
     pub defer_link: u64,
+    /// `g.atomicstatus` (`_Gdead` = 6, `_Gcopystack` = 8; `_Gscan` = 0x1000 is or-ed in).
+    pub g_status: u64,
+    /// Go 1.22+: `_defer.rangefunc` (a bool: the record of a range-over-func loop) and
+    /// `_defer.head` (a pointer to the atomic head of the loop body's own records).
+    pub defer_rangefunc: Option<u64>,
+    pub defer_head: Option<u64>,
     pub defer_size: u64,
 }
 
@@ -48,6 +54,8 @@ pub enum LayoutSource {
 }
 
 const fn layout(g_goid: u64, m_curg: u64, defer_link: u64, defer_size: u64) -> RuntimeLayout {
+    // 1.22 put `rangefunc` (a byte) after `heap` and `head` after `link`, and shrank _defer.
+    let rangefunc = defer_size == 48;
     RuntimeLayout {
         g_defer: 40,
         g_m: 48,
@@ -57,6 +65,10 @@ const fn layout(g_goid: u64, m_curg: u64, defer_link: u64, defer_size: u64) -> R
         defer_pc: 16,
         defer_fn: 24,
         defer_link,
+        // `atomicstatus` (4 bytes), `stackLock` (4 bytes), then `goid`, in every release.
+        g_status: g_goid - 8,
+        defer_rangefunc: if rangefunc { Some(1) } else { None },
+        defer_head: if rangefunc { Some(40) } else { None },
         defer_size,
     }
 }

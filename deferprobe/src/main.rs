@@ -7,7 +7,7 @@ use clap::Parser as _;
 use deferprobe::{
     cli::{Cli, Command, LogFormat},
     error::{Error, ErrorKind},
-    inspect, session,
+    inspect, session, snapshot,
 };
 
 fn main() -> ExitCode {
@@ -35,6 +35,7 @@ fn main() -> ExitCode {
             init_logging(args.log_format);
             session::run(args)
         }
+        Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Inspect(args) => inspect::inspect(&args.binary, args.json).map(|text| {
             print!("{text}");
             0

@@ -310,14 +310,7 @@ impl ProbePlan {
         let info = binary.build_info();
         let release = info.release;
         let path = binary.path().display();
-        if release < OLDEST_SUPPORTED || release > NEWEST_SUPPORTED {
-            return Err(Error::target(format!(
-                "{path}: built with {}, but deferprobe supports Go {OLDEST_SUPPORTED} to \
-                 {NEWEST_SUPPORTED}",
-                info.version
-            )));
-        }
-        let (layout, layout_source) = runtime_layout(binary, release)?;
+        let (layout, layout_source) = supported_layout(binary)?;
 
         let mut probes = Vec::new();
         let mut absent = Vec::new();
@@ -398,6 +391,21 @@ impl ProbePlan {
     pub fn probes_of(&self, program: ProbeProgram) -> impl Iterator<Item = &PlannedProbe> {
         self.probes.iter().filter(move |p| p.program == program)
     }
+}
+
+/// The runtime struct offsets of a binary whose Go release deferprobe supports.
+pub fn supported_layout(binary: &GoBinary) -> Result<(RuntimeLayout, LayoutSource)> {
+    let info = binary.build_info();
+    let release = info.release;
+    if release < OLDEST_SUPPORTED || release > NEWEST_SUPPORTED {
+        return Err(Error::target(format!(
+            "{}: built with {}, but deferprobe supports Go {OLDEST_SUPPORTED} to \
+             {NEWEST_SUPPORTED}",
+            binary.path().display(),
+            info.version
+        )));
+    }
+    runtime_layout(binary, release)
 }
 
 /// The runtime struct offsets: from DWARF when the binary has it, else the built-in table for

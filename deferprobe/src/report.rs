@@ -354,7 +354,9 @@ pub struct Finding {
     /// Of those, records already pending when tracing started (found in the runtime's chain):
     /// for them `oldest_pending_secs` is a lower bound and captures are unknown.
     pub pending_before_trace: u64,
-    pub oldest_pending_secs: f64,
+    /// Age of the oldest pending record; null when some were pending before tracing started
+    /// (their age is unknown, "pending at attach").
+    pub oldest_pending_secs: Option<f64>,
     /// Distinct maps captured (by value or by reference) by the frame's pending closures.
     pub captured_maps: u64,
     pub captured_maps_by_value: u64,
@@ -363,6 +365,9 @@ pub struct Finding {
     pub captured_map_entries: u64,
     /// Estimate of what the frame keeps alive: `_defer` records + closures + captured maps.
     pub est_bytes: u64,
+    /// What the frame's pending closures captured, by kind and type, from the closures'
+    /// types in the binary and the objects in the target.
+    pub captures: Vec<crate::findings::CaptureSummary>,
     /// The captured maps grouped by where they were first written while traced.
     pub captured_map_origins: Vec<MapOrigin>,
 }
@@ -506,7 +511,8 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
                 line: location.line,
                 pending_defers: pending,
                 pending_before_trace: frame.iter().filter(|r| r.adopted).count() as u64,
-                oldest_pending_secs: lookups.now_ns.saturating_sub(oldest) as f64 / 1e9,
+                oldest_pending_secs: Some(lookups.now_ns.saturating_sub(oldest) as f64 / 1e9),
+                captures: Vec::new(),
                 captured_maps: maps.len() as u64,
                 captured_maps_by_value: by_value.len() as u64,
                 captured_maps_by_reference: by_reference.len() as u64,
@@ -579,6 +585,56 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
     }
 }
 
+/// The findings section of a text report (also `snapshot`'s).
+pub fn write_findings(out: &mut String, findings: &[Finding]) {
+    if findings.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nfindings (most memory first)");
+    for f in findings {
+        let age = match f.oldest_pending_secs {
+            Some(secs) => format!("oldest {secs:.1}s"),
+            None if f.pending_before_trace == f.pending_defers => "pending at attach".to_owned(),
+            None => format!("{} pending at attach", f.pending_before_trace),
+        };
+        let _ = writeln!(
+            out,
+            "  defer accumulation in goroutine {}: {} pending, {age}",
+            f.goid, f.pending_defers
+        );
+        let _ = writeln!(out, "    at   {}", truncate(&place(&f.function, &f.file, f.line), 72));
+        let _ = writeln!(
+            out,
+            "    maps {} captured ({} by value, {} by reference), {} entries",
+            f.captured_maps,
+            f.captured_maps_by_value,
+            f.captured_maps_by_reference,
+            f.captured_map_entries
+        );
+        for capture in f.captures.iter().take(4) {
+            let what = match capture.entries {
+                Some(n) if capture.kind.starts_with("map") => format!(", {n} entries"),
+                Some(n) if capture.kind == "slice" => format!(", len {n}"),
+                Some(n) if capture.kind == "string" => format!(", {n} bytes"),
+                _ => String::new(),
+            };
+            let line = format!(
+                "{} × {} ({}{what}, ~{})",
+                capture.captures,
+                capture.type_name,
+                capture.kind,
+                human_bytes(capture.est_bytes)
+            );
+            let _ = writeln!(out, "    held {}", truncate(&line, 71));
+        }
+        for origin in f.captured_map_origins.iter().take(3) {
+            let place = place(&origin.function, &origin.file, origin.line);
+            let _ = writeln!(out, "         {} written at {}", origin.maps, truncate(&place, 56));
+        }
+        let _ = writeln!(out, "    holds ~{} (estimate)", human_bytes(f.est_bytes));
+    }
+}
+
 impl Report {
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("report serializes")
@@ -595,7 +651,7 @@ impl Report {
         };
         let _ = writeln!(out, "deferprobe report");
         let _ = writeln!(out, "  target    pid {} ({})", t.pid, t.go_version);
-        let _ = writeln!(out, "  exe       {}", t.exe);
+        let _ = writeln!(out, "  exe       {}", truncate(&t.exe, 68));
         let _ = writeln!(out, "  traced    {:.1}s, {ended}", self.duration_secs);
         if let Some(code) = t.exit_code {
             let _ = writeln!(out, "  exit code {code}");
@@ -661,39 +717,7 @@ impl Report {
             "\npending heap defers: {} in {} goroutine(s), capturing {} map(s)",
             p.heap_defers, p.goroutines, p.captured_maps
         );
-        if !self.findings.is_empty() {
-            let _ = writeln!(out, "\nfindings (most memory first)");
-            for f in &self.findings {
-                let _ = writeln!(
-                    out,
-                    "  defer accumulation in goroutine {}: {} pending, oldest {:.1}s",
-                    f.goid, f.pending_defers, f.oldest_pending_secs
-                );
-                let _ = writeln!(
-                    out,
-                    "    at   {}",
-                    truncate(&place(&f.function, &f.file, f.line), 72)
-                );
-                let _ = writeln!(
-                    out,
-                    "    maps {} captured ({} by value, {} by reference), {} entries",
-                    f.captured_maps,
-                    f.captured_maps_by_value,
-                    f.captured_maps_by_reference,
-                    f.captured_map_entries
-                );
-                for origin in f.captured_map_origins.iter().take(3) {
-                    let place = place(&origin.function, &origin.file, origin.line);
-                    let _ = writeln!(
-                        out,
-                        "         {} written at {}",
-                        origin.maps,
-                        truncate(&place, 56)
-                    );
-                }
-                let _ = writeln!(out, "    holds ~{} (estimate)", human_bytes(f.est_bytes));
-            }
-        }
+        write_findings(&mut out, &self.findings);
         if !self.sites.is_empty() {
             // "before": already pending when tracing started.
             let _ = writeln!(
@@ -702,11 +726,7 @@ impl Report {
                 "defer site", "before", "registered", "released", "pending"
             );
             for site in self.sites.iter().take(10) {
-                let name = match (&site.function, &site.file) {
-                    (Some(_), _) | (_, Some(_)) => place(&site.function, &site.file, site.line),
-                    _ => site.pc.clone(),
-                };
-                let name = truncate(&name, 36);
+                let name = truncate(&site_name(site), 36);
                 let _ = writeln!(
                     out,
                     "  {name:<36}{:>8}{:>12}{:>10}{:>10}",
@@ -721,15 +741,66 @@ impl Report {
         if !self.notes.is_empty() {
             let _ = writeln!(out, "\nnotes");
             for note in &self.notes {
-                let mut prefix = "  - ";
-                for line in wrap(note, 74) {
-                    let _ = writeln!(out, "{prefix}{line}");
-                    prefix = "    ";
-                }
+                write_wrapped(&mut out, note);
             }
         }
         out
     }
+}
+
+/// A note as a list item, wrapped at 78 columns.
+pub fn write_wrapped(out: &mut String, note: &str) {
+    let mut prefix = "  - ";
+    for line in wrap(note, 74) {
+        let _ = writeln!(out, "{prefix}{line}");
+        prefix = "    ";
+    }
+}
+
+/// A site as `function (file:line)`, or its pc when nothing else is known.
+pub fn site_name(site: &SiteReport) -> String {
+    match (&site.function, &site.file) {
+        (Some(_), _) | (_, Some(_)) => place(&site.function, &site.file, site.line),
+        _ => site.pc.clone(),
+    }
+}
+
+/// Fails now, before any work, if a report can't be written to `path`: a directory, a
+/// missing directory, or no permission. Creates the file (empty) if it did not exist.
+pub fn check_writable(path: &std::path::Path) -> crate::error::Result<()> {
+    if path.is_dir() {
+        return Err(crate::error::Error::usage(format!(
+            "--report {}: is a directory",
+            path.display()
+        )));
+    }
+    std::fs::OpenOptions::new().append(true).create(true).open(path).map(drop).map_err(|err| {
+        crate::error::Error::usage(format!("--report {}: cannot write: {err}", path.display()))
+    })
+}
+
+/// Writes a report to `path` whole (through a temporary file in the same directory, renamed
+/// over it), so a full disk leaves an error, not a truncated report.
+pub fn write_report(path: &std::path::Path, text: &str) -> crate::error::Result<()> {
+    let error = |err: std::io::Error| {
+        crate::error::Error::usage(format!("writing the report to {}: {err}", path.display()))
+    };
+    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written.map_err(error)
+}
+
+/// Prints to stdout; a closed pipe or a full device is an error, not a panic.
+pub fn print_stdout(text: &str) -> crate::error::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(|err| crate::error::Error::usage(format!("writing the report to stdout: {err}")))
 }
 
 /// `function (file:line)`, with what is known.
@@ -776,7 +847,7 @@ fn human_bytes(bytes: u64) -> String {
 
 /// `text` cut to `width` characters, with `…` marking the cut (keeps the end: the function
 /// name and offset are the informative part).
-fn truncate(text: &str, width: usize) -> String {
+pub fn truncate(text: &str, width: usize) -> String {
     let len = text.chars().count();
     if len <= width {
         return text.to_owned();
@@ -870,7 +941,7 @@ mod tests {
         assert_eq!((f.captured_maps_by_value, f.captured_maps_by_reference), (300, 0));
         assert_eq!(f.function.as_deref(), Some("main.leak@0x400123"));
         assert_eq!(f.line, Some(42));
-        assert!((f.oldest_pending_secs - 2.0).abs() < 1e-6);
+        assert!((f.oldest_pending_secs.unwrap() - 2.0).abs() < 1e-6);
         // 300 records + 300 closures of 2 words + 300 maps of 5 entries.
         assert_eq!(f.est_bytes, 300 * 48 + 300 * 16 + 300 * (5 * 25 * 8 / 7 + 48));
         assert_eq!(c.goroutines[0].defer_sites[0].pending, 300);

@@ -24,18 +24,21 @@ use crate::{
     binary::{GoBinary, MemoryProfiling},
     cli::RunArgs,
     closure_words::captured_words,
-    error::{Error, Result},
+    error::{Error, ErrorKind, Result},
+    findings,
     governor::{
         Governor, MIN_OBSERVATION_SECS, Observation, SAMPLED_FAMILIES, SampledFamily,
         planned_hit_ns,
     },
     layout::RuntimeLayout,
-    memory::{ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
     plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
     report::{
         self, AllocationsReport, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents,
         ProbesReport, ProfiledAllocations, RateSource, Report, SamplingReport, TargetReport,
     },
+    snapshot::RuntimeReader,
+    state::Snapshot,
+    state::memory::{Memory as _, ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
     target::{self, GatedChild, Target},
     tracer::{AttachMode, Tracer},
 };
@@ -53,6 +56,10 @@ const LINK_GRACE: Duration = Duration::from_millis(20);
 /// Runs `deferprobe run`; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32> {
     check_privileges()?;
+    // An unwritable --report fails now, not after the whole trace.
+    if let Some(path) = &args.report {
+        report::check_writable(path)?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -132,6 +139,16 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let exit_watch = target::pidfd(target.pid)?;
     let memory = ProcessMemory::new(target.pid);
     let closures = ClosureSizes::new(&binary, bias);
+    // The runtime's own state: snapshots at attach, every --interval and before the report.
+    // A target whose memory can't be read is refused (naming the capability).
+    let reader = match RuntimeReader::new(&binary, target.pid) {
+        Ok(reader) => Some(reader),
+        Err(err) if err.kind == ErrorKind::Permission => return Err(err),
+        Err(err) => {
+            warn!(%err, "the runtime's state can't be read: pending defers come from events only");
+            None
+        }
+    };
 
     let child = started_command.then_some(target.pid);
     // Every g the runtime made, to find defers already pending before tracing started. Only
@@ -153,6 +170,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         )));
     }
     let context = TraceContext {
+        reader: reader.as_ref(),
         memory,
         layout: plan.layout,
         closures: &closures,
@@ -195,7 +213,45 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         now_ns: traced.ended_ns,
         min_pending: args.min_pending,
     };
-    let correlation = report::correlate(&traced.aggregator, &lookups);
+    let mut correlation = report::correlate(&traced.aggregator, &lookups);
+    // The runtime's own state wins: pending records, what their closures hold, and sites.
+    let mut snapshot_notes = Vec::new();
+    if let (Some((snapshot, after_tracing)), Some(reader)) = (&traced.snapshot, &reader) {
+        let registered: HashMap<(u64, u64), u64> = traced
+            .aggregator
+            .pending_by_goroutine()
+            .flat_map(|(goid, records)| {
+                records
+                    .iter()
+                    .filter(|r| !r.adopted)
+                    .map(move |r| ((r.closure, goid), r.registered_ns))
+            })
+            .collect();
+        let registered_ns = |closure: u64, goid: u64| registered.get(&(closure, goid)).copied();
+        let events = findings::Traced {
+            registered_ns: &registered_ns,
+            sites: traced
+                .aggregator
+                .sites()
+                .map(|(pc, totals)| (pc, (totals.registered, totals.released)))
+                .collect(),
+            now_ns: traced.ended_ns,
+        };
+        let sections = reader.sections(snapshot, args.min_pending, Some(&events));
+        snapshot_notes = crate::snapshot::snapshot_notes(snapshot, &sections);
+        if !after_tracing {
+            snapshot_notes.push(format!(
+                "pending defers are from the last snapshot of the runtime's state, taken {:.1}s \
+                 before the target exited",
+                traced.ended_ns.saturating_sub(snapshot.ended_ns) as f64 / 1e9
+            ));
+        }
+        correlation.pending = sections.pending;
+        correlation.findings = sections.findings;
+        correlation.goroutines = sections.goroutines;
+        correlation.sites = sections.sites;
+        correlation.closures_of_unknown_size = 0;
+    }
     let events = traced.aggregator.events();
     let lost = LostEvents::new(&traced.counters, events.undecodable, events.without_goid);
     let counts = Counts::from_counters(&traced.counters, &lost);
@@ -213,13 +269,21 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         }),
     };
     let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
-    let pending_before_trace: u64 = traced.aggregator.sites().map(|(_, t)| t.adopted).sum();
+    notes.extend(snapshot_notes);
+    let pending_before_trace: u64 = match traced.snapshot.is_some() && reader.is_some() {
+        true => correlation.findings.iter().map(|f| f.pending_before_trace).sum(),
+        false => traced.aggregator.sites().map(|(_, t)| t.adopted).sum(),
+    };
     if pending_before_trace > 0 {
         notes.push(format!(
             "{} heap defer records were already pending in the runtime when tracing started \
-             (found in the goroutines' _defer chains): they are counted as pending, but their \
-             age is unknown (at least the trace's) and so are the maps they capture",
-            pending_before_trace
+             (\"pending at attach\", found in the goroutines' _defer chains): their age is \
+             unknown (at least the trace's){}",
+            pending_before_trace,
+            match reader.is_some() {
+                true => "",
+                false => ", and so are the maps they capture",
+            }
         ));
     }
     if traced.reconciled.released + traced.reconciled.moved > 0 {
@@ -244,12 +308,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 .into(),
         );
     }
-    match plan.families.contains(&ProbeFamily::MapWrites) {
-        true => notes.push(
+    match (reader.is_some(), plan.families.contains(&ProbeFamily::MapWrites)) {
+        (true, _) => {}
+        (false, true) => notes.push(
             "captured maps are recognised only if they were written (mapassign) while tracing"
                 .into(),
         ),
-        false => notes.push(
+        (false, false) => notes.push(
             "map writes were not probed (--probes): captured maps can't be recognised".into(),
         ),
     }
@@ -281,7 +346,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             traced.governor.defer_probes_percent
         ));
     }
-    if !correlation.findings.is_empty() {
+    if !correlation.findings.is_empty() && reader.is_none() {
         notes.push(
             "est_bytes is an estimate: _defer records, closures, and map slots at Go's load \
              factor; pointed-to data (strings, values behind pointers) is not included"
@@ -313,11 +378,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         sites: correlation.sites,
         notes,
     };
-    print!("{}", report.to_text());
+    report::print_stdout(&report.to_text())?;
     if let Some(path) = &args.report {
-        std::fs::write(path, report.to_json() + "\n").map_err(|err| {
-            Error::usage(format!("writing the report to {}: {err}", path.display()))
-        })?;
+        report::write_report(path, &(report.to_json() + "\n"))?;
     }
     Ok(exit_code.unwrap_or(0))
 }
@@ -412,6 +475,8 @@ impl Signals {
 
 /// What the loop reads besides the tracer.
 struct TraceContext<'a> {
+    /// Snapshots of the runtime's state (None if its goroutine list can't be found).
+    reader: Option<&'a RuntimeReader<'a>>,
     memory: ProcessMemory,
     layout: RuntimeLayout,
     closures: &'a ClosureSizes<'a>,
@@ -425,6 +490,9 @@ struct TraceContext<'a> {
 
 /// What the trace loop produced.
 struct Traced {
+    /// The newest snapshot of the runtime's state, and whether it was taken after tracing
+    /// stopped (false: the target exited first, and this is the last one taken before).
+    snapshot: Option<(Snapshot, bool)>,
     /// `runtime.MemProfileRate` as last read from the target (`--alloc-mode profiled`).
     memprofile_rate: Option<u64>,
     aggregator: Aggregator,
@@ -852,6 +920,8 @@ async fn trace(
 
     let mut aggregator = Aggregator::new();
     let mut reconciled = Reconciled::default();
+    let take_snapshot = || context.reader.and_then(|reader| reader.take().ok());
+    let mut snapshot = take_snapshot();
     let mut last_logged = Counts::default();
     let mut batch = Vec::new();
     let mut interrupted = false;
@@ -884,10 +954,13 @@ async fn trace(
             _ = log_tick.tick() => {
                 drain(tracer, &mut aggregator, &mut batch, context.closures);
                 reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
+                if let Some(taken) = take_snapshot() {
+                    snapshot = Some(taken);
+                }
                 let counters = tracer.counters()?;
                 let lost = lost_events(&counters, &aggregator);
                 let counts = Counts::from_counters(&counters, &lost);
-                log_counts(&counts, &lost, &last_logged, &aggregator, context);
+                log_counts(&counts, &lost, &last_logged, &aggregator, snapshot.as_ref(), context);
                 last_logged = counts;
             }
             _ = signals.interrupt.recv() => match child {
@@ -905,11 +978,16 @@ async fn trace(
     // The probes fired synchronously in the target: everything is in the buffer by now.
     drain(tracer, &mut aggregator, &mut batch, context.closures);
     read_memprofile_rate();
+    let mut final_snapshot = false;
     if ended_by != EndReason::TargetExited {
         // Twice: a record is released only when two looks in a row miss it.
         reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
         tokio::time::sleep(FINAL_RECHECK).await;
         reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
+        if let Some(taken) = take_snapshot() {
+            snapshot = Some(taken);
+            final_snapshot = true;
+        }
     }
     let counters = tracer.counters()?;
     let counts = Counts::from_counters(&counters, &lost_events(&counters, &aggregator))
@@ -924,6 +1002,7 @@ async fn trace(
         "tracing stopped"
     );
     Ok(Traced {
+        snapshot: snapshot.map(|snapshot| (snapshot, final_snapshot)),
         aggregator,
         counters,
         ended_by,
@@ -1049,8 +1128,17 @@ fn log_counts(
     lost: &LostEvents,
     last: &Counts,
     aggregator: &Aggregator,
+    snapshot: Option<&Snapshot>,
     context: &TraceContext<'_>,
 ) {
+    // From the runtime's state when it can be read, else from the events.
+    let (pending, maps) = match (snapshot, context.reader) {
+        (Some(snapshot), Some(reader)) => {
+            let sections = reader.sections(snapshot, u64::MAX, None);
+            (sections.pending.heap_defers, sections.pending.captured_maps as usize)
+        }
+        _ => (aggregator.pending_heap_defers(), captured_maps(aggregator, context.closures)),
+    };
     // Families not probed have no count (the fields are left out), not zero.
     let delta = now.since(last).reported(&context.plan.families, context.plan.allocations);
     let total = now.reported(&context.plan.families, context.plan.allocations);
@@ -1075,8 +1163,8 @@ fn log_counts(
         total_lost_undecodable = lost.undecodable,
         total_lost_without_goroutine_id = lost.without_goroutine_id,
         total_lost_user_read_failed = lost.user_read_failed,
-        pending_heap_defers = aggregator.pending_heap_defers(),
-        captured_maps = captured_maps(aggregator, context.closures),
+        pending_heap_defers = pending,
+        captured_maps = maps,
         "counts"
     );
 }

@@ -10,5 +10,6 @@ mod counts;
 mod demo;
 mod governor;
 mod matrix;
+mod runtime_state;
 mod safety;
 mod support;

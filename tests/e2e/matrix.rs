@@ -40,20 +40,20 @@ const WORKLOAD_FRAME_RETURNS: u64 = 12 + 6;
 
 /// One Go program built with one Go release in one variant.
 #[derive(Clone, Debug)]
-struct Target {
+pub(crate) struct Target {
     /// As in matrix.txt: a PyPI version (`1.27.3`) or a Debian one (`1.19`).
-    release: String,
-    variant: String,
-    program: String,
+    pub(crate) release: String,
+    pub(crate) variant: String,
+    pub(crate) program: String,
 }
 
 impl Target {
-    fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         format!("go{}-{}", self.release, self.variant)
     }
 
     /// The built binary; panics (fails the target) if it isn't there.
-    fn binary(&self) -> PathBuf {
+    pub(crate) fn binary(&self) -> PathBuf {
         let path =
             workspace_root().join("target/go-programs/matrix").join(self.id()).join(&self.program);
         assert!(
@@ -105,7 +105,7 @@ fn read_matrix() -> Matrix {
 
 /// The targets this run tests: every one with DEFERPROBE_MATRIX=full, else those of the
 /// releases in tests/go/releases.txt.
-fn selected_targets() -> Vec<Target> {
+pub(crate) fn selected_targets() -> Vec<Target> {
     let matrix = read_matrix();
     match std::env::var("DEFERPROBE_MATRIX").as_deref() {
         Ok("full") => matrix.targets,
@@ -125,7 +125,7 @@ fn selected_targets() -> Vec<Target> {
 
 /// Runs `check` on every item, each on its own (a failure doesn't stop the others), prints a
 /// line per item, and fails listing every item that failed with its panic message.
-fn check_each<T>(items: &[T], id: impl Fn(&T) -> String, check: impl Fn(&T)) {
+pub(crate) fn check_each<T>(items: &[T], id: impl Fn(&T) -> String, check: impl Fn(&T)) {
     require_root();
     let mut failures = Vec::new();
     for item in items {
@@ -625,7 +625,9 @@ fn every_variant_has_a_test() {
     let variants = read_matrix().variants;
     for (variant, program) in &variants {
         assert!(
-            COUNT_VARIANTS.contains(&variant.as_str()) || program == "allocs",
+            COUNT_VARIANTS.contains(&variant.as_str())
+                || program == "allocs"
+                || program == "pending",
             "variant {variant} (tests/go/matrix.txt) is not checked by tests/e2e/matrix.rs"
         );
     }

@@ -81,6 +81,10 @@ pub(super) fn layout_from_sections<T: AsRef<[u8]>>(
         defer_pc: member(DEFER, "pc")?,
         defer_fn: member(DEFER, "fn")?,
         defer_link: member(DEFER, "link")?,
+        g_status: member(G, "atomicstatus")?,
+        // Go 1.22+: range-over-func loops keep their records on a `head` list.
+        defer_rangefunc: member(DEFER, "rangefunc").ok(),
+        defer_head: member(DEFER, "head").ok(),
         defer_size: described(DEFER)?
             .byte_size
             .ok_or_else(|| incomplete("the size of runtime._defer".to_owned()))?,

@@ -5,20 +5,24 @@
 
 mod buildinfo;
 mod calls;
+mod closures;
 mod dwarf;
 mod error;
 // Also built for tests: its regression tests keep what fuzzing found.
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod gotypes;
 mod pclntab;
 pub mod prologue;
 mod symbols;
 #[cfg(test)]
 pub(crate) mod testbin;
+mod variables;
 
 use std::{
     fs::File,
     path::{Path, PathBuf},
+    sync::{Mutex, OnceLock},
 };
 
 use memmap2::Mmap;
@@ -28,12 +32,15 @@ use object::{
 };
 
 pub use buildinfo::BuildInfo;
+pub use closures::{CapturedField, ClosureLayout, ClosureTypes, enclosing_functions};
 pub use error::BinaryError;
 pub use pclntab::SourceLocation;
 pub use prologue::ProbeOffset;
 pub use symbols::{Function, FunctionSource};
+pub use variables::AllgVariables;
 
 use crate::layout::RuntimeLayout;
+use gotypes::{TypeReader, TypesRange};
 use pclntab::Pclntab;
 use serde::Serialize;
 use symbols::FunctionTable;
@@ -79,6 +86,8 @@ pub struct GoBinary {
     build_info: BuildInfo,
     functions: FunctionTable,
     pclntab: Pclntab,
+    /// `moduledata.types`/`etypes`, found on first use.
+    types_range: OnceLock<Option<TypesRange>>,
 }
 
 /// A call of `runtime.deferproc` or `runtime.deferprocat` outside package runtime: a `defer`
@@ -115,6 +124,7 @@ struct Segment {
     vaddr: u64,
     offset: u64,
     filesz: u64,
+    writable: bool,
 }
 
 impl GoBinary {
@@ -131,7 +141,16 @@ impl GoBinary {
         let build_info = BuildInfo::read(path, &elf)?;
         let pclntab = Pclntab::read(path, &elf, &map)?;
         let functions = FunctionTable::read(path, &elf, &pclntab, &map)?;
-        Ok(GoBinary { path: path.to_owned(), map, pie, segments, build_info, functions, pclntab })
+        Ok(GoBinary {
+            path: path.to_owned(),
+            map,
+            pie,
+            segments,
+            build_info,
+            functions,
+            pclntab,
+            types_range: OnceLock::new(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -355,6 +374,87 @@ impl GoBinary {
         }
     }
 
+    /// `len` bytes at ELF virtual address `vaddr` as the file holds them; None past the
+    /// file-backed part of the segments.
+    pub fn bytes_at(&self, vaddr: u64, len: usize) -> Option<&[u8]> {
+        let (segment, delta) = self.segment_of(vaddr).ok()?;
+        if len as u64 > segment.filesz - delta {
+            return None;
+        }
+        let start = usize::try_from(segment.offset + delta).ok()?;
+        self.map.get(start..start.checked_add(len)?)
+    }
+
+    /// The little-endian word at `vaddr` in the file.
+    pub fn read_u64(&self, vaddr: u64) -> Option<u64> {
+        Some(u64::from_le_bytes(self.bytes_at(vaddr, 8)?.try_into().ok()?))
+    }
+
+    /// (vaddr, file-backed size) of the writable PT_LOAD segments (initialised data).
+    pub(crate) fn writable_segments(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.segments.iter().filter(|s| s.writable).map(|s| (s.vaddr, s.filesz))
+    }
+
+    /// The module's type descriptors, decoded on demand.
+    pub fn types(&self) -> TypeReader<'_> {
+        let range =
+            *self.types_range.get_or_init(|| gotypes::types_range(self, self.pclntab.address()));
+        TypeReader::new(self, range)
+    }
+
+    /// `runtime.allglen` and `runtime.allgptr`: from `.symtab`, or decoded from
+    /// `runtime.allgadd` in stripped binaries ([`variables`]).
+    pub fn allg_variables(&self) -> Option<AllgVariables> {
+        if let (Some(allglen), Some(allgptr)) =
+            (self.data_symbol("runtime.allglen"), self.data_symbol("runtime.allgptr"))
+        {
+            return Some(AllgVariables { allglen, allgptr });
+        }
+        let allgadd = self.function("runtime.allgadd")?;
+        variables::from_allgadd(self.function_code(&allgadd).ok()?, allgadd.address)
+    }
+
+    /// The allocators a closure object is built with ([`closures`]).
+    fn closure_allocators(&self) -> Vec<closures::Allocator> {
+        use iced_x86::Register;
+        let mut allocators: Vec<closures::Allocator> = self
+            .functions_with_prefix("runtime.mallocgc")
+            .into_iter()
+            .filter(|f| !f.name.contains("SlowPath"))
+            .map(|f| closures::Allocator { address: f.address, type_register: Register::RBX })
+            .collect();
+        if let Some(newobject) = self.function("runtime.newobject") {
+            allocators.push(closures::Allocator {
+                address: newobject.address,
+                type_register: Register::RAX,
+            });
+        }
+        allocators
+    }
+
+    /// [`ClosureTypes`] for this binary: the closures built in every function with a heap
+    /// defer site, found now; others on demand.
+    pub fn closure_types(&self) -> Result<ClosureTypes<'_>, BinaryError> {
+        let catalog = ClosureTypes {
+            binary: self,
+            types: self.types(),
+            allocators: self.closure_allocators(),
+            by_code: Mutex::default(),
+            scanned: Mutex::default(),
+        };
+        let mut functions: Vec<u64> = self
+            .heap_defer_sites()?
+            .iter()
+            .filter_map(|site| self.function_at(site.call_address))
+            .map(|f| f.address)
+            .collect();
+        functions.dedup();
+        for function in functions {
+            catalog.scan(function);
+        }
+        Ok(catalog)
+    }
+
     /// [`prologue::probe_offset`] for `function`, with errors naming the file and function.
     pub fn probe_offset(&self, function: &Function) -> Result<ProbeOffset, BinaryError> {
         let code = self.function_code(function)?;
@@ -416,6 +516,7 @@ fn load_segments(
                 vaddr: header.p_vaddr(endian),
                 offset: header.p_offset(endian),
                 filesz: header.p_filesz(endian),
+                writable: header.p_flags(endian).0 & elf::PF_W.0 != 0,
             };
             let file_end = segment.offset.checked_add(segment.filesz);
             let in_file = file_end.is_some_and(|end| end <= file_len as u64)

@@ -79,6 +79,9 @@ pub(super) struct Pclntab {
     nfunc: usize,
     /// `runtime.text`: function entries are offsets from it.
     text_start: u64,
+    /// ELF virtual address of the table's header (`moduledata.pcHeader` points here); 0 when
+    /// parsed from bare bytes.
+    address: u64,
     funcnames: usize,
     cutab: usize,
     filetab: usize,
@@ -123,6 +126,7 @@ impl Pclntab {
         range: Range<usize>,
     ) -> Result<Pclntab, BinaryError> {
         let mut table = Self::parse_header(path, file, range)?;
+        table.address = address;
         table.text_start = text_start(path, elf, &table, address, table.text_start, file)?;
         Ok(table)
     }
@@ -176,6 +180,7 @@ impl Pclntab {
                 corrupt(format!("function table of {entries} entries exceeds the table"))
             })?;
         Ok(Pclntab {
+            address: 0,
             range,
             func_id_offset,
             nfunc,
@@ -259,6 +264,11 @@ impl Pclntab {
 
     /// Function, file and line of the code at `pc` (an ELF virtual address). None if no Go
     /// function contains `pc` or its tables are unreadable.
+    /// ELF virtual address of the table's header.
+    pub(super) fn address(&self) -> u64 {
+        self.address
+    }
+
     pub(super) fn source_location(&self, file: &[u8], pc: u64) -> Option<SourceLocation> {
         let index = self.find(file, pc)?;
         let entry = self.entry(file, index).ok()?;

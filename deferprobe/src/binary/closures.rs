@@ -1,0 +1,322 @@
+//! Which closure struct type each closure function uses, read from the code that builds the
+//! closures: an escaping closure is allocated with its compiler-generated struct type as the
+//! allocator's type argument (`LEAQ type(IP), AX` / `CALL runtime.newobject` on Go 1.19;
+//! `LEAQ type(IP), BX` / `CALL runtime.mallocgc…` on later releases), then the closure's code
+//! pointer is stored into word 0 of the new object (`LEAQ fn(SB), CX` / `MOVQ CX, (AX)`). The
+//! same holds for the wrappers the compiler makes for `defer f.Close()` and method values.
+//!
+//! A linear scan per function: registers holding a RIP-relative address (`LEA`) are followed,
+//! the object returned by an allocator call is followed through register copies, and a store
+//! of a function's entry into word 0 of that object ties the function to the type.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+};
+
+use iced_x86::{Code, FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+
+use super::{
+    GoBinary,
+    gotypes::{GoType, TypeKind, TypeReader},
+    prologue::instructions,
+};
+
+/// What a closure function's closure object holds, from its struct type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClosureLayout {
+    /// The closure function (ELF virtual address).
+    pub code: u64,
+    /// The closure struct type, as the binary names it.
+    pub type_name: String,
+    /// Bytes of the closure object.
+    pub size: u64,
+    /// The captured variables, in field order (the code pointer, field 0, left out).
+    pub captures: Vec<CapturedField>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturedField {
+    /// The variable's name where the release keeps it (`m`, `.autotmp_3`), else the
+    /// positional `X0`, `X1`, ….
+    pub name: String,
+    pub offset: u64,
+    pub typ: GoType,
+}
+
+/// Closure layouts of one binary: those built in the functions with heap defer sites, found
+/// at once ([`GoBinary::closure_types`]), and others by scanning the function that a closure's
+/// name says encloses it (`main.f.func1` → `main.f`), on first use.
+pub struct ClosureTypes<'b> {
+    pub(super) binary: &'b GoBinary,
+    pub(super) types: TypeReader<'b>,
+    pub(super) allocators: Vec<Allocator>,
+    /// Closure code → closure struct type address.
+    pub(super) by_code: Mutex<HashMap<u64, u64>>,
+    /// Functions already scanned.
+    pub(super) scanned: Mutex<HashSet<u64>>,
+}
+
+impl ClosureTypes<'_> {
+    pub fn types(&self) -> &TypeReader<'_> {
+        &self.types
+    }
+
+    /// The executable's image ([`GoBinary::image_range`]): where static funcvals live.
+    pub fn image_range(&self) -> (u64, u64) {
+        self.binary.image_range()
+    }
+
+    /// Scans the function at `address` for closures it builds.
+    pub(super) fn scan(&self, address: u64) {
+        let lock = |m: &'_ Mutex<HashSet<u64>>| {
+            m.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(address)
+        };
+        if !lock(&self.scanned) {
+            return;
+        }
+        let Some(function) = self.binary.function_at(address) else { return };
+        let Ok(code) = self.binary.function_code(&function) else { return };
+        let is_function = |a: u64| self.binary.function_at(a).is_some_and(|f| f.address == a);
+        let found = closures_built(
+            code,
+            function.address,
+            &self.allocators,
+            &|a| self.types.is_type_address(a),
+            &is_function,
+        );
+        let mut by_code = self.by_code.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (code, typ) in found {
+            by_code.entry(code).or_insert(typ);
+        }
+    }
+
+    /// The layout of the closure whose code is at `code` (ELF virtual address). None when no
+    /// code building it was found (it may capture nothing: then it is a static funcval).
+    pub fn layout(&self, code: u64) -> Option<ClosureLayout> {
+        let known = |code| {
+            self.by_code
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&code)
+                .copied()
+        };
+        let typ = match known(code) {
+            Some(typ) => typ,
+            None => {
+                let function = self.binary.function_at(code).filter(|f| f.address == code)?;
+                for parent in enclosing_functions(&function.name) {
+                    if let Some(parent) = self.binary.function(&parent) {
+                        self.scan(parent.address);
+                    }
+                }
+                known(code)?
+            }
+        };
+        let closure = self.types.get(typ).filter(|t| t.kind == TypeKind::Struct)?;
+        let captures = closure
+            .fields
+            .iter()
+            .filter(|field| field.offset > 0)
+            .map(|field| {
+                Some(CapturedField {
+                    name: field.name.clone(),
+                    offset: field.offset,
+                    typ: self.types.get(field.typ)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(ClosureLayout { code, type_name: closure.name, size: closure.size, captures })
+    }
+}
+
+/// The functions that may build the closure `name`, innermost first: `main.f.func1.2` →
+/// `main.f.func1`, `main.f`; `main.f-range1.1` → `main.f-range1`, `main.f`;
+/// `main.f.deferwrap1` → `main.f`.
+pub fn enclosing_functions(name: &str) -> Vec<String> {
+    let mut parents = Vec::new();
+    let mut rest = name;
+    while let Some(cut) = rest.rfind(['.', '-']) {
+        let parent = &rest[..cut];
+        // A package path alone (`main`, `example.com/x/y`) or a receiver type is no function.
+        let last = parent.rsplit('/').next().unwrap_or(parent);
+        if !last.contains('.') || parent.ends_with(')') {
+            break;
+        }
+        parents.push(parent.to_owned());
+        rest = parent;
+    }
+    parents
+}
+
+/// The allocator a closure object is built with, and the register of its type argument.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Allocator {
+    pub address: u64,
+    pub type_register: Register,
+}
+
+/// General-purpose registers tracked, by their 64-bit name.
+fn slot(register: Register) -> Option<usize> {
+    let full = register.full_register();
+    (Register::RAX..=Register::R15).contains(&full).then(|| full as usize - Register::RAX as usize)
+}
+
+/// Closure code address → closure type descriptor address, for every closure built in `code`
+/// (the function at `address`). `is_type` says whether an address can be a type descriptor,
+/// `is_function` whether it is a function's entry.
+pub(super) fn closures_built(
+    code: &[u8],
+    address: u64,
+    allocators: &[Allocator],
+    is_type: &dyn Fn(u64) -> bool,
+    is_function: &dyn Fn(u64) -> bool,
+) -> HashMap<u64, u64> {
+    let mut found = HashMap::new();
+    let mut info = InstructionInfoFactory::new();
+    // RIP-relative addresses in registers, and the registers holding the newest allocation
+    // (with its type).
+    let mut addresses: [Option<u64>; 16] = [None; 16];
+    let mut object: [bool; 16] = [false; 16];
+    let mut object_type: Option<u64> = None;
+    for instruction in instructions(code, address) {
+        let Ok(instruction) = instruction else { break };
+        if instruction.flow_control() == FlowControl::Call {
+            let target = instruction.near_branch_target();
+            let allocator = (instruction.code() == Code::Call_rel32_64)
+                .then(|| allocators.iter().find(|a| a.address == target))
+                .flatten();
+            object = [false; 16];
+            object_type = None;
+            if let Some(allocator) = allocator
+                && let Some(typ) = slot(allocator.type_register).and_then(|s| addresses[s])
+                && is_type(typ)
+            {
+                object[slot(Register::RAX).unwrap()] = true;
+                object_type = Some(typ);
+            }
+            addresses = [None; 16];
+            continue;
+        }
+        let destination = (instruction.op_count() > 0
+            && instruction.op0_kind() == OpKind::Register)
+            .then(|| instruction.op0_register());
+        // LEA reg, [rip+disp]
+        if instruction.mnemonic() == Mnemonic::Lea
+            && instruction.memory_base() == Register::RIP
+            && let Some(to) = destination.and_then(slot)
+        {
+            addresses[to] = Some(instruction.memory_displacement64());
+            object[to] = false;
+            continue;
+        }
+        if instruction.mnemonic() == Mnemonic::Mov && instruction.op_count() == 2 {
+            // MOV [obj], reg: the code pointer into word 0.
+            if instruction.op0_kind() == OpKind::Memory
+                && instruction.memory_index() == Register::None
+                && instruction.memory_displacement64() == 0
+                && slot(instruction.memory_base()).is_some_and(|s| object[s])
+                && instruction.op1_kind() == OpKind::Register
+                && let Some(code) = slot(instruction.op1_register()).and_then(|s| addresses[s])
+                && is_function(code)
+                && let Some(typ) = object_type.take()
+            {
+                found.entry(code).or_insert(typ);
+                object = [false; 16];
+                continue;
+            }
+            // MOV reg, reg: copies of what we follow.
+            if instruction.op1_kind() == OpKind::Register
+                && let (Some(to), Some(from)) =
+                    (destination.and_then(slot), slot(instruction.op1_register()))
+                && instruction.op0_register().size() == 8
+            {
+                addresses[to] = addresses[from];
+                object[to] = object[from];
+                continue;
+            }
+        }
+        for used in info.info(&instruction).used_registers() {
+            if matches!(
+                used.access(),
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
+            ) && let Some(s) = slot(used.register())
+            {
+                addresses[s] = None;
+                object[s] = false;
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NEWOBJECT: u64 = 0x2000;
+    const TYPE: u64 = 0x9000;
+    const CLOSURE: u64 = 0x1800;
+
+    fn lea_rip(register_code: u8, at: u64, target: u64, rex: u8) -> Vec<u8> {
+        // REX.W 8D /r with ModRM 00 reg 101 (RIP-relative), disp32.
+        let next = at + 7;
+        let disp = (target.wrapping_sub(next)) as i32;
+        let mut bytes = vec![rex, 0x8d, (register_code << 3) | 0b101];
+        bytes.extend(disp.to_le_bytes());
+        bytes
+    }
+
+    fn call(at: u64, target: u64) -> Vec<u8> {
+        let rel = target.wrapping_sub(at + 5) as i32;
+        [&[0xe8][..], &rel.to_le_bytes()].concat()
+    }
+
+    fn scan(code: &[u8], type_register: Register) -> HashMap<u64, u64> {
+        let allocators = [Allocator { address: NEWOBJECT, type_register }];
+        closures_built(code, 0x1000, &allocators, &|a| a == TYPE, &|a| a == CLOSURE)
+    }
+
+    #[test]
+    fn enclosing_functions_by_name() {
+        assert_eq!(enclosing_functions("main.f.func1"), ["main.f"]);
+        assert_eq!(enclosing_functions("main.f.func1.2"), ["main.f.func1", "main.f"]);
+        assert_eq!(enclosing_functions("main.f-range1.1"), ["main.f-range1", "main.f"]);
+        assert_eq!(enclosing_functions("main.f.deferwrap1"), ["main.f"]);
+        assert_eq!(enclosing_functions("example.com/x/y.(*T).m.func1"), ["example.com/x/y.(*T).m"]);
+    }
+
+    #[test]
+    fn go119_newobject_then_code_pointer() {
+        // lea rax, [rip+TYPE]; call newobject; lea rcx, [rip+CLOSURE]; mov [rax], rcx
+        let mut code = lea_rip(0, 0x1000, TYPE, 0x48);
+        code.extend(call(0x1007, NEWOBJECT));
+        code.extend(lea_rip(1, 0x100c, CLOSURE, 0x48));
+        code.extend([0x48, 0x89, 0x08]); // mov [rax], rcx
+        assert_eq!(scan(&code, Register::RAX), HashMap::from([(CLOSURE, TYPE)]));
+        // The same code, but the type argument is not in the allocator's register.
+        assert_eq!(scan(&code, Register::RBX), HashMap::new());
+    }
+
+    #[test]
+    fn object_followed_through_a_copy_and_other_calls_forget() {
+        // lea rbx, [rip+TYPE]; call newobject; mov rdx, rax; lea rcx, [rip+CLOSURE];
+        // mov [rdx], rcx
+        let mut code = lea_rip(3, 0x1000, TYPE, 0x48);
+        code.extend(call(0x1007, NEWOBJECT));
+        code.extend([0x48, 0x89, 0xc2]); // mov rdx, rax
+        code.extend(lea_rip(1, 0x100f, CLOSURE, 0x48));
+        code.extend([0x48, 0x89, 0x0a]); // mov [rdx], rcx
+        assert_eq!(scan(&code, Register::RBX), HashMap::from([(CLOSURE, TYPE)]));
+        // A call in between (not the allocator) ends the object.
+        let mut code = lea_rip(3, 0x1000, TYPE, 0x48);
+        code.extend(call(0x1007, NEWOBJECT));
+        code.extend(call(0x100c, 0x3000));
+        code.extend(lea_rip(1, 0x1011, CLOSURE, 0x48));
+        code.extend([0x48, 0x89, 0x08]);
+        assert_eq!(scan(&code, Register::RBX), HashMap::new());
+    }
+}

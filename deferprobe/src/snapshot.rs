@@ -1,0 +1,329 @@
+//! `deferprobe snapshot`: the runtime's own state, with no probes at all. Reads every
+//! goroutine's pending `_defer` records and what their closures captured from the target's
+//! memory (read-only, without stopping it), and reports them in the schema `run` uses:
+//! pending totals, findings, goroutines, sites and notes. [`RuntimeReader`] is the part `run`
+//! shares: everything a snapshot of one process needs, set up once.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::{
+    binary::{ClosureTypes, GoBinary, enclosing_functions},
+    cli::SnapshotArgs,
+    error::{Error, Result},
+    findings::{self, PendingSections, SnapshotLookups},
+    layout::LayoutSource,
+    plan,
+    report::{self, Finding, GoroutineReport, Location, PendingReport, SiteReport, TargetReport},
+    state::{AllgAddresses, MapLayout, ProcessMemory, Snapshot, SnapshotContext},
+    target::{self, Target},
+};
+
+/// What taking snapshots of one process needs, set up once.
+pub struct RuntimeReader<'b> {
+    pub binary: &'b GoBinary,
+    pub closures: ClosureTypes<'b>,
+    pub memory: ProcessMemory,
+    pub bias: u64,
+    pub layout: crate::layout::RuntimeLayout,
+    pub layout_source: LayoutSource,
+    allg: AllgAddresses,
+    maps: MapLayout,
+}
+
+impl<'b> RuntimeReader<'b> {
+    /// Checks that the target's memory can be read at all (naming the capability when it
+    /// can't) and finds the runtime's goroutine list.
+    pub fn new(binary: &'b GoBinary, pid: u32) -> Result<RuntimeReader<'b>> {
+        let (layout, layout_source) = plan::supported_layout(binary)?;
+        let bias = match binary.is_pie() {
+            true => target::exe_mapping_start(pid)
+                .map_or(0, |start| start.wrapping_sub(binary.file_start_vaddr())),
+            false => 0,
+        };
+        let memory = ProcessMemory::new(pid);
+        let (start, _) = binary.image_range();
+        if let Err(err) = memory.check_access(start.wrapping_add(bias)) {
+            return Err(match err.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::EACCES) => Error::permission(format!(
+                    "cannot read the memory of pid {pid} ({err}): reading another process's \
+                     memory needs CAP_SYS_PTRACE (and, under YAMA ptrace_scope 3, is off for \
+                     everyone)"
+                )),
+                Some(libc::ESRCH) => Error::target(format!("pid {pid} exited")),
+                _ => Error::target(format!("cannot read the memory of pid {pid}: {err}")),
+            });
+        }
+        let variables = binary.allg_variables().ok_or_else(|| {
+            Error::target(format!(
+                "{}: runtime.allglen/allgptr not found (neither in .symtab nor in \
+                 runtime.allgadd's code), so the goroutines can't be listed",
+                binary.path().display()
+            ))
+        })?;
+        let info = binary.build_info();
+        Ok(RuntimeReader {
+            binary,
+            closures: binary.closure_types()?,
+            memory,
+            bias,
+            layout,
+            layout_source,
+            allg: AllgAddresses {
+                allglen: variables.allglen.wrapping_add(bias),
+                allgptr: variables.allgptr.wrapping_add(bias),
+            },
+            maps: MapLayout::for_release(info.release.minor, &info.experiments),
+        })
+    }
+
+    pub fn take(&self) -> Result<Snapshot> {
+        let context = SnapshotContext {
+            layout: self.layout,
+            allg: self.allg,
+            closures: &self.closures,
+            bias: self.bias,
+            maps: self.maps,
+        };
+        Snapshot::take(&self.memory, &context)
+            .map_err(|err| Error::target(format!("pid {}: {err}", self.memory.pid())))
+    }
+
+    /// The pending sections of a report from `snapshot`.
+    pub fn sections(
+        &self,
+        snapshot: &Snapshot,
+        min_pending: u64,
+        traced: Option<&findings::Traced<'_>>,
+    ) -> PendingSections {
+        let location = |pc: u64| -> Location {
+            match self.binary.source_location(pc.wrapping_sub(1)) {
+                Some(loc) => Location {
+                    function: Some(loc.function),
+                    file: Some(loc.file),
+                    line: Some(loc.line),
+                },
+                None => Location::default(),
+            }
+        };
+        let range_sites = self.range_sites();
+        let range_site = |code: u64| -> Option<u64> {
+            // The loop body is the function enclosing the closure (`main.f-range1.1` →
+            // `main.f-range1`, Go 1.27), or the only body of the function enclosing it
+            // (`main.f.func1` → `main.f-range1`, Go 1.23–1.24).
+            let function = self.binary.function_at(code.wrapping_sub(self.bias))?;
+            let site = enclosing_functions(&function.name).into_iter().find_map(|parent| {
+                if let Some(pc) = range_sites.get(&parent) {
+                    return Some(*pc);
+                }
+                let prefix = format!("{parent}-range");
+                let mut bodies = range_sites.range(prefix.clone()..).take_while(|(body, _)| {
+                    body.starts_with(&prefix) && !body[prefix.len()..].contains(['.', '-'])
+                });
+                match (bodies.next(), bodies.next()) {
+                    (Some((_, pc)), None) => Some(*pc),
+                    _ => None,
+                }
+            })?;
+            Some(site.wrapping_add(self.bias))
+        };
+        let closure_size = |code: u64| {
+            self.closures
+                .layout(code.wrapping_sub(self.bias))
+                .map_or(0, |layout| layout.size.next_multiple_of(16))
+        };
+        let lookups = SnapshotLookups {
+            bias: self.bias,
+            location: &location,
+            range_site: &range_site,
+            defer_record_bytes: self.layout.defer_size,
+            min_pending,
+        };
+        findings::from_snapshot(snapshot, &lookups, &closure_size, traced)
+    }
+
+    /// Range-over-func loop bodies with exactly one `deferprocat` call: body function name →
+    /// the call's return address (ELF virtual address), the defer site of their records.
+    fn range_sites(&self) -> BTreeMap<String, u64> {
+        let mut by_body: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for site in self.binary.heap_defer_sites().unwrap_or_default() {
+            if site.callee == "runtime.deferprocat" {
+                by_body
+                    .entry(site.location.function.clone())
+                    .or_default()
+                    .push(site.return_address);
+            }
+        }
+        by_body
+            .into_iter()
+            .filter(|(_, pcs)| pcs.len() == 1)
+            .map(|(body, pcs)| (body, pcs[0]))
+            .collect()
+    }
+}
+
+/// Notes every report built from a snapshot carries.
+pub fn snapshot_notes(snapshot: &Snapshot, sections: &PendingSections) -> Vec<String> {
+    let mut notes = Vec::new();
+    let dropped = snapshot.torn + snapshot.unreadable + snapshot.corrupt;
+    if dropped > 0 {
+        notes.push(format!(
+            "{dropped} goroutines were left out of the snapshot: {} changed while read (3 \
+             tries), {} could not be read, {} held no valid _defer chain; their records are \
+             not counted",
+            snapshot.torn, snapshot.unreadable, snapshot.corrupt
+        ));
+    }
+    for (why, records) in &sections.unknown_captures {
+        notes.push(format!("{records} pending closures have unknown captures: {why}"));
+    }
+    if sections.unreadable_maps > 0 {
+        notes.push(format!(
+            "{} captured map pointers did not hold a valid map header: their entries are \
+             unknown (counted as 0 in captured_map_entries, null in captures[].entries)",
+            sections.unreadable_maps
+        ));
+    }
+    if !sections.findings.is_empty() {
+        notes.push(
+            "est_bytes is an estimate: _defer records, closures, map slots at Go's load \
+             factor, slice capacities, string bytes and one pointee per pointer; data those \
+             reach in turn is not included"
+                .into(),
+        );
+    }
+    notes
+}
+
+/// The JSON report of `snapshot` (schema version [`report::SCHEMA_VERSION`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotReport {
+    pub schema_version: u32,
+    /// "snapshot".
+    pub kind: &'static str,
+    pub target: TargetReport,
+    pub snapshot: SnapshotStats,
+    pub layout_source: LayoutSource,
+    pub pending: PendingReport,
+    pub findings: Vec<Finding>,
+    pub goroutines: Vec<GoroutineReport>,
+    pub sites: Vec<SiteReport>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SnapshotStats {
+    pub read_ms: f64,
+    pub goroutines_read: u64,
+    pub goroutines_alive: u64,
+    pub torn: u64,
+    pub unreadable: u64,
+    pub corrupt: u64,
+}
+
+impl SnapshotStats {
+    pub fn of(snapshot: &Snapshot) -> SnapshotStats {
+        SnapshotStats {
+            read_ms: snapshot.ended_ns.saturating_sub(snapshot.started_ns) as f64 / 1e6,
+            goroutines_read: snapshot.goroutines_read,
+            goroutines_alive: snapshot.goroutines_alive,
+            torn: snapshot.torn,
+            unreadable: snapshot.unreadable,
+            corrupt: snapshot.corrupt,
+        }
+    }
+}
+
+impl SnapshotReport {
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let t = &self.target;
+        let s = &self.snapshot;
+        let _ = writeln!(out, "deferprobe snapshot");
+        let _ = writeln!(out, "  target    pid {} ({})", t.pid, t.go_version);
+        let _ = writeln!(out, "  exe       {}", report::truncate(&t.exe, 68));
+        let _ = writeln!(
+            out,
+            "  read      {} goroutines ({} alive) in {:.1} ms, target not stopped",
+            s.goroutines_read, s.goroutines_alive, s.read_ms
+        );
+        let p = &self.pending;
+        let _ = writeln!(
+            out,
+            "\npending heap defers: {} in {} goroutine(s), capturing {} map(s)",
+            p.heap_defers, p.goroutines, p.captured_maps
+        );
+        report::write_findings(&mut out, &self.findings);
+        if !self.sites.is_empty() {
+            let _ = writeln!(out, "\n{:<68}{:>10}", "defer site", "pending");
+            for site in self.sites.iter().take(10) {
+                let name = report::site_name(site);
+                let _ = writeln!(out, "  {:<66}{:>10}", report::truncate(&name, 64), site.pending);
+            }
+            if self.sites.len() > 10 {
+                let _ =
+                    writeln!(out, "  ... {} more sites in the JSON report", self.sites.len() - 10);
+            }
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(out, "\nnotes");
+            for note in &self.notes {
+                report::write_wrapped(&mut out, note);
+            }
+        }
+        out
+    }
+}
+
+/// Runs `deferprobe snapshot`; returns the exit code.
+pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
+    if let Some(path) = &args.report {
+        report::check_writable(path)?;
+    }
+    let target = Target::running(args.pid)?;
+    let binary = GoBinary::open(&target.exe).map_err(|err| {
+        Error::target(err.to_string().replacen(
+            &target.exe.display().to_string(),
+            &format!("pid {} ({})", target.pid, target.exe_name),
+            1,
+        ))
+    })?;
+    let reader = RuntimeReader::new(&binary, target.pid)?;
+    let snapshot = reader.take()?;
+    let sections = reader.sections(&snapshot, args.min_pending, None);
+    let mut notes = snapshot_notes(&snapshot, &sections);
+    notes.push(
+        "a snapshot has no probes: every pending record is \"pending at attach\", with no age, \
+         and sites show no registrations or releases (deferprobe run adds them)"
+            .into(),
+    );
+    let report = SnapshotReport {
+        schema_version: report::SCHEMA_VERSION,
+        kind: "snapshot",
+        target: TargetReport {
+            pid: target.pid,
+            exe: target.exe_name.clone(),
+            go_version: binary.build_info().version.clone(),
+            exit_code: None,
+        },
+        snapshot: SnapshotStats::of(&snapshot),
+        layout_source: reader.layout_source,
+        pending: sections.pending,
+        findings: sections.findings,
+        goroutines: sections.goroutines,
+        sites: sections.sites,
+        notes,
+    };
+    let json = serde_json::to_string_pretty(&report).expect("report serializes") + "\n";
+    let text = match args.json {
+        true => json.clone(),
+        false => report.to_text(),
+    };
+    report::print_stdout(&text)?;
+    if let Some(path) = &args.report {
+        report::write_report(path, &json)?;
+    }
+    Ok(0)
+}

@@ -1,0 +1,182 @@
+//! Reading the target's runtime state: its goroutines, their pending `_defer` records and what
+//! each deferred closure captured, from the process's memory, read-only and without stopping
+//! it. Pure decoding over [`Memory`], so the decoders run the same on a live process and on a
+//! [`MemoryImage`] captured from one. (Reading the executable is [`crate::binary`]'s job.)
+
+pub mod goroutines;
+pub mod memory;
+pub mod objects;
+
+use crate::{binary::ClosureTypes, layout::RuntimeLayout};
+pub use goroutines::{AllgAddresses, DeferRecord, GoroutineHeader, Torn};
+pub use memory::{Memory, MemoryImage, ProcessMemory, Recording};
+pub use objects::{CapturedValue, MapLayout, Value};
+
+/// What a snapshot needs to know about the target besides its memory.
+pub struct SnapshotContext<'a, 'b> {
+    pub layout: RuntimeLayout,
+    pub allg: AllgAddresses,
+    pub closures: &'a ClosureTypes<'b>,
+    /// Runtime address − ELF virtual address (PIE load bias).
+    pub bias: u64,
+    pub maps: MapLayout,
+}
+
+/// What a pending closure captured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Captures {
+    /// Each captured variable with its value.
+    Values(Vec<CapturedValue>),
+    /// The closure captures nothing (a static funcval, or a struct with only the code
+    /// pointer).
+    Nothing,
+    /// Unknown, and why.
+    Unknown(&'static str),
+}
+
+/// One pending heap record and its closure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingRecord {
+    pub record: DeferRecord,
+    /// The closure's code (runtime address), from its word 0.
+    pub code: Option<u64>,
+    pub captures: Captures,
+}
+
+/// A goroutine holding pending heap records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingGoroutine {
+    pub header: GoroutineHeader,
+    /// Newest first.
+    pub records: Vec<PendingRecord>,
+}
+
+/// Every goroutine's pending heap defers at one moment (as near as reading a running process
+/// allows: each goroutine is read consistently, one after the other).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// CLOCK_MONOTONIC ns when reading began and ended.
+    pub started_ns: u64,
+    pub ended_ns: u64,
+    /// g structs read (live and dead).
+    pub goroutines_read: u64,
+    /// Goroutines alive (not `_Gdead`).
+    pub goroutines_alive: u64,
+    /// Goroutines whose chain changed under every attempt, could not be read, or was not a
+    /// chain: dropped and counted, never guessed.
+    pub torn: u64,
+    pub unreadable: u64,
+    pub corrupt: u64,
+    /// Goroutines with at least one pending heap record.
+    pub goroutines: Vec<PendingGoroutine>,
+}
+
+/// Why no snapshot could be taken at all.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("the runtime's list of goroutines (allglen/allgptr) could not be read")]
+    NoGoroutineList,
+}
+
+impl Snapshot {
+    /// Reads every goroutine and its pending heap records from `memory`.
+    pub fn take(
+        memory: &impl Memory,
+        context: &SnapshotContext<'_, '_>,
+    ) -> Result<Snapshot, SnapshotError> {
+        let started_ns = monotonic_ns();
+        let gs =
+            goroutines::read_allgs(memory, context.allg).ok_or(SnapshotError::NoGoroutineList)?;
+        let headers = goroutines::read_headers(memory, &context.layout, &gs);
+        let mut snapshot =
+            Snapshot { started_ns, goroutines_read: gs.len() as u64, ..Snapshot::default() };
+        for header in headers {
+            let Some(header) = header else {
+                snapshot.unreadable += 1;
+                continue;
+            };
+            if header.dead() {
+                continue;
+            }
+            snapshot.goroutines_alive += 1;
+            if header.defers == 0 {
+                continue;
+            }
+            let defers = match goroutines::read_defers(memory, &context.layout, header) {
+                Ok(defers) => defers,
+                Err(Torn::Changed) => {
+                    snapshot.torn += 1;
+                    continue;
+                }
+                Err(Torn::Unreadable) => {
+                    snapshot.unreadable += 1;
+                    continue;
+                }
+                Err(Torn::Corrupt) => {
+                    snapshot.corrupt += 1;
+                    continue;
+                }
+            };
+            let records: Vec<PendingRecord> = defers
+                .records
+                .iter()
+                .filter(|record| record.heap)
+                .map(|record| pending_record(memory, context, *record))
+                .collect();
+            if !records.is_empty() {
+                snapshot.goroutines.push(PendingGoroutine { header: defers.header, records });
+            }
+        }
+        snapshot.ended_ns = monotonic_ns();
+        Ok(snapshot)
+    }
+
+    pub fn pending_records(&self) -> usize {
+        self.goroutines.iter().map(|g| g.records.len()).sum()
+    }
+}
+
+fn pending_record(
+    memory: &impl Memory,
+    context: &SnapshotContext<'_, '_>,
+    record: DeferRecord,
+) -> PendingRecord {
+    let code = memory.read_u64(record.closure).filter(|&code| code != 0);
+    let captures = match code {
+        None => Captures::Unknown("the closure could not be read"),
+        Some(code) => match context.closures.layout(code.wrapping_sub(context.bias)) {
+            Some(layout) if layout.captures.is_empty() => Captures::Nothing,
+            Some(layout) => {
+                match objects::read_captures(
+                    memory,
+                    context.closures.types(),
+                    &layout,
+                    record.closure,
+                    context.maps,
+                ) {
+                    Some(values) => Captures::Values(values),
+                    None => Captures::Unknown("the closure object could not be read"),
+                }
+            }
+            // No code builds it: a static funcval, which captures nothing; or code deferprobe
+            // did not find.
+            None if is_static(context, record.closure) => Captures::Nothing,
+            None => Captures::Unknown("no code building this closure was found in the binary"),
+        },
+    };
+    PendingRecord { record, code, captures }
+}
+
+/// A funcval in the executable's own image (a closure that captures nothing).
+fn is_static(context: &SnapshotContext<'_, '_>, closure: u64) -> bool {
+    let (start, end) = context.closures.image_range();
+    (start..end).contains(&closure.wrapping_sub(context.bias))
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}

@@ -1,0 +1,194 @@
+//! Issue 12: the runtime's own state is the truth. The `pending` Go program registers its
+//! defers before deferprobe attaches (maps by value and by reference, a slice, a string, an
+//! `*os.File`, a struct pointer, a range-over-func loop on 1.23+, a frame that recovered a
+//! panic) and prints every site's ground truth. `snapshot` and `run --pid` must both report it
+//! exactly, on every release and variant (plain, stripped, PIE) of the matrix.
+
+use std::{thread, time::Duration};
+
+use serde_json::Value;
+
+use crate::{
+    matrix::{Target, check_each, selected_targets},
+    support::*,
+};
+
+/// Records per site.
+const N: &str = "40";
+
+fn pending_targets() -> Vec<Target> {
+    let targets: Vec<Target> =
+        selected_targets().into_iter().filter(|t| t.program == "pending").collect();
+    assert!(!targets.is_empty(), "no pending targets in tests/go/matrix.txt for this run");
+    targets
+}
+
+fn u64_of(value: &Value, key: &str) -> u64 {
+    value[key].as_u64().unwrap_or_else(|| panic!("no {key} in {value}"))
+}
+
+/// The finding at the truth site's function and line.
+fn finding_for<'a>(report: &'a Value, site: &Value) -> &'a Value {
+    report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["function"] == site["function"] && f["line"] == site["line"])
+        .unwrap_or_else(|| panic!("no finding for {site}\nfindings: {:#}", report["findings"]))
+}
+
+/// Every truth site against `report` (from `snapshot` or `run`).
+fn check_report(report: &Value, truth: &Value, what: &str) {
+    let context = |detail: &str| format!("{what}: {detail}");
+    assert_eq!(
+        u64_of(&report["pending"], "heap_defers"),
+        u64_of(truth, "pending_defers"),
+        "{}",
+        context("pending heap defers")
+    );
+    assert_eq!(
+        u64_of(&report["pending"], "goroutines"),
+        u64_of(truth, "pending_goroutines"),
+        "{}",
+        context("goroutines")
+    );
+    for site in truth["sites"].as_array().unwrap() {
+        let pending = u64_of(site, "pending");
+        if pending == 0 {
+            // The frame whose records a recovered panic ran: no record left at its line.
+            let left = report["sites"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["function"] == site["function"] && s["line"] == site["line"])
+                .map(|s| u64_of(s, "pending"))
+                .sum::<u64>();
+            assert_eq!(left, 0, "{}", context(&format!("{site}")));
+            continue;
+        }
+        let finding = finding_for(report, site);
+        let detail = context(&format!("{finding:#}\ntruth {site}"));
+        assert_eq!(finding["goid"], site["goid"], "{detail}");
+        assert_eq!(u64_of(finding, "pending_defers"), pending, "{detail}");
+        assert_eq!(u64_of(finding, "pending_before_trace"), pending, "{detail}");
+        assert!(finding["oldest_pending_secs"].is_null(), "{detail}");
+        assert_eq!(finding["file"], site["file"], "{detail}");
+        let captures = finding["captures"].as_array().unwrap();
+        assert_eq!(captures.len(), 1, "{detail}");
+        let capture = &captures[0];
+        assert_eq!(u64_of(capture, "captures"), pending, "{detail}");
+        let typ = site["type"].as_str().unwrap();
+        let (kind, type_name) = match site["capture"].as_str().unwrap() {
+            "map" => ("map", typ.to_owned()),
+            "map_ref" => ("map_by_reference", format!("*{typ}")),
+            "struct_pointer" => ("pointer", typ.to_owned()),
+            other => (other, typ.to_owned()),
+        };
+        assert_eq!(capture["kind"], kind, "{detail}");
+        assert_eq!(capture["type"], type_name.as_str(), "{detail}");
+        let maps = u64_of(site, "maps");
+        assert_eq!(u64_of(finding, "captured_maps"), maps, "{detail}");
+        assert_eq!(
+            u64_of(finding, "captured_map_entries"),
+            u64_of(site, "map_entries"),
+            "{detail}"
+        );
+        let (by_value, by_reference) = match kind {
+            "map_by_reference" => (0, maps),
+            _ => (maps, 0),
+        };
+        assert_eq!(u64_of(finding, "captured_maps_by_value"), by_value, "{detail}");
+        assert_eq!(u64_of(finding, "captured_maps_by_reference"), by_reference, "{detail}");
+        match kind {
+            "map" | "map_by_reference" => {
+                assert_eq!(u64_of(capture, "entries"), u64_of(site, "map_entries"), "{detail}")
+            }
+            "slice" => {
+                assert_eq!(u64_of(capture, "entries"), u64_of(site, "slice_len"), "{detail}");
+                assert_eq!(u64_of(capture, "capacity"), u64_of(site, "slice_cap"), "{detail}");
+            }
+            "string" => {
+                assert_eq!(u64_of(capture, "entries"), u64_of(site, "string_bytes"), "{detail}")
+            }
+            _ => assert_eq!(u64_of(capture, "objects"), pending, "{detail}"),
+        }
+        // At least the _defer records and the closures.
+        assert!(u64_of(finding, "est_bytes") > pending * 56, "{detail}");
+    }
+    let notes = report["notes"].as_array().unwrap();
+    assert!(
+        notes.iter().any(|n| n.as_str().unwrap().contains("estimate")),
+        "{what}: no note saying est_bytes is an estimate: {notes:?}"
+    );
+}
+
+fn check_target(target: &Target) {
+    let binary = target.binary();
+    let mut program = Workload::start_with_args(&binary, &["-wait", "-n", N]);
+    let truth = program.work_json();
+    let pid = program.pid().to_string();
+
+    // snapshot: no probes.
+    let output = deferprobe().args(["snapshot", "--pid", &pid, "--json"]).output().unwrap();
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "snapshot: {stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(report["kind"], "snapshot");
+    check_report(&report, &truth, "snapshot");
+    let text_output = deferprobe().args(["snapshot", "--pid", &pid]).output().unwrap();
+    let (text_report, _) = text(&text_output);
+    assert!(text_report.contains("pending at attach"), "{text_report}");
+    assert!(text_report.lines().all(|l| l.chars().count() <= 80), "{text_report}");
+
+    // run --pid, with only the defer probes: captures come from the closures' types, not from
+    // map writes seen while tracing.
+    for probes in ["defers", "defers,map-writes,allocations"] {
+        let report_file = report_path(&format!("pending-{}-{probes}", target.id()));
+        let output = deferprobe()
+            .args(["run", "--pid", &pid, "--duration", "600ms", "--interval", "200ms"])
+            .args(ALL_PROBES_ON)
+            .args(["--probes", probes, "--report"])
+            .arg(&report_file)
+            .output()
+            .unwrap();
+        let (_, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(0), "run: {stderr}");
+        check_report(&read_json(&report_file), &truth, &format!("run --probes {probes}"));
+    }
+    program.end();
+}
+
+#[test]
+fn defers_pending_before_attach_are_exact() {
+    require_root();
+    check_each(&pending_targets(), Target::id, check_target);
+}
+
+/// Goroutines starting and ending while snapshots run: no phantom record, no failure.
+#[test]
+fn snapshots_under_goroutine_churn() {
+    require_root();
+    let release = &go_releases()[0];
+    let program = go_program(release, "captures");
+    let mut target =
+        Workload::start_with_args(&program, &["-wait", "-scenario", "churn", "-n", "2"]);
+    let pid = target.pid().to_string();
+    // The churn runs for a second after "go"; snapshots meanwhile.
+    target.go();
+    let mut taken = 0;
+    for _ in 0..100 {
+        let output = deferprobe().args(["snapshot", "--pid", &pid, "--json"]).output().unwrap();
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(0), "snapshot: {stderr}");
+        let report: Value = serde_json::from_str(&stdout).unwrap();
+        // Only the holders' records: each pending record belongs to a live goroutine, at the
+        // holding function.
+        for site in report["sites"].as_array().unwrap() {
+            assert_eq!(site["function"], "main.holdByValue", "{site}");
+        }
+        taken += 1;
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(taken, 100);
+    drop(target);
+}
