@@ -78,15 +78,19 @@ impl<'b> RuntimeReader<'b> {
         })
     }
 
-    pub fn take(&self) -> Result<Snapshot> {
-        let context = SnapshotContext {
+    /// What [`Snapshot::take`] needs besides memory.
+    pub fn context(&self) -> SnapshotContext<'_, 'b> {
+        SnapshotContext {
             layout: self.layout,
             allg: self.allg,
             closures: &self.closures,
             bias: self.bias,
             maps: self.maps,
-        };
-        Snapshot::take(&self.memory, &context)
+        }
+    }
+
+    pub fn take(&self) -> Result<Snapshot> {
+        Snapshot::take(&self.memory, &self.context())
             .map_err(|err| Error::target(format!("pid {}: {err}", self.memory.pid())))
     }
 

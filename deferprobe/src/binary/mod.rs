@@ -642,6 +642,51 @@ mod tests {
         }
     }
 
+    /// What a snapshot needs from a stripped binary, decoded from code and data, equals what
+    /// the symbol table of the same program says.
+    #[test]
+    fn runtime_variables_and_types_without_symbols() {
+        for toolchain in testbin::toolchains() {
+            let what = format!("go{}", toolchain.version);
+            let plain = open(&toolchain, Program::Pending, Variant::Plain);
+            let allgadd = plain.function("runtime.allgadd").unwrap();
+            let decoded =
+                variables::from_allgadd(plain.function_code(&allgadd).unwrap(), allgadd.address);
+            assert_eq!(decoded, plain.allg_variables(), "{what}");
+            assert!(decoded.is_some(), "{what}");
+            let range = plain.types().range().unwrap_or_else(|| panic!("{what}: no types"));
+            assert_eq!(
+                Some(range.types),
+                plain.data_symbol("runtime.types").or_else(|| {
+                    // Some releases give it as a read-only data symbol of another kind.
+                    plain_symbol(&plain, "runtime.types")
+                }),
+                "{what}"
+            );
+            for variant in [Variant::Stripped, Variant::PieStripped] {
+                let binary = open(&toolchain, Program::Pending, variant);
+                assert!(binary.allg_variables().is_some(), "{what} {variant:?}");
+                let closures = binary.closure_types().unwrap();
+                // The closure of holdMapsByValue's loop defer captures one map[string]int.
+                let code = binary
+                    .functions_with_prefix("main.holdMapsByValue.func")
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| panic!("{what} {variant:?}: no closure"));
+                let layout = closures.layout(code.address).unwrap();
+                let types: Vec<&str> =
+                    layout.captures.iter().map(|c| c.typ.name.as_str()).collect();
+                assert!(types.contains(&"map[string]int"), "{what} {variant:?}: {layout:?}");
+            }
+        }
+    }
+
+    fn plain_symbol(binary: &GoBinary, name: &str) -> Option<u64> {
+        use object::{Object as _, ObjectSymbol as _};
+        let elf = parse_elf(&binary.path, &binary.map).ok()?;
+        elf.symbols().find(|s| s.name() == Ok(name)).map(|s| s.address())
+    }
+
     #[test]
     fn functions_with_prefix() {
         for toolchain in testbin::toolchains() {

@@ -94,6 +94,9 @@ pub enum Program {
     Demo,
     /// tests/go/workload built with cgo (linked by gcc, against libc; calls into C).
     Cgo,
+    /// tests/go/pending: goroutines holding defers of every capture kind (not in [`ALL`]:
+    /// the runtime-state tests run it).
+    Pending,
 }
 
 impl Program {
@@ -104,6 +107,7 @@ impl Program {
             Program::Workload => "workload",
             Program::Demo => "demo",
             Program::Cgo => "workload",
+            Program::Pending => "pending",
         }
     }
 

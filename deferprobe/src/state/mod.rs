@@ -180,3 +180,163 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        process::{Command, Stdio},
+    };
+
+    use super::*;
+    use crate::{
+        binary::{
+            GoBinary,
+            testbin::{self, Program, Variant},
+        },
+        snapshot::RuntimeReader,
+    };
+
+    /// The `pending` program, holding its defers until dropped.
+    struct Pending {
+        child: std::process::Child,
+        truth: serde_json::Value,
+    }
+
+    impl Pending {
+        fn start(binary: &std::path::Path) -> Pending {
+            let mut child = Command::new(binary)
+                .args(["-wait", "-n", "12"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdout = BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            assert_eq!(line, "ready\n");
+            child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+            line.clear();
+            stdout.read_line(&mut line).unwrap();
+            Pending { child, truth: serde_json::from_str(&line).unwrap() }
+        }
+    }
+
+    impl Drop for Pending {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Reads `memory` as a RuntimeReader would, but through any [`Memory`].
+    fn take(reader: &RuntimeReader<'_>, memory: &impl Memory) -> Snapshot {
+        Snapshot::take(memory, &reader.context()).unwrap()
+    }
+
+    /// A live snapshot, captured as an image, decodes the same from the image; damaged images
+    /// are refused record by record, never guessed.
+    #[test]
+    fn decodes_captured_images_and_refuses_damaged_ones() {
+        for toolchain in testbin::toolchains() {
+            for variant in [Variant::Plain, Variant::Stripped] {
+                let path = testbin::build(&toolchain, Program::Pending, variant);
+                let what = format!("go{} {variant:?}", toolchain.version);
+                let pending = Pending::start(&path);
+                let binary = GoBinary::open(&path).unwrap();
+                let reader = RuntimeReader::new(&binary, pending.child.id()).unwrap();
+                let recording = Recording::new(&reader.memory);
+                let live = take(&reader, &recording);
+                let image = recording.into_image();
+                let expected = pending.truth["pending_defers"].as_u64().unwrap() as usize;
+                assert_eq!(live.pending_records(), expected, "{what}");
+                let mut replayed = take(&reader, &image);
+                replayed.started_ns = live.started_ns;
+                replayed.ended_ns = live.ended_ns;
+                assert_eq!(replayed, live, "{what}: the image decodes differently");
+
+                // A cycle in one goroutine's chain: that goroutine is dropped as corrupt.
+                let victim = &live.goroutines[0];
+                let record = victim.records[0].record.address;
+                let mut damaged = image.clone();
+                assert!(damaged.write_u64(record + reader.layout.defer_link, record));
+                let snapshot = take(&reader, &damaged);
+                assert_eq!(snapshot.corrupt, 1, "{what}");
+                assert_eq!(snapshot.goroutines.len(), live.goroutines.len() - 1, "{what}");
+
+                // A record that can't be read: that goroutine is dropped as unreadable.
+                let mut damaged = image.clone();
+                let next = victim.header.g + reader.layout.g_defer;
+                assert!(damaged.write_u64(next, 0xdead_0000));
+                let snapshot = take(&reader, &damaged);
+                assert_eq!(snapshot.unreadable, 1, "{what}");
+
+                // A map header that does not check out: entries unknown, not a count.
+                let map = victim.records.iter().find_map(|r| match &r.captures {
+                    Captures::Values(values) => values.iter().find_map(|v| match v.value {
+                        Value::Map { map, by_reference: false, .. } => Some(map),
+                        _ => None,
+                    }),
+                    _ => None,
+                });
+                if let Some(map) = map {
+                    let mut damaged = image.clone();
+                    // An absurd count for the header's size.
+                    assert!(damaged.write_u64(map, 1 << 40));
+                    let snapshot = take(&reader, &damaged);
+                    let entries =
+                        snapshot.goroutines[0].records.iter().find_map(|r| match &r.captures {
+                            Captures::Values(values) => values.iter().find_map(|v| match v.value {
+                                Value::Map { map: m, entries, .. } if m == map => Some(entries),
+                                _ => None,
+                            }),
+                            _ => None,
+                        });
+                    assert_eq!(entries, Some(None), "{what}");
+                }
+            }
+        }
+    }
+
+    /// A goroutine that changes under every read is dropped as torn.
+    #[test]
+    fn a_chain_changing_under_every_read_is_torn() {
+        struct Shifting<'m> {
+            image: &'m MemoryImage,
+            goid_at: u64,
+            reads: std::cell::Cell<u64>,
+        }
+        impl Memory for Shifting<'_> {
+            fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+                if !self.image.read(addr, buf) {
+                    return false;
+                }
+                // Every read of the g shows another goroutine id.
+                let range = addr..addr + buf.len() as u64;
+                if range.contains(&self.goid_at) {
+                    self.reads.set(self.reads.get() + 1);
+                    let at = (self.goid_at - addr) as usize;
+                    buf[at..at + 8].copy_from_slice(&(1000 + self.reads.get()).to_le_bytes());
+                }
+                true
+            }
+        }
+        let toolchain = testbin::toolchains().remove(0);
+        let path = testbin::build(&toolchain, Program::Pending, Variant::Plain);
+        let pending = Pending::start(&path);
+        let binary = GoBinary::open(&path).unwrap();
+        let reader = RuntimeReader::new(&binary, pending.child.id()).unwrap();
+        let recording = Recording::new(&reader.memory);
+        let live = take(&reader, &recording);
+        let image = recording.into_image();
+        let victim = live.goroutines[0].header.g;
+        let shifting = Shifting {
+            image: &image,
+            goid_at: victim + reader.layout.g_goid,
+            reads: Default::default(),
+        };
+        let snapshot = take(&reader, &shifting);
+        assert_eq!(snapshot.torn, 1);
+        assert_eq!(snapshot.goroutines.len(), live.goroutines.len() - 1);
+    }
+}
