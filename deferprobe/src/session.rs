@@ -998,7 +998,9 @@ async fn trace(
         deferproc = counts.deferproc,
         mapassign = counts.mapassign,
         lost_events = counts.lost_events,
-        pending_heap_defers = aggregator.pending_heap_defers(),
+        pending_heap_defers = snapshot
+            .as_ref()
+            .map_or(aggregator.pending_heap_defers(), |s| s.pending_records() as u64),
         "tracing stopped"
     );
     Ok(Traced {
