@@ -198,12 +198,7 @@ fn walk_chain(
     // The chain, and after each range-over-func record its body's list.
     let mut pending_lists: Vec<(u64, u64)> = Vec::new();
     while next != 0 {
-        if records.len() >= MAX_CHAIN || !seen.insert(next) {
-            return Err(Torn::Corrupt);
-        }
-        if !memory.read(next, &mut buf) {
-            return Err(Torn::Unreadable);
-        }
+        read_record(memory, next, &mut buf, &mut seen)?;
         let word =
             |at: u64| u64::from_le_bytes(buf[at as usize..at as usize + 8].try_into().unwrap());
         let rangefunc = layout.defer_rangefunc.is_some_and(|at| buf[at as usize] != 0);
@@ -228,12 +223,7 @@ fn walk_chain(
             head => memory.read_u64(head).ok_or(Torn::Unreadable)?,
         };
         while next != 0 && next != BAD_DEFER {
-            if records.len() >= MAX_CHAIN || !seen.insert(next) {
-                return Err(Torn::Corrupt);
-            }
-            if !memory.read(next, &mut buf) {
-                return Err(Torn::Unreadable);
-            }
+            read_record(memory, next, &mut buf, &mut seen)?;
             let word =
                 |at: u64| u64::from_le_bytes(buf[at as usize..at as usize + 8].try_into().unwrap());
             records.push(DeferRecord {
@@ -248,4 +238,21 @@ fn walk_chain(
         }
     }
     Ok(records)
+}
+
+/// Reads the record at `address` into `buf`: a record seen before in this walk (a cycle) or
+/// past [`MAX_CHAIN`] records is corrupt.
+fn read_record(
+    memory: &impl Memory,
+    address: u64,
+    buf: &mut [u8],
+    seen: &mut HashSet<u64>,
+) -> Result<(), Torn> {
+    if seen.len() >= MAX_CHAIN || !seen.insert(address) {
+        return Err(Torn::Corrupt);
+    }
+    match memory.read(address, buf) {
+        true => Ok(()),
+        false => Err(Torn::Unreadable),
+    }
 }
