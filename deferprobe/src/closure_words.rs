@@ -7,9 +7,10 @@
 //! which of them belong to the closure and which are a neighbouring heap object.
 
 use iced_x86::{
-    Code, Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
-    Register,
+    Code, Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register,
 };
+
+use crate::binary::prologue::written_registers;
 
 /// Where copies of the closure pointer live while scanning: registers and SP-relative slots.
 #[derive(Default)]
@@ -98,16 +99,8 @@ pub fn captured_words(code: &[u8], address: u64) -> usize {
             }
         }
         // Anything else that writes a register ends that copy.
-        for used in info.info(&instruction).used_registers() {
-            if matches!(
-                used.access(),
-                OpAccess::Write
-                    | OpAccess::ReadWrite
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadCondWrite
-            ) {
-                copies.remove(used.register());
-            }
+        for register in written_registers(&mut info, &instruction) {
+            copies.remove(register);
         }
     }
     words

@@ -14,12 +14,12 @@ use std::{
     sync::Mutex,
 };
 
-use iced_x86::{Code, FlowControl, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+use iced_x86::{Code, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
 
 use super::{
     GoBinary,
     gotypes::{GoType, TypeKind, TypeReader},
-    prologue::instructions,
+    prologue::{instructions, register_slot as slot, written_registers},
 };
 
 /// What a closure function's closure object holds, from its struct type.
@@ -156,12 +156,6 @@ pub(super) struct Allocator {
     pub type_register: Register,
 }
 
-/// General-purpose registers tracked, by their 64-bit name.
-fn slot(register: Register) -> Option<usize> {
-    let full = register.full_register();
-    (Register::RAX..=Register::R15).contains(&full).then(|| full as usize - Register::RAX as usize)
-}
-
 /// Closure code address → closure type descriptor address, for every closure built in `code`
 /// (the function at `address`). `is_type` says whether an address can be a type descriptor,
 /// `is_function` whether it is a function's entry.
@@ -236,15 +230,8 @@ pub(super) fn closures_built(
                 continue;
             }
         }
-        for used in info.info(&instruction).used_registers() {
-            if matches!(
-                used.access(),
-                OpAccess::Write
-                    | OpAccess::ReadWrite
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadCondWrite
-            ) && let Some(s) = slot(used.register())
-            {
+        for register in written_registers(&mut info, &instruction) {
+            if let Some(s) = slot(register) {
                 addresses[s] = None;
                 object[s] = false;
             }

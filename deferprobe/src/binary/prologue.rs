@@ -3,7 +3,8 @@
 //! relative to the function's entry.
 
 use iced_x86::{
-    Code, Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic, OpKind, Register,
+    Code, Decoder, DecoderError, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic,
+    OpAccess, OpKind, Register,
 };
 use serde::Serialize;
 
@@ -128,6 +129,34 @@ fn is_mov_r12_rsp(instruction: &Instruction) -> bool {
         && instruction.op0_register() == Register::R12
         && instruction.op1_kind() == OpKind::Register
         && instruction.op1_register() == Register::RSP
+}
+
+/// Index 0–15 of a general-purpose register (any width: `ECX` is `RCX`'s), for scans that
+/// track what each register holds; None for others.
+pub fn register_slot(register: Register) -> Option<usize> {
+    let full = register.full_register();
+    (Register::RAX..=Register::R15).contains(&full).then(|| full as usize - Register::RAX as usize)
+}
+
+/// The registers `instruction` writes, fully or in part, always or conditionally: what a
+/// scan must stop believing it knows about.
+pub fn written_registers<'i>(
+    info: &'i mut InstructionInfoFactory,
+    instruction: &Instruction,
+) -> impl Iterator<Item = Register> + 'i {
+    info.info(instruction)
+        .used_registers()
+        .iter()
+        .filter(|used| {
+            matches!(
+                used.access(),
+                OpAccess::Write
+                    | OpAccess::ReadWrite
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadCondWrite
+            )
+        })
+        .map(|used| used.register())
 }
 
 /// Decodes `code` linearly; an undecodable or truncated instruction is an error item.

@@ -7,7 +7,7 @@
 
 use iced_x86::{Mnemonic, OpKind, Register};
 
-use super::prologue::instructions;
+use super::prologue::{instructions, register_slot as slot};
 
 /// Where the runtime keeps its list of goroutines (ELF virtual addresses).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,12 +19,6 @@ pub struct AllgVariables {
 /// From `runtime.allgadd`'s machine code: the targets of its `XCHG`s, in order.
 pub(super) fn from_allgadd(code: &[u8], address: u64) -> Option<AllgVariables> {
     let mut addresses: [Option<u64>; 16] = [None; 16];
-    let slot = |register: Register| {
-        let full = register.full_register();
-        (Register::RAX..=Register::R15)
-            .contains(&full)
-            .then(|| full as usize - Register::RAX as usize)
-    };
     let mut stored = Vec::new();
     for instruction in instructions(code, address) {
         let Ok(instruction) = instruction else { break };
