@@ -128,7 +128,7 @@ fn locate<'data>(
 }
 
 /// A string prefixed by its length as an unsigned LEB128 varint, and what follows it.
-fn read_string(data: &[u8]) -> Option<(&[u8], &[u8])> {
+pub(super) fn read_string(data: &[u8]) -> Option<(&[u8], &[u8])> {
     let (len, used) = read_uvarint(data)?;
     let rest = &data[used..];
     let len = usize::try_from(len).ok().filter(|&len| len <= rest.len())?;

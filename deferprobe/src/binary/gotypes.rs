@@ -218,10 +218,11 @@ impl<'b> TypeReader<'b> {
                 }
                 for index in 0..count {
                     let field = fields + index * 24;
+                    let word = |offset: u64| binary.read_u64(field + offset);
                     decoded.fields.push(StructField {
-                        name: at(field - address).and_then(|n| read_name(binary, n))?,
-                        typ: at(field + 8 - address)?,
-                        offset: at(field + 16 - address)?,
+                        name: word(0).and_then(|name| read_name(binary, name))?,
+                        typ: word(8)?,
+                        offset: word(16)?,
                     });
                 }
             }
@@ -233,23 +234,6 @@ impl<'b> TypeReader<'b> {
 
 /// A `name`: flags byte, varint length, bytes.
 fn read_name(binary: &GoBinary, address: u64) -> Option<String> {
-    let head = binary.bytes_at(address, 1)?;
-    let _flags = head[0];
-    let mut len = 0u64;
-    let mut shift = 0;
-    let mut at = address + 1;
-    loop {
-        let byte = *binary.bytes_at(at, 1)?.first()?;
-        at += 1;
-        len |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            break;
-        }
-        shift += 7;
-        if shift > 28 {
-            return None;
-        }
-    }
-    let bytes = binary.bytes_at(at, usize::try_from(len).ok()?)?;
-    String::from_utf8(bytes.to_vec()).ok()
+    let (name, _) = super::buildinfo::read_string(binary.bytes_from(address.checked_add(1)?)?)?;
+    String::from_utf8(name.to_vec()).ok()
 }

@@ -318,14 +318,9 @@ impl GoBinary {
             address: function.address,
             size: function.size,
         };
-        let (segment, delta) = self.segment_of(function.address)?;
-        if function.size > segment.filesz - delta {
-            return Err(outside());
-        }
-        // Both in the file, as checked by `load_segments`.
-        let start = usize::try_from(segment.offset + delta).map_err(|_| outside())?;
+        self.segment_of(function.address)?;
         let len = usize::try_from(function.size).map_err(|_| outside())?;
-        self.map.get(start..start + len).ok_or_else(outside)
+        self.bytes_at(function.address, len).ok_or_else(outside)
     }
 
     /// ELF virtual address → file offset, through the PT_LOAD segment containing it (ET_EXEC and
@@ -339,9 +334,8 @@ impl GoBinary {
     /// it lies past the file-backed part of the segments (`.bss`, `.noptrbss`). None if no
     /// segment holds it.
     pub fn initial_u64(&self, vaddr: u64) -> Option<u64> {
-        if let Ok(offset) = self.file_offset(vaddr) {
-            let bytes = self.map.get(offset as usize..offset as usize + 8)?;
-            return Some(u64::from_le_bytes(bytes.try_into().ok()?));
+        if self.file_offset(vaddr).is_ok() {
+            return self.read_u64(vaddr);
         }
         let elf = parse_elf(&self.path, &self.map).ok()?;
         let endian = elf.endian();
@@ -374,15 +368,20 @@ impl GoBinary {
         }
     }
 
-    /// `len` bytes at ELF virtual address `vaddr` as the file holds them; None past the
-    /// file-backed part of the segments.
+    /// `len` bytes at ELF virtual address `vaddr` as the file holds them; None unless they lie
+    /// in the file-backed part of one segment.
     pub fn bytes_at(&self, vaddr: u64, len: usize) -> Option<&[u8]> {
+        self.bytes_from(vaddr)?.get(..len)
+    }
+
+    /// The file's bytes from ELF virtual address `vaddr` to the end of the file-backed part of
+    /// its segment.
+    pub fn bytes_from(&self, vaddr: u64) -> Option<&[u8]> {
         let (segment, delta) = self.segment_of(vaddr).ok()?;
-        if len as u64 > segment.filesz - delta {
-            return None;
-        }
+        // In the file, as checked by `load_segments`.
         let start = usize::try_from(segment.offset + delta).ok()?;
-        self.map.get(start..start.checked_add(len)?)
+        let end = usize::try_from(segment.offset + segment.filesz).ok()?;
+        self.map.get(start..end)
     }
 
     /// The little-endian word at `vaddr` in the file.
