@@ -22,9 +22,6 @@ pub struct SnapshotLookups<'a> {
     pub bias: u64,
     /// Source location of a *return address* (ELF virtual address; the call before it).
     pub location: &'a dyn Fn(u64) -> Location,
-    /// The defer site (runtime return address) of a range-over-func body's record, which
-    /// `deferprocat` leaves without one, from its closure's code (runtime address).
-    pub range_site: &'a dyn Fn(u64) -> Option<u64>,
     /// `sizeof(runtime._defer)`.
     pub defer_record_bytes: u64,
     pub min_pending: u64,
@@ -108,8 +105,8 @@ struct CaptureTotals {
 }
 
 impl CaptureTotals {
-    fn add(&mut self, record: &PendingRecord, closure_size: u64) {
-        self.closure_bytes += closure_size;
+    fn add(&mut self, record: &PendingRecord) {
+        self.closure_bytes += record.closure_bytes;
         let Captures::Values(values) = &record.captures else { return };
         for captured in values {
             let value = &captured.value;
@@ -178,12 +175,10 @@ impl CaptureTotals {
     }
 }
 
-/// Builds the pending sections from `snapshot`; `closure_size` gives a closure object's bytes
-/// from its code (runtime address).
+/// Builds the pending sections from `snapshot`.
 pub fn from_snapshot(
     snapshot: &Snapshot,
     lookups: &SnapshotLookups<'_>,
-    closure_size: &dyn Fn(u64) -> u64,
     traced: Option<&Traced<'_>>,
 ) -> PendingSections {
     let mut locations: HashMap<u64, Location> = HashMap::new();
@@ -195,10 +190,6 @@ pub fn from_snapshot(
                 pc => (lookups.location)(pc.wrapping_sub(lookups.bias)),
             })
             .clone()
-    };
-    let site_of = |record: &PendingRecord| match record.record.pc {
-        0 => record.code.and_then(|code| (lookups.range_site)(code)).unwrap_or(0),
-        pc => pc,
     };
     let mut unknown_captures: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut unreadable_maps = 0;
@@ -213,11 +204,10 @@ pub fn from_snapshot(
         let mut frames: BTreeMap<u64, Vec<&PendingRecord>> = BTreeMap::new();
         let mut per_site: BTreeMap<u64, u64> = BTreeMap::new();
         for record in &goroutine.records {
-            let size = record.code.map_or(0, closure_size);
-            totals.add(record, size);
-            all.add(record, size);
+            totals.add(record);
+            all.add(record);
             frames.entry(record.record.sp).or_default().push(record);
-            *per_site.entry(site_of(record)).or_default() += 1;
+            *per_site.entry(record.site).or_default() += 1;
             if let Captures::Unknown(why) = record.captures {
                 *unknown_captures.entry(why).or_default() += 1;
             }
@@ -242,8 +232,8 @@ pub fn from_snapshot(
             let mut frame_totals = CaptureTotals::default();
             let mut sites: BTreeMap<u64, u64> = BTreeMap::new();
             for record in frame {
-                frame_totals.add(record, record.code.map_or(0, closure_size));
-                *sites.entry(site_of(record)).or_default() += 1;
+                frame_totals.add(record);
+                *sites.entry(record.site).or_default() += 1;
             }
             // The frame's site: the defer statement with the most pending records.
             let site = sites.iter().max_by_key(|(pc, n)| (**n, std::cmp::Reverse(**pc)));

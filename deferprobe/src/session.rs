@@ -1134,12 +1134,9 @@ fn log_counts(
     context: &TraceContext<'_>,
 ) {
     // From the runtime's state when it can be read, else from the events.
-    let (pending, maps) = match (snapshot, context.reader) {
-        (Some(snapshot), Some(reader)) => {
-            let sections = reader.sections(snapshot, u64::MAX, None);
-            (sections.pending.heap_defers, sections.pending.captured_maps as usize)
-        }
-        _ => (aggregator.pending_heap_defers(), captured_maps(aggregator, context.closures)),
+    let (pending, maps) = match snapshot {
+        Some(snapshot) => (snapshot.pending_records() as u64, snapshot.captured_maps()),
+        None => (aggregator.pending_heap_defers(), captured_maps(aggregator, context.closures)),
     };
     // Families not probed have no count (the fields are left out), not zero.
     let delta = now.since(last).reported(&context.plan.families, context.plan.allocations);

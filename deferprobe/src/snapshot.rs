@@ -4,12 +4,10 @@
 //! pending totals, findings, goroutines, sites and notes. [`RuntimeReader`] is the part `run`
 //! shares: everything a snapshot of one process needs, set up once.
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
 
 use crate::{
-    binary::{ClosureTypes, GoBinary, enclosing_functions},
+    binary::{ClosureTypes, GoBinary},
     cli::SnapshotArgs,
     error::{Error, Result},
     findings::{self, PendingSections, SnapshotLookups},
@@ -111,59 +109,13 @@ impl<'b> RuntimeReader<'b> {
                 None => Location::default(),
             }
         };
-        let range_sites = self.range_sites();
-        let range_site = |code: u64| -> Option<u64> {
-            // The loop body is the function enclosing the closure (`main.f-range1.1` →
-            // `main.f-range1`, Go 1.27), or the only body of the function enclosing it
-            // (`main.f.func1` → `main.f-range1`, Go 1.23–1.24).
-            let function = self.binary.function_at(code.wrapping_sub(self.bias))?;
-            let site = enclosing_functions(&function.name).into_iter().find_map(|parent| {
-                if let Some(pc) = range_sites.get(&parent) {
-                    return Some(*pc);
-                }
-                let prefix = format!("{parent}-range");
-                let mut bodies = range_sites.range(prefix.clone()..).take_while(|(body, _)| {
-                    body.starts_with(&prefix) && !body[prefix.len()..].contains(['.', '-'])
-                });
-                match (bodies.next(), bodies.next()) {
-                    (Some((_, pc)), None) => Some(*pc),
-                    _ => None,
-                }
-            })?;
-            Some(site.wrapping_add(self.bias))
-        };
-        let closure_size = |code: u64| {
-            self.closures
-                .layout(code.wrapping_sub(self.bias))
-                .map_or(0, |layout| layout.size.next_multiple_of(16))
-        };
         let lookups = SnapshotLookups {
             bias: self.bias,
             location: &location,
-            range_site: &range_site,
             defer_record_bytes: self.layout.defer_size,
             min_pending,
         };
-        findings::from_snapshot(snapshot, &lookups, &closure_size, traced)
-    }
-
-    /// Range-over-func loop bodies with exactly one `deferprocat` call: body function name →
-    /// the call's return address (ELF virtual address), the defer site of their records.
-    fn range_sites(&self) -> BTreeMap<String, u64> {
-        let mut by_body: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for site in self.binary.heap_defer_sites().unwrap_or_default() {
-            if site.callee == "runtime.deferprocat" {
-                by_body
-                    .entry(site.location.function.clone())
-                    .or_default()
-                    .push(site.return_address);
-            }
-        }
-        by_body
-            .into_iter()
-            .filter(|(_, pcs)| pcs.len() == 1)
-            .map(|(body, pcs)| (body, pcs[0]))
-            .collect()
+        findings::from_snapshot(snapshot, &lookups, traced)
     }
 }
 

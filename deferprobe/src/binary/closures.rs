@@ -10,8 +10,8 @@
 //! of a function's entry into word 0 of that object ties the function to the type.
 
 use std::{
-    collections::{HashMap, HashSet},
-    sync::Mutex,
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use iced_x86::{Code, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
@@ -46,7 +46,8 @@ pub struct CapturedField {
 
 /// Closure layouts of one binary: those built in the functions with heap defer sites, found
 /// at once ([`GoBinary::closure_types`]), and others by scanning the function that a closure's
-/// name says encloses it (`main.f.func1` → `main.f`), on first use.
+/// name says encloses it (`main.f.func1` → `main.f`), on first use; and the defer sites of the
+/// range-over-func loop bodies, whose records don't carry one.
 pub struct ClosureTypes<'b> {
     pub(super) binary: &'b GoBinary,
     pub(super) types: TypeReader<'b>,
@@ -55,6 +56,30 @@ pub struct ClosureTypes<'b> {
     pub(super) by_code: Mutex<HashMap<u64, u64>>,
     /// Functions already scanned.
     pub(super) scanned: Mutex<HashSet<u64>>,
+    /// Layouts decoded so far, by closure code.
+    pub(super) layouts: Mutex<HashMap<u64, Option<Arc<ClosureLayout>>>>,
+    /// Range-over-func loop bodies with exactly one `deferprocat` call: body function name →
+    /// the call's return address.
+    pub(super) range_sites: BTreeMap<String, u64>,
+}
+
+/// A lock that a panic elsewhere does not poison (the maps stay consistent: every update is
+/// one insert).
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The range-over-func bodies of `sites` with one `deferprocat` call each.
+pub(super) fn range_sites(sites: &[super::DeferSite]) -> BTreeMap<String, u64> {
+    let mut by_body: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for site in sites.iter().filter(|site| site.callee == "runtime.deferprocat") {
+        by_body.entry(site.location.function.clone()).or_default().push(site.return_address);
+    }
+    by_body
+        .into_iter()
+        .filter(|(_, pcs)| pcs.len() == 1)
+        .map(|(body, pcs)| (body, pcs[0]))
+        .collect()
 }
 
 impl ClosureTypes<'_> {
@@ -69,10 +94,7 @@ impl ClosureTypes<'_> {
 
     /// Scans the function at `address` for closures it builds.
     pub(super) fn scan(&self, address: u64) {
-        let lock = |m: &'_ Mutex<HashSet<u64>>| {
-            m.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(address)
-        };
-        if !lock(&self.scanned) {
+        if !locked(&self.scanned).insert(address) {
             return;
         }
         let Some(function) = self.binary.function_at(address) else { return };
@@ -85,7 +107,7 @@ impl ClosureTypes<'_> {
             &|a| self.types.is_type_address(a),
             &is_function,
         );
-        let mut by_code = self.by_code.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut by_code = locked(&self.by_code);
         for (code, typ) in found {
             by_code.entry(code).or_insert(typ);
         }
@@ -93,14 +115,40 @@ impl ClosureTypes<'_> {
 
     /// The layout of the closure whose code is at `code` (ELF virtual address). None when no
     /// code building it was found (it may capture nothing: then it is a static funcval).
-    pub fn layout(&self, code: u64) -> Option<ClosureLayout> {
-        let known = |code| {
-            self.by_code
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(&code)
-                .copied()
-        };
+    /// Decoded once per closure function.
+    pub fn layout(&self, code: u64) -> Option<Arc<ClosureLayout>> {
+        if let Some(layout) = locked(&self.layouts).get(&code) {
+            return layout.clone();
+        }
+        let layout = self.decode_layout(code).map(Arc::new);
+        locked(&self.layouts).insert(code, layout.clone());
+        layout
+    }
+
+    /// The defer site (return address of the `deferprocat` call, ELF virtual address) of a
+    /// range-over-func body's record, from its closure's code: the loop body is the function
+    /// enclosing the closure (`main.f-range1.1` → `main.f-range1`, Go 1.27), or the only body of
+    /// the function enclosing it (`main.f.func1` or `main.f.deferwrap2` → `main.f-range1`, Go
+    /// 1.22–1.26).
+    pub fn range_site(&self, code: u64) -> Option<u64> {
+        let function = self.binary.function_at(code)?;
+        enclosing_functions(&function.name).into_iter().find_map(|parent| {
+            if let Some(pc) = self.range_sites.get(&parent) {
+                return Some(*pc);
+            }
+            let prefix = format!("{parent}-range");
+            let mut bodies = self.range_sites.range(prefix.clone()..).take_while(|(body, _)| {
+                body.starts_with(&prefix) && !body[prefix.len()..].contains(['.', '-'])
+            });
+            match (bodies.next(), bodies.next()) {
+                (Some((_, pc)), None) => Some(*pc),
+                _ => None,
+            }
+        })
+    }
+
+    fn decode_layout(&self, code: u64) -> Option<ClosureLayout> {
+        let known = |code| locked(&self.by_code).get(&code).copied();
         let typ = match known(code) {
             Some(typ) => typ,
             None => {
@@ -133,7 +181,7 @@ impl ClosureTypes<'_> {
 /// The functions that may build the closure `name`, innermost first: `main.f.func1.2` →
 /// `main.f.func1`, `main.f`; `main.f-range1.1` → `main.f-range1`, `main.f`;
 /// `main.f.deferwrap1` → `main.f`.
-pub fn enclosing_functions(name: &str) -> Vec<String> {
+fn enclosing_functions(name: &str) -> Vec<String> {
     let mut parents = Vec::new();
     let mut rest = name;
     while let Some(cut) = rest.rfind(['.', '-']) {

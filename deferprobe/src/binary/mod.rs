@@ -32,7 +32,7 @@ use object::{
 };
 
 pub use buildinfo::BuildInfo;
-pub use closures::{CapturedField, ClosureLayout, ClosureTypes, enclosing_functions};
+pub use closures::{CapturedField, ClosureLayout, ClosureTypes};
 pub use error::BinaryError;
 pub use pclntab::SourceLocation;
 pub use prologue::ProbeOffset;
@@ -434,15 +434,17 @@ impl GoBinary {
     /// [`ClosureTypes`] for this binary: the closures built in every function with a heap
     /// defer site, found now; others on demand.
     pub fn closure_types(&self) -> Result<ClosureTypes<'_>, BinaryError> {
+        let sites = self.heap_defer_sites()?;
         let catalog = ClosureTypes {
             binary: self,
             types: self.types(),
             allocators: self.closure_allocators(),
             by_code: Mutex::default(),
             scanned: Mutex::default(),
+            layouts: Mutex::default(),
+            range_sites: closures::range_sites(&sites),
         };
-        let mut functions: Vec<u64> = self
-            .heap_defer_sites()?
+        let mut functions: Vec<u64> = sites
             .iter()
             .filter_map(|site| self.function_at(site.call_address))
             .map(|f| f.address)

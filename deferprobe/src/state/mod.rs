@@ -38,8 +38,15 @@ pub enum Captures {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingRecord {
     pub record: DeferRecord,
+    /// The defer site (runtime return address of the `deferproc` call): the record's `pc`, or
+    /// for a range-over-func body's record (which has none) the body's `deferprocat` call;
+    /// 0 if unknown.
+    pub site: u64,
     /// The closure's code (runtime address), from its word 0.
     pub code: Option<u64>,
+    /// Bytes of the closure object as allocated (its struct size in 16-byte units); 0 for a
+    /// static closure or an unknown layout.
+    pub closure_bytes: u64,
     pub captures: Captures,
 }
 
@@ -134,6 +141,22 @@ impl Snapshot {
     pub fn pending_records(&self) -> usize {
         self.goroutines.iter().map(|g| g.records.len()).sum()
     }
+
+    /// Distinct maps the pending closures capture, by value or by reference.
+    pub fn captured_maps(&self) -> usize {
+        let records = self.goroutines.iter().flat_map(|g| &g.records);
+        let values = records.flat_map(|r| match &r.captures {
+            Captures::Values(values) => values.as_slice(),
+            _ => &[],
+        });
+        let maps: std::collections::HashSet<u64> = values
+            .filter_map(|v| match v.value {
+                Value::Map { map, .. } if map != 0 => Some(map),
+                _ => None,
+            })
+            .collect();
+        maps.len()
+    }
 }
 
 fn pending_record(
@@ -141,30 +164,39 @@ fn pending_record(
     context: &SnapshotContext<'_, '_>,
     record: DeferRecord,
 ) -> PendingRecord {
+    let closures = context.closures;
     let code = memory.read_u64(record.closure).filter(|&code| code != 0);
-    let captures = match code {
-        None => Captures::Unknown("the closure could not be read"),
-        Some(code) => match context.closures.layout(code.wrapping_sub(context.bias)) {
-            Some(layout) if layout.captures.is_empty() => Captures::Nothing,
-            Some(layout) => {
-                match objects::read_captures(
-                    memory,
-                    context.closures.types(),
-                    &layout,
-                    record.closure,
-                    context.maps,
-                ) {
-                    Some(values) => Captures::Values(values),
-                    None => Captures::Unknown("the closure object could not be read"),
-                }
+    let layout = code.and_then(|code| closures.layout(code.wrapping_sub(context.bias)));
+    let captures = match (code, &layout) {
+        (None, _) => Captures::Unknown("the closure could not be read"),
+        (Some(_), Some(layout)) if layout.captures.is_empty() => Captures::Nothing,
+        (Some(_), Some(layout)) => {
+            match objects::read_captures(
+                memory,
+                closures.types(),
+                layout,
+                record.closure,
+                context.maps,
+            ) {
+                Some(values) => Captures::Values(values),
+                None => Captures::Unknown("the closure object could not be read"),
             }
-            // No code builds it: a static funcval, which captures nothing; or code deferprobe
-            // did not find.
-            None if is_static(context, record.closure) => Captures::Nothing,
-            None => Captures::Unknown("no code building this closure was found in the binary"),
-        },
+        }
+        // No code builds it: a static funcval, which captures nothing; or code deferprobe did
+        // not find.
+        (Some(_), None) if is_static(context, record.closure) => Captures::Nothing,
+        (Some(_), None) => {
+            Captures::Unknown("no code building this closure was found in the binary")
+        }
     };
-    PendingRecord { record, code, captures }
+    let site = match (record.pc, code) {
+        (0, Some(code)) => closures
+            .range_site(code.wrapping_sub(context.bias))
+            .map_or(0, |site| site.wrapping_add(context.bias)),
+        (pc, _) => pc,
+    };
+    let closure_bytes = layout.map_or(0, |layout| layout.size.next_multiple_of(16));
+    PendingRecord { record, site, code, closure_bytes, captures }
 }
 
 /// A funcval in the executable's own image (a closure that captures nothing).
