@@ -9,14 +9,17 @@
 //! goroutine's `g._defer` chain (the runtime's truth) corrects all of these. Goroutines are keyed
 //! by goid, which, unlike the g struct, is never reused.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use deferprobe_common::{
     AllocSampled, CAPTURE_WORDS, CaptureKind, DeferRegistered, DeferReturn, EventHeader, EventKind,
     GoroutineExit, MapSeen,
 };
 
-use crate::state::memory::{ChainRecord, RuntimeGoroutine};
+use crate::state::{
+    Captures, DeferRecord, GoroutineHeader, PendingGoroutine, PendingRecord, Snapshot,
+    memory::{ChainRecord, RuntimeGoroutine},
+};
 
 /// One decoded ring-buffer event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -279,6 +282,16 @@ pub struct Aggregator {
     /// sizes), to unsample once the profiling rate is known.
     sampled_allocations: BTreeMap<u64, u64>,
     events: EventTotals,
+    /// Releases seen since the last [`Aggregator::mark`] (None before the first): what a
+    /// snapshot taken then no longer shows once the target is gone.
+    releases: Option<Releases>,
+}
+
+/// Frames `(goid, sp)` that returned through `deferreturn`, and goroutines that exited.
+#[derive(Debug, Default)]
+struct Releases {
+    frames: HashSet<(u64, u64)>,
+    goroutines: HashSet<u64>,
 }
 
 impl Aggregator {
@@ -350,6 +363,9 @@ impl Aggregator {
                     return;
                 }
                 self.release(goid, |record| record.caller_sp == e.caller_sp);
+                if let Some(releases) = &mut self.releases {
+                    releases.frames.insert((goid, e.caller_sp));
+                }
             }
             Event::GoroutineExit(_) => {
                 self.events.goroutine_exit += 1;
@@ -360,6 +376,9 @@ impl Aggregator {
                 }
                 self.release(goid, |_| true);
                 self.goroutines.remove(&goid);
+                if let Some(releases) = &mut self.releases {
+                    releases.goroutines.insert(goid);
+                }
             }
             Event::MapSeen(e) => {
                 self.events.map_seen += 1;
@@ -403,6 +422,79 @@ impl Aggregator {
                 }
             }
         }
+    }
+
+    /// A snapshot of the runtime's state was just taken, after every event drained so far:
+    /// releases are logged from here on, for [`Aggregator::at_exit`].
+    pub fn mark(&mut self) {
+        self.releases = Some(Releases::default());
+    }
+
+    /// `snapshot`, the last one taken (and [`Aggregator::mark`]ed) before the target exited,
+    /// brought up to the exit with the events seen since: records whose frame returned or
+    /// whose goroutine exited are dropped, and records registered since `registered_since_ns`
+    /// that are still pending and not in the snapshot are added, their captures unknown (the
+    /// target was gone before their closures could be read).
+    pub fn at_exit(&self, snapshot: &Snapshot, registered_since_ns: u64) -> Snapshot {
+        let mut snapshot = snapshot.clone();
+        if let Some(releases) = &self.releases {
+            for goroutine in &mut snapshot.goroutines {
+                let goid = goroutine.header.goid;
+                if releases.goroutines.contains(&goid) {
+                    goroutine.records.clear();
+                }
+                goroutine.records.retain(|r| !releases.frames.contains(&(goid, r.record.sp)));
+            }
+        }
+        let seen: HashSet<(u64, u64)> = snapshot
+            .goroutines
+            .iter()
+            .flat_map(|g| g.records.iter().map(move |r| (g.header.goid, r.record.closure)))
+            .collect();
+        for (goid, state) in &self.goroutines {
+            let added: Vec<PendingRecord> = state
+                .pending
+                .iter()
+                .filter(|r| !r.adopted && r.registered_ns >= registered_since_ns)
+                .filter(|r| !seen.contains(&(*goid, r.closure)))
+                .map(|r| PendingRecord {
+                    record: DeferRecord {
+                        address: 0,
+                        closure: r.closure,
+                        sp: r.caller_sp,
+                        pc: r.caller_pc,
+                        heap: true,
+                        in_range_loop: false,
+                    },
+                    site: r.caller_pc,
+                    code: (r.closure_fn != 0).then_some(r.closure_fn),
+                    closure_bytes: 0,
+                    captures: Captures::Unknown(
+                        "registered after the last snapshot, and the target exited before its \
+                         closure could be read",
+                    ),
+                })
+                .collect();
+            if added.is_empty() {
+                continue;
+            }
+            match snapshot.goroutines.iter_mut().find(|g| g.header.goid == *goid) {
+                Some(goroutine) => goroutine.records.extend(added),
+                None => snapshot.goroutines.push(PendingGoroutine {
+                    header: GoroutineHeader {
+                        g: state.g,
+                        goid: *goid,
+                        status: 0,
+                        stack_lo: 0,
+                        stack_hi: 0,
+                        defers: 0,
+                    },
+                    records: added,
+                }),
+            }
+        }
+        snapshot.goroutines.retain(|g| !g.records.is_empty());
+        snapshot
     }
 
     /// Counts a ring-buffer record that [`Event::decode`] rejected.
@@ -727,6 +819,69 @@ mod tests {
         assert_eq!(agg.pending_heap_defers(), 0);
         assert_eq!(agg.events().without_goid, 2);
         assert_eq!(agg.events().undecodable, 1);
+    }
+
+    /// A snapshot of `(goid, [(closure, sp)])`, taken at `started_ns`.
+    fn snapshot_of(goroutines: &[(u64, &[(u64, u64)])], started_ns: u64) -> Snapshot {
+        let goroutines = goroutines
+            .iter()
+            .map(|&(goid, records)| PendingGoroutine {
+                header: GoroutineHeader {
+                    g: 0xc000_1000 + goid,
+                    goid,
+                    status: 4,
+                    stack_lo: 0,
+                    stack_hi: 0,
+                    defers: 1,
+                },
+                records: records
+                    .iter()
+                    .map(|&(closure, sp)| PendingRecord {
+                        record: DeferRecord {
+                            address: closure + 0x100,
+                            closure,
+                            sp,
+                            pc: 0x401000,
+                            heap: true,
+                            in_range_loop: false,
+                        },
+                        site: 0x401000,
+                        code: Some(0x402000),
+                        closure_bytes: 16,
+                        captures: Captures::Nothing,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Snapshot { started_ns, ended_ns: started_ns + 10, goroutines, ..Snapshot::default() }
+    }
+
+    #[test]
+    fn the_last_snapshot_is_brought_up_to_the_exit() {
+        let mut agg = Aggregator::new();
+        // Goroutine 7 holds two frames, 8 one record, when the snapshot is taken.
+        let snapshot =
+            snapshot_of(&[(7, &[(0xa1, 0x100), (0xa2, 0x200)]), (8, &[(0xb1, 0x300)])], 1000);
+        agg.mark();
+        // Then 7's frame at 0x100 returns, 8 exits, and 9 registers a record that stays.
+        agg.apply(&returned(7, 0x100));
+        agg.apply(&exited(8));
+        agg.apply(&registered_at(9, 0xc1, 0x400, 2000));
+        // A record registered before the snapshot (and so in it, or released) is not added.
+        agg.apply(&registered_at(9, 0xc2, 0x500, 500));
+        let now = agg.at_exit(&snapshot, 990);
+        let held: Vec<(u64, Vec<u64>)> = now
+            .goroutines
+            .iter()
+            .map(|g| (g.header.goid, g.records.iter().map(|r| r.record.closure).collect()))
+            .collect();
+        assert_eq!(held, [(7, vec![0xa2]), (9, vec![0xc1])]);
+        let added = &now.goroutines[1].records[0];
+        assert_eq!(added.site, 0x401000);
+        assert!(matches!(added.captures, Captures::Unknown(_)));
+        // Without a mark (no snapshot was ever taken) nothing is dropped.
+        let unmarked = Aggregator::new().at_exit(&snapshot, 990);
+        assert_eq!(unmarked, snapshot);
     }
 
     fn registered_at(goid: u64, closure: u64, sp: u64, ktime_ns: u64) -> Event {

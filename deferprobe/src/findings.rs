@@ -73,7 +73,8 @@ pub struct PendingSections {
 }
 
 /// Estimated bytes a map holds: its slots (key + element, plus a control byte) at Go's
-/// maximum load factor of 7/8, plus the header.
+/// maximum load factor of 7/8, plus the header. An estimate: overflow buckets, pointed-to
+/// data (string bytes, ...) and allocation rounding are not counted.
 pub fn map_bytes_estimate(entries: u64, slot_bytes: u64) -> u64 {
     entries * (slot_bytes + 1) * 8 / 7 + 48
 }

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::{
     aggregator::{Aggregator, PendingDefer},
+    findings::map_bytes_estimate,
     plan::{AllocationMode, ProbeFamily},
 };
 
@@ -305,6 +306,21 @@ pub struct Location {
     pub line: Option<u32>,
 }
 
+impl Location {
+    /// Where the call before the *return address* `pc` (an ELF virtual address) is, from the
+    /// binary's `.gopclntab`; unknown outside Go code.
+    pub fn of_return_address(binary: &crate::binary::GoBinary, pc: u64) -> Location {
+        match binary.source_location(pc.wrapping_sub(1)) {
+            Some(loc) => Location {
+                function: Some(loc.function),
+                file: Some(loc.file),
+                line: Some(loc.line),
+            },
+            None => Location::default(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SiteReport {
     /// Return address of the deferproc call, as `0x…` (ELF virtual address).
@@ -405,13 +421,6 @@ pub struct Lookups<'a> {
     pub now_ns: u64,
     /// Findings threshold (`--min-pending`).
     pub min_pending: u64,
-}
-
-/// Estimated bytes a map holds: its slots (key + element, plus a control byte) at Go's
-/// maximum load factor of 7/8, plus the header. An estimate: overflow buckets, pointed-to
-/// data (string bytes, ...) and allocation rounding are not counted.
-fn map_bytes_estimate(entries: u64, slot_bytes: u64) -> u64 {
-    entries * (slot_bytes + 1) * 8 / 7 + 48
 }
 
 /// Pending state, findings, goroutines and sites, from the aggregator and the lookups.
@@ -766,17 +775,38 @@ pub fn site_name(site: &SiteReport) -> String {
 }
 
 /// Fails now, before any work, if a report can't be written to `path`: a directory, a
-/// missing directory, or no permission. Creates the file (empty) if it did not exist.
+/// missing directory, or no permission. Creates nothing.
 pub fn check_writable(path: &std::path::Path) -> crate::error::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let refuse = |why: String| {
+        Err(crate::error::Error::usage(format!("--report {}: {why}", path.display())))
+    };
     if path.is_dir() {
-        return Err(crate::error::Error::usage(format!(
-            "--report {}: is a directory",
-            path.display()
-        )));
+        return refuse("is a directory".into());
     }
-    std::fs::OpenOptions::new().append(true).create(true).open(path).map(drop).map_err(|err| {
-        crate::error::Error::usage(format!("--report {}: cannot write: {err}", path.display()))
-    })
+    if path.exists() {
+        return match std::fs::OpenOptions::new().append(true).open(path) {
+            Ok(_) => Ok(()),
+            Err(err) => refuse(format!("cannot write: {err}")),
+        };
+    }
+    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
+    let dir = dir.unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() {
+        return refuse(format!("no directory {}", dir.display()));
+    }
+    let Ok(dir_c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return refuse("the path holds a NUL byte".into());
+    };
+    // SAFETY: access(2) reads the NUL-terminated path we pass.
+    match unsafe { libc::access(dir_c.as_ptr(), libc::W_OK) } {
+        0 => Ok(()),
+        _ => refuse(format!(
+            "cannot write in {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )),
+    }
 }
 
 /// Writes a report to `path` whole (through a temporary file in the same directory, renamed

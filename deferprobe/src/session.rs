@@ -36,9 +36,9 @@ use crate::{
         self, AllocationsReport, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents,
         ProbesReport, ProfiledAllocations, RateSource, Report, SamplingReport, TargetReport,
     },
-    snapshot::RuntimeReader,
-    state::Snapshot,
+    snapshot::{RuntimeModel, RuntimeReader},
     state::memory::{Memory as _, ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
+    state::{Snapshot, monotonic_ns},
     target::{self, GatedChild, Target},
     tracer::{AttachMode, Tracer},
 };
@@ -89,6 +89,14 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         &binary,
         &PlanOptions { families: args.probes.clone(), allocations: args.alloc_mode },
     )?;
+    // What reading the runtime's state needs from the binary, found before the target runs.
+    let model = match RuntimeModel::new(&binary) {
+        Ok(model) => Some(model),
+        Err(err) => {
+            warn!(%err, "the runtime's state can't be read: pending defers come from events only");
+            None
+        }
+    };
     let memory_profiling = binary.memory_profiling();
     let profiled = plan.allocations == AllocationMode::Profiled
         && plan.families.contains(&ProbeFamily::Allocations);
@@ -131,23 +139,22 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         "probes attached"
     );
     // Runtime address − ELF virtual address, for naming the PCs the probes report.
-    let bias = match plan.pie {
-        true => target::exe_mapping_start(target.pid)
-            .map_or(0, |start| start.wrapping_sub(binary.file_start_vaddr())),
-        false => 0,
-    };
+    let bias = target::load_bias(&binary, target.pid);
     let exit_watch = target::pidfd(target.pid)?;
     let memory = ProcessMemory::new(target.pid);
     let closures = ClosureSizes::new(&binary, bias);
     // The runtime's own state: snapshots at attach, every --interval and before the report.
     // A target whose memory can't be read is refused (naming the capability).
-    let reader = match RuntimeReader::new(&binary, target.pid) {
-        Ok(reader) => Some(reader),
-        Err(err) if err.kind == ErrorKind::Permission => return Err(err),
-        Err(err) => {
-            warn!(%err, "the runtime's state can't be read: pending defers come from events only");
-            None
-        }
+    let reader = match &model {
+        Some(model) => match RuntimeReader::new(model, target.pid, bias) {
+            Ok(reader) => Some(reader),
+            Err(err) if err.kind == ErrorKind::Permission => return Err(err),
+            Err(err) => {
+                warn!(%err, "the target's memory can't be read: pending defers come from events only");
+                None
+            }
+        },
+        None => None,
     };
 
     let child = started_command.then_some(target.pid);
@@ -180,24 +187,20 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     let traced =
         runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
-    let map_writes = captured_map_writes(&tracer, &traced.aggregator);
+    // Where captured maps were written, for the event-only report (a snapshot has no use for
+    // it); read before the tracer detaches.
+    let from_snapshot = traced.snapshot.is_some() && reader.is_some();
+    let map_writes = match from_snapshot {
+        true => HashMap::new(),
+        false => captured_map_writes(&tracer, &traced.aggregator),
+    };
     drop(tracer); // detach before anything else
 
     let exit_code = match started_command {
         true => Some(target::wait_child(target.pid)?.shell_code()),
         false => None,
     };
-    let location = |pc: u64| -> Location {
-        // A return address: the call is the instruction before it.
-        match binary.source_location(pc.wrapping_sub(1)) {
-            Some(loc) => Location {
-                function: Some(loc.function),
-                file: Some(loc.file),
-                line: Some(loc.line),
-            },
-            None => Location::default(),
-        }
-    };
+    let location = |pc: u64| Location::of_return_address(&binary, pc);
     let map_entries = |map: u64| memory.read_u64(map);
     let map_slot_bytes = |map_type: u64| map_slot_bytes(&memory, map_type);
     let closure_words = |fn_pc: u64| closures.words_at_elf(fn_pc);
@@ -213,45 +216,51 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         now_ns: traced.ended_ns,
         min_pending: args.min_pending,
     };
-    let mut correlation = report::correlate(&traced.aggregator, &lookups);
-    // The runtime's own state wins: pending records, what their closures hold, and sites.
+    // The runtime's own state wins: pending records, what their closures hold, and sites. The
+    // events alone (`correlate`) only when it could not be read.
     let mut snapshot_notes = Vec::new();
-    if let (Some((snapshot, after_tracing)), Some(reader)) = (&traced.snapshot, &reader) {
-        let registered: HashMap<(u64, u64), u64> = traced
-            .aggregator
-            .pending_by_goroutine()
-            .flat_map(|(goid, records)| {
-                records
-                    .iter()
-                    .filter(|r| !r.adopted)
-                    .map(move |r| ((r.closure, goid), r.registered_ns))
-            })
-            .collect();
-        let registered_ns = |closure: u64, goid: u64| registered.get(&(closure, goid)).copied();
-        let events = findings::Traced {
-            registered_ns: &registered_ns,
-            sites: traced
+    let correlation =
+        if let (Some((snapshot, after_tracing)), Some(reader)) = (&traced.snapshot, &reader) {
+            let registered: HashMap<(u64, u64), u64> = traced
                 .aggregator
-                .sites()
-                .map(|(pc, totals)| (pc, (totals.registered, totals.released)))
-                .collect(),
-            now_ns: traced.ended_ns,
-        };
-        let sections = reader.sections(snapshot, args.min_pending, Some(&events));
-        snapshot_notes = crate::snapshot::snapshot_notes(snapshot, &sections);
-        if !after_tracing {
-            snapshot_notes.push(format!(
-                "pending defers are from the last snapshot of the runtime's state, taken {:.1}s \
-                 before the target exited",
+                .pending_by_goroutine()
+                .flat_map(|(goid, records)| {
+                    records
+                        .iter()
+                        .filter(|r| !r.adopted)
+                        .map(move |r| ((r.closure, goid), r.registered_ns))
+                })
+                .collect();
+            let registered_ns = |closure: u64, goid: u64| registered.get(&(closure, goid)).copied();
+            let events = findings::Traced {
+                registered_ns: &registered_ns,
+                sites: traced
+                    .aggregator
+                    .sites()
+                    .map(|(pc, totals)| (pc, (totals.registered, totals.released)))
+                    .collect(),
+                now_ns: traced.ended_ns,
+            };
+            let sections = reader.sections(snapshot, args.min_pending, Some(&events));
+            snapshot_notes = crate::snapshot::snapshot_notes(snapshot, &sections);
+            if !after_tracing {
+                snapshot_notes.push(format!(
+                "the target exited: pending defers are the last snapshot of the runtime's state, \
+                 taken {:.1}s before, less the records whose frames returned or goroutines \
+                 exited since, plus the records registered since",
                 traced.ended_ns.saturating_sub(snapshot.ended_ns) as f64 / 1e9
             ));
-        }
-        correlation.pending = sections.pending;
-        correlation.findings = sections.findings;
-        correlation.goroutines = sections.goroutines;
-        correlation.sites = sections.sites;
-        correlation.closures_of_unknown_size = 0;
-    }
+            }
+            report::Correlation {
+                pending: sections.pending,
+                findings: sections.findings,
+                goroutines: sections.goroutines,
+                sites: sections.sites,
+                closures_of_unknown_size: 0,
+            }
+        } else {
+            report::correlate(&traced.aggregator, &lookups)
+        };
     let events = traced.aggregator.events();
     let lost = LostEvents::new(&traced.counters, events.undecodable, events.without_goid);
     let counts = Counts::from_counters(&traced.counters, &lost);
@@ -270,7 +279,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
     notes.extend(snapshot_notes);
-    let pending_before_trace: u64 = match traced.snapshot.is_some() && reader.is_some() {
+    let pending_before_trace: u64 = match from_snapshot {
         true => correlation.findings.iter().map(|f| f.pending_before_trace).sum(),
         false => traced.aggregator.sites().map(|(_, t)| t.adopted).sum(),
     };
@@ -476,7 +485,7 @@ impl Signals {
 /// What the loop reads besides the tracer.
 struct TraceContext<'a> {
     /// Snapshots of the runtime's state (None if its goroutine list can't be found).
-    reader: Option<&'a RuntimeReader<'a>>,
+    reader: Option<&'a RuntimeReader<'a, 'a>>,
     memory: ProcessMemory,
     layout: RuntimeLayout,
     closures: &'a ClosureSizes<'a>,
@@ -920,8 +929,16 @@ async fn trace(
 
     let mut aggregator = Aggregator::new();
     let mut reconciled = Reconciled::default();
-    let take_snapshot = || context.reader.and_then(|reader| reader.take().ok());
-    let mut snapshot = take_snapshot();
+    // Each snapshot follows a drain: releases from then on are logged (`mark`), so that if the
+    // target exits before the next one, the last one can be brought up to the exit.
+    let take_snapshot = |aggregator: &mut Aggregator| {
+        let snapshot = context.reader.and_then(|reader| reader.take().ok());
+        if snapshot.is_some() {
+            aggregator.mark();
+        }
+        snapshot
+    };
+    let mut snapshot = take_snapshot(&mut aggregator);
     let mut last_logged = Counts::default();
     let mut batch = Vec::new();
     let mut interrupted = false;
@@ -954,7 +971,7 @@ async fn trace(
             _ = log_tick.tick() => {
                 drain(tracer, &mut aggregator, &mut batch, context.closures);
                 reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
-                if let Some(taken) = take_snapshot() {
+                if let Some(taken) = take_snapshot(&mut aggregator) {
                     snapshot = Some(taken);
                 }
                 let counters = tracer.counters()?;
@@ -984,10 +1001,15 @@ async fn trace(
         reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
         tokio::time::sleep(FINAL_RECHECK).await;
         reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
-        if let Some(taken) = take_snapshot() {
+        if let Some(taken) = take_snapshot(&mut aggregator) {
             snapshot = Some(taken);
             final_snapshot = true;
         }
+    }
+    // The target exited after the last snapshot: bring it up to the exit with the events.
+    if !final_snapshot {
+        let grace = LINK_GRACE.as_nanos() as u64;
+        snapshot = snapshot.map(|s| aggregator.at_exit(&s, s.started_ns.saturating_sub(grace)));
     }
     let counters = tracer.counters()?;
     let counts = Counts::from_counters(&counters, &lost_events(&counters, &aggregator))
@@ -1166,14 +1188,6 @@ fn log_counts(
         captured_maps = maps,
         "counts"
     );
-}
-
-/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 fn forward(pid: u32, signal: i32) {

@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::{
-    binary::{ClosureTypes, GoBinary},
+    binary::{AllgVariables, ClosureTypes, GoBinary},
     cli::SnapshotArgs,
     error::{Error, Result},
     findings::{self, PendingSections, SnapshotLookups},
@@ -18,30 +18,55 @@ use crate::{
     target::{self, Target},
 };
 
-/// What taking snapshots of one process needs, set up once.
-pub struct RuntimeReader<'b> {
+/// What the binary alone says about reading its runtime's state: struct offsets, where the
+/// goroutine list is, each closure's layout, the map layout. Built before any process is
+/// touched, like the probe plan.
+pub struct RuntimeModel<'b> {
     pub binary: &'b GoBinary,
     pub closures: ClosureTypes<'b>,
-    pub memory: ProcessMemory,
-    pub bias: u64,
     pub layout: crate::layout::RuntimeLayout,
     pub layout_source: LayoutSource,
-    allg: AllgAddresses,
+    /// `runtime.allglen` / `allgptr` as ELF virtual addresses.
+    allg: AllgVariables,
     maps: MapLayout,
 }
 
-impl<'b> RuntimeReader<'b> {
-    /// Checks that the target's memory can be read at all (naming the capability when it
-    /// can't) and finds the runtime's goroutine list.
-    pub fn new(binary: &'b GoBinary, pid: u32) -> Result<RuntimeReader<'b>> {
+impl<'b> RuntimeModel<'b> {
+    pub fn new(binary: &'b GoBinary) -> Result<RuntimeModel<'b>> {
         let (layout, layout_source) = plan::supported_layout(binary)?;
-        let bias = match binary.is_pie() {
-            true => target::exe_mapping_start(pid)
-                .map_or(0, |start| start.wrapping_sub(binary.file_start_vaddr())),
-            false => 0,
-        };
+        let allg = binary.allg_variables().ok_or_else(|| {
+            Error::target(format!(
+                "{}: runtime.allglen/allgptr not found (neither in .symtab nor in \
+                 runtime.allgadd's code), so the goroutines can't be listed",
+                binary.path().display()
+            ))
+        })?;
+        let info = binary.build_info();
+        Ok(RuntimeModel {
+            binary,
+            closures: binary.closure_types()?,
+            layout,
+            layout_source,
+            allg,
+            maps: MapLayout::for_release(info.release.minor, &info.experiments),
+        })
+    }
+}
+
+/// A [`RuntimeModel`] connected to one process: takes its snapshots.
+pub struct RuntimeReader<'m, 'b> {
+    pub model: &'m RuntimeModel<'b>,
+    pub memory: ProcessMemory,
+    /// Runtime address − ELF virtual address ([`target::load_bias`]).
+    pub bias: u64,
+}
+
+impl<'m, 'b> RuntimeReader<'m, 'b> {
+    /// Checks that the memory of `pid`, loaded at `bias`, can be read at all, naming the
+    /// capability when it can't.
+    pub fn new(model: &'m RuntimeModel<'b>, pid: u32, bias: u64) -> Result<RuntimeReader<'m, 'b>> {
         let memory = ProcessMemory::new(pid);
-        let (start, _) = binary.image_range();
+        let (start, _) = model.binary.image_range();
         if let Err(err) = memory.check_access(start.wrapping_add(bias)) {
             return Err(match err.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => Error::permission(format!(
@@ -53,37 +78,21 @@ impl<'b> RuntimeReader<'b> {
                 _ => Error::target(format!("cannot read the memory of pid {pid}: {err}")),
             });
         }
-        let variables = binary.allg_variables().ok_or_else(|| {
-            Error::target(format!(
-                "{}: runtime.allglen/allgptr not found (neither in .symtab nor in \
-                 runtime.allgadd's code), so the goroutines can't be listed",
-                binary.path().display()
-            ))
-        })?;
-        let info = binary.build_info();
-        Ok(RuntimeReader {
-            binary,
-            closures: binary.closure_types()?,
-            memory,
-            bias,
-            layout,
-            layout_source,
-            allg: AllgAddresses {
-                allglen: variables.allglen.wrapping_add(bias),
-                allgptr: variables.allgptr.wrapping_add(bias),
-            },
-            maps: MapLayout::for_release(info.release.minor, &info.experiments),
-        })
+        Ok(RuntimeReader { model, memory, bias })
     }
 
     /// What [`Snapshot::take`] needs besides memory.
     pub fn context(&self) -> SnapshotContext<'_, 'b> {
+        let model = self.model;
         SnapshotContext {
-            layout: self.layout,
-            allg: self.allg,
-            closures: &self.closures,
+            layout: model.layout,
+            allg: AllgAddresses {
+                allglen: model.allg.allglen.wrapping_add(self.bias),
+                allgptr: model.allg.allgptr.wrapping_add(self.bias),
+            },
+            closures: &model.closures,
             bias: self.bias,
-            maps: self.maps,
+            maps: model.maps,
         }
     }
 
@@ -99,20 +108,11 @@ impl<'b> RuntimeReader<'b> {
         min_pending: u64,
         traced: Option<&findings::Traced<'_>>,
     ) -> PendingSections {
-        let location = |pc: u64| -> Location {
-            match self.binary.source_location(pc.wrapping_sub(1)) {
-                Some(loc) => Location {
-                    function: Some(loc.function),
-                    file: Some(loc.file),
-                    line: Some(loc.line),
-                },
-                None => Location::default(),
-            }
-        };
+        let location = |pc: u64| Location::of_return_address(self.model.binary, pc);
         let lookups = SnapshotLookups {
             bias: self.bias,
             location: &location,
-            defer_record_bytes: self.layout.defer_size,
+            defer_record_bytes: self.model.layout.defer_size,
             min_pending,
         };
         findings::from_snapshot(snapshot, &lookups, traced)
@@ -246,7 +246,8 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
             1,
         ))
     })?;
-    let reader = RuntimeReader::new(&binary, target.pid)?;
+    let model = RuntimeModel::new(&binary)?;
+    let reader = RuntimeReader::new(&model, target.pid, target::load_bias(&binary, target.pid))?;
     let snapshot = reader.take()?;
     let sections = reader.sections(&snapshot, args.min_pending, None);
     let mut notes = snapshot_notes(&snapshot, &sections);
@@ -265,7 +266,7 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
             exit_code: None,
         },
         snapshot: SnapshotStats::of(&snapshot),
-        layout_source: reader.layout_source,
+        layout_source: model.layout_source,
         pending: sections.pending,
         findings: sections.findings,
         goroutines: sections.goroutines,

@@ -200,6 +200,18 @@ pub fn resolve_program(program: &str) -> Result<PathBuf> {
 
 /// Where `pid` mapped file offset 0 of its main executable (/proc/PID/maps). None if the
 /// process is gone.
+/// Runtime address − ELF virtual address of `binary` in process `pid`: where it mapped the
+/// start of the file, less where the ELF file says it goes; 0 for position-dependent binaries
+/// (and when the mapping can't be found).
+pub fn load_bias(binary: &crate::binary::GoBinary, pid: u32) -> u64 {
+    match binary.is_pie() {
+        true => {
+            exe_mapping_start(pid).map_or(0, |start| start.wrapping_sub(binary.file_start_vaddr()))
+        }
+        false => 0,
+    }
+}
+
 pub fn exe_mapping_start(pid: u32) -> Option<u64> {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
     let exe = exe.to_string_lossy();

@@ -226,7 +226,7 @@ mod tests {
             GoBinary,
             testbin::{self, Program, Variant},
         },
-        snapshot::RuntimeReader,
+        snapshot::{RuntimeModel, RuntimeReader},
     };
 
     /// The `pending` program, holding its defers until dropped.
@@ -262,8 +262,25 @@ mod tests {
     }
 
     /// Reads `memory` as a RuntimeReader would, but through any [`Memory`].
-    fn take(reader: &RuntimeReader<'_>, memory: &impl Memory) -> Snapshot {
+    fn take(reader: &RuntimeReader<'_, '_>, memory: &impl Memory) -> Snapshot {
         Snapshot::take(memory, &reader.context()).unwrap()
+    }
+
+    /// Starts the `pending` program at `path`, takes a live snapshot of it while recording
+    /// what was read, and hands `check` the reader, the snapshot, its image and the truth.
+    fn with_captured_image(
+        path: &std::path::Path,
+        check: impl FnOnce(&RuntimeReader<'_, '_>, Snapshot, MemoryImage, &serde_json::Value),
+    ) {
+        let pending = Pending::start(path);
+        let binary = GoBinary::open(path).unwrap();
+        let model = RuntimeModel::new(&binary).unwrap();
+        let pid = pending.child.id();
+        let reader = RuntimeReader::new(&model, pid, crate::target::load_bias(&binary, pid));
+        let reader = reader.unwrap();
+        let recording = Recording::new(&reader.memory);
+        let live = take(&reader, &recording);
+        check(&reader, live, recording.into_image(), &pending.truth);
     }
 
     /// A live snapshot, captured as an image, decodes the same from the image; damaged images
@@ -274,58 +291,55 @@ mod tests {
             for variant in [Variant::Plain, Variant::Stripped] {
                 let path = testbin::build(&toolchain, Program::Pending, variant);
                 let what = format!("go{} {variant:?}", toolchain.version);
-                let pending = Pending::start(&path);
-                let binary = GoBinary::open(&path).unwrap();
-                let reader = RuntimeReader::new(&binary, pending.child.id()).unwrap();
-                let recording = Recording::new(&reader.memory);
-                let live = take(&reader, &recording);
-                let image = recording.into_image();
-                let expected = pending.truth["pending_defers"].as_u64().unwrap() as usize;
-                assert_eq!(live.pending_records(), expected, "{what}");
-                let mut replayed = take(&reader, &image);
-                replayed.started_ns = live.started_ns;
-                replayed.ended_ns = live.ended_ns;
-                assert_eq!(replayed, live, "{what}: the image decodes differently");
+                with_captured_image(&path, |reader, live, image, truth| {
+                    let expected = truth["pending_defers"].as_u64().unwrap() as usize;
+                    assert_eq!(live.pending_records(), expected, "{what}");
+                    let mut replayed = take(reader, &image);
+                    replayed.started_ns = live.started_ns;
+                    replayed.ended_ns = live.ended_ns;
+                    assert_eq!(replayed, live, "{what}: the image decodes differently");
 
-                // A cycle in one goroutine's chain: that goroutine is dropped as corrupt.
-                let victim = &live.goroutines[0];
-                let record = victim.records[0].record.address;
-                let mut damaged = image.clone();
-                assert!(damaged.write_u64(record + reader.layout.defer_link, record));
-                let snapshot = take(&reader, &damaged);
-                assert_eq!(snapshot.corrupt, 1, "{what}");
-                assert_eq!(snapshot.goroutines.len(), live.goroutines.len() - 1, "{what}");
-
-                // A record that can't be read: that goroutine is dropped as unreadable.
-                let mut damaged = image.clone();
-                let next = victim.header.g + reader.layout.g_defer;
-                assert!(damaged.write_u64(next, 0xdead_0000));
-                let snapshot = take(&reader, &damaged);
-                assert_eq!(snapshot.unreadable, 1, "{what}");
-
-                // A map header that does not check out: entries unknown, not a count.
-                let map = victim.records.iter().find_map(|r| match &r.captures {
-                    Captures::Values(values) => values.iter().find_map(|v| match v.value {
-                        Value::Map { map, by_reference: false, .. } => Some(map),
-                        _ => None,
-                    }),
-                    _ => None,
-                });
-                if let Some(map) = map {
+                    // A cycle in one goroutine's chain: that goroutine is dropped as corrupt.
+                    let victim = &live.goroutines[0];
+                    let record = victim.records[0].record.address;
                     let mut damaged = image.clone();
-                    // An absurd count for the header's size.
-                    assert!(damaged.write_u64(map, 1 << 40));
-                    let snapshot = take(&reader, &damaged);
-                    let entries =
-                        snapshot.goroutines[0].records.iter().find_map(|r| match &r.captures {
+                    assert!(damaged.write_u64(record + reader.model.layout.defer_link, record));
+                    let snapshot = take(reader, &damaged);
+                    assert_eq!(snapshot.corrupt, 1, "{what}");
+                    assert_eq!(snapshot.goroutines.len(), live.goroutines.len() - 1, "{what}");
+
+                    // A record that can't be read: that goroutine is dropped as unreadable.
+                    let mut damaged = image.clone();
+                    let next = victim.header.g + reader.model.layout.g_defer;
+                    assert!(damaged.write_u64(next, 0xdead_0000));
+                    let snapshot = take(reader, &damaged);
+                    assert_eq!(snapshot.unreadable, 1, "{what}");
+
+                    // A map header that does not check out: entries unknown, not a count.
+                    let map = victim.records.iter().find_map(|r| match &r.captures {
+                        Captures::Values(values) => values.iter().find_map(|v| match v.value {
+                            Value::Map { map, by_reference: false, .. } => Some(map),
+                            _ => None,
+                        }),
+                        _ => None,
+                    });
+                    if let Some(map) = map {
+                        let mut damaged = image.clone();
+                        // An absurd count for the header's size.
+                        assert!(damaged.write_u64(map, 1 << 40));
+                        let snapshot = take(reader, &damaged);
+                        let entries = snapshot.goroutines[0].records.iter().find_map(|r| match &r
+                            .captures
+                        {
                             Captures::Values(values) => values.iter().find_map(|v| match v.value {
                                 Value::Map { map: m, entries, .. } if m == map => Some(entries),
                                 _ => None,
                             }),
                             _ => None,
                         });
-                    assert_eq!(entries, Some(None), "{what}");
-                }
+                        assert_eq!(entries, Some(None), "{what}");
+                    }
+                });
             }
         }
     }
@@ -355,20 +369,16 @@ mod tests {
         }
         let toolchain = testbin::toolchains().remove(0);
         let path = testbin::build(&toolchain, Program::Pending, Variant::Plain);
-        let pending = Pending::start(&path);
-        let binary = GoBinary::open(&path).unwrap();
-        let reader = RuntimeReader::new(&binary, pending.child.id()).unwrap();
-        let recording = Recording::new(&reader.memory);
-        let live = take(&reader, &recording);
-        let image = recording.into_image();
-        let victim = live.goroutines[0].header.g;
-        let shifting = Shifting {
-            image: &image,
-            goid_at: victim + reader.layout.g_goid,
-            reads: Default::default(),
-        };
-        let snapshot = take(&reader, &shifting);
-        assert_eq!(snapshot.torn, 1);
-        assert_eq!(snapshot.goroutines.len(), live.goroutines.len() - 1);
+        with_captured_image(&path, |reader, live, image, _| {
+            let victim = live.goroutines[0].header.g;
+            let shifting = Shifting {
+                image: &image,
+                goid_at: victim + reader.model.layout.g_goid,
+                reads: Default::default(),
+            };
+            let snapshot = take(reader, &shifting);
+            assert_eq!(snapshot.torn, 1);
+            assert_eq!(snapshot.goroutines.len(), live.goroutines.len() - 1);
+        });
     }
 }
