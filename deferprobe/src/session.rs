@@ -938,7 +938,12 @@ async fn trace(
         }
         snapshot
     };
-    let mut snapshot = take_snapshot(&mut aggregator);
+    // A program deferprobe started has nothing pending before its first instruction: its
+    // first snapshot comes at the first interval.
+    let mut snapshot = match child {
+        Some(_) => None,
+        None => take_snapshot(&mut aggregator),
+    };
     let mut last_logged = Counts::default();
     let mut batch = Vec::new();
     let mut interrupted = false;
