@@ -45,6 +45,8 @@ pub(crate) struct Target {
     pub(crate) release: String,
     pub(crate) variant: String,
     pub(crate) program: String,
+    /// `pypi` or `debian`.
+    toolchain: String,
 }
 
 impl Target {
@@ -84,7 +86,7 @@ fn read_matrix() -> Matrix {
             ["variant", name, program, ..] => {
                 matrix.variants.push((name.to_string(), program.to_string()));
             }
-            ["release", release, _toolchain, variants @ ..] => {
+            ["release", release, toolchain, variants @ ..] => {
                 for variant in variants {
                     let (_, program) =
                         matrix.variants.iter().find(|(name, _)| name == variant).unwrap_or_else(
@@ -94,6 +96,7 @@ fn read_matrix() -> Matrix {
                         release: release.to_string(),
                         variant: variant.to_string(),
                         program: program.clone(),
+                        toolchain: toolchain.to_string(),
                     });
                 }
             }
@@ -104,7 +107,8 @@ fn read_matrix() -> Matrix {
 }
 
 /// The targets this run tests: every one with DEFERPROBE_MATRIX=full, else those of the
-/// releases in tests/go/releases.txt.
+/// releases in tests/go/releases.txt and the Debian-packaged ones (the oldest supported
+/// release), as `cargo xtask go-programs` builds them.
 pub(crate) fn selected_targets() -> Vec<Target> {
     let matrix = read_matrix();
     match std::env::var("DEFERPROBE_MATRIX").as_deref() {
@@ -117,7 +121,11 @@ pub(crate) fn selected_targets() -> Vec<Target> {
                     "Go {release} (tests/go/releases.txt) has no targets in tests/go/matrix.txt"
                 );
             }
-            matrix.targets.into_iter().filter(|t| releases.contains(&t.release)).collect()
+            matrix
+                .targets
+                .into_iter()
+                .filter(|t| releases.contains(&t.release) || t.toolchain == "debian")
+                .collect()
         }
         Ok(other) => panic!("DEFERPROBE_MATRIX={other:?}: expected `full` or `ci` (the default)"),
     }
