@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     report::{Finding, GoroutineReport, GoroutineSiteReport, Location, PendingReport, SiteReport},
-    state::{Captures, PendingRecord, Snapshot, Value},
+    state::{CapturedValue, Captures, PendingRecord, Snapshot, Value},
 };
 
 /// What the report needs from outside the snapshot.
@@ -94,81 +94,116 @@ fn object_of(value: &Value) -> Option<(u64, u64)> {
     }
 }
 
-/// Sums what a set of records captures.
-#[derive(Default)]
-struct CaptureTotals {
-    by_type: BTreeMap<(&'static str, String), (u64, HashMap<u64, u64>, Option<u64>, Option<u64>)>,
-    maps_by_value: HashSet<u64>,
-    maps_by_reference: HashSet<u64>,
-    map_entries: HashMap<u64, Option<u64>>,
-    objects: HashMap<u64, u64>,
-    closure_bytes: u64,
+/// The captured variables of a record (none when it captures nothing or is unknown).
+fn values(record: &PendingRecord) -> &[CapturedValue] {
+    match &record.captures {
+        Captures::Values(values) => values,
+        _ => &[],
+    }
 }
 
-impl CaptureTotals {
+/// The distinct maps some records capture, by value and by reference, with their entries.
+#[derive(Default)]
+struct MapTotals {
+    by_value: HashSet<u64>,
+    by_reference: HashSet<u64>,
+    entries: HashMap<u64, Option<u64>>,
+}
+
+impl MapTotals {
     fn add(&mut self, record: &PendingRecord) {
-        self.closure_bytes += record.closure_bytes;
-        let Captures::Values(values) = &record.captures else { return };
-        for captured in values {
-            let value = &captured.value;
-            let entry = self.by_type.entry((value.kind(), captured.type_name.clone())).or_insert((
-                0,
-                HashMap::new(),
-                Some(0),
-                None,
-            ));
-            entry.0 += 1;
-            if let Some((object, bytes)) = object_of(value) {
-                let new = entry.1.insert(object, bytes).is_none();
-                self.objects.insert(object, bytes);
-                let add = |total: &mut Option<u64>, n: Option<u64>| {
-                    *total = total.zip(n).map(|(a, b)| a + b);
+        for captured in values(record) {
+            if let Value::Map { map, by_reference, entries, .. } = captured.value
+                && map != 0
+            {
+                self.entries.insert(map, entries);
+                match by_reference {
+                    true => self.by_reference.insert(map),
+                    false => self.by_value.insert(map),
                 };
-                match *value {
-                    Value::Map { map, by_reference, entries, .. } => {
-                        if new {
-                            add(&mut entry.2, entries);
-                        }
-                        self.map_entries.insert(map, entries);
-                        match by_reference {
-                            true => self.maps_by_reference.insert(map),
-                            false => self.maps_by_value.insert(map),
-                        };
-                    }
-                    Value::Slice { len, cap, .. } if new => {
-                        add(&mut entry.2, len);
-                        entry.3 = Some(entry.3.unwrap_or(0) + cap.unwrap_or(0));
-                    }
-                    Value::String { len, .. } if new => add(&mut entry.2, len),
-                    _ => {}
-                }
             }
         }
     }
 
-    fn maps(&self) -> u64 {
-        self.maps_by_value.union(&self.maps_by_reference).count() as u64
+    fn count(&self) -> u64 {
+        self.by_value.union(&self.by_reference).count() as u64
     }
 
-    fn map_entries(&self) -> u64 {
-        self.map_entries.values().map(|e| e.unwrap_or(0)).sum()
+    /// Known element counts, summed (an unreadable map adds nothing; notes say how many).
+    fn entries(&self) -> u64 {
+        self.entries.values().map(|e| e.unwrap_or(0)).sum()
+    }
+}
+
+/// Captures of one kind and field type.
+#[derive(Default)]
+struct TypeTotals {
+    captures: u64,
+    /// Distinct objects reached, with their estimated bytes.
+    objects: HashMap<u64, u64>,
+    /// Map entries, slice lengths or string lengths of those objects, summed.
+    entries: u64,
+    entries_unknown: bool,
+    /// Slice capacities, summed.
+    capacity: Option<u64>,
+}
+
+/// What a frame's records capture, for its finding.
+#[derive(Default)]
+struct CaptureTotals<'s> {
+    maps: MapTotals,
+    by_type: BTreeMap<(&'static str, &'s str), TypeTotals>,
+    /// Distinct objects reached by any capture, with their estimated bytes.
+    objects: HashMap<u64, u64>,
+    closure_bytes: u64,
+}
+
+impl<'s> CaptureTotals<'s> {
+    fn add(&mut self, record: &'s PendingRecord) {
+        self.closure_bytes += record.closure_bytes;
+        self.maps.add(record);
+        for captured in values(record) {
+            let value = &captured.value;
+            let totals = self.by_type.entry((value.kind(), &captured.type_name)).or_default();
+            totals.captures += 1;
+            let Some((object, bytes)) = object_of(value) else { continue };
+            self.objects.insert(object, bytes);
+            if totals.objects.insert(object, bytes).is_some() {
+                continue; // counted once, however many closures share it
+            }
+            let mut add = |n: Option<u64>| match n {
+                Some(n) => totals.entries += n,
+                None => totals.entries_unknown = true,
+            };
+            match *value {
+                Value::Map { entries, .. } => add(entries),
+                Value::Slice { len, cap, .. } => {
+                    add(len);
+                    totals.capacity = Some(totals.capacity.unwrap_or(0) + cap.unwrap_or(0));
+                }
+                Value::String { len, .. } => add(len),
+                _ => {}
+            }
+        }
     }
 
     fn summaries(&self) -> Vec<CaptureSummary> {
         let mut summaries: Vec<CaptureSummary> = self
             .by_type
             .iter()
-            .map(|((kind, type_name), (captures, objects, entries, capacity))| CaptureSummary {
+            .map(|(&(kind, type_name), totals)| CaptureSummary {
                 kind,
-                type_name: type_name.clone(),
-                captures: *captures,
-                objects: objects.len() as u64,
-                entries: match *kind {
-                    "map" | "map_by_reference" | "slice" | "string" => *entries,
+                type_name: type_name.to_owned(),
+                captures: totals.captures,
+                objects: totals.objects.len() as u64,
+                entries: match kind {
+                    "map" | "map_by_reference" | "slice" | "string" => {
+                        (!totals.entries_unknown).then_some(totals.entries)
+                    }
                     _ => None,
                 },
-                capacity: *capacity,
-                est_bytes: objects.values().sum(),
+                capacity: totals.capacity,
+                est_bytes: totals.objects.values().sum(),
             })
             .collect();
         summaries.sort_by(|a, b| b.est_bytes.cmp(&a.est_bytes).then(b.captures.cmp(&a.captures)));
@@ -196,16 +231,16 @@ pub fn from_snapshot(
     let mut unreadable_maps = 0;
     let mut findings = Vec::new();
     let mut goroutines = Vec::new();
-    let mut all = CaptureTotals::default();
+    let mut all = MapTotals::default();
     let mut pending_by_site: HashMap<u64, u64> = HashMap::new();
     let mut records_total = 0;
     for goroutine in &snapshot.goroutines {
         let goid = goroutine.header.goid;
-        let mut totals = CaptureTotals::default();
+        let mut maps = MapTotals::default();
         let mut frames: BTreeMap<u64, Vec<&PendingRecord>> = BTreeMap::new();
         let mut per_site: BTreeMap<u64, u64> = BTreeMap::new();
         for record in &goroutine.records {
-            totals.add(record);
+            maps.add(record);
             all.add(record);
             frames.entry(record.record.sp).or_default().push(record);
             *per_site.entry(record.site).or_default() += 1;
@@ -260,10 +295,10 @@ pub fn from_snapshot(
                 pending_defers: pending,
                 pending_before_trace: at_attach,
                 oldest_pending_secs,
-                captured_maps: frame_totals.maps(),
-                captured_maps_by_value: frame_totals.maps_by_value.len() as u64,
-                captured_maps_by_reference: frame_totals.maps_by_reference.len() as u64,
-                captured_map_entries: frame_totals.map_entries(),
+                captured_maps: frame_totals.maps.count(),
+                captured_maps_by_value: frame_totals.maps.by_value.len() as u64,
+                captured_maps_by_reference: frame_totals.maps.by_reference.len() as u64,
+                captured_map_entries: frame_totals.maps.entries(),
                 est_bytes: pending * lookups.defer_record_bytes
                     + frame_totals.closure_bytes
                     + frame_totals.objects.values().sum::<u64>(),
@@ -291,8 +326,8 @@ pub fn from_snapshot(
         goroutines.push(GoroutineReport {
             goid,
             pending_defers: goroutine.records.len() as u64,
-            captured_maps: totals.maps(),
-            captured_map_entries: totals.map_entries(),
+            captured_maps: maps.count(),
+            captured_map_entries: maps.entries(),
             defer_sites,
         });
     }
@@ -332,12 +367,109 @@ pub fn from_snapshot(
         pending: PendingReport {
             heap_defers: records_total,
             goroutines: snapshot.goroutines.len() as u64,
-            captured_maps: all.maps(),
+            captured_maps: all.count(),
         },
         findings,
         goroutines,
         sites,
         unknown_captures,
         unreadable_maps,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{DeferRecord, GoroutineHeader, PendingGoroutine};
+
+    fn record(sp: u64, values: Vec<CapturedValue>) -> PendingRecord {
+        PendingRecord {
+            record: DeferRecord {
+                address: 0,
+                closure: 0,
+                sp,
+                pc: 0x401005,
+                heap: true,
+                in_range_loop: false,
+            },
+            site: 0x401005,
+            code: Some(0x402000),
+            closure_bytes: 16,
+            captures: Captures::Values(values),
+        }
+    }
+
+    fn map(map: u64, by_reference: bool, entries: Option<u64>) -> CapturedValue {
+        CapturedValue {
+            name: "X0".into(),
+            type_name: match by_reference {
+                true => "*map[string]int".into(),
+                false => "map[string]int".into(),
+            },
+            value: Value::Map { map, by_reference, entries, slot_bytes: 24 },
+        }
+    }
+
+    fn sections(records: Vec<PendingRecord>, min_pending: u64) -> PendingSections {
+        let header =
+            GoroutineHeader { g: 0xc000, goid: 7, status: 4, stack_lo: 0, stack_hi: 0, defers: 1 };
+        let snapshot = Snapshot {
+            goroutines: vec![PendingGoroutine { header, records }],
+            ..Snapshot::default()
+        };
+        let location = |_: u64| Location {
+            function: Some("main.leak".into()),
+            file: Some("/src/main.go".into()),
+            line: Some(12),
+        };
+        let lookups =
+            SnapshotLookups { bias: 0, location: &location, defer_record_bytes: 48, min_pending };
+        from_snapshot(&snapshot, &lookups, None)
+    }
+
+    #[test]
+    fn a_frame_summarises_its_captures_counting_shared_objects_once() {
+        // Three closures of one frame: two share map 0xa (3 entries), one holds map 0xb by
+        // reference; a frame elsewhere holds an unreadable map.
+        let records = vec![
+            record(0x100, vec![map(0xa, false, Some(3))]),
+            record(0x100, vec![map(0xa, false, Some(3))]),
+            record(0x100, vec![map(0xb, true, Some(5))]),
+            record(0x900, vec![map(0xc, false, None)]),
+        ];
+        let s = sections(records, 3);
+        assert_eq!(s.pending.heap_defers, 4);
+        assert_eq!(s.pending.captured_maps, 3);
+        assert_eq!(s.unreadable_maps, 1);
+        assert_eq!(s.findings.len(), 1, "only the frame with 3 records is a finding");
+        let f = &s.findings[0];
+        assert_eq!((f.pending_defers, f.pending_before_trace), (3, 3));
+        assert_eq!(f.oldest_pending_secs, None, "no events: the age is unknown");
+        assert_eq!(
+            (f.captured_maps, f.captured_maps_by_value, f.captured_maps_by_reference),
+            (2, 1, 1)
+        );
+        assert_eq!(f.captured_map_entries, 8);
+        let by_value = f.captures.iter().find(|c| c.kind == "map").unwrap();
+        assert_eq!((by_value.captures, by_value.objects, by_value.entries), (2, 1, Some(3)));
+        assert_eq!(by_value.est_bytes, map_bytes_estimate(3, 24));
+        let by_reference = f.captures.iter().find(|c| c.kind == "map_by_reference").unwrap();
+        assert_eq!(by_reference.type_name, "*map[string]int");
+        assert_eq!(
+            f.est_bytes,
+            3 * 48 + 3 * 16 + map_bytes_estimate(3, 24) + map_bytes_estimate(5, 24)
+        );
+        // The goroutine counts every map, the unreadable one's entries as unknown (0 added).
+        assert_eq!(s.goroutines[0].captured_maps, 3);
+        assert_eq!(s.goroutines[0].captured_map_entries, 8);
+    }
+
+    #[test]
+    fn an_unreadable_map_makes_its_entries_unknown_not_zero() {
+        let records = vec![record(0x100, vec![map(0xc, false, None)]); 2];
+        let s = sections(records, 1);
+        let capture = &s.findings[0].captures[0];
+        assert_eq!(capture.entries, None);
+        assert_eq!(capture.objects, 1);
     }
 }
