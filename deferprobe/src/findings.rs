@@ -164,7 +164,7 @@ impl<'s> CaptureTotals<'s> {
         self.maps.add(record);
         for captured in values(record) {
             let value = &captured.value;
-            let totals = self.by_type.entry((value.kind(), &captured.type_name)).or_default();
+            let totals = self.by_type.entry((captured.kind, &captured.type_name)).or_default();
             totals.captures += 1;
             let Some((object, bytes)) = object_of(value) else { continue };
             self.objects.insert(object, bytes);
@@ -402,6 +402,7 @@ mod tests {
     fn map(map: u64, by_reference: bool, entries: Option<u64>) -> CapturedValue {
         CapturedValue {
             name: "X0".into(),
+            kind: if by_reference { "map_by_reference" } else { "map" },
             type_name: match by_reference {
                 true => "*map[string]int".into(),
                 false => "map[string]int".into(),

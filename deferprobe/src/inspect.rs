@@ -6,11 +6,68 @@ use std::{fmt::Write as _, path::Path};
 use serde::Serialize;
 
 use crate::{
-    binary::{DeferSite, GoBinary, MemoryProfiling},
+    binary::{ClosureTypes, DeferSite, GoBinary, MemoryProfiling},
     error::Result,
     layout::{self, RuntimeLayout},
     plan::{PlanOptions, ProbePlan},
+    state::capture_kind,
 };
+
+/// A heap defer site and what its closure captures.
+#[derive(Serialize)]
+struct SiteInspection<'a> {
+    #[serde(flatten)]
+    site: &'a DeferSite,
+    /// The deferred closure, from the code that builds it; null when the code doesn't say
+    /// (a closure passed in from elsewhere).
+    closure: Option<ClosureInspection>,
+}
+
+#[derive(Serialize)]
+struct ClosureInspection {
+    /// The closure's function (e.g. `main.leak.func1`).
+    function: String,
+    /// The closure struct type as the binary names it; null for a static closure.
+    #[serde(rename = "type")]
+    type_name: Option<String>,
+    /// Its captured variables, in field order (empty: it captures nothing).
+    captures: Vec<FieldInspection>,
+}
+
+#[derive(Serialize)]
+struct FieldInspection {
+    name: String,
+    #[serde(rename = "type")]
+    type_name: String,
+    kind: &'static str,
+    offset: u64,
+}
+
+fn closure_of(
+    binary: &GoBinary,
+    closures: &ClosureTypes<'_>,
+    site: &DeferSite,
+) -> Option<ClosureInspection> {
+    let deferred = closures.deferred_at(site.return_address)?;
+    let function = binary.function_at(deferred.code).map_or_else(|| "?".to_owned(), |f| f.name);
+    let (type_name, captures) = match &deferred.layout {
+        None => (None, Vec::new()),
+        Some(layout) => (
+            Some(layout.type_name.clone()),
+            layout
+                .captures
+                .iter()
+                .map(|field| FieldInspection {
+                    name: field.name.clone(),
+                    type_name: field.typ.name.clone(),
+                    kind: capture_kind(closures.types(), &field.typ),
+                    offset: field.offset,
+                })
+                .collect(),
+        ),
+    };
+    Some(ClosureInspection { function, type_name, captures })
+}
 
 #[derive(Serialize)]
 struct Inspection<'a> {
@@ -21,7 +78,7 @@ struct Inspection<'a> {
     /// The built-in struct offsets for this Go release (what `plan.layout` would be without
     /// DWARF), checked against DWARF by `cargo xtask layout-table`.
     release_table_layout: Option<RuntimeLayout>,
-    heap_defer_sites: &'a [DeferSite],
+    heap_defer_sites: Vec<SiteInspection<'a>>,
     /// Whether `--alloc-mode profiled` can work: the runtime's allocation sampling as linked.
     memory_profiling: MemoryProfiling,
 }
@@ -32,6 +89,11 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
     let plan = ProbePlan::build(&binary, &PlanOptions::default())?;
     let memory_profiling = binary.memory_profiling();
     let sites = binary.heap_defer_sites()?;
+    let closures = binary.closure_types_for(&sites);
+    let inspected: Vec<SiteInspection> = sites
+        .iter()
+        .map(|site| SiteInspection { site, closure: closure_of(&binary, &closures, site) })
+        .collect();
     let info = binary.build_info();
     if json {
         let inspection = Inspection {
@@ -40,7 +102,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
             main_package: info.main_package.as_deref(),
             plan: &plan,
             release_table_layout: layout::for_release(plan.release),
-            heap_defer_sites: &sites,
+            heap_defer_sites: inspected,
             memory_profiling,
         };
         return Ok(serde_json::to_string_pretty(&inspection).expect("serializes") + "\n");
@@ -108,12 +170,27 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         "\nheap defer sites ({}: defers that allocate a record each run)",
         sites.len()
     );
-    for site in &sites {
+    for SiteInspection { site, closure } in &inspected {
         let _ = writeln!(
             out,
             "  {}  {}:{}  (return address {:#x})",
             site.location.function, site.location.file, site.location.line, site.return_address
         );
+        let captures = match closure {
+            None => "closure unknown (not built next to the defer)".to_owned(),
+            Some(closure) if closure.captures.is_empty() => {
+                format!("{} captures nothing", closure.function)
+            }
+            Some(closure) => {
+                let fields: Vec<String> = closure
+                    .captures
+                    .iter()
+                    .map(|f| format!("{} {} ({})", f.name, f.type_name, f.kind))
+                    .collect();
+                format!("{} captures {}", closure.function, fields.join(", "))
+            }
+        };
+        let _ = writeln!(out, "      {captures}");
     }
     Ok(out)
 }

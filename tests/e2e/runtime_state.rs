@@ -37,6 +37,39 @@ fn finding_for<'a>(report: &'a Value, site: &Value) -> &'a Value {
         .unwrap_or_else(|| panic!("no finding for {site}\nfindings: {:#}", report["findings"]))
 }
 
+/// The capture kind and closure field type deferprobe must report for a truth site.
+fn expected_capture(site: &Value) -> (&'static str, String) {
+    let typ = site["type"].as_str().unwrap();
+    match site["capture"].as_str().unwrap() {
+        "map" => ("map", typ.to_owned()),
+        "map_ref" => ("map_by_reference", format!("*{typ}")),
+        "struct_pointer" => ("pointer", typ.to_owned()),
+        "slice" => ("slice", typ.to_owned()),
+        "string" => ("string", typ.to_owned()),
+        "file" => ("file", typ.to_owned()),
+        other => panic!("unknown capture {other} in {site}"),
+    }
+}
+
+/// `inspect` names, for every truth site, the closure its defer passes and what it captures.
+fn check_inspect(binary: &std::path::Path, truth: &Value) {
+    let (_, inspection) = inspect(binary);
+    let sites = inspection["heap_defer_sites"].as_array().unwrap();
+    for site in truth["sites"].as_array().unwrap() {
+        let inspected = sites
+            .iter()
+            .find(|s| s["function"] == site["function"] && s["line"] == site["line"])
+            .unwrap_or_else(|| panic!("inspect: no heap defer site for {site}"));
+        let captures = inspected["closure"]["captures"]
+            .as_array()
+            .unwrap_or_else(|| panic!("inspect: no closure for {inspected}"));
+        assert_eq!(captures.len(), 1, "inspect: {inspected}");
+        let (kind, type_name) = expected_capture(site);
+        assert_eq!(captures[0]["kind"], kind, "inspect: {inspected}");
+        assert_eq!(captures[0]["type"], type_name.as_str(), "inspect: {inspected}");
+    }
+}
+
 /// Every truth site against `report` (from `snapshot` or `run`).
 fn check_report(report: &Value, truth: &Value, what: &str) {
     let context = |detail: &str| format!("{what}: {detail}");
@@ -77,13 +110,7 @@ fn check_report(report: &Value, truth: &Value, what: &str) {
         assert_eq!(captures.len(), 1, "{detail}");
         let capture = &captures[0];
         assert_eq!(u64_of(capture, "captures"), pending, "{detail}");
-        let typ = site["type"].as_str().unwrap();
-        let (kind, type_name) = match site["capture"].as_str().unwrap() {
-            "map" => ("map", typ.to_owned()),
-            "map_ref" => ("map_by_reference", format!("*{typ}")),
-            "struct_pointer" => ("pointer", typ.to_owned()),
-            other => (other, typ.to_owned()),
-        };
+        let (kind, type_name) = expected_capture(site);
         assert_eq!(capture["kind"], kind, "{detail}");
         assert_eq!(capture["type"], type_name.as_str(), "{detail}");
         let maps = u64_of(site, "maps");
@@ -127,6 +154,7 @@ fn check_target(target: &Target) {
     let mut program = Workload::start_with_args(&binary, &["-wait", "-n", N]);
     let truth = program.work_json();
     let pid = program.pid().to_string();
+    check_inspect(&binary, &truth);
 
     // snapshot: no probes.
     let output = deferprobe().args(["snapshot", "--pid", &pid, "--json"]).output().unwrap();

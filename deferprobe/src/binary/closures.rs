@@ -51,7 +51,7 @@ pub struct CapturedField {
 pub struct ClosureTypes<'b> {
     pub(super) binary: &'b GoBinary,
     pub(super) types: TypeReader<'b>,
-    pub(super) allocators: Vec<Allocator>,
+    pub(super) callees: Callees,
     /// Closure code → closure struct type address.
     pub(super) by_code: Mutex<HashMap<u64, u64>>,
     /// Functions already scanned.
@@ -61,6 +61,17 @@ pub struct ClosureTypes<'b> {
     /// Range-over-func loop bodies with exactly one `deferprocat` call: body function name →
     /// the call's return address.
     pub(super) range_sites: BTreeMap<String, u64>,
+    /// Return address of each scanned defer call → the closure it passes.
+    pub(super) deferred: Mutex<HashMap<u64, Deferred>>,
+}
+
+/// The closure a heap defer site passes, from the code around it ([`ClosureTypes::deferred_at`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeferredClosure {
+    /// The closure's code (ELF virtual address).
+    pub code: u64,
+    /// What it captures; None for a static funcval, which captures nothing.
+    pub layout: Option<Arc<ClosureLayout>>,
 }
 
 /// A lock that a panic elsewhere does not poison (the maps stay consistent: every update is
@@ -103,13 +114,34 @@ impl ClosureTypes<'_> {
         let found = closures_built(
             code,
             function.address,
-            &self.allocators,
+            &self.callees,
             &|a| self.types.is_type_address(a),
             &is_function,
         );
         let mut by_code = locked(&self.by_code);
-        for (code, typ) in found {
+        for (code, typ) in found.types {
             by_code.entry(code).or_insert(typ);
+        }
+        locked(&self.deferred).extend(found.deferred);
+    }
+
+    /// The closure the heap defer whose `deferproc`/`deferprocat` call returns to
+    /// `return_address` passes, when the code building it was found: a closure object whose
+    /// layout is known, or a static funcval. None when it can't be told from the code (the
+    /// closure comes from elsewhere, e.g. a func value parameter).
+    pub fn deferred_at(&self, return_address: u64) -> Option<DeferredClosure> {
+        let deferred = locked(&self.deferred).get(&return_address).copied()?;
+        match deferred {
+            Deferred::Code(code) => {
+                Some(DeferredClosure { code, layout: Some(self.layout(code)?) })
+            }
+            Deferred::Funcval(funcval) => {
+                let (start, end) = self.binary.image_range();
+                let code =
+                    self.binary.read_u64(funcval).filter(|_| (start..end).contains(&funcval))?;
+                let entry = self.binary.function_at(code).is_some_and(|f| f.address == code);
+                entry.then_some(DeferredClosure { code, layout: None })
+            }
         }
     }
 
@@ -204,32 +236,82 @@ pub(super) struct Allocator {
     pub type_register: Register,
 }
 
-/// Closure code address → closure type descriptor address, for every closure built in `code`
-/// (the function at `address`). `is_type` says whether an address can be a type descriptor,
+/// The closure a `defer` passes to `runtime.deferproc` / `deferprocat` (in RAX).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deferred {
+    /// A closure object built just before, whose code is at this address.
+    Code(u64),
+    /// A static funcval (a closure that captures nothing) at this address.
+    Funcval(u64),
+}
+
+/// What one function's code says about its closures.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Built {
+    /// Closure code address → closure type descriptor address.
+    pub types: HashMap<u64, u64>,
+    /// Return address of each `CALL` to a defer function → the closure it passes.
+    pub deferred: HashMap<u64, Deferred>,
+}
+
+/// The runtime functions a closure-building scan tells apart.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Callees {
+    pub allocators: Vec<Allocator>,
+    /// `runtime.deferproc`, `runtime.deferprocat`.
+    pub defer_functions: Vec<u64>,
+    /// `runtime.gcWriteBarrier*`: they keep every general register but R11, so a call to one
+    /// (on the write barrier's slow path, between building a closure and deferring it) ends
+    /// nothing the scan follows.
+    pub write_barriers: Vec<u64>,
+}
+
+/// Every closure built in `code` (the function at `address`), and the closure each call to a
+/// defer function passes. `is_type` says whether an address can be a type descriptor,
 /// `is_function` whether it is a function's entry.
 pub(super) fn closures_built(
     code: &[u8],
     address: u64,
-    allocators: &[Allocator],
+    callees: &Callees,
     is_type: &dyn Fn(u64) -> bool,
     is_function: &dyn Fn(u64) -> bool,
-) -> HashMap<u64, u64> {
-    let mut found = HashMap::new();
+) -> Built {
+    let Callees { allocators, defer_functions, write_barriers } = callees;
+    let mut found = Built::default();
     let mut info = InstructionInfoFactory::new();
     // RIP-relative addresses in registers, and the registers holding the newest allocation
     // (with its type).
     let mut addresses: [Option<u64>; 16] = [None; 16];
     let mut object: [bool; 16] = [false; 16];
     let mut object_type: Option<u64> = None;
+    // The code stored into word 0 of the object the registers in `object` hold.
+    let mut object_code: Option<u64> = None;
+    let rax = slot(Register::RAX).unwrap();
     for instruction in instructions(code, address) {
         let Ok(instruction) = instruction else { break };
         if instruction.flow_control() == FlowControl::Call {
             let target = instruction.near_branch_target();
-            let allocator = (instruction.code() == Code::Call_rel32_64)
-                .then(|| allocators.iter().find(|a| a.address == target))
-                .flatten();
+            let direct = instruction.code() == Code::Call_rel32_64;
+            if direct && write_barriers.contains(&target) {
+                let r11 = slot(Register::R11).unwrap();
+                (addresses[r11], object[r11]) = (None, false);
+                continue;
+            }
+            if direct && defer_functions.contains(&target) {
+                let closure = match (object[rax], object_code, addresses[rax]) {
+                    (true, Some(code), _) => Some(Deferred::Code(code)),
+                    (false, _, Some(funcval)) => Some(Deferred::Funcval(funcval)),
+                    _ => None,
+                };
+                if let Some(closure) = closure {
+                    found.deferred.insert(instruction.next_ip(), closure);
+                }
+            }
+            let allocator =
+                direct.then(|| allocators.iter().find(|a| a.address == target)).flatten();
             object = [false; 16];
             object_type = None;
+            object_code = None;
             if let Some(allocator) = allocator
                 && let Some(typ) = slot(allocator.type_register).and_then(|s| addresses[s])
                 && is_type(typ)
@@ -263,8 +345,8 @@ pub(super) fn closures_built(
                 && is_function(code)
                 && let Some(typ) = object_type.take()
             {
-                found.entry(code).or_insert(typ);
-                object = [false; 16];
+                found.types.entry(code).or_insert(typ);
+                object_code = Some(code);
                 continue;
             }
             // MOV reg, reg: copies of what we follow.
@@ -310,9 +392,47 @@ mod tests {
         [&[0xe8][..], &rel.to_le_bytes()].concat()
     }
 
+    const DEFERPROC: u64 = 0x2800;
+    const FUNCVAL: u64 = 0x9800;
+
+    const WRITE_BARRIER: u64 = 0x2c00;
+
+    fn built(code: &[u8], type_register: Register) -> Built {
+        let callees = Callees {
+            allocators: vec![Allocator { address: NEWOBJECT, type_register }],
+            defer_functions: vec![DEFERPROC],
+            write_barriers: vec![WRITE_BARRIER],
+        };
+        closures_built(code, 0x1000, &callees, &|a| a == TYPE, &|a| a == CLOSURE)
+    }
+
     fn scan(code: &[u8], type_register: Register) -> HashMap<u64, u64> {
-        let allocators = [Allocator { address: NEWOBJECT, type_register }];
-        closures_built(code, 0x1000, &allocators, &|a| a == TYPE, &|a| a == CLOSURE)
+        built(code, type_register).types
+    }
+
+    #[test]
+    fn the_closure_each_defer_passes() {
+        // lea rax, [rip+TYPE]; call newobject; lea rcx, [rip+CLOSURE]; mov [rax], rcx;
+        // call deferproc (the object in rax)
+        let mut code = lea_rip(0, 0x1000, TYPE, 0x48);
+        code.extend(call(0x1007, NEWOBJECT));
+        code.extend(lea_rip(1, 0x100c, CLOSURE, 0x48));
+        code.extend([0x48, 0x89, 0x08]);
+        code.extend(call(0x1016, DEFERPROC));
+        // lea rax, [rip+FUNCVAL]; call deferproc (a static closure)
+        code.extend(lea_rip(0, 0x101b, FUNCVAL, 0x48));
+        code.extend(call(0x1022, DEFERPROC));
+        // call deferproc with rax unknown (loaded from the stack: mov rax, [rsp+8])
+        code.extend([0x48, 0x8b, 0x44, 0x24, 0x08]);
+        code.extend(call(0x102c, DEFERPROC));
+        let found = built(&code, Register::RAX);
+        assert_eq!(
+            found.deferred,
+            HashMap::from([
+                (0x101b, Deferred::Code(CLOSURE)),
+                (0x1027, Deferred::Funcval(FUNCVAL))
+            ])
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ use object::{
 };
 
 pub use buildinfo::BuildInfo;
-pub use closures::{CapturedField, ClosureLayout, ClosureTypes};
+pub use closures::{CapturedField, ClosureLayout, ClosureTypes, DeferredClosure};
 pub use error::BinaryError;
 pub use pclntab::SourceLocation;
 pub use prologue::ProbeOffset;
@@ -413,6 +413,22 @@ impl GoBinary {
         variables::from_allgadd(self.function_code(&allgadd).ok()?, allgadd.address)
     }
 
+    /// The runtime functions the closure scan tells apart ([`closures::Callees`]).
+    fn closure_callees(&self) -> closures::Callees {
+        let addresses = |names: &[&str]| -> Vec<u64> {
+            names.iter().filter_map(|name| self.function(name)).map(|f| f.address).collect()
+        };
+        closures::Callees {
+            allocators: self.closure_allocators(),
+            defer_functions: addresses(&HEAP_DEFER_FUNCTIONS),
+            write_barriers: self
+                .functions_with_prefix("runtime.gcWriteBarrier")
+                .into_iter()
+                .map(|f| f.address)
+                .collect(),
+        }
+    }
+
     /// The allocators a closure object is built with ([`closures`]).
     fn closure_allocators(&self) -> Vec<closures::Allocator> {
         use iced_x86::Register;
@@ -434,15 +450,20 @@ impl GoBinary {
     /// [`ClosureTypes`] for this binary: the closures built in every function with a heap
     /// defer site, found now; others on demand.
     pub fn closure_types(&self) -> Result<ClosureTypes<'_>, BinaryError> {
-        let sites = self.heap_defer_sites()?;
+        Ok(self.closure_types_for(&self.heap_defer_sites()?))
+    }
+
+    /// [`GoBinary::closure_types`] from the heap defer sites already found.
+    pub fn closure_types_for(&self, sites: &[DeferSite]) -> ClosureTypes<'_> {
         let catalog = ClosureTypes {
             binary: self,
             types: self.types(),
-            allocators: self.closure_allocators(),
+            callees: self.closure_callees(),
             by_code: Mutex::default(),
             scanned: Mutex::default(),
             layouts: Mutex::default(),
-            range_sites: closures::range_sites(&sites),
+            range_sites: closures::range_sites(sites),
+            deferred: Mutex::default(),
         };
         let mut functions: Vec<u64> = sites
             .iter()
@@ -453,7 +474,7 @@ impl GoBinary {
         for function in functions {
             catalog.scan(function);
         }
-        Ok(catalog)
+        catalog
     }
 
     /// [`prologue::probe_offset`] for `function`, with errors naming the file and function.

@@ -10,7 +10,7 @@ pub mod objects;
 use crate::{binary::ClosureTypes, layout::RuntimeLayout};
 pub use goroutines::{AllgAddresses, DeferRecord, GoroutineHeader, Torn};
 pub use memory::{Memory, MemoryImage, ProcessMemory, Recording};
-pub use objects::{CapturedValue, MapLayout, Value};
+pub use objects::{CapturedValue, MapLayout, Value, capture_kind};
 
 /// What a snapshot needs to know about the target besides its memory.
 pub struct SnapshotContext<'a, 'b> {

@@ -72,11 +72,32 @@ impl MapLayout {
     }
 }
 
+/// How a closure field holds what it captured, from the field's type: `map`,
+/// `map_by_reference` (a `*map[K]V`: the closure assigns the variable), `slice`, `string`,
+/// `file` (`*os.File`), `pointer` (any other pointer), `value` (held in the closure itself).
+pub fn capture_kind(types: &TypeReader<'_>, typ: &GoType) -> &'static str {
+    match typ.kind {
+        TypeKind::Map => "map",
+        TypeKind::Slice => "slice",
+        TypeKind::String => "string",
+        TypeKind::Pointer => match typ.elem.and_then(|elem| types.get(elem)) {
+            Some(elem) if elem.kind == TypeKind::Map => "map_by_reference",
+            Some(elem) if elem.kind == TypeKind::Slice => "slice",
+            Some(elem) if elem.kind == TypeKind::String => "string",
+            Some(elem) if elem.name == "os.File" => "file",
+            _ => "pointer",
+        },
+        _ => "value",
+    }
+}
+
 /// One captured variable of a pending closure.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CapturedValue {
     /// The closure struct field's name (`m`, `X0`).
     pub name: String,
+    /// [`capture_kind`] of its type.
+    pub kind: &'static str,
     /// The field's type as the binary names it: the variable's type when captured by value,
     /// a pointer to it when captured by reference.
     pub type_name: String,
@@ -98,21 +119,6 @@ pub enum Value {
     Pointer { target: u64, target_type: String, target_bytes: u64 },
     /// Scalars, funcs, channels, interfaces, structs and arrays held in the closure itself.
     Inline { kind: TypeKind, bytes: u64 },
-}
-
-impl Value {
-    /// The capture kind shown in reports.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Value::Map { by_reference: false, .. } => "map",
-            Value::Map { by_reference: true, .. } => "map_by_reference",
-            Value::Slice { .. } => "slice",
-            Value::String { .. } => "string",
-            Value::Pointer { target_type, .. } if target_type == "os.File" => "file",
-            Value::Pointer { .. } => "pointer",
-            Value::Inline { .. } => "value",
-        }
-    }
 }
 
 /// Reads the captured variables of the closure object at `closure` (runtime address) laid
@@ -156,7 +162,12 @@ pub fn read_captures(
             }
             kind => Value::Inline { kind, bytes: typ.size },
         };
-        values.push(CapturedValue { name: field.name.clone(), type_name: typ.name.clone(), value });
+        values.push(CapturedValue {
+            name: field.name.clone(),
+            kind: capture_kind(types, typ),
+            type_name: typ.name.clone(),
+            value,
+        });
     }
     Some(values)
 }
