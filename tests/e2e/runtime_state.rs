@@ -192,6 +192,42 @@ fn defers_pending_before_attach_are_exact() {
     check_each(&pending_targets(), Target::id, check_target);
 }
 
+/// No false captures under GC churn: while deferred closures capture non-map values, the
+/// program allocates and frees maps and objects of the same size (their memory reused by one
+/// another) and collects garbage every 100 ms. Traced throughout with every probe, map writes
+/// included: the report must still give exactly the captures the closures hold (0 maps for
+/// the sites that capture none), on the newest release, plain and stripped.
+#[test]
+fn no_false_captures_under_gc_churn() {
+    require_root();
+    let newest = &go_releases()[0];
+    let targets: Vec<Target> = pending_targets()
+        .into_iter()
+        .filter(|t| &t.release == newest && t.variant != "pending-pie")
+        .collect();
+    check_each(&targets, Target::id, |target| {
+        let binary = target.binary();
+        let mut program = Workload::start_with_args(&binary, &["-wait", "-n", N, "-churn", "5s"]);
+        let truth = program.work_json();
+        let pid = program.pid().to_string();
+        let report_file = report_path(&format!("churn-{}", target.id()));
+        let output = deferprobe()
+            .args(["run", "--pid", &pid, "--duration", "4s", "--interval", "500ms"])
+            .args(ALL_PROBES_ON)
+            .arg("--report")
+            .arg(&report_file)
+            .output()
+            .unwrap();
+        let (_, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(0), "run: {stderr}");
+        let report = read_json(&report_file);
+        // The churn really wrote maps while traced.
+        assert!(report["counts"]["mapassign"].as_u64().unwrap() > 10_000, "{}", report["counts"]);
+        check_report(&report, &truth, "run during GC churn");
+        program.end();
+    });
+}
+
 /// Goroutines starting and ending while snapshots run: no phantom record, no failure.
 #[test]
 fn snapshots_under_goroutine_churn() {

@@ -24,8 +24,11 @@
 // len and cap, the strings' bytes, summed over the pending records), and the totals. It then
 // holds its state until stdin closes. -n 0 leaves the sites' function, file and line empty.
 //
-//	-n N   records per site (50)
-//	-wait  print "ready" and wait for a line on stdin before working
+//	-n N       records per site (50)
+//	-wait      print "ready" and wait for a line on stdin before working
+//	-churn D   after printing the truth, for D: allocate and drop maps and objects of the
+//	           session's size, collecting garbage every 100 ms, so that freed maps' memory
+//	           is reused by other objects while the closures above stay pending
 package main
 
 import (
@@ -36,6 +39,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"time"
 )
 
 var sink int
@@ -276,6 +280,7 @@ func holdAfterPanic(n int, sites *[]site, ready chan<- struct{}) {
 func main() {
 	n := flag.Int("n", 50, "records per site")
 	wait := flag.Bool("wait", false, "wait for a line on stdin before working")
+	churnFor := flag.Duration("churn", 0, "allocate and free maps and objects for this long")
 	flag.Parse()
 
 	stdin := protocol.NewStdin()
@@ -304,5 +309,32 @@ func main() {
 	}
 	t.PendingGoroutines = len(holding)
 	protocol.Print(t)
+	if *churnFor > 0 {
+		go churn(*churnFor)
+	}
 	stdin.HoldUntilEOF()
+}
+
+// churnSink keeps the newest garbage reachable for a moment.
+var churnSink []any
+
+// churn allocates maps and session-sized objects and drops them, for d.
+func churn(d time.Duration) {
+	lastGC := time.Now()
+	for start := time.Now(); time.Since(start) < d; {
+		m := make(map[string]int)
+		for j := 0; j < 8; j++ {
+			m[keys[j]] = j
+		}
+		churnSink = append(churnSink, m, &session{id: len(churnSink), buf: make([]byte, 64)})
+		if len(churnSink) > 4096 {
+			churnSink = churnSink[:0]
+		}
+		if time.Since(lastGC) > 100*time.Millisecond {
+			runtime.GC()
+			lastGC = time.Now()
+		}
+	}
+	churnSink = nil
+	runtime.GC()
 }
