@@ -7,6 +7,7 @@ mod bad_input;
 mod cli_errors;
 mod correlation;
 mod counts;
+mod defer_sites;
 mod demo;
 mod governor;
 mod matrix;
