@@ -34,6 +34,8 @@ pub struct Traced<'a> {
     pub registered_ns: &'a dyn Fn(u64, u64) -> Option<u64>,
     /// Heap defers registered and released while traced, per site (runtime return address).
     pub sites: HashMap<u64, (u64, u64)>,
+    /// The same per goroutine id and site.
+    pub goroutine_sites: HashMap<(u64, u64), (u64, u64)>,
     /// Monotonic ns now.
     pub now_ns: u64,
 }
@@ -227,39 +229,43 @@ pub fn from_snapshot(
             })
             .clone()
     };
+    // Whether the probes saw the record's registration (never, without probes).
+    let registered_ns = |record: &PendingRecord, goid: u64| {
+        traced.and_then(|t| (t.registered_ns)(record.record.closure, goid))
+    };
     let mut unknown_captures: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut unreadable_maps = 0;
     let mut findings = Vec::new();
     let mut goroutines = Vec::new();
     let mut all = MapTotals::default();
-    let mut pending_by_site: HashMap<u64, u64> = HashMap::new();
+    // Per site: pending records, those pending before tracing, and what they capture.
+    let mut by_site: BTreeMap<u64, (u64, u64, CaptureTotals)> = BTreeMap::new();
     let mut records_total = 0;
     for goroutine in &snapshot.goroutines {
         let goid = goroutine.header.goid;
         let mut maps = MapTotals::default();
         let mut frames: BTreeMap<u64, Vec<&PendingRecord>> = BTreeMap::new();
-        let mut per_site: BTreeMap<u64, u64> = BTreeMap::new();
+        // Per site: pending records, and those pending before tracing.
+        let mut per_site: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
         for record in &goroutine.records {
             maps.add(record);
             all.add(record);
             frames.entry(record.record.sp).or_default().push(record);
-            *per_site.entry(record.site).or_default() += 1;
+            let before = u64::from(registered_ns(record, goid).is_none());
+            let site = per_site.entry(record.site).or_default();
+            (site.0, site.1) = (site.0 + 1, site.1 + before);
+            let site = by_site.entry(record.site).or_default();
+            (site.0, site.1) = (site.0 + 1, site.1 + before);
+            site.2.add(record);
             if let Captures::Unknown(why) = record.captures {
                 *unknown_captures.entry(why).or_default() += 1;
             }
-            if let Captures::Values(values) = &record.captures {
-                unreadable_maps += values
-                    .iter()
-                    .filter(
-                        |v| matches!(v.value, Value::Map { map, entries: None, .. } if map != 0),
-                    )
-                    .count() as u64;
-            }
+            unreadable_maps += values(record)
+                .iter()
+                .filter(|v| matches!(v.value, Value::Map { map, entries: None, .. } if map != 0))
+                .count() as u64;
         }
         records_total += goroutine.records.len() as u64;
-        for (site, n) in &per_site {
-            *pending_by_site.entry(*site).or_default() += n;
-        }
         for frame in frames.values() {
             let pending = frame.len() as u64;
             if pending < lookups.min_pending {
@@ -274,10 +280,8 @@ pub fn from_snapshot(
             // The frame's site: the defer statement with the most pending records.
             let site = sites.iter().max_by_key(|(pc, n)| (**n, std::cmp::Reverse(**pc)));
             let location = locate(site.map_or(0, |(pc, _)| *pc));
-            let registered: Vec<u64> = frame
-                .iter()
-                .filter_map(|r| traced.and_then(|t| (t.registered_ns)(r.record.closure, goid)))
-                .collect();
+            let registered: Vec<u64> =
+                frame.iter().filter_map(|record| registered_ns(record, goid)).collect();
             let at_attach = pending - registered.len() as u64;
             let oldest_pending_secs = match (traced, at_attach) {
                 (Some(t), 0) => registered
@@ -308,18 +312,18 @@ pub fn from_snapshot(
         }
         let defer_sites = per_site
             .iter()
-            .map(|(pc, pending)| {
+            .map(|(pc, &(pending, before))| {
                 let location = locate(*pc);
-                let (registered, released) =
-                    traced.and_then(|t| t.sites.get(pc).copied()).unwrap_or((0, 0));
+                let totals = traced
+                    .map(|t| t.goroutine_sites.get(&(goid, *pc)).copied().unwrap_or_default());
                 GoroutineSiteReport {
                     function: location.function,
                     file: location.file,
                     line: location.line,
-                    pending: *pending,
-                    registered,
-                    pending_before_trace: 0,
-                    released,
+                    pending,
+                    registered: totals.map(|(registered, _)| registered),
+                    pending_before_trace: before,
+                    released: totals.map(|(_, released)| released),
                 }
             })
             .collect();
@@ -336,17 +340,17 @@ pub fn from_snapshot(
     for goroutine in &mut goroutines {
         goroutine.defer_sites.sort_by(|a, b| b.pending.cmp(&a.pending).then(a.line.cmp(&b.line)));
     }
-    let mut site_pcs: HashSet<u64> = pending_by_site.keys().copied().collect();
+    // Sites that registered while traced but hold nothing now are sites too.
     if let Some(traced) = traced {
-        site_pcs.extend(traced.sites.keys());
+        for pc in traced.sites.keys() {
+            by_site.entry(*pc).or_default();
+        }
     }
-    let mut sites: Vec<SiteReport> = site_pcs
+    let mut sites: Vec<SiteReport> = by_site
         .into_iter()
-        .map(|pc| {
+        .map(|(pc, (pending, before, captures))| {
             let location = locate(pc);
-            let pending = pending_by_site.get(&pc).copied().unwrap_or(0);
-            let (registered, released) =
-                traced.and_then(|t| t.sites.get(&pc).copied()).unwrap_or((0, 0));
+            let totals = traced.map(|t| t.sites.get(&pc).copied().unwrap_or_default());
             SiteReport {
                 pc: match pc {
                     0 => "unknown".to_owned(),
@@ -355,10 +359,11 @@ pub fn from_snapshot(
                 function: location.function,
                 file: location.file,
                 line: location.line,
-                registered,
-                pending_before_trace: pending.saturating_sub(registered.saturating_sub(released)),
-                released,
+                registered: totals.map(|(registered, _)| registered),
+                pending_before_trace: before,
+                released: totals.map(|(_, released)| released),
                 pending,
+                captures: captures.summaries(),
             }
         })
         .collect();

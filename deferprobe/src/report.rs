@@ -32,6 +32,9 @@ pub struct Report {
     /// The overhead governor: its budget, the measured cost of a hit, and the probe families it
     /// sampled (whose counts above cover only the sampled windows).
     pub governor: GovernorReport,
+    /// The snapshot of the runtime's state the pending sections come from; null when the
+    /// runtime's state could not be read (a note says why).
+    pub snapshot: Option<SnapshotStats>,
     pub pending: PendingReport,
     /// Frames holding at least `--min-pending` heap defers, most estimated bytes first.
     pub findings: Vec<Finding>,
@@ -40,6 +43,30 @@ pub struct Report {
     /// Every heap defer site seen while tracing, most pending first.
     pub sites: Vec<SiteReport>,
     pub notes: Vec<String>,
+}
+
+/// How a snapshot of the runtime's state went.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct SnapshotStats {
+    pub read_ms: f64,
+    pub goroutines_read: u64,
+    pub goroutines_alive: u64,
+    pub torn: u64,
+    pub unreadable: u64,
+    pub corrupt: u64,
+}
+
+impl SnapshotStats {
+    pub fn of(snapshot: &crate::state::Snapshot) -> SnapshotStats {
+        SnapshotStats {
+            read_ms: snapshot.ended_ns.saturating_sub(snapshot.started_ns) as f64 / 1e6,
+            goroutines_read: snapshot.goroutines_read,
+            goroutines_alive: snapshot.goroutines_alive,
+            torn: snapshot.torn,
+            unreadable: snapshot.unreadable,
+            corrupt: snapshot.corrupt,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -329,11 +356,16 @@ pub struct SiteReport {
     pub file: Option<String>,
     /// Line of the `defer` statement.
     pub line: Option<u32>,
-    pub registered: u64,
-    /// Records found already pending in the runtime (registered before tracing started).
+    /// Heap defers registered and released while traced; null without probes (`snapshot`).
+    pub registered: Option<u64>,
+    /// Pending records whose registration the probes did not see: pending before tracing
+    /// started (all of them in a `snapshot`).
     pub pending_before_trace: u64,
-    pub released: u64,
+    pub released: Option<u64>,
     pub pending: u64,
+    /// What the site's pending closures capture (from the runtime's state; empty when only
+    /// events could be read).
+    pub captures: Vec<crate::findings::CaptureSummary>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -351,9 +383,10 @@ pub struct GoroutineSiteReport {
     pub file: Option<String>,
     pub line: Option<u32>,
     pub pending: u64,
-    pub registered: u64,
+    /// This goroutine's registrations and releases at the site; null without probes.
+    pub registered: Option<u64>,
     pub pending_before_trace: u64,
-    pub released: u64,
+    pub released: Option<u64>,
 }
 
 /// One frame (goroutine + function invocation) holding many pending heap defers.
@@ -540,9 +573,9 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
                     file: location.file,
                     line: location.line,
                     pending,
-                    registered: totals.registered,
+                    registered: Some(totals.registered),
                     pending_before_trace: totals.adopted,
-                    released: totals.released,
+                    released: Some(totals.released),
                 }
             })
             .collect::<Vec<_>>();
@@ -573,10 +606,11 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
                 function: location.function,
                 file: location.file,
                 line: location.line,
-                registered: totals.registered,
+                registered: Some(totals.registered),
                 pending_before_trace: totals.adopted,
-                released: totals.released,
+                released: Some(totals.released),
                 pending: totals.pending(),
+                captures: Vec::new(),
             }
         })
         .collect();
@@ -736,10 +770,15 @@ impl Report {
             );
             for site in self.sites.iter().take(10) {
                 let name = truncate(&site_name(site), 36);
+                let count =
+                    |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
                 let _ = writeln!(
                     out,
                     "  {name:<36}{:>8}{:>12}{:>10}{:>10}",
-                    site.pending_before_trace, site.registered, site.released, site.pending
+                    site.pending_before_trace,
+                    count(site.registered),
+                    count(site.released),
+                    site.pending
                 );
             }
             if self.sites.len() > 10 {
@@ -1032,6 +1071,7 @@ mod tests {
                 defer_probes_percent: 1.5,
                 defers_over_budget_secs: 0.0,
             },
+            snapshot: None,
             pending: c.pending,
             findings: c.findings,
             goroutines: c.goroutines,

@@ -34,7 +34,8 @@ use crate::{
     plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
     report::{
         self, AllocationsReport, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents,
-        ProbesReport, ProfiledAllocations, RateSource, Report, SamplingReport, TargetReport,
+        ProbesReport, ProfiledAllocations, RateSource, Report, SamplingReport, SnapshotStats,
+        TargetReport,
     },
     snapshot::{RuntimeModel, RuntimeReader},
     state::memory::{Memory as _, ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
@@ -90,10 +91,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         &PlanOptions { families: args.probes.clone(), allocations: args.alloc_mode },
     )?;
     // What reading the runtime's state needs from the binary, found before the target runs.
+    // Why the runtime's state can't be read, if it can't (reported as a note).
+    let mut state_error = None;
     let model = match RuntimeModel::new(&binary) {
         Ok(model) => Some(model),
         Err(err) => {
             warn!(%err, "the runtime's state can't be read: pending defers come from events only");
+            state_error = Some(err.to_string());
             None
         }
     };
@@ -151,6 +155,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             Err(err) if err.kind == ErrorKind::Permission => return Err(err),
             Err(err) => {
                 warn!(%err, "the target's memory can't be read: pending defers come from events only");
+                state_error = Some(err.to_string());
                 None
             }
         },
@@ -239,6 +244,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                     .sites()
                     .map(|(pc, totals)| (pc, (totals.registered, totals.released)))
                     .collect(),
+                goroutine_sites: snapshot
+                    .goroutines
+                    .iter()
+                    .flat_map(|g| {
+                        let goid = g.header.goid;
+                        let sites = traced.aggregator.goroutine_sites(goid);
+                        sites.map(move |(pc, t)| ((goid, pc), (t.registered, t.released)))
+                    })
+                    .collect(),
                 now_ns: traced.ended_ns,
             };
             let sections = reader.sections(snapshot, args.min_pending, Some(&events));
@@ -279,6 +293,12 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
     notes.extend(snapshot_notes);
+    if let Some(err) = &state_error {
+        notes.push(format!(
+            "the runtime's state could not be read ({err}): pending defers, findings and \
+             sites come from the events alone"
+        ));
+    }
     let pending_before_trace: u64 = match from_snapshot {
         true => correlation.findings.iter().map(|f| f.pending_before_trace).sum(),
         false => traced.aggregator.sites().map(|(_, t)| t.adopted).sum(),
@@ -381,6 +401,11 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         },
         allocations,
         governor: traced.governor,
+        snapshot: traced
+            .snapshot
+            .as_ref()
+            .filter(|_| reader.is_some())
+            .map(|(snapshot, _)| SnapshotStats::of(snapshot)),
         pending: correlation.pending,
         findings: correlation.findings,
         goroutines: correlation.goroutines,

@@ -13,7 +13,10 @@ use crate::{
     findings::{self, PendingSections, SnapshotLookups},
     layout::LayoutSource,
     plan,
-    report::{self, Finding, GoroutineReport, Location, PendingReport, SiteReport, TargetReport},
+    report::{
+        self, Finding, GoroutineReport, Location, PendingReport, SiteReport, SnapshotStats,
+        TargetReport,
+    },
     state::{AllgAddresses, MapLayout, ProcessMemory, Snapshot, SnapshotContext},
     target::{self, Target},
 };
@@ -166,29 +169,6 @@ pub struct SnapshotReport {
     pub goroutines: Vec<GoroutineReport>,
     pub sites: Vec<SiteReport>,
     pub notes: Vec<String>,
-}
-
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct SnapshotStats {
-    pub read_ms: f64,
-    pub goroutines_read: u64,
-    pub goroutines_alive: u64,
-    pub torn: u64,
-    pub unreadable: u64,
-    pub corrupt: u64,
-}
-
-impl SnapshotStats {
-    pub fn of(snapshot: &Snapshot) -> SnapshotStats {
-        SnapshotStats {
-            read_ms: snapshot.ended_ns.saturating_sub(snapshot.started_ns) as f64 / 1e6,
-            goroutines_read: snapshot.goroutines_read,
-            goroutines_alive: snapshot.goroutines_alive,
-            torn: snapshot.torn,
-            unreadable: snapshot.unreadable,
-            corrupt: snapshot.corrupt,
-        }
-    }
 }
 
 impl SnapshotReport {

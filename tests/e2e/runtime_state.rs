@@ -141,7 +141,45 @@ fn check_report(report: &Value, truth: &Value, what: &str) {
         }
         // At least the _defer records and the closures.
         assert!(u64_of(finding, "est_bytes") > pending * 56, "{detail}");
+
+        // The site says the same, and that nothing was registered while traced (all of it
+        // was pending before: null registrations without probes).
+        let site_report = report["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["function"] == site["function"] && s["line"] == site["line"])
+            .unwrap_or_else(|| panic!("{}", context(&format!("no site for {site}"))));
+        let detail = context(&format!("{site_report:#}\ntruth {site}"));
+        assert_eq!(u64_of(site_report, "pending"), pending, "{detail}");
+        assert_eq!(u64_of(site_report, "pending_before_trace"), pending, "{detail}");
+        let registered = &site_report["registered"];
+        match report["kind"] == "snapshot" {
+            true => assert!(registered.is_null() && site_report["released"].is_null(), "{detail}"),
+            false => assert_eq!(registered, 0, "{detail}"),
+        }
+        assert_eq!(site_report["captures"][0]["kind"], kind, "{detail}");
+        assert_eq!(site_report["captures"][0]["type"], type_name.as_str(), "{detail}");
+        let goroutine = report["goroutines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["goid"] == site["goid"])
+            .unwrap_or_else(|| panic!("{}", context(&format!("no goroutine for {site}"))));
+        let goroutine_site = goroutine["defer_sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["line"] == site["line"] && s["function"] == site["function"])
+            .unwrap_or_else(|| panic!("{}", context(&format!("{goroutine}"))));
+        assert_eq!(u64_of(goroutine_site, "pending"), pending, "{goroutine_site}");
+        assert_eq!(u64_of(goroutine_site, "pending_before_trace"), pending, "{goroutine_site}");
     }
+    let stats = &report["snapshot"];
+    for key in ["torn", "unreadable", "corrupt"] {
+        assert_eq!(stats[key], 0, "{what}: snapshot.{key} in {stats}");
+    }
+    assert!(u64_of(stats, "goroutines_alive") >= u64_of(truth, "pending_goroutines"), "{stats}");
     let notes = report["notes"].as_array().unwrap();
     assert!(
         notes.iter().any(|n| n.as_str().unwrap().contains("estimate")),
