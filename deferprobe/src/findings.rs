@@ -12,7 +12,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Serialize;
 
 use crate::{
-    report::{Finding, GoroutineReport, GoroutineSiteReport, Location, PendingReport, SiteReport},
+    report::{
+        Finding, GoroutineReport, GoroutineSiteReport, Location, PendingReport, PendingSections,
+        SiteReport,
+    },
     state::{CapturedValue, Captures, PendingRecord, Snapshot, Value},
 };
 
@@ -62,16 +65,21 @@ pub struct CaptureSummary {
     pub est_bytes: u64,
 }
 
-/// The pending part of a report.
-pub struct PendingSections {
-    pub pending: PendingReport,
-    pub findings: Vec<Finding>,
-    pub goroutines: Vec<GoroutineReport>,
-    pub sites: Vec<SiteReport>,
-    /// Pending records whose captures are unknown, by reason.
-    pub unknown_captures: BTreeMap<&'static str, u64>,
-    /// Map captures whose header did not check out (entries unknown).
-    pub unreadable_maps: u64,
+/// Notes on what the pending sections could not know: closures whose captures are unknown,
+/// map pointers whose header did not check out.
+pub fn capture_notes(sections: &PendingSections) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (why, records) in &sections.unknown_captures {
+        notes.push(format!("{records} pending closures have unknown captures: {why}"));
+    }
+    if sections.unreadable_maps > 0 {
+        notes.push(format!(
+            "{} captured map pointers did not hold a valid map header: their entries are \
+             unknown (counted as 0 in captured_map_entries, null in captures[].entries)",
+            sections.unreadable_maps
+        ));
+    }
+    notes
 }
 
 /// Estimated bytes a map holds: its slots (key + element, plus a control byte) at Go's

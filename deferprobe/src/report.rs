@@ -456,17 +456,20 @@ pub struct Lookups<'a> {
     pub min_pending: u64,
 }
 
-/// Pending state, findings, goroutines and sites, from the aggregator and the lookups.
-pub struct Correlation {
+/// The pending part of a report: from a snapshot of the runtime's state
+/// ([`crate::findings::from_snapshot`]), or from the events alone ([`correlate`]).
+pub struct PendingSections {
     pub pending: PendingReport,
     pub findings: Vec<Finding>,
     pub goroutines: Vec<GoroutineReport>,
     pub sites: Vec<SiteReport>,
-    /// Pending records whose closure size could not be decoded (captures not attributed).
-    pub closures_of_unknown_size: u64,
+    /// Pending records whose captures are unknown, by reason.
+    pub unknown_captures: BTreeMap<&'static str, u64>,
+    /// Map captures whose header did not check out (entries unknown).
+    pub unreadable_maps: u64,
 }
 
-pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
+pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections {
     let mut locations: HashMap<u64, Location> = HashMap::new();
     let mut locate = |pc: u64| {
         locations
@@ -615,7 +618,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
         })
         .collect();
     sites.sort_by(|a, b| (b.pending, b.registered, &a.pc).cmp(&(a.pending, a.registered, &b.pc)));
-    Correlation {
+    PendingSections {
         pending: PendingReport {
             heap_defers: aggregator.pending_heap_defers(),
             goroutines: goroutines.len() as u64,
@@ -624,7 +627,11 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> Correlation {
         findings,
         goroutines,
         sites,
-        closures_of_unknown_size,
+        unknown_captures: match closures_of_unknown_size {
+            0 => BTreeMap::new(),
+            n => BTreeMap::from([("deferprobe could not decode the closure's code", n)]),
+        },
+        unreadable_maps: 0,
     }
 }
 
@@ -781,27 +788,32 @@ impl Report {
                     site.pending
                 );
             }
-            if self.sites.len() > 10 {
-                let _ =
-                    writeln!(out, "  ... {} more sites in the JSON report", self.sites.len() - 10);
-            }
+            write_more_sites(&mut out, self.sites.len());
         }
-        if !self.notes.is_empty() {
-            let _ = writeln!(out, "\nnotes");
-            for note in &self.notes {
-                write_wrapped(&mut out, note);
-            }
-        }
+        write_notes(&mut out, &self.notes);
         out
     }
 }
 
-/// A note as a list item, wrapped at 78 columns.
-pub fn write_wrapped(out: &mut String, note: &str) {
-    let mut prefix = "  - ";
-    for line in wrap(note, 74) {
-        let _ = writeln!(out, "{prefix}{line}");
-        prefix = "    ";
+/// The notes section of a text report: each note a list item, wrapped at 78 columns.
+pub fn write_notes(out: &mut String, notes: &[String]) {
+    if notes.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nnotes");
+    for note in notes {
+        let mut prefix = "  - ";
+        for line in wrap(note, 74) {
+            let _ = writeln!(out, "{prefix}{line}");
+            prefix = "    ";
+        }
+    }
+}
+
+/// After the first 10 of `sites` site rows: how many more the JSON report has.
+pub fn write_more_sites(out: &mut String, sites: usize) {
+    if sites > 10 {
+        let _ = writeln!(out, "  ... {} more sites in the JSON report", sites - 10);
     }
 }
 
@@ -1019,7 +1031,7 @@ mod tests {
         assert_eq!((origins[0].maps, origins[0].entries, origins[0].writes), (300, 1500, 1500));
         assert_eq!(origins[0].function.as_deref(), Some("main.leak@0x400100"));
         assert_eq!(c.sites[0].pc, "0x400123");
-        assert_eq!(c.closures_of_unknown_size, 0);
+        assert!(c.unknown_captures.is_empty());
     }
 
     #[test]
@@ -1028,7 +1040,7 @@ mod tests {
         let c = correlate(&agg, &lookups(&location, &|_| None));
         assert!(c.findings.is_empty(), "15 < --min-pending 16");
         assert_eq!(c.pending.captured_maps, 0, "closure size unknown: nothing attributed");
-        assert_eq!(c.closures_of_unknown_size, 15);
+        assert_eq!(c.unknown_captures.values().sum::<u64>(), 15);
     }
 
     fn sample() -> Report {

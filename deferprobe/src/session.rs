@@ -265,13 +265,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 traced.ended_ns.saturating_sub(snapshot.ended_ns) as f64 / 1e9
             ));
             }
-            report::Correlation {
-                pending: sections.pending,
-                findings: sections.findings,
-                goroutines: sections.goroutines,
-                sites: sections.sites,
-                closures_of_unknown_size: 0,
-            }
+            sections
         } else {
             report::correlate(&traced.aggregator, &lookups)
         };
@@ -322,12 +316,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             traced.reconciled.released, traced.reconciled.moved
         ));
     }
-    if correlation.closures_of_unknown_size > 0 {
-        notes.push(format!(
-            "{} pending closures have code deferprobe could not decode: their captures are not \
-             attributed",
-            correlation.closures_of_unknown_size
-        ));
+    if !from_snapshot {
+        notes.extend(findings::capture_notes(&correlation));
     }
     if !plan.families.contains(&ProbeFamily::Defers) {
         notes.push(

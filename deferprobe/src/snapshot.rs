@@ -10,12 +10,12 @@ use crate::{
     binary::{AllgVariables, ClosureTypes, GoBinary},
     cli::SnapshotArgs,
     error::{Error, Result},
-    findings::{self, PendingSections, SnapshotLookups},
+    findings::{self, SnapshotLookups},
     layout::LayoutSource,
     plan,
     report::{
-        self, Finding, GoroutineReport, Location, PendingReport, SiteReport, SnapshotStats,
-        TargetReport,
+        self, Finding, GoroutineReport, Location, PendingReport, PendingSections, SiteReport,
+        SnapshotStats, TargetReport,
     },
     state::{AllgAddresses, MapLayout, ProcessMemory, Snapshot, SnapshotContext},
     target::{self, Target},
@@ -134,16 +134,7 @@ pub fn snapshot_notes(snapshot: &Snapshot, sections: &PendingSections) -> Vec<St
             snapshot.torn, snapshot.unreadable, snapshot.corrupt
         ));
     }
-    for (why, records) in &sections.unknown_captures {
-        notes.push(format!("{records} pending closures have unknown captures: {why}"));
-    }
-    if sections.unreadable_maps > 0 {
-        notes.push(format!(
-            "{} captured map pointers did not hold a valid map header: their entries are \
-             unknown (counted as 0 in captured_map_entries, null in captures[].entries)",
-            sections.unreadable_maps
-        ));
-    }
+    notes.extend(findings::capture_notes(sections));
     if !sections.findings.is_empty() {
         notes.push(
             "est_bytes is an estimate: _defer records, closures, map slots at Go's load \
@@ -198,17 +189,9 @@ impl SnapshotReport {
                 let name = report::site_name(site);
                 let _ = writeln!(out, "  {:<66}{:>10}", report::truncate(&name, 64), site.pending);
             }
-            if self.sites.len() > 10 {
-                let _ =
-                    writeln!(out, "  ... {} more sites in the JSON report", self.sites.len() - 10);
-            }
+            report::write_more_sites(&mut out, self.sites.len());
         }
-        if !self.notes.is_empty() {
-            let _ = writeln!(out, "\nnotes");
-            for note in &self.notes {
-                report::write_wrapped(&mut out, note);
-            }
-        }
+        report::write_notes(&mut out, &self.notes);
         out
     }
 }

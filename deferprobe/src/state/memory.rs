@@ -54,26 +54,26 @@ impl MemoryImage {
         self.write(addr, &value.to_le_bytes())
     }
 
-    fn region_mut(&mut self, addr: u64, len: usize) -> Option<&mut [u8]> {
-        let (start, bytes) = self
-            .regions
-            .range_mut(..=addr)
-            .rev()
-            .take(64)
-            .find(|(start, bytes)| addr + len as u64 <= **start + bytes.len() as u64)?;
-        let from = (addr - *start) as usize;
-        bytes.get_mut(from..from + len)
-    }
-
-    fn region(&self, addr: u64, len: usize) -> Option<&[u8]> {
-        let (start, bytes) = self
+    /// The start of the captured region holding `len` bytes at `addr` (among the 64 regions
+    /// starting nearest below it), and where in it they begin.
+    fn locate(&self, addr: u64, len: usize) -> Option<(u64, usize)> {
+        let (start, _) = self
             .regions
             .range(..=addr)
             .rev()
             .take(64)
             .find(|(start, bytes)| addr + len as u64 <= **start + bytes.len() as u64)?;
-        let from = (addr - *start) as usize;
-        bytes.get(from..from + len)
+        Some((*start, (addr - start) as usize))
+    }
+
+    fn region_mut(&mut self, addr: u64, len: usize) -> Option<&mut [u8]> {
+        let (start, from) = self.locate(addr, len)?;
+        self.regions.get_mut(&start)?.get_mut(from..from + len)
+    }
+
+    fn region(&self, addr: u64, len: usize) -> Option<&[u8]> {
+        let (start, from) = self.locate(addr, len)?;
+        self.regions.get(&start)?.get(from..from + len)
     }
 }
 
