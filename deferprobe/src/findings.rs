@@ -13,8 +13,8 @@ use serde::Serialize;
 
 use crate::{
     report::{
-        Finding, GoroutineReport, GoroutineSiteReport, Location, PendingReport, PendingSections,
-        SiteReport,
+        Finding, GoroutineReport, GoroutineSiteReport, Location, MapOrigin, PendingReport,
+        PendingSections, SiteReport,
     },
     state::{CapturedValue, Captures, PendingRecord, Snapshot, Value},
 };
@@ -39,6 +39,11 @@ pub struct Traced<'a> {
     pub sites: HashMap<u64, (u64, u64)>,
     /// The same per goroutine id and site.
     pub goroutine_sites: HashMap<(u64, u64), (u64, u64)>,
+    /// Where the probes first saw a captured map (runtime address) written: the return
+    /// address into the writing function; None if never while traced.
+    pub map_first_written: &'a dyn Fn(u64) -> Option<u64>,
+    /// mapassign calls on a captured map while traced, as far as the kernel's set knows.
+    pub map_writes: &'a dyn Fn(u64) -> Option<u64>,
     /// Monotonic ns now.
     pub now_ns: u64,
 }
@@ -82,6 +87,31 @@ pub fn capture_notes(sections: &PendingSections) -> Vec<String> {
     notes
 }
 
+/// Captured maps `(map, entries)` grouped by where the probes saw them first written while
+/// traced (`first_written`: that call's return address; maps never seen written are left
+/// out), with their entries and the writes counted (`writes`), most maps first.
+pub fn map_origins(
+    maps: impl IntoIterator<Item = (u64, u64)>,
+    first_written: &dyn Fn(u64) -> Option<u64>,
+    writes: &dyn Fn(u64) -> Option<u64>,
+    locate: &mut dyn FnMut(u64) -> Location,
+) -> Vec<MapOrigin> {
+    let mut origins: HashMap<u64, MapOrigin> = HashMap::new();
+    for (map, entries) in maps {
+        let Some(first_pc) = first_written(map) else { continue };
+        let origin = origins.entry(first_pc).or_insert_with(|| {
+            let Location { function, file, line } = locate(first_pc);
+            MapOrigin { function, file, line, maps: 0, entries: 0, writes: 0 }
+        });
+        origin.maps += 1;
+        origin.entries += entries;
+        origin.writes += writes(map).unwrap_or(0);
+    }
+    let mut origins: Vec<MapOrigin> = origins.into_values().collect();
+    origins.sort_by(|a, b| b.maps.cmp(&a.maps).then(a.line.cmp(&b.line)));
+    origins
+}
+
 /// Estimated bytes a map holds: its slots (key + element, plus a control byte) at Go's
 /// maximum load factor of 7/8, plus the header. An estimate: overflow buckets, pointed-to
 /// data (string bytes, ...) and allocation rounding are not counted.
@@ -112,17 +142,27 @@ fn values(record: &PendingRecord) -> &[CapturedValue] {
     }
 }
 
-/// The distinct maps some records capture, by value and by reference, with their entries.
+/// What some records keep alive: the distinct maps they capture (by value and by reference,
+/// with their entries), the distinct objects their captures reach, and the closures.
 #[derive(Default)]
-struct MapTotals {
+struct Retained {
+    records: u64,
     by_value: HashSet<u64>,
     by_reference: HashSet<u64>,
     entries: HashMap<u64, Option<u64>>,
+    /// Distinct objects reached by any capture, with their estimated bytes.
+    objects: HashMap<u64, u64>,
+    closure_bytes: u64,
 }
 
-impl MapTotals {
+impl Retained {
     fn add(&mut self, record: &PendingRecord) {
+        self.records += 1;
+        self.closure_bytes += record.closure_bytes;
         for captured in values(record) {
+            if let Some((object, bytes)) = object_of(&captured.value) {
+                self.objects.insert(object, bytes);
+            }
             if let Value::Map { map, by_reference, entries, .. } = captured.value
                 && map != 0
             {
@@ -135,13 +175,18 @@ impl MapTotals {
         }
     }
 
-    fn count(&self) -> u64 {
+    fn maps(&self) -> u64 {
         self.by_value.union(&self.by_reference).count() as u64
     }
 
     /// Known element counts, summed (an unreadable map adds nothing; notes say how many).
-    fn entries(&self) -> u64 {
+    fn map_entries(&self) -> u64 {
         self.entries.values().map(|e| e.unwrap_or(0)).sum()
+    }
+
+    /// Estimated bytes: the `_defer` records, the closures, and each object once.
+    fn est_bytes(&self, defer_record_bytes: u64) -> u64 {
+        self.records * defer_record_bytes + self.closure_bytes + self.objects.values().sum::<u64>()
     }
 }
 
@@ -158,26 +203,21 @@ struct TypeTotals {
     capacity: Option<u64>,
 }
 
-/// What a frame's records capture, for its finding.
+/// What a frame's or a site's records capture, by kind and type.
 #[derive(Default)]
 struct CaptureTotals<'s> {
-    maps: MapTotals,
+    retained: Retained,
     by_type: BTreeMap<(&'static str, &'s str), TypeTotals>,
-    /// Distinct objects reached by any capture, with their estimated bytes.
-    objects: HashMap<u64, u64>,
-    closure_bytes: u64,
 }
 
 impl<'s> CaptureTotals<'s> {
     fn add(&mut self, record: &'s PendingRecord) {
-        self.closure_bytes += record.closure_bytes;
-        self.maps.add(record);
+        self.retained.add(record);
         for captured in values(record) {
             let value = &captured.value;
             let totals = self.by_type.entry((captured.kind, &captured.type_name)).or_default();
             totals.captures += 1;
             let Some((object, bytes)) = object_of(value) else { continue };
-            self.objects.insert(object, bytes);
             if totals.objects.insert(object, bytes).is_some() {
                 continue; // counted once, however many closures share it
             }
@@ -245,18 +285,18 @@ pub fn from_snapshot(
     let mut unreadable_maps = 0;
     let mut findings = Vec::new();
     let mut goroutines = Vec::new();
-    let mut all = MapTotals::default();
+    let mut all = Retained::default();
     // Per site: pending records, those pending before tracing, and what they capture.
     let mut by_site: BTreeMap<u64, (u64, u64, CaptureTotals)> = BTreeMap::new();
     let mut records_total = 0;
     for goroutine in &snapshot.goroutines {
         let goid = goroutine.header.goid;
-        let mut maps = MapTotals::default();
+        let mut retained = Retained::default();
         let mut frames: BTreeMap<u64, Vec<&PendingRecord>> = BTreeMap::new();
         // Per site: pending records, and those pending before tracing.
         let mut per_site: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
         for record in &goroutine.records {
-            maps.add(record);
+            retained.add(record);
             all.add(record);
             frames.entry(record.record.sp).or_default().push(record);
             let before = u64::from(registered_ns(record, goid).is_none());
@@ -307,15 +347,21 @@ pub fn from_snapshot(
                 pending_defers: pending,
                 pending_before_trace: at_attach,
                 oldest_pending_secs,
-                captured_maps: frame_totals.maps.count(),
-                captured_maps_by_value: frame_totals.maps.by_value.len() as u64,
-                captured_maps_by_reference: frame_totals.maps.by_reference.len() as u64,
-                captured_map_entries: frame_totals.maps.entries(),
-                est_bytes: pending * lookups.defer_record_bytes
-                    + frame_totals.closure_bytes
-                    + frame_totals.objects.values().sum::<u64>(),
+                captured_maps: frame_totals.retained.maps(),
+                captured_maps_by_value: frame_totals.retained.by_value.len() as u64,
+                captured_maps_by_reference: frame_totals.retained.by_reference.len() as u64,
+                captured_map_entries: frame_totals.retained.map_entries(),
+                est_bytes: frame_totals.retained.est_bytes(lookups.defer_record_bytes),
                 captures: frame_totals.summaries(),
-                captured_map_origins: Vec::new(),
+                captured_map_origins: match traced {
+                    Some(t) => map_origins(
+                        frame_totals.retained.entries.iter().map(|(m, e)| (*m, e.unwrap_or(0))),
+                        t.map_first_written,
+                        t.map_writes,
+                        &mut locate,
+                    ),
+                    None => Vec::new(),
+                },
             });
         }
         let defer_sites = per_site
@@ -338,8 +384,9 @@ pub fn from_snapshot(
         goroutines.push(GoroutineReport {
             goid,
             pending_defers: goroutine.records.len() as u64,
-            captured_maps: maps.count(),
-            captured_map_entries: maps.entries(),
+            captured_maps: retained.maps(),
+            captured_map_entries: retained.map_entries(),
+            est_bytes: Some(retained.est_bytes(lookups.defer_record_bytes)),
             defer_sites,
         });
     }
@@ -380,7 +427,7 @@ pub fn from_snapshot(
         pending: PendingReport {
             heap_defers: records_total,
             goroutines: snapshot.goroutines.len() as u64,
-            captured_maps: all.count(),
+            captured_maps: all.maps(),
         },
         findings,
         goroutines,
@@ -476,6 +523,27 @@ mod tests {
         // The goroutine counts every map, the unreadable one's entries as unknown (0 added).
         assert_eq!(s.goroutines[0].captured_maps, 3);
         assert_eq!(s.goroutines[0].captured_map_entries, 8);
+        let objects =
+            map_bytes_estimate(3, 24) + map_bytes_estimate(5, 24) + map_bytes_estimate(0, 24);
+        assert_eq!(s.goroutines[0].est_bytes, Some(4 * 48 + 4 * 16 + objects));
+        // Without probes, no origins and no registrations.
+        assert!(f.captured_map_origins.is_empty());
+        assert_eq!(s.sites[0].registered, None);
+    }
+
+    #[test]
+    fn maps_are_grouped_by_where_they_were_first_written_while_traced() {
+        let first_written = |map: u64| match map {
+            0xa | 0xb => Some(0x401200),
+            _ => None, // written before tracing started
+        };
+        let writes = |map: u64| Some(map & 0xf);
+        let mut locate = |pc: u64| Location { line: Some(pc as u32), ..Location::default() };
+        let origins =
+            map_origins([(0xa, 3), (0xb, 5), (0xc, 7)], &first_written, &writes, &mut locate);
+        assert_eq!(origins.len(), 1);
+        assert_eq!((origins[0].maps, origins[0].entries, origins[0].writes), (2, 8, 0xa + 0xb));
+        assert_eq!(origins[0].line, Some(0x401200));
     }
 
     #[test]

@@ -374,6 +374,9 @@ pub struct GoroutineReport {
     pub pending_defers: u64,
     pub captured_maps: u64,
     pub captured_map_entries: u64,
+    /// Estimate of what the goroutine's pending records keep alive, as for findings; null
+    /// when only events could be read.
+    pub est_bytes: Option<u64>,
     pub defer_sites: Vec<GoroutineSiteReport>,
 }
 
@@ -518,24 +521,21 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
             }
             let mut entries = 0;
             let mut map_bytes = 0;
-            let mut origins: HashMap<u64, MapOrigin> = HashMap::new();
+            let mut counted = Vec::new();
             for map in &maps {
                 let count = entries_of(*map).unwrap_or(0);
                 entries += count;
                 let info = aggregator.map(*map);
                 let slot = info.and_then(|m| (lookups.map_slot_bytes)(m.map_type));
                 map_bytes += map_bytes_estimate(count, slot.unwrap_or(16));
-                let first_pc = info.map_or(0, |m| m.first_pc);
-                let origin = origins.entry(first_pc).or_insert_with(|| {
-                    let Location { function, file, line } = locate(first_pc);
-                    MapOrigin { function, file, line, maps: 0, entries: 0, writes: 0 }
-                });
-                origin.maps += 1;
-                origin.entries += count;
-                origin.writes += (lookups.map_writes)(*map).unwrap_or(0);
+                counted.push((*map, count));
             }
-            let mut captured_map_origins: Vec<MapOrigin> = origins.into_values().collect();
-            captured_map_origins.sort_by(|a, b| b.maps.cmp(&a.maps).then(a.line.cmp(&b.line)));
+            let captured_map_origins = crate::findings::map_origins(
+                counted,
+                &|map| aggregator.map(map).map(|m| m.first_pc),
+                lookups.map_writes,
+                &mut locate,
+            );
             // The frame's site: the defer statement with the most pending records.
             let mut per_site: HashMap<u64, u64> = HashMap::new();
             for record in frame {
@@ -588,6 +588,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
             pending_defers: records.len() as u64,
             captured_maps: goroutine_maps.len() as u64,
             captured_map_entries,
+            est_bytes: None,
             defer_sites,
         });
         all_maps.extend(goroutine_maps);

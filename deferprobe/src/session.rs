@@ -192,12 +192,21 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     let traced =
         runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
-    // Where captured maps were written, for the event-only report (a snapshot has no use for
-    // it); read before the tracer detaches.
+    // How often each captured map was written while traced, from the kernel's known-maps set:
+    // read before the tracer detaches.
     let from_snapshot = traced.snapshot.is_some() && reader.is_some();
-    let map_writes = match from_snapshot {
-        true => HashMap::new(),
-        false => captured_map_writes(&tracer, &traced.aggregator),
+    let map_writes = match (&traced.snapshot, from_snapshot) {
+        (Some((snapshot, _)), true) => {
+            captured_map_writes(&tracer, snapshot.captured_map_addresses())
+        }
+        _ => captured_map_writes(
+            &tracer,
+            traced
+                .aggregator
+                .pending_by_goroutine()
+                .flat_map(|(_, records)| records.iter().flat_map(|r| r.captures().map(|c| c.map)))
+                .collect(),
+        ),
     };
     drop(tracer); // detach before anything else
 
@@ -253,6 +262,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                         sites.map(move |(pc, t)| ((goid, pc), (t.registered, t.released)))
                     })
                     .collect(),
+                map_first_written: &|map| traced.aggregator.map(map).map(|m| m.first_pc),
+                map_writes: &map_writes,
                 now_ns: traced.ended_ns,
             };
             let sections = reader.sections(snapshot, args.min_pending, Some(&events));
@@ -409,19 +420,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     Ok(exit_code.unwrap_or(0))
 }
 
-/// Write counts of every map a pending closure captured, from the kernel's known-maps set.
-fn captured_map_writes(tracer: &Tracer, aggregator: &Aggregator) -> HashMap<u64, u64> {
-    let mut writes = HashMap::new();
-    for (_, records) in aggregator.pending_by_goroutine() {
-        for capture in records.iter().flat_map(|r| r.captures()) {
-            if let std::collections::hash_map::Entry::Vacant(entry) = writes.entry(capture.map)
-                && let Some(count) = tracer.map_writes(capture.map)
-            {
-                entry.insert(count);
-            }
-        }
-    }
-    writes
+/// Write counts of `maps` (runtime addresses), from the kernel's known-maps set.
+fn captured_map_writes(tracer: &Tracer, maps: HashSet<u64>) -> HashMap<u64, u64> {
+    maps.into_iter().filter_map(|map| Some((map, tracer.map_writes(map)?))).collect()
 }
 
 /// Key + element size of the map type at `map_type` (runtime address): `abi.MapType` (and

@@ -76,6 +76,13 @@ fn assert_single_finding(report: &Value, truth: &Value, by_reference: bool) {
     assert_eq!(finding["function"], truth["function"], "{finding}");
     assert_eq!(finding["file"], truth["file"], "{finding}");
     assert_eq!(finding["line"], truth["line"], "{finding}");
+    // Every map was written while traced, in one place (newMap, or where it is inlined):
+    // tracing starts before the program works.
+    let origins = finding["captured_map_origins"].as_array().unwrap();
+    assert_eq!(origins.len(), 1, "{finding}");
+    assert!(origins[0]["function"].is_string(), "{finding}");
+    assert_eq!(u64_of(&origins[0], "maps"), u64_of(truth, "captured_maps"), "{finding}");
+    assert_eq!(u64_of(&origins[0], "entries"), u64_of(truth, "captured_map_entries"), "{finding}");
     assert!(finding["oldest_pending_secs"].as_f64().unwrap() > 0.0);
     // At least the _defer records (48 bytes or more each) and the closures.
     assert!(u64_of(finding, "est_bytes") > u64_of(finding, "pending_defers") * 64, "{finding}");

@@ -144,18 +144,22 @@ impl Snapshot {
 
     /// Distinct maps the pending closures capture, by value or by reference.
     pub fn captured_maps(&self) -> usize {
+        self.captured_map_addresses().len()
+    }
+
+    /// Their addresses.
+    pub fn captured_map_addresses(&self) -> std::collections::HashSet<u64> {
         let records = self.goroutines.iter().flat_map(|g| &g.records);
         let values = records.flat_map(|r| match &r.captures {
             Captures::Values(values) => values.as_slice(),
             _ => &[],
         });
-        let maps: std::collections::HashSet<u64> = values
+        values
             .filter_map(|v| match v.value {
                 Value::Map { map, .. } if map != 0 => Some(map),
                 _ => None,
             })
-            .collect();
-        maps.len()
+            .collect()
     }
 }
 
