@@ -9,14 +9,6 @@
 /// load time; it must be a power of two and a multiple of the page size).
 pub const EVENT_RING_BYTES: u32 = 1 << 22;
 
-/// Captured words of a deferred closure the kernel inspects (the words after the code pointer).
-/// Userspace narrows this to the closure's real size (decoded from the closure's code).
-pub const CAPTURE_WORDS: usize = 4;
-
-/// Capacity of the in-kernel table of closure sizes (captured words by the closure's code PC),
-/// which userspace fills as it decodes closures, so deferproc checks only real captures.
-pub const CLOSURE_WORDS_CAPACITY: u32 = 4096;
-
 /// Capacity of the in-kernel LRU cache of goroutine ids by g.
 pub const GOROUTINE_IDS_CAPACITY: u32 = 1 << 14;
 
@@ -111,30 +103,11 @@ pub struct ProbeConfig {
     /// to this to those entries, whose probes count it, so the mallocgc probe skips them (a
     /// register test). 0 when they are not probed.
     pub size_specialized_max: u64,
-    /// ELF virtual address of the mallocgc probe. The mallocgc program compares it with the
-    /// address it really fires at to learn the load bias of position-independent binaries.
-    pub mallocgc_probe: u64,
-    /// ELF virtual address range `[start, end)` of the executable's file-backed segments. A
-    /// closure in there is a static funcval: it captures nothing, so deferproc skips the
-    /// capture check.
-    pub image_start: u64,
-    pub image_end: u64,
-    /// 1 if the executable is position-independent (its load bias is learned at runtime, see
-    /// `mallocgc_probe`), else 0.
-    pub pie: u64,
 }
 
 impl ProbeConfig {
-    pub const ZERO: ProbeConfig = ProbeConfig {
-        g_goid: 0,
-        g_m: 0,
-        m_curg: 0,
-        size_specialized_max: 0,
-        mallocgc_probe: 0,
-        image_start: 0,
-        image_end: 0,
-        pie: 0,
-    };
+    pub const ZERO: ProbeConfig =
+        ProbeConfig { g_goid: 0, g_m: 0, m_curg: 0, size_specialized_max: 0 };
 }
 
 /// Discriminant of a ring-buffer record; the first field of every event.
@@ -178,47 +151,21 @@ pub struct EventHeader {
     pub goid: u64,
 }
 
-/// How a closure word refers to a known map.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CaptureKind {
-    None = 0,
-    /// The word is the map pointer itself.
-    ByValue = 1,
-    /// The word points to a variable that held the map pointer at registration time.
-    ByReference = 2,
-}
-
-impl CaptureKind {
-    pub fn from_u8(raw: u8) -> CaptureKind {
-        match raw {
-            1 => CaptureKind::ByValue,
-            2 => CaptureKind::ByReference,
-            _ => CaptureKind::None,
-        }
-    }
-}
-
 /// A heap defer record was registered (`runtime.deferproc` / `runtime.deferprocat`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeferRegistered {
     pub header: EventHeader,
-    /// The deferred closure (`*funcval`): word 0 is its code PC, captured variables follow.
+    /// The deferred closure (`*funcval`), as the runtime's `_defer.fn` will hold it: what
+    /// userspace pairs the record in a snapshot with. What it captures is read from the
+    /// snapshot, with the closure's type from the binary; the probe reads no user memory.
     pub closure: u64,
-    /// Word 0 of the closure: the PC of the deferred function's code (0 if unreadable).
-    pub closure_fn: u64,
     /// Return address into the function that executed the `defer` statement.
     pub caller_pc: u64,
     /// That function's SP (what the runtime stores as `_defer.sp`).
     pub caller_sp: u64,
     /// The goroutine's `g`, to read its `_defer` chain later.
     pub g: u64,
-    /// For captured word i (closure word i + 1): the known map it refers to, or 0.
-    pub captured_maps: [u64; CAPTURE_WORDS],
-    /// For captured word i: a [`CaptureKind`] value.
-    pub capture_kinds: [u8; CAPTURE_WORDS],
-    pub _padding: [u8; 8 - CAPTURE_WORDS % 8],
 }
 
 // Events are read back with unaligned reads, but keep them padding-free and 8-byte multiples so

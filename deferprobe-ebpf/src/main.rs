@@ -23,31 +23,26 @@ use aya_ebpf::{
     bindings::{BPF_RB_NO_WAKEUP, pt_regs},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 use deferprobe_common::{
-    AllocSampled, CALL_REL32_LEN, CAPTURE_WORDS, CLOSURE_WORDS_CAPACITY, CaptureKind, Counter,
-    Counters, DeferRegistered, DeferReturn, EVENT_RING_BYTES, EventHeader, EventKind,
-    GOROUTINE_IDS_CAPACITY, GoroutineExit, KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig,
-    RECENT_MAP_FLUSH_EVERY, RECENT_MAP_SLOTS, RecentMap, recent_map_slot,
+    AllocSampled, CALL_REL32_LEN, Counter, Counters, DeferRegistered, DeferReturn,
+    EVENT_RING_BYTES, EventHeader, EventKind, GOROUTINE_IDS_CAPACITY, GoroutineExit,
+    KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig, RECENT_MAP_FLUSH_EVERY, RECENT_MAP_SLOTS,
+    RecentMap, recent_map_slot,
 };
 
-/// Runtime struct offsets and address ranges, written by userspace before load.
+/// Runtime struct offsets, written by userspace before load.
 #[unsafe(no_mangle)]
 static PROBE_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
 
 #[map]
 static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
 
-/// Where the mallocgc probe really fired (its runtime address), once it has: with
-/// `PROBE_CONFIG.mallocgc_probe` this gives the load bias of a PIE binary without reading the
-/// target's memory maps. 0 until the first mallocgc hit.
-#[map]
-static MALLOCGC_PROBE_SEEN_AT: Array<u64> = Array::with_max_entries(1, 0);
-
-/// Maps written while tracing (key: map pointer), so deferproc can recognise captured maps in
-/// the kernel, at registration time. Bounded: least recently written maps are evicted.
+/// Maps written while tracing (key: map pointer): each is announced to userspace once (where it
+/// was first written), and its writes are counted. Bounded: least recently written maps are
+/// evicted.
 #[map]
 static KNOWN_MAPS: LruHashMap<u64, KnownMap> = LruHashMap::with_max_entries(KNOWN_MAPS_CAPACITY, 0);
 
@@ -70,27 +65,6 @@ struct CachedGoroutineId {
     goid: u64,
     generation: u64,
 }
-
-/// Captured words of a closure by its code PC (runtime address), decoded by userspace from the
-/// closure's code: deferproc checks only those, not the neighbouring object's words. A
-/// closure not (yet) in here gets all [`CAPTURE_WORDS`] checked.
-#[map]
-static CLOSURE_WORDS: HashMap<u64, u64> = HashMap::with_max_entries(CLOSURE_WORDS_CAPACITY, 0);
-
-/// Per-CPU cache of [`CLOSURE_WORDS`] entries, direct-mapped by code pointer: a closure that
-/// defers over and over (a `defer` in a loop) finds its captured-word count in an array slot
-/// instead of a hash lookup. A slot is one word, `code | words` (Go functions are at least
-/// 8-byte aligned and a count is at most [`CAPTURE_WORDS`]), written in one store: a probe
-/// preempted on the same CPU can't leave a code with another closure's count. Entries never go
-/// stale: a code pointer's count never changes. 0: empty.
-#[map]
-static RECENT_CLOSURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(RECENT_CLOSURE_SLOTS, 0);
-
-/// Slots of [`RECENT_CLOSURES`] (a power of two).
-const RECENT_CLOSURE_SLOTS: u32 = 64;
-
-/// The low bits of a [`RECENT_CLOSURES`] slot that hold the count.
-const RECENT_CLOSURE_COUNT_MASK: u64 = 7;
 
 /// Per-CPU cache of recently written maps in front of `KNOWN_MAPS` (see `on_mapassign`).
 #[map]
@@ -148,8 +122,7 @@ fn goid_of(g: u64) -> Option<u64> {
 }
 
 /// Tracks the user-memory reads of one probe hit that must succeed; a hit with any failed read
-/// is counted once ([`Counter::UserReadFailed`]). Speculative reads (a captured word that may or
-/// may not be a pointer) don't go through here.
+/// is counted once ([`Counter::UserReadFailed`]).
 struct Reads {
     failed: bool,
 }
@@ -216,17 +189,6 @@ fn emit<T: 'static>(event: T) {
         }
         None => bump(Counter::LostRingFull, 1),
     }
-}
-
-/// Runtime address − ELF virtual address of the executable: 0 unless it is position-independent,
-/// then learned from where the mallocgc probe fired (None until it has).
-#[inline(always)]
-fn image_bias(config: &ProbeConfig) -> Option<u64> {
-    if config.pie == 0 {
-        return Some(0);
-    }
-    let seen_at = MALLOCGC_PROBE_SEEN_AT.get(0).copied().unwrap_or(0);
-    (seen_at != 0).then(|| seen_at.wrapping_sub(config.mallocgc_probe))
 }
 
 /// `runtime.mapassign`, `_fast32`, `_fast64`, `_fast64ptr`, `_faststr`: RAX = map type,
@@ -309,16 +271,11 @@ fn add_known_map_writes(map: u64, writes: u64) -> bool {
 /// A heap defer: `runtime.deferproc(fn)`, probed on each `CALL runtime.deferproc` (the probe's
 /// address gives the defer site: its return address is the CALL + 5, and RSP is the calling
 /// frame's SP); `runtime.deferprocat(fn, frame)`, probed at its entry (the return address is
-/// read from the stack). RAX = the closure. Its captured words are checked against the known
-/// maps now, before anything can change them: a word that is a known map is a capture by
-/// value; a word pointing to a variable holding a known map is a capture by reference (how Go
-/// captures a variable the closure assigns).
+/// read from the stack). RAX = the closure, sent as it is: what it captures is read from the
+/// runtime's state by userspace's snapshots, with the closure's type from the binary.
 ///
-/// User-memory reads are what a hit costs most (about 120 ns each on the development VMs), so
-/// there are as few as possible: the goroutine id once per goroutine (it is cached); for a
-/// closure that captures, its code pointer and captured words in one read, plus one per word
-/// that may point to a captured variable. A static closure (inside the executable's image)
-/// captures nothing and is not read at all: userspace reads its code pointer from the file.
+/// User-memory reads are what a hit costs most (about 120 ns each on the development VMs): a
+/// registration reads only the goroutine id, once per goroutine (it is cached).
 #[inline(always)]
 fn on_deferproc_call(ctx: &ProbeContext) -> u32 {
     let r = regs(ctx);
@@ -335,119 +292,21 @@ fn on_deferprocat(ctx: &ProbeContext) -> u32 {
     on_heap_defer(r, caller_pc, r.rsp + 8, reads)
 }
 
-/// The event of a heap defer registered by the frame at `caller_sp`, at `caller_pc`.
+/// The event of a heap defer registered by the frame at `caller_sp`, at `caller_pc`: the
+/// closure pointer only. What the closure captures comes from snapshots of the runtime's state.
 #[inline(always)]
-fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, mut reads: Reads) -> u32 {
+fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, reads: Reads) -> u32 {
     bump(Counter::DeferProc, 1);
-    let closure = r.rax;
-    let mut event = DeferRegistered {
+    let event = DeferRegistered {
         header: timed_header(EventKind::DeferRegistered, goid_of(r.r14).unwrap_or(0)),
-        closure,
-        closure_fn: 0,
+        closure: r.rax,
         caller_pc,
         caller_sp,
         g: r.r14,
-        captured_maps: [0; CAPTURE_WORDS],
-        capture_kinds: [0; CAPTURE_WORDS],
-        _padding: [0; 8 - CAPTURE_WORDS % 8],
     };
-    let config = PROBE_CONFIG.load();
-    let is_static = image_bias(&config).is_some_and(|bias| {
-        let closure = closure.wrapping_sub(bias);
-        closure >= config.image_start && closure < config.image_end
-    });
-    if !is_static {
-        // The code pointer and the words after it, in one read. Words past the closure's end
-        // (filtered out in userspace, which knows its size) may lie on an unreadable page:
-        // then word by word, as far as readable (unread words stay 0: no capture).
-        // SAFETY: bpf_probe_read_user checks the address; failure is an Err, not a fault.
-        let words = match unsafe { bpf_probe_read_user(closure as *const [u64; CAPTURE_WORDS + 1]) }
-        {
-            Ok(words) => words,
-            Err(_) => {
-                let mut words = [0; CAPTURE_WORDS + 1];
-                words[0] = reads.u64(closure);
-                for i in 1..=CAPTURE_WORDS {
-                    let Some(word) = read_user_u64(closure + 8 * i as u64) else { break };
-                    words[i] = word;
-                }
-                words
-            }
-        };
-        event.closure_fn = words[0];
-        let captured = captured_words(words[0]);
-        for i in 0..CAPTURE_WORDS {
-            if i as u64 >= captured {
-                break;
-            }
-            classify_capture(&mut event, i, words[i + 1]);
-        }
-    }
     reads.finish();
     emit(event);
     0
-}
-
-/// How many words the closure with code pointer `code` captures, as userspace decoded it
-/// ([`CLOSURE_WORDS`], through this CPU's [`RECENT_CLOSURES`] slot); all [`CAPTURE_WORDS`]
-/// until userspace has.
-#[inline(always)]
-fn captured_words(code: u64) -> u64 {
-    let cacheable = code != 0 && code & RECENT_CLOSURE_COUNT_MASK == 0;
-    // Go aligns functions to 32 bytes on amd64: the bits above those pick the slot.
-    let slot = RECENT_CLOSURES.get_ptr_mut(((code >> 5) as u32) & (RECENT_CLOSURE_SLOTS - 1));
-    if let Some(slot) = slot {
-        // SAFETY: a per-CPU map value, read in one load.
-        let entry = unsafe { core::ptr::read_volatile(slot) };
-        if cacheable && entry & !RECENT_CLOSURE_COUNT_MASK == code {
-            return entry & RECENT_CLOSURE_COUNT_MASK;
-        }
-    }
-    // SAFETY: the value is copied out at once.
-    let Some(words) = (unsafe { CLOSURE_WORDS.get(&code) }).copied() else {
-        return CAPTURE_WORDS as u64;
-    };
-    if let Some(slot) = slot
-        && cacheable
-        && words <= RECENT_CLOSURE_COUNT_MASK
-    {
-        // SAFETY: as above, written in one store.
-        unsafe { core::ptr::write_volatile(slot, code | words) };
-    }
-    words
-}
-
-/// Whether `word` is a map mapassign has seen: in this CPU's recent-maps slot (an array
-/// access), else in the known-maps set.
-#[inline(always)]
-fn is_known_map(word: u64) -> bool {
-    if let Some(slot) = RECENT_MAPS.get(recent_map_slot(word))
-        && slot.map == word
-    {
-        return true;
-    }
-    // SAFETY: a lookup only; the value is not used.
-    unsafe { KNOWN_MAPS.get(&word) }.is_some()
-}
-
-/// Captured word `i` of a closure (`word`): a known map (by value), or a pointer to a variable
-/// holding one (by reference). Reading what it points to is speculative (it may not be a
-/// pointer at all).
-#[inline(always)]
-fn classify_capture(event: &mut DeferRegistered, i: usize, word: u64) {
-    if word == 0 {
-        return;
-    }
-    if is_known_map(word) {
-        event.captured_maps[i] = word;
-        event.capture_kinds[i] = CaptureKind::ByValue as u8;
-    } else if let Some(target) = read_user_u64(word)
-        && target != 0
-        && is_known_map(target)
-    {
-        event.captured_maps[i] = target;
-        event.capture_kinds[i] = CaptureKind::ByReference as u8;
-    }
 }
 
 /// `runtime.deferprocStack(d)`: a stack record; it can't accumulate, so it is only counted.
@@ -478,15 +337,6 @@ fn on_deferreturn(ctx: &ProbeContext) -> u32 {
 #[inline(always)]
 fn on_mallocgc(ctx: &ProbeContext) -> u32 {
     let r = regs(ctx);
-    if let Some(seen_at) = MALLOCGC_PROBE_SEEN_AT.get_ptr_mut(0) {
-        // SAFETY: map value pointer from the kernel. Written once; later hits only read.
-        unsafe {
-            if *seen_at == 0 {
-                // The kernel sets the ip to the probed instruction before running handlers.
-                *seen_at = r.rip;
-            }
-        }
-    }
     let size = r.rax;
     if size != 0 && size <= PROBE_CONFIG.load().size_specialized_max {
         return 0;

@@ -1,12 +1,10 @@
 //! Aggregator benchmarks for `cargo xtask bench` (BENCHMARKS.md), no kernel involved:
 //!
-//! - `throughput`: a synthetic ring-buffer byte stream (heap defer registrations capturing known
-//!   maps, deferreturns releasing them, new maps, goroutine exits, in the proportions of a
-//!   defer-heavy program) is decoded with [`Event::decode`] and applied to one [`Aggregator`],
-//!   on one core. Capture correlation is on: every registration captures a map the stream
-//!   announced before (by value or by reference).
-//! - `memory`: 100,000 goroutines each with a pending heap defer capturing a map, and 1,000,000
-//!   distinct maps, replayed into one aggregator; reports the process's peak RSS. Runs in a
+//! - `throughput`: a synthetic ring-buffer byte stream (heap defer registrations, deferreturns
+//!   releasing them, new maps, goroutine exits, in the proportions of a defer-heavy program) is
+//!   decoded with [`Event::decode`] and applied to one [`Aggregator`], on one core.
+//! - `memory`: 100,000 goroutines each with a pending heap defer, and 1,000,000 distinct maps,
+//!   replayed into one aggregator; reports the process's peak RSS. Runs in a
 //!   child process of its own (`memory-child`) so nothing else inflates the peak.
 //!
 //! Each result is one JSON line on stdout. `cargo bench -p deferprobe --bench aggregator -- MODE`
@@ -15,8 +13,7 @@ use std::{hint::black_box, process::Command, time::Instant};
 
 use deferprobe::aggregator::{Aggregator, Event};
 use deferprobe_common::{
-    CAPTURE_WORDS, CaptureKind, DeferRegistered, DeferReturn, EventHeader, EventKind,
-    GoroutineExit, MapSeen,
+    DeferRegistered, DeferReturn, EventHeader, EventKind, GoroutineExit, MapSeen,
 };
 
 fn header(kind: EventKind, ktime_ns: u64, goid: u64) -> EventHeader {
@@ -34,34 +31,18 @@ fn push<T: Copy>(stream: &mut Vec<u8>, offsets: &mut Vec<(u32, u32)>, event: &T)
     stream.resize(stream.len().next_multiple_of(8), 0);
 }
 
-fn registered(
-    ktime_ns: u64,
-    goid: u64,
-    closure: u64,
-    caller_pc: u64,
-    sp: u64,
-    map: u64,
-    by_ref: bool,
-) -> DeferRegistered {
-    let mut captured_maps = [0; CAPTURE_WORDS];
-    let mut capture_kinds = [0; CAPTURE_WORDS];
-    captured_maps[0] = map;
-    capture_kinds[0] = if by_ref { CaptureKind::ByReference } else { CaptureKind::ByValue } as u8;
+fn registered(ktime_ns: u64, goid: u64, closure: u64, caller_pc: u64, sp: u64) -> DeferRegistered {
     DeferRegistered {
         header: header(EventKind::DeferRegistered, ktime_ns, goid),
         closure,
-        closure_fn: 0x48_1000 + (caller_pc & 0xff0),
         caller_pc,
         caller_sp: sp,
         g: 0xc000_0000 + goid * 0x400,
-        captured_maps,
-        capture_kinds,
-        _padding: [0; 8 - CAPTURE_WORDS % 8],
     }
 }
 
 /// A stream of `calls` calls spread over 64 goroutines: each call writes a new map or reuses
-/// one (MapSeen for 1 call in 4), registers 10 heap defers capturing that map, then returns
+/// one (MapSeen for 1 call in 4), registers 10 heap defers, then returns
 /// (one DeferReturn releasing all 10). Every 50th call ends its goroutine.
 fn defer_heavy_stream(calls: u64) -> (Vec<u8>, Vec<(u32, u32)>) {
     let mut stream = Vec::new();
@@ -84,8 +65,7 @@ fn defer_heavy_stream(calls: u64) -> (Vec<u8>, Vec<(u32, u32)>) {
         }
         for i in 0..10u64 {
             t += 1;
-            let e =
-                registered(t, goid, 0xc300_0000 + call * 0x100 + i * 0x10, pc, sp, map, i % 3 == 0);
+            let e = registered(t, goid, 0xc300_0000 + call * 0x100 + i * 0x10, pc, sp);
             push(&mut stream, &mut offsets, &e);
         }
         t += 1;
@@ -186,15 +166,12 @@ fn memory_child(goroutines: u64, maps: u64) {
     }
     for goid in 1..=goroutines {
         t += 1;
-        let map = 0xc100_0000 + ((goid * 10) % maps.max(1)) * 0x30;
         let e = registered(
             t,
             goid,
             0xc300_0000 + goid * 0x100,
             0x49_0000 + (goid % 256) * 0x40,
             0xc200_0000 + goid * 0x8000,
-            map,
-            goid % 2 == 0,
         );
         one(&mut aggregator, bytes_of(&e));
     }

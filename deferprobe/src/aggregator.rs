@@ -12,8 +12,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use deferprobe_common::{
-    AllocSampled, CAPTURE_WORDS, CaptureKind, DeferRegistered, DeferReturn, EventHeader, EventKind,
-    GoroutineExit, MapSeen,
+    AllocSampled, DeferRegistered, DeferReturn, EventHeader, EventKind, GoroutineExit, MapSeen,
 };
 
 use crate::state::{
@@ -81,45 +80,20 @@ impl Event {
     }
 }
 
-/// A known map a deferred closure captured, as seen in the kernel at registration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capture {
-    /// Index of the captured word (closure word `word + 1`).
-    pub word: u8,
-    pub kind: CaptureKind,
-    pub map: u64,
-}
-
 /// A heap defer record not yet run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PendingDefer {
     pub closure: u64,
-    /// Code PC of the deferred closure (identifies the closure function and so its size).
-    pub closure_fn: u64,
     pub caller_pc: u64,
     pub caller_sp: u64,
     pub registered_ns: u64,
-    pub captures: [Option<Capture>; CAPTURE_WORDS],
     /// Found in the runtime's `_defer` chain rather than seen registered: already pending when
-    /// tracing started (or its event was lost). `registered_ns` is then when it was found, and
-    /// its captures are unknown.
+    /// tracing started (or its event was lost). `registered_ns` is then when it was found.
     pub adopted: bool,
     /// Absent from the goroutine's chain at the last reconciliation. A record is released
     /// only when two reconciliations in a row miss it: the runtime links a record some time
     /// after the probe fires (deferproc may allocate, and so wait for the GC, in between).
     pub missed: bool,
-}
-
-impl PendingDefer {
-    pub fn captures(&self) -> impl Iterator<Item = &Capture> {
-        self.captures.iter().flatten()
-    }
-
-    /// The captures that lie inside the closure, given its size in captured words (the kernel
-    /// inspects a fixed number of words, which may run into a neighbouring object).
-    pub fn captures_within(&self, words: usize) -> impl Iterator<Item = &Capture> {
-        self.captures().filter(move |capture| usize::from(capture.word) < words)
-    }
 }
 
 /// A map seen by a mapassign probe.
@@ -129,12 +103,9 @@ pub struct MapInfo {
     pub first_goid: u64,
     /// Return address into the function that first wrote it while traced.
     pub first_pc: u64,
-    /// Pending records whose closures captured it: while non-zero it stays in the table.
-    captured_by: u32,
 }
 
-/// How many maps the aggregator remembers (beyond those pending closures capture): twice the
-/// kernel's known-maps set, which is all capture detection can recognise anyway.
+/// How many maps the aggregator remembers: twice the kernel's known-maps set.
 const MAP_TABLE_CAPACITY: usize = 2 * deferprobe_common::KNOWN_MAPS_CAPACITY as usize;
 
 /// Registered and released heap defers of one defer site (the PC after the deferproc call).
@@ -312,28 +283,13 @@ impl Aggregator {
                     self.events.without_goid += 1;
                     return;
                 }
-                let mut captures = [None; CAPTURE_WORDS];
-                for (word, capture) in captures.iter_mut().enumerate() {
-                    let kind = CaptureKind::from_u8(e.capture_kinds[word]);
-                    if kind != CaptureKind::None && e.captured_maps[word] != 0 {
-                        *capture =
-                            Some(Capture { word: word as u8, kind, map: e.captured_maps[word] });
-                    }
-                }
-                for capture in captures.iter().flatten() {
-                    if let Some(map) = self.maps.get_mut(&capture.map) {
-                        map.captured_by += 1;
-                    }
-                }
                 let goroutine = self.goroutines.entry(goid).or_default();
                 goroutine.g = e.g;
                 let record = PendingDefer {
                     closure: e.closure,
-                    closure_fn: e.closure_fn,
                     caller_pc: e.caller_pc,
                     caller_sp: e.caller_sp,
                     registered_ns: e.header.ktime_ns,
-                    captures,
                     adopted: false,
                     missed: false,
                 };
@@ -387,12 +343,7 @@ impl Aggregator {
                 }
                 self.maps.insert(
                     e.map,
-                    MapInfo {
-                        map_type: e.map_type,
-                        first_goid: goid,
-                        first_pc: e.caller_pc,
-                        captured_by: 0,
-                    },
+                    MapInfo { map_type: e.map_type, first_goid: goid, first_pc: e.caller_pc },
                 );
                 self.map_order.push_back(e.map);
                 self.forget_old_maps();
@@ -406,21 +357,11 @@ impl Aggregator {
         &self.sampled_allocations
     }
 
-    /// Keeps the map table within [`MAP_TABLE_CAPACITY`], forgetting the oldest maps no pending
-    /// closure captured (captured ones go to the back of the line).
+    /// Keeps the map table within [`MAP_TABLE_CAPACITY`], forgetting the oldest maps first.
     fn forget_old_maps(&mut self) {
-        let mut looked_at = 0;
-        while self.maps.len() > MAP_TABLE_CAPACITY && looked_at < self.map_order.len() {
+        while self.maps.len() > MAP_TABLE_CAPACITY {
             let Some(map) = self.map_order.pop_front() else { break };
-            match self.maps.get(&map) {
-                Some(info) if info.captured_by > 0 => {
-                    self.map_order.push_back(map);
-                    looked_at += 1;
-                }
-                _ => {
-                    self.maps.remove(&map);
-                }
-            }
+            self.maps.remove(&map);
         }
     }
 
@@ -467,7 +408,7 @@ impl Aggregator {
                         in_range_loop: false,
                     },
                     site: r.caller_pc,
-                    code: (r.closure_fn != 0).then_some(r.closure_fn),
+                    code: None,
                     closure_bytes: 0,
                     captures: Captures::Unknown(
                         "registered after the last snapshot, and the target exited before its \
@@ -511,11 +452,6 @@ impl Aggregator {
             if runs(record) {
                 self.sites.entry(record.caller_pc).or_default().released += 1;
                 sites.entry(record.caller_pc).released += 1;
-                for capture in record.captures() {
-                    if let Some(map) = self.maps.get_mut(&capture.map) {
-                        map.captured_by = map.captured_by.saturating_sub(1);
-                    }
-                }
                 false
             } else {
                 true
@@ -588,15 +524,9 @@ impl Aggregator {
     /// registration accounts for: records already pending when tracing started, or whose events
     /// were lost. Call it right after reading the chain, before applying more events. A record
     /// whose registration event was still in flight is adopted too; when that event arrives it
-    /// takes the adopted record's place (see [`Aggregator::apply`]). `closure_fn` reads a
-    /// closure's code pointer. Returns how many records were adopted.
-    pub fn adopt(
-        &mut self,
-        g: u64,
-        runtime: &RuntimeGoroutine,
-        closure_fn: impl Fn(u64) -> u64,
-        found_ns: u64,
-    ) -> u64 {
+    /// takes the adopted record's place (see [`Aggregator::apply`]). Returns how many records
+    /// were adopted.
+    pub fn adopt(&mut self, g: u64, runtime: &RuntimeGoroutine, found_ns: u64) -> u64 {
         if runtime.goid == 0 || runtime.defers.iter().all(|record| !record.heap) {
             return 0;
         }
@@ -611,11 +541,9 @@ impl Aggregator {
             .filter(|(record, paired)| record.heap && !paired)
             .map(|(record, _)| PendingDefer {
                 closure: record.closure,
-                closure_fn: closure_fn(record.closure),
                 caller_pc: record.pc,
                 caller_sp: record.sp,
                 registered_ns: found_ns,
-                captures: [None; CAPTURE_WORDS],
                 adopted: true,
                 missed: false,
             })
@@ -911,27 +839,17 @@ mod tests {
     }
 
     #[test]
-    fn captures_are_kept_per_record() {
+    fn a_registration_makes_its_goroutine_tracked() {
         let mut agg = Aggregator::new();
-        let mut event = DeferRegistered {
+        let event = DeferRegistered {
             header: header(EventKind::DeferRegistered, 3, 0),
             caller_pc: 0x401000,
             caller_sp: 0xc000_8000,
             g: 0xc000_1000,
             ..Default::default()
         };
-        event.captured_maps = [0xc100_0000, 0, 0xc200_0000, 0];
-        event.capture_kinds = [CaptureKind::ByValue as u8, 0, CaptureKind::ByReference as u8, 0];
         agg.apply(&Event::DeferRegistered(event));
-        let (_, records) = agg.pending_by_goroutine().next().unwrap();
-        let captures: Vec<_> = records[0].captures().copied().collect();
-        assert_eq!(
-            captures,
-            [
-                Capture { word: 0, kind: CaptureKind::ByValue, map: 0xc100_0000 },
-                Capture { word: 2, kind: CaptureKind::ByReference, map: 0xc200_0000 },
-            ]
-        );
+        assert_eq!(agg.pending_heap_defers(), 1);
         assert_eq!(agg.goroutines_to_reconcile(), [(3, 0xc000_1000)]);
     }
 
@@ -1034,17 +952,15 @@ mod tests {
             pc: 0x402000,
             heap: false,
         });
-        let fns = |closure: u64| if closure == 0xc000_0100 { 0x4a_0000 } else { 0 };
-        assert_eq!(agg.adopt(0xc000_1000, &runtime, fns, 99), 2);
+        assert_eq!(agg.adopt(0xc000_1000, &runtime, 99), 2);
         assert_eq!(agg.pending_heap_defers(), 3);
         let (_, records) = agg.pending_by_goroutine().next().unwrap();
         assert_eq!(
             records.iter().map(|r| (r.closure, r.adopted)).collect::<Vec<_>>(),
             [(0xc000_0100, true), (0xc000_0200, true), (0xc000_0300, false)]
         );
-        assert_eq!(records[0].closure_fn, 0x4a_0000);
         // A second look adopts nothing more.
-        assert_eq!(agg.adopt(0xc000_1000, &runtime, fns, 120), 0);
+        assert_eq!(agg.adopt(0xc000_1000, &runtime, 120), 0);
         let totals = agg.sites().next().unwrap().1;
         assert_eq!((totals.registered, totals.adopted, totals.pending()), (1, 2, 3));
         // deferreturn of the frame releases adopted and registered records alike.
@@ -1057,10 +973,10 @@ mod tests {
     fn adopts_goroutines_never_seen_registering() {
         let mut agg = Aggregator::new();
         let runtime = chain(12, &[(0xc000_0100, 0xc000_8000)]);
-        assert_eq!(agg.adopt(0xc000_5000, &runtime, |_| 0, 5), 1);
+        assert_eq!(agg.adopt(0xc000_5000, &runtime, 5), 1);
         assert_eq!(agg.goroutines_to_reconcile(), [(12, 0xc000_5000)]);
         // An empty chain adopts nothing and creates no goroutine.
-        assert_eq!(agg.adopt(0xc000_6000, &chain(13, &[]), |_| 0, 5), 0);
+        assert_eq!(agg.adopt(0xc000_6000, &chain(13, &[]), 5), 0);
         assert_eq!(agg.pending_by_goroutine().count(), 1);
     }
 
@@ -1070,7 +986,7 @@ mod tests {
         // The chain, read by 500, already links the record registered at 400 whose event
         // had not been drained yet.
         let runtime = chain(4, &[(0xc000_0100, 0xc000_8000)]);
-        assert_eq!(agg.adopt(0xc000_1000, &runtime, |_| 0, 500), 1);
+        assert_eq!(agg.adopt(0xc000_1000, &runtime, 500), 1);
         agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 400));
         assert_eq!(agg.pending_heap_defers(), 1);
         let totals = agg.sites().next().unwrap().1;
@@ -1098,7 +1014,7 @@ mod tests {
             ],
         );
         assert_eq!(agg.reconcile(4, &runtime, 1_000), Reconciled::default());
-        assert_eq!(agg.adopt(0xc000_1000, &runtime, |_| 0, 2_000), 1);
+        assert_eq!(agg.adopt(0xc000_1000, &runtime, 2_000), 1);
         agg.apply(&registered_at(4, 0x4f_0000, 0xc000_8d00, 1_500));
         assert_eq!(agg.pending_heap_defers(), 4);
         // Each level returns through deferreturn with its own SP: nothing is left.
@@ -1109,7 +1025,7 @@ mod tests {
     }
 
     #[test]
-    fn the_map_table_is_bounded_but_keeps_captured_maps() {
+    fn the_map_table_is_bounded_oldest_first() {
         let mut agg = Aggregator::new();
         let seen = |map: u64| {
             Event::MapSeen(MapSeen {
@@ -1119,30 +1035,11 @@ mod tests {
                 caller_pc: 0x401234,
             })
         };
-        agg.apply(&seen(0xc000_0000));
-        let mut event = DeferRegistered {
-            header: header(EventKind::DeferRegistered, 2, 0),
-            caller_pc: 0x401000,
-            caller_sp: 0xc000_8000,
-            g: 0xc000_1000,
-            ..Default::default()
-        };
-        event.captured_maps[0] = 0xc000_0000;
-        event.capture_kinds[0] = CaptureKind::ByValue as u8;
-        agg.apply(&Event::DeferRegistered(event));
-        for i in 1..=MAP_TABLE_CAPACITY as u64 + 10 {
+        for i in 0..MAP_TABLE_CAPACITY as u64 + 10 {
             agg.apply(&seen(0xd000_0000 + i * 16));
         }
         assert_eq!(agg.maps.len(), MAP_TABLE_CAPACITY);
-        assert!(agg.map(0xc000_0000).is_some(), "a captured map is kept");
-        assert!(agg.map(0xd000_0010).is_none(), "the oldest uncaptured map is forgotten");
-        // Once its closure ran, the captured map can be forgotten like any other (it went to
-        // the back of the line when it was kept).
-        agg.apply(&returned(2, 0xc000_8000));
-        for i in 0..MAP_TABLE_CAPACITY as u64 {
-            agg.apply(&seen(0xe000_0000 + i * 16));
-        }
-        assert!(agg.map(0xc000_0000).is_none());
-        assert_eq!(agg.maps.len(), MAP_TABLE_CAPACITY);
+        assert!(agg.map(0xd000_0000).is_none(), "the oldest map is forgotten");
+        assert_eq!(agg.map(0xd000_0000 + 10 * 16).map(|m| m.first_pc), Some(0x401234));
     }
 }

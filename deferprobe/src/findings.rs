@@ -347,11 +347,11 @@ pub fn from_snapshot(
                 pending_defers: pending,
                 pending_before_trace: at_attach,
                 oldest_pending_secs,
-                captured_maps: frame_totals.retained.maps(),
-                captured_maps_by_value: frame_totals.retained.by_value.len() as u64,
-                captured_maps_by_reference: frame_totals.retained.by_reference.len() as u64,
-                captured_map_entries: frame_totals.retained.map_entries(),
-                est_bytes: frame_totals.retained.est_bytes(lookups.defer_record_bytes),
+                captured_maps: Some(frame_totals.retained.maps()),
+                captured_maps_by_value: Some(frame_totals.retained.by_value.len() as u64),
+                captured_maps_by_reference: Some(frame_totals.retained.by_reference.len() as u64),
+                captured_map_entries: Some(frame_totals.retained.map_entries()),
+                est_bytes: Some(frame_totals.retained.est_bytes(lookups.defer_record_bytes)),
                 captures: frame_totals.summaries(),
                 captured_map_origins: match traced {
                     Some(t) => map_origins(
@@ -384,8 +384,8 @@ pub fn from_snapshot(
         goroutines.push(GoroutineReport {
             goid,
             pending_defers: goroutine.records.len() as u64,
-            captured_maps: retained.maps(),
-            captured_map_entries: retained.map_entries(),
+            captured_maps: Some(retained.maps()),
+            captured_map_entries: Some(retained.map_entries()),
             est_bytes: Some(retained.est_bytes(lookups.defer_record_bytes)),
             defer_sites,
         });
@@ -427,7 +427,7 @@ pub fn from_snapshot(
         pending: PendingReport {
             heap_defers: records_total,
             goroutines: snapshot.goroutines.len() as u64,
-            captured_maps: all.maps(),
+            captured_maps: Some(all.maps()),
         },
         findings,
         goroutines,
@@ -500,7 +500,7 @@ mod tests {
         ];
         let s = sections(records, 3);
         assert_eq!(s.pending.heap_defers, 4);
-        assert_eq!(s.pending.captured_maps, 3);
+        assert_eq!(s.pending.captured_maps, Some(3));
         assert_eq!(s.unreadable_maps, 1);
         assert_eq!(s.findings.len(), 1, "only the frame with 3 records is a finding");
         let f = &s.findings[0];
@@ -508,9 +508,9 @@ mod tests {
         assert_eq!(f.oldest_pending_secs, None, "no events: the age is unknown");
         assert_eq!(
             (f.captured_maps, f.captured_maps_by_value, f.captured_maps_by_reference),
-            (2, 1, 1)
+            (Some(2), Some(1), Some(1))
         );
-        assert_eq!(f.captured_map_entries, 8);
+        assert_eq!(f.captured_map_entries, Some(8));
         let by_value = f.captures.iter().find(|c| c.kind == "map").unwrap();
         assert_eq!((by_value.captures, by_value.objects, by_value.entries), (2, 1, Some(3)));
         assert_eq!(by_value.est_bytes, map_bytes_estimate(3, 24));
@@ -518,11 +518,11 @@ mod tests {
         assert_eq!(by_reference.type_name, "*map[string]int");
         assert_eq!(
             f.est_bytes,
-            3 * 48 + 3 * 16 + map_bytes_estimate(3, 24) + map_bytes_estimate(5, 24)
+            Some(3 * 48 + 3 * 16 + map_bytes_estimate(3, 24) + map_bytes_estimate(5, 24))
         );
         // The goroutine counts every map, the unreadable one's entries as unknown (0 added).
-        assert_eq!(s.goroutines[0].captured_maps, 3);
-        assert_eq!(s.goroutines[0].captured_map_entries, 8);
+        assert_eq!(s.goroutines[0].captured_maps, Some(3));
+        assert_eq!(s.goroutines[0].captured_map_entries, Some(8));
         let objects =
             map_bytes_estimate(3, 24) + map_bytes_estimate(5, 24) + map_bytes_estimate(0, 24);
         assert_eq!(s.goroutines[0].est_bytes, Some(4 * 48 + 4 * 16 + objects));

@@ -8,7 +8,6 @@
 pub mod aggregator;
 pub mod binary;
 pub mod cli;
-pub mod closure_words;
 pub mod error;
 pub mod findings;
 pub mod governor;

@@ -26,7 +26,7 @@ pub enum ProbeFamily {
     /// Heap and stack defer registrations, deferreturn in heap-defer frames, goroutine exits:
     /// what pending defers are built from.
     Defers,
-    /// `runtime.mapassign*`: map writes, and which maps closures capture.
+    /// `runtime.mapassign*`: map writes, and where captured maps were first written.
     MapWrites,
     /// `runtime.mallocgc` and Go 1.27's size-specialized entries.
     Allocations,

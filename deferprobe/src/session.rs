@@ -5,7 +5,6 @@
 //! exit. Then it writes the report.
 
 use std::{
-    cell::RefCell,
     collections::{HashMap, HashSet},
     os::fd::OwnedFd,
     time::{Duration, Instant},
@@ -23,7 +22,6 @@ use crate::{
     aggregator::{Aggregator, Event, Reconciled},
     binary::{GoBinary, MemoryProfiling},
     cli::RunArgs,
-    closure_words::captured_words,
     error::{Error, ErrorKind, Result},
     findings,
     governor::{
@@ -146,7 +144,6 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let bias = target::load_bias(&binary, target.pid);
     let exit_watch = target::pidfd(target.pid)?;
     let memory = ProcessMemory::new(target.pid);
-    let closures = ClosureSizes::new(&binary, bias);
     // The runtime's own state: snapshots at attach, every --interval and before the report.
     // A target whose memory can't be read is refused (naming the capability).
     let reader = match &model {
@@ -185,7 +182,6 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         reader: reader.as_ref(),
         memory,
         layout: plan.layout,
-        closures: &closures,
         plan: &plan,
         memprofile_rate,
         allgs,
@@ -199,14 +195,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         (Some((snapshot, _)), true) => {
             captured_map_writes(&tracer, snapshot.captured_map_addresses())
         }
-        _ => captured_map_writes(
-            &tracer,
-            traced
-                .aggregator
-                .pending_by_goroutine()
-                .flat_map(|(_, records)| records.iter().flat_map(|r| r.captures().map(|c| c.map)))
-                .collect(),
-        ),
+        _ => HashMap::new(),
     };
     drop(tracer); // detach before anything else
 
@@ -215,18 +204,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         false => None,
     };
     let location = |pc: u64| Location::of_return_address(&binary, pc);
-    let map_entries = |map: u64| memory.read_u64(map);
-    let map_slot_bytes = |map_type: u64| map_slot_bytes(&memory, map_type);
-    let closure_words = |fn_pc: u64| closures.words_at_elf(fn_pc);
     let map_writes = |map: u64| map_writes.get(&map).copied();
     let lookups = Lookups {
         bias,
         location: &location,
-        closure_words: &closure_words,
-        map_entries: &map_entries,
-        map_slot_bytes: &map_slot_bytes,
-        map_writes: &map_writes,
-        defer_record_bytes: plan.layout.defer_size,
         now_ns: traced.ended_ns,
         min_pending: args.min_pending,
     };
@@ -338,16 +319,6 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 .into(),
         );
     }
-    match (reader.is_some(), plan.families.contains(&ProbeFamily::MapWrites)) {
-        (true, _) => {}
-        (false, true) => notes.push(
-            "captured maps are recognised only if they were written (mapassign) while tracing"
-                .into(),
-        ),
-        (false, false) => notes.push(
-            "map writes were not probed (--probes): captured maps can't be recognised".into(),
-        ),
-    }
     for sampled in &traced.governor.sampled {
         notes.push(format!(
             "{} probes were sampled to stay under --max-overhead {}% (duty cycle {:.0}% on \
@@ -375,13 +346,6 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             traced.governor.max_overhead_percent,
             traced.governor.defer_probes_percent
         ));
-    }
-    if !correlation.findings.is_empty() && reader.is_none() {
-        notes.push(
-            "est_bytes is an estimate: _defer records, closures, and map slots at Go's load \
-             factor; pointed-to data (strings, values behind pointers) is not included"
-                .into(),
-        );
     }
     let report = Report {
         schema_version: report::SCHEMA_VERSION,
@@ -425,62 +389,6 @@ fn captured_map_writes(tracer: &Tracer, maps: HashSet<u64>) -> HashMap<u64, u64>
     maps.into_iter().filter_map(|map| Some((map, tracer.map_writes(map)?))).collect()
 }
 
-/// Key + element size of the map type at `map_type` (runtime address): `abi.MapType` (and
-/// `abi.SwissMapType`) keep `Key *Type` at 48 and `Elem *Type` at 56, and `Type.Size_` is the
-/// first word.
-fn map_slot_bytes(memory: &ProcessMemory, map_type: u64) -> Option<u64> {
-    let key = memory.read_u64(memory.read_u64(map_type + 48)?)?;
-    let elem = memory.read_u64(memory.read_u64(map_type + 56)?)?;
-    Some(key + elem)
-}
-
-/// Captured-word counts of closure functions, decoded from the binary once per function.
-struct ClosureSizes<'b> {
-    binary: &'b GoBinary,
-    bias: u64,
-    cache: RefCell<HashMap<u64, Option<usize>>>,
-    /// Closure code PCs (runtime addresses) whose size the kernel has been told.
-    told_kernel: RefCell<HashSet<u64>>,
-}
-
-impl<'b> ClosureSizes<'b> {
-    fn new(binary: &'b GoBinary, bias: u64) -> Self {
-        ClosureSizes { binary, bias, cache: RefCell::default(), told_kernel: RefCell::default() }
-    }
-
-    /// Tells the kernel the size of the closure with code PC `fn_pc` (runtime address) the
-    /// first time it is seen, so that deferproc checks only its real captures from then on.
-    fn tell_kernel(&self, tracer: &mut Tracer, fn_pc: u64) {
-        if fn_pc == 0 || !self.told_kernel.borrow_mut().insert(fn_pc) {
-            return;
-        }
-        if let Some(words) = self.words_at_runtime(fn_pc) {
-            tracer.set_closure_words(fn_pc, words as u64);
-        }
-    }
-
-    /// For a closure's code PC as an ELF virtual address.
-    fn words_at_elf(&self, fn_pc: u64) -> Option<usize> {
-        *self.cache.borrow_mut().entry(fn_pc).or_insert_with(|| {
-            let function = self.binary.function_at(fn_pc).filter(|f| f.address == fn_pc)?;
-            let code = self.binary.function_code(&function).ok()?;
-            Some(captured_words(code, function.address))
-        })
-    }
-
-    /// For a closure's code PC as seen at runtime.
-    fn words_at_runtime(&self, fn_pc: u64) -> Option<usize> {
-        self.words_at_elf(fn_pc.wrapping_sub(self.bias))
-    }
-
-    /// The code PC (runtime address) of a static closure: a funcval inside the executable's
-    /// image, which the deferproc probe does not read. Read from the file (it never changes).
-    fn static_closure_code(&self, closure: u64) -> Option<u64> {
-        let code = self.binary.initial_u64(closure.wrapping_sub(self.bias))?;
-        (code != 0).then(|| code.wrapping_add(self.bias))
-    }
-}
-
 /// The signals that end tracing.
 struct Signals {
     interrupt: Signal,
@@ -504,7 +412,6 @@ struct TraceContext<'a> {
     reader: Option<&'a RuntimeReader<'a, 'a>>,
     memory: ProcessMemory,
     layout: RuntimeLayout,
-    closures: &'a ClosureSizes<'a>,
     plan: &'a ProbePlan,
     /// Runtime address of `runtime.MemProfileRate` with `--alloc-mode profiled`, when the
     /// binary has symbols: read while tracing, to unsample with the rate in force.
@@ -972,7 +879,7 @@ async fn trace(
     let ended_by = loop {
         tokio::select! {
             _ = drain_tick.tick() => {
-                drain(tracer, &mut aggregator, &mut batch, context.closures);
+                drain(tracer, &mut aggregator, &mut batch);
                 read_memprofile_rate();
             }
             _ = budget_check.tick() => {
@@ -990,7 +897,7 @@ async fn trace(
                 window_open = false;
             }
             _ = log_tick.tick() => {
-                drain(tracer, &mut aggregator, &mut batch, context.closures);
+                drain(tracer, &mut aggregator, &mut batch);
                 reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
                 if let Some(taken) = take_snapshot(&mut aggregator) {
                     snapshot = Some(taken);
@@ -1014,7 +921,7 @@ async fn trace(
         }
     };
     // The probes fired synchronously in the target: everything is in the buffer by now.
-    drain(tracer, &mut aggregator, &mut batch, context.closures);
+    drain(tracer, &mut aggregator, &mut batch);
     read_memprofile_rate();
     let mut final_snapshot = false;
     if ended_by != EndReason::TargetExited {
@@ -1063,23 +970,10 @@ async fn trace(
     })
 }
 
-/// Moves every waiting event into the aggregator, in ring-buffer order; fills in the code
-/// pointer of static closures (the kernel doesn't read them) and tells the kernel the size of
-/// each closure it sees for the first time.
-fn drain(
-    tracer: &mut Tracer,
-    aggregator: &mut Aggregator,
-    batch: &mut Vec<Event>,
-    closures: &ClosureSizes,
-) {
+/// Moves every waiting event into the aggregator, in ring-buffer order.
+fn drain(tracer: &mut Tracer, aggregator: &mut Aggregator, batch: &mut Vec<Event>) {
     batch.clear();
     tracer.drain(|bytes| match Event::decode(bytes) {
-        Ok(Event::DeferRegistered(mut e)) => {
-            if e.closure_fn == 0 {
-                e.closure_fn = closures.static_closure_code(e.closure).unwrap_or(0);
-            }
-            batch.push(Event::DeferRegistered(e))
-        }
         Ok(event) => batch.push(event),
         Err(err) => {
             warn!(%err, "undecodable event");
@@ -1089,9 +983,6 @@ fn drain(
     // In ring-buffer order: the order the probes reserved their records (see EventHeader).
     for event in batch.iter() {
         aggregator.apply(event);
-        if let Event::DeferRegistered(e) = event {
-            closures.tell_kernel(tracer, e.closure_fn);
-        }
     }
 }
 
@@ -1105,7 +996,7 @@ fn reconcile(
     batch: &mut Vec<Event>,
     context: &TraceContext,
 ) -> Reconciled {
-    drain(tracer, aggregator, batch, context.closures);
+    drain(tracer, aggregator, batch);
     let tracked = aggregator.goroutines_to_reconcile();
     let gs: Vec<u64> = match context.allgs.and_then(|allgs| read_allgs(&context.memory, allgs)) {
         Some(all) => all,
@@ -1127,9 +1018,8 @@ fn reconcile(
         let Some(read) = chains.get(&g).cloned().or_else(|| read(g)) else { continue };
         total += aggregator.reconcile(goid, &read.chain, read.started_ns.saturating_sub(grace));
     }
-    let closure_fn = |closure: u64| context.memory.read_u64(closure).unwrap_or(0);
     for (g, read) in &chains {
-        total.adopted += aggregator.adopt(*g, &read.chain, closure_fn, read.ended_ns);
+        total.adopted += aggregator.adopt(*g, &read.chain, read.ended_ns);
     }
     if total.released + total.moved + total.adopted > 0 {
         info!(
@@ -1150,18 +1040,6 @@ struct ChainRead {
     chain: RuntimeGoroutine,
 }
 
-/// Distinct maps captured by pending closures (captures inside each closure's real size).
-fn captured_maps(aggregator: &Aggregator, closures: &ClosureSizes) -> usize {
-    let mut maps = std::collections::HashSet::new();
-    for (_, records) in aggregator.pending_by_goroutine() {
-        for record in records {
-            let words = closures.words_at_runtime(record.closure_fn).unwrap_or(0);
-            maps.extend(record.captures_within(words).map(|c| c.map));
-        }
-    }
-    maps.len()
-}
-
 /// Losses so far, by cause.
 fn lost_events(counters: &Counters, aggregator: &Aggregator) -> LostEvents {
     let events = aggregator.events();
@@ -1178,8 +1056,9 @@ fn log_counts(
 ) {
     // From the runtime's state when it can be read, else from the events.
     let (pending, maps) = match snapshot {
-        Some(snapshot) => (snapshot.pending_records() as u64, snapshot.captured_maps()),
-        None => (aggregator.pending_heap_defers(), captured_maps(aggregator, context.closures)),
+        Some(snapshot) => (snapshot.pending_records() as u64, Some(snapshot.captured_maps())),
+        // The events alone don't say what closures capture.
+        None => (aggregator.pending_heap_defers(), None),
     };
     // Families not probed have no count (the fields are left out), not zero.
     let delta = now.since(last).reported(&context.plan.families, context.plan.allocations);

@@ -180,7 +180,9 @@ impl SnapshotReport {
         let _ = writeln!(
             out,
             "\npending heap defers: {} in {} goroutine(s), capturing {} map(s)",
-            p.heap_defers, p.goroutines, p.captured_maps
+            p.heap_defers,
+            p.goroutines,
+            p.captured_maps.unwrap_or(0)
         );
         report::write_findings(&mut out, &self.findings);
         if !self.sites.is_empty() {

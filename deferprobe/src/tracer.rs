@@ -54,7 +54,6 @@ pub struct Tracer {
     counters: PerCpuArray<MapData, Counters>,
     known_maps: HashMap<MapData, u64, KnownMap>,
     recent_maps: PerCpuArray<MapData, RecentMap>,
-    closure_words: HashMap<MapData, u64, u64>,
     /// The kernel's goroutine-id cache switch: its generation, 0 while off; and the number of
     /// generations so far.
     goroutine_id_cache: Array<MapData, u64>,
@@ -110,7 +109,6 @@ impl Tracer {
         let counters = take_map(&mut ebpf, "COUNTERS")?;
         let known_maps = take_map(&mut ebpf, "KNOWN_MAPS")?;
         let recent_maps = take_map(&mut ebpf, "RECENT_MAPS")?;
-        let closure_words = take_map(&mut ebpf, "CLOSURE_WORDS")?;
         let goroutine_id_cache = take_map(&mut ebpf, "GOROUTINE_ID_CACHE")?;
         let mut tracer = Tracer {
             ebpf,
@@ -124,7 +122,6 @@ impl Tracer {
             counters,
             known_maps,
             recent_maps,
-            closure_words,
             goroutine_id_cache,
             goroutine_id_generation: 0,
             goroutine_id_generations: 0,
@@ -237,13 +234,6 @@ impl Tracer {
         Some(known + recent)
     }
 
-    /// Tells deferproc how many words the closure with code PC `fn_pc` (runtime address)
-    /// captures, so it checks only those. The table is bounded: when full, the closure keeps
-    /// being checked in full (userspace filters by size anyway).
-    pub fn set_closure_words(&mut self, fn_pc: u64, words: u64) {
-        let _ = self.closure_words.insert(&fn_pc, &words, 0);
-    }
-
     /// Hands every event waiting in the ring buffer to `on_event`; returns how many.
     pub fn drain(&mut self, mut on_event: impl FnMut(&[u8])) -> usize {
         let mut drained = 0;
@@ -348,19 +338,13 @@ fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Duration> {
 /// What the calibration touches between two calls: about an L2 cache.
 const CALIBRATION_WORK_BYTES: usize = 512 * 1024;
 
-/// The configuration the probes read (ELF virtual addresses; the probes work out the load bias
-/// of PIE binaries themselves).
+/// The configuration the probes read.
 fn probe_config(plan: &ProbePlan) -> ProbeConfig {
-    let mallocgc = plan.probes_of(ProbeProgram::Mallocgc).next();
     ProbeConfig {
         g_goid: plan.layout.g_goid,
         g_m: plan.layout.g_m,
         m_curg: plan.layout.m_curg,
         size_specialized_max: plan.size_specialized_max,
-        mallocgc_probe: mallocgc.map_or(0, |p| p.address + p.attach_offset),
-        image_start: plan.image_range.0,
-        image_end: plan.image_range.1,
-        pie: u64::from(plan.pie),
     }
 }
 
