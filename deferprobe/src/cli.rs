@@ -104,6 +104,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "MODE", default_value_t = AllocationMode::All)]
     pub alloc_mode: AllocationMode,
 
+    /// Probe only: never read the target's memory (no snapshots of the runtime's state), so
+    /// deferprobe needs no CAP_SYS_PTRACE. Counts stay exact; pending defers come from the
+    /// events alone, and what their closures capture is unknown (the report says so).
+    #[arg(long)]
+    pub counts_only: bool,
+
     /// Format of the log lines on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -92,6 +92,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // Why the runtime's state can't be read, if it can't (reported as a note).
     let mut state_error = None;
     let model = match RuntimeModel::new(&binary) {
+        _ if args.counts_only => {
+            state_error = Some("--counts-only: deferprobe did not read the target's memory".into());
+            None
+        }
         Ok(model) => Some(model),
         Err(err) => {
             warn!(%err, "the runtime's state can't be read: pending defers come from events only");
@@ -165,7 +169,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let allgs = binary.data_symbol("runtime.allgs").map(|address| address.wrapping_add(bias));
     // Runtime address of runtime.MemProfileRate, to unsample with the rate in force.
     let memprofile_rate = match memory_profiling {
-        MemoryProfiling::Enabled { rate_variable, .. } if profiled => {
+        MemoryProfiling::Enabled { rate_variable, .. } if profiled && !args.counts_only => {
             Some(rate_variable.wrapping_add(bias))
         }
         _ => None,
@@ -180,6 +184,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     }
     let context = TraceContext {
         reader: reader.as_ref(),
+        counts_only: args.counts_only,
         memory,
         layout: plan.layout,
         plan: &plan,
@@ -281,8 +286,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     notes.extend(snapshot_notes);
     if let Some(err) = &state_error {
         notes.push(format!(
-            "the runtime's state could not be read ({err}): pending defers, findings and \
-             sites come from the events alone"
+            "the runtime's state was not read ({err}): pending defers, findings and sites come \
+             from the events alone, so records pending before tracing started are not counted \
+             and what closures capture is unknown"
         ));
     }
     let pending_before_trace: u64 = match from_snapshot {
@@ -410,6 +416,8 @@ impl Signals {
 struct TraceContext<'a> {
     /// Snapshots of the runtime's state (None if its goroutine list can't be found).
     reader: Option<&'a RuntimeReader<'a, 'a>>,
+    /// `--counts-only`: the target's memory is never read.
+    counts_only: bool,
     memory: ProcessMemory,
     layout: RuntimeLayout,
     plan: &'a ProbePlan,
@@ -986,8 +994,8 @@ fn drain(tracer: &mut Tracer, aggregator: &mut Aggregator, batch: &mut Vec<Event
     }
 }
 
-/// Brings the pending state in line with the runtime's `_defer` chains, read from the
-/// target's memory: goroutines we track are reconciled ([`Aggregator::reconcile`]), and heap
+/// With `--counts-only`, does nothing: the target's memory is not read. Otherwise brings the
+/// pending state in line with the runtime's `_defer` chains, read from the target's memory: goroutines we track are reconciled ([`Aggregator::reconcile`]), and heap
 /// records no registration accounts for (pending before tracing started) are adopted
 /// ([`Aggregator::adopt`]). Logs what the runtime corrected.
 fn reconcile(
@@ -997,6 +1005,9 @@ fn reconcile(
     context: &TraceContext,
 ) -> Reconciled {
     drain(tracer, aggregator, batch);
+    if context.counts_only {
+        return Reconciled::default();
+    }
     let tracked = aggregator.goroutines_to_reconcile();
     let gs: Vec<u64> = match context.allgs.and_then(|allgs| read_allgs(&context.memory, allgs)) {
         Some(all) => all,

@@ -294,3 +294,31 @@ fn snapshots_under_goroutine_churn() {
     assert_eq!(taken, 100);
     drop(target);
 }
+
+/// `--counts-only` reads nothing of the target: counts stay exact, the records pending before
+/// the trace are not seen, and what closures capture is null with a note, never 0.
+#[test]
+fn counts_only_reads_nothing_and_says_so() {
+    require_root();
+    let release = &go_releases()[0];
+    let binary = go_program(release, "pending");
+    let mut program = Workload::start_with_args(&binary, &["-wait", "-n", "20"]);
+    program.work_json();
+    let pid = program.pid().to_string();
+    let report_file = report_path("counts-only");
+    let output = deferprobe()
+        .args(["run", "--pid", &pid, "--duration", "300ms", "--counts-only", "--report"])
+        .arg(&report_file)
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let report = read_json(&report_file);
+    assert!(report["snapshot"].is_null(), "{report}");
+    assert_eq!(report["pending"]["heap_defers"], 0, "{report}");
+    assert!(report["pending"]["captured_maps"].is_null(), "{report}");
+    assert_eq!(report["counts"]["deferproc"], 0, "{report}");
+    let notes = report["notes"].as_array().unwrap();
+    assert!(notes.iter().any(|n| n.as_str().unwrap().contains("--counts-only")), "{notes:?}");
+    program.end();
+}
