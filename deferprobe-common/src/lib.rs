@@ -166,6 +166,10 @@ pub struct DeferRegistered {
     pub caller_sp: u64,
     /// The goroutine's `g`, to read its `_defer` chain later.
     pub g: u64,
+    /// `g.stack.hi` now (0 if unreadable). Stack growth copies a stack and moves every frame,
+    /// but keeps each frame's distance from the top: `stack_hi - caller_sp` names the frame
+    /// across moves.
+    pub stack_hi: u64,
 }
 
 // Events are read back with unaligned reads, but keep them padding-free and 8-byte multiples so
@@ -231,6 +235,8 @@ pub struct DeferReturn {
     pub header: EventHeader,
     pub caller_pc: u64,
     pub caller_sp: u64,
+    /// `g.stack.hi` now (0 if unreadable): see [`DeferRegistered::stack_hi`].
+    pub stack_hi: u64,
 }
 
 /// The Go runtime sampled an allocation for its memory profile (`runtime.profilealloc`, with

@@ -295,7 +295,7 @@ fn on_deferprocat(ctx: &ProbeContext) -> u32 {
 /// The event of a heap defer registered by the frame at `caller_sp`, at `caller_pc`: the
 /// closure pointer only. What the closure captures comes from snapshots of the runtime's state.
 #[inline(always)]
-fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, reads: Reads) -> u32 {
+fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, mut reads: Reads) -> u32 {
     bump(Counter::DeferProc, 1);
     let event = DeferRegistered {
         header: timed_header(EventKind::DeferRegistered, goid_of(r.r14).unwrap_or(0)),
@@ -303,6 +303,7 @@ fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, reads: Reads) -> u
         caller_pc,
         caller_sp,
         g: r.r14,
+        stack_hi: reads.u64(r.r14 + G_STACK_HI),
     };
     reads.finish();
     emit(event);
@@ -318,19 +319,26 @@ fn on_deferproc_stack(_ctx: &ProbeContext) -> u32 {
 
 /// A `CALL runtime.deferreturn` in a frame that owns heap records (the probe sits on the call,
 /// not on deferreturn's entry: see the probe plan): RSP is the frame's SP, the records it runs
-/// are those with that sp. No user memory is read but the goroutine id.
+/// are those with that sp. Reads the goroutine id (cached) and `g.stack.hi`.
 #[inline(always)]
 fn on_deferreturn(ctx: &ProbeContext) -> u32 {
     bump(Counter::DeferReturn, 1);
     let r = regs(ctx);
-    emit(DeferReturn {
+    let mut reads = Reads::new();
+    let event = DeferReturn {
         header: header(EventKind::DeferReturn, goid_of(r.r14).unwrap_or(0)),
         // The kernel sets the ip to the probed instruction before running handlers.
         caller_pc: r.rip + CALL_REL32_LEN,
         caller_sp: r.rsp,
-    });
+        stack_hi: reads.u64(r.r14 + G_STACK_HI),
+    };
+    reads.finish();
+    emit(event);
     0
 }
+
+/// Offset of `stack.hi` in `runtime.g` (`stack` is its first field in every release).
+const G_STACK_HI: u64 = 8;
 
 /// `runtime.mallocgc(size, typ, needzero)`: RAX = size. Sizes it forwards to the Go 1.26+
 /// size-specialized entries are counted there instead.

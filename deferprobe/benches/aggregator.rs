@@ -38,6 +38,7 @@ fn registered(ktime_ns: u64, goid: u64, closure: u64, caller_pc: u64, sp: u64) -
         caller_pc,
         caller_sp: sp,
         g: 0xc000_0000 + goid * 0x400,
+        stack_hi: 0,
     }
 }
 
@@ -73,6 +74,7 @@ fn defer_heavy_stream(calls: u64) -> (Vec<u8>, Vec<(u32, u32)>) {
             header: header(EventKind::DeferReturn, t, goid),
             caller_pc: pc + 8,
             caller_sp: sp,
+            stack_hi: 0,
         };
         push(&mut stream, &mut offsets, &e);
         if call % 50 == 49 {

@@ -86,6 +86,8 @@ pub struct PendingDefer {
     pub closure: u64,
     pub caller_pc: u64,
     pub caller_sp: u64,
+    /// The goroutine's `g.stack.hi` when `caller_sp` was (0 if unknown): see [`Frame`].
+    pub stack_hi: u64,
     pub registered_ns: u64,
     /// Found in the runtime's `_defer` chain rather than seen registered: already pending when
     /// tracing started (or its event was lost). `registered_ns` is then when it was found.
@@ -94,6 +96,31 @@ pub struct PendingDefer {
     /// only when two reconciliations in a row miss it: the runtime links a record some time
     /// after the probe fires (deferproc may allocate, and so wait for the GC, in between).
     pub missed: bool,
+}
+
+/// A frame as the probes report it: its SP, and the goroutine's `g.stack.hi` at that moment.
+/// Stack growth copies a goroutine's stack, moving every frame, but keeps each frame's distance
+/// from the top, so two sightings are the same frame when their SPs are equal or, with both
+/// tops known, their distances from the top are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub sp: u64,
+    pub stack_hi: u64,
+}
+
+impl Frame {
+    pub fn same_as(self, other: Frame) -> bool {
+        self.sp == other.sp
+            || (self.stack_hi != 0
+                && other.stack_hi != 0
+                && self.stack_hi.wrapping_sub(self.sp) == other.stack_hi.wrapping_sub(other.sp))
+    }
+}
+
+impl PendingDefer {
+    pub fn frame(&self) -> Frame {
+        Frame { sp: self.caller_sp, stack_hi: self.stack_hi }
+    }
 }
 
 /// A map seen by a mapassign probe.
@@ -258,10 +285,10 @@ pub struct Aggregator {
     releases: Option<Releases>,
 }
 
-/// Frames `(goid, sp)` that returned through `deferreturn`, and goroutines that exited.
+/// Frames that returned through `deferreturn`, by goroutine id, and goroutines that exited.
 #[derive(Debug, Default)]
 struct Releases {
-    frames: HashSet<(u64, u64)>,
+    frames: HashMap<u64, Vec<Frame>>,
     goroutines: HashSet<u64>,
 }
 
@@ -289,6 +316,7 @@ impl Aggregator {
                     closure: e.closure,
                     caller_pc: e.caller_pc,
                     caller_sp: e.caller_sp,
+                    stack_hi: e.stack_hi,
                     registered_ns: e.header.ktime_ns,
                     adopted: false,
                     missed: false,
@@ -318,9 +346,10 @@ impl Aggregator {
                     self.events.without_goid += 1;
                     return;
                 }
-                self.release(goid, |record| record.caller_sp == e.caller_sp);
+                let frame = Frame { sp: e.caller_sp, stack_hi: e.stack_hi };
+                self.release(goid, |record| record.frame().same_as(frame));
                 if let Some(releases) = &mut self.releases {
-                    releases.frames.insert((goid, e.caller_sp));
+                    releases.frames.entry(goid).or_default().push(frame);
                 }
             }
             Event::GoroutineExit(_) => {
@@ -384,7 +413,12 @@ impl Aggregator {
                 if releases.goroutines.contains(&goid) {
                     goroutine.records.clear();
                 }
-                goroutine.records.retain(|r| !releases.frames.contains(&(goid, r.record.sp)));
+                let returned = releases.frames.get(&goid).map_or(&[][..], Vec::as_slice);
+                let stack_hi = goroutine.header.stack_hi;
+                goroutine.records.retain(|r| {
+                    let frame = Frame { sp: r.record.sp, stack_hi };
+                    !returned.iter().any(|f| f.same_as(frame))
+                });
             }
         }
         let seen: HashSet<(u64, u64)> = snapshot
@@ -499,6 +533,7 @@ impl Aggregator {
                     Some(chain_index) => {
                         record.missed = false;
                         let sp = runtime.defers[chain_index].sp;
+                        record.stack_hi = runtime.stack_hi;
                         if sp != record.caller_sp {
                             record.caller_sp = sp;
                             moved += 1;
@@ -543,6 +578,7 @@ impl Aggregator {
                 closure: record.closure,
                 caller_pc: record.pc,
                 caller_sp: record.sp,
+                stack_hi: runtime.stack_hi,
                 registered_ns: found_ns,
                 adopted: true,
                 missed: false,
@@ -629,7 +665,53 @@ mod tests {
             header: header(EventKind::DeferReturn, goid, 0),
             caller_pc: 0,
             caller_sp: sp,
+            stack_hi: 0,
         })
+    }
+
+    /// A heap defer registered by the frame at `sp` on a stack whose top is `stack_hi`; and
+    /// that frame returning.
+    fn registered_on_stack(goid: u64, sp: u64, stack_hi: u64) -> Event {
+        Event::DeferRegistered(DeferRegistered {
+            header: header(EventKind::DeferRegistered, goid, 0),
+            closure: 0xc000_0000 + sp,
+            caller_pc: 0x401000,
+            caller_sp: sp,
+            g: 0xc000_1000,
+            stack_hi,
+        })
+    }
+
+    fn returned_on_stack(goid: u64, sp: u64, stack_hi: u64) -> Event {
+        Event::DeferReturn(DeferReturn {
+            header: header(EventKind::DeferReturn, goid, 0),
+            caller_pc: 0,
+            caller_sp: sp,
+            stack_hi,
+        })
+    }
+
+    /// Stack growth moves every frame (new SPs) but keeps each one's distance from the top:
+    /// a deferreturn after the move releases exactly its own frame's records.
+    #[test]
+    fn frames_are_known_across_stack_moves() {
+        let mut agg = Aggregator::new();
+        // Two frames on a stack topped at 0xc000_a000: 0x100 and 0x300 below the top.
+        agg.apply(&registered_on_stack(5, 0xc000_9f00, 0xc000_a000));
+        agg.apply(&registered_on_stack(5, 0xc000_9d00, 0xc000_a000));
+        // The stack moved to one topped at 0xc010_0000: the inner frame returns there.
+        agg.apply(&returned_on_stack(5, 0xc00f_fd00, 0xc010_0000));
+        let (_, records) = agg.pending_by_goroutine().next().unwrap();
+        assert_eq!(records.iter().map(|r| r.caller_sp).collect::<Vec<_>>(), [0xc000_9f00]);
+        // A frame at another distance releases nothing; the outer one then does.
+        agg.apply(&returned_on_stack(5, 0xc00f_fe00, 0xc010_0000));
+        assert_eq!(agg.pending_heap_defers(), 1);
+        agg.apply(&returned_on_stack(5, 0xc00f_ff00, 0xc010_0000));
+        assert_eq!(agg.pending_heap_defers(), 0);
+        // Without the top, the raw SP alone must match, as before.
+        agg.apply(&registered_on_stack(5, 0xc000_9f00, 0));
+        agg.apply(&returned_on_stack(5, 0xc00f_ff00, 0xc010_0000));
+        assert_eq!(agg.pending_heap_defers(), 1);
     }
 
     fn exited(goid: u64) -> Event {
@@ -826,6 +908,7 @@ mod tests {
     fn chain(goid: u64, records: &[(u64, u64)]) -> RuntimeGoroutine {
         RuntimeGoroutine {
             goid,
+            stack_hi: 0,
             defers: records
                 .iter()
                 .map(|&(closure, sp)| crate::state::memory::ChainRecord {

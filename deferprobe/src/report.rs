@@ -914,6 +914,7 @@ mod tests {
                 caller_pc: 0x40_0123 + BIAS,
                 caller_sp: 0xc000_8000,
                 g: 0xc000_0100,
+                stack_hi: 0,
             }));
         }
         agg

@@ -230,6 +230,8 @@ pub struct ChainRecord {
 pub struct RuntimeGoroutine {
     /// `g.goid` now: differs from the goroutine we asked about if the g was reused.
     pub goid: u64,
+    /// `g.stack.hi` now.
+    pub stack_hi: u64,
     /// Newest first, as the chain links them.
     pub defers: Vec<ChainRecord>,
 }
@@ -261,7 +263,7 @@ pub fn read_goroutine(
         });
         record = memory.read_u64(record + layout.defer_link)?;
     }
-    Some(RuntimeGoroutine { goid, defers })
+    Some(RuntimeGoroutine { goid, stack_hi: stack.end, defers })
 }
 
 /// Most goroutines read from `runtime.allgs` (a bound against corrupt memory).
