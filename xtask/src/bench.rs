@@ -45,7 +45,8 @@ struct Ctx {
 }
 
 /// The sections of a run, for `--only`.
-pub const SECTIONS: [&str; 5] = ["aggregator", "per-hit", "kernel", "attach", "service"];
+pub const SECTIONS: [&str; 6] =
+    ["aggregator", "per-hit", "kernel", "attach", "service", "snapshot"];
 
 /// A full run (`only` empty) rewrites BENCHMARKS.md; `--only SECTION…` runs just those and
 /// prints their raw results (for iterating on one thing; BENCHMARKS.md is left alone).
@@ -109,6 +110,11 @@ pub fn bench(reps: usize, calls: u64, service_secs: u64, only: &[String]) -> Res
     if wanted("service") {
         eprintln!("[bench] real service under wrk");
         results["service"] = service(&ctx, &svc, service_secs)?;
+    }
+    if wanted("snapshot") {
+        eprintln!("[bench] snapshot of the runtime's state");
+        let captures = build_go(&release, "captures", &out)?;
+        results["snapshot"] = snapshot(&ctx, &captures)?;
     }
     results["environment"]["fuzz_processes_after"] = json!(fuzz_processes());
     if !only.is_empty() {
@@ -564,6 +570,63 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Goroutine counts of the snapshot benchmark, and its goals (ms).
+const SNAPSHOT_GOROUTINES: [(u64, f64); 2] = [(10_000, 100.0), (100_000, 1000.0)];
+
+/// `deferprobe snapshot` of `captures -scenario many`: that many goroutines, each holding one
+/// pending heap defer capturing a map; `ctx.reps` snapshots each, their `read_ms` (the reading
+/// alone) and wall time, and deferprobe's peak RSS (`/usr/bin/time`).
+fn snapshot(ctx: &Ctx, captures: &Path) -> Result<Value> {
+    let mut rows = Vec::new();
+    for (goroutines, goal_ms) in SNAPSHOT_GOROUTINES {
+        let mut program = Command::new(captures);
+        program.args(["-scenario", "many", "-n", "1", "-goroutines", &goroutines.to_string()]);
+        // Without -wait the program works at once, prints its truth, and holds until stdin
+        // closes; spawn_until gives it a null stdin, so hold it open here.
+        program.stdin(Stdio::piped());
+        let mut child = program.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        let stdin = child.stdin.take();
+        let mut reader = BufReader::new(child.stdout.take().expect("piped"));
+        let mut truth = String::new();
+        while !truth.contains("pending_defers") {
+            truth.clear();
+            ensure!(reader.read_line(&mut truth)? > 0, "captures ended before its truth");
+        }
+        let pid = child.id().to_string();
+        let (mut read_ms, mut wall_ms, mut rss_kib) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ctx.reps.max(3) {
+            let started = Instant::now();
+            let output = Command::new("/usr/bin/time")
+                .args(["-f", "%M"])
+                .arg(&ctx.deferprobe)
+                .args(["snapshot", "--pid", &pid, "--json"])
+                .output()?;
+            wall_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            ensure!(output.status.success(), "deferprobe snapshot failed");
+            let report: Value = serde_json::from_slice(&output.stdout)?;
+            ensure!(
+                report["pending"]["heap_defers"] == goroutines,
+                "snapshot saw {} pending, not {goroutines}",
+                report["pending"]["heap_defers"]
+            );
+            read_ms.push(f(&report["snapshot"]["read_ms"]));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            rss_kib.extend(stderr.lines().last().and_then(|l| l.trim().parse::<f64>().ok()));
+        }
+        drop(stdin);
+        let _ = child.wait();
+        rows.push(json!({
+            "goroutines": goroutines,
+            "goal_ms": goal_ms,
+            "read_ms": read_ms,
+            "median_read_ms": median(&mut read_ms.clone()),
+            "median_wall_ms": median(&mut wall_ms),
+            "peak_rss_kib": rss_kib.iter().cloned().fold(0.0, f64::max),
+        }));
+    }
+    Ok(json!(rows))
 }
 
 fn kernel_side(ctx: &Ctx, hits: &Path, calls: u64) -> Result<Value> {
@@ -1238,7 +1301,36 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
         sv["command_bpftrace"].as_str().unwrap_or(""),
         sv["functions"]
     );
-    let _ = writeln!(s, "Raw numbers: target/bench/results.json.\n\n{MARK_END}");
+    let _ = writeln!(
+        s,
+        "#### 7. Snapshot of the runtime's state (`deferprobe snapshot` of `captures -scenario many -n 1`)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| goroutines holding a pending defer | read_ms (median, each run) | wall ms | deferprobe peak RSS | goal |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    for row in r["snapshot"].as_array().into_iter().flatten() {
+        let median = f(&row["median_read_ms"]);
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} ({}) | {:.0} | {:.1} MiB | read ≤ {} ms: {} |",
+            row["goroutines"],
+            median,
+            row["read_ms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| format!("{:.0}", f(v)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            f(&row["median_wall_ms"]),
+            f(&row["peak_rss_kib"]) / 1024.0,
+            row["goal_ms"],
+            goal(median <= f(&row["goal_ms"]))
+        );
+    }
+    let _ = writeln!(s, "\nRaw numbers: target/bench/results.json.\n\n{MARK_END}");
     s
 }
 
