@@ -892,16 +892,23 @@ async fn trace(
             }
             _ = budget_check.tick() => {
                 // Load that rises between ticks is answered now, not at the next tick.
-                sampler.degrade_if_over_budget(tracer, aggregator.tracks_goroutines())?;
+                let tracks = aggregator.tracks_goroutines();
+                if or_exited(sampler.degrade_if_over_budget(tracer, tracks), &exited)?.is_none() {
+                    break EndReason::TargetExited;
+                }
             }
-            _ = governor_tick.tick() => {
-                if let Some(end) = sampler.tick(tracer)? {
+            _ = governor_tick.tick() => match or_exited(sampler.tick(tracer), &exited)? {
+                None => break EndReason::TargetExited,
+                Some(Some(end)) => {
                     window_end.as_mut().reset(end);
                     window_open = true;
                 }
-            }
+                Some(None) => {}
+            },
             _ = &mut window_end, if window_open => {
-                sampler.close_windows(tracer)?;
+                if or_exited(sampler.close_windows(tracer), &exited)?.is_none() {
+                    break EndReason::TargetExited;
+                }
                 window_open = false;
             }
             _ = log_tick.tick() => {
@@ -976,6 +983,26 @@ async fn trace(
             sampler.report()
         },
     })
+}
+
+/// What attaching or detaching probes gave, or None when it failed because the target has
+/// exited (its executable is gone from `/proc/PID/exe`): the target's exit, not an error.
+/// The exit is waited for a moment, as the executable goes before the process is reported
+/// exited.
+fn or_exited<T>(result: Result<T>, exited: &AsyncFd<OwnedFd>) -> Result<Option<T>> {
+    use std::os::fd::AsRawFd as _;
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(err) => {
+            let mut poll =
+                libc::pollfd { fd: exited.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // SAFETY: poll(2) on one pollfd we own, for at most 100 ms.
+            match unsafe { libc::poll(&mut poll, 1, 100) } {
+                1.. => Ok(None),
+                _ => Err(err),
+            }
+        }
+    }
 }
 
 /// Moves every waiting event into the aggregator, in ring-buffer order.
