@@ -7,7 +7,7 @@ use clap::Parser as _;
 use deferprobe::{
     cli::{Cli, Command, LogFormat},
     error::{Error, ErrorKind},
-    inspect, session, snapshot,
+    inspect, output, session, snapshot,
 };
 
 fn main() -> ExitCode {
@@ -22,11 +22,12 @@ fn main() -> ExitCode {
             let message = message.join(" ");
             let message = message.trim_start_matches("error: ");
             let message = if message.is_empty() { "invalid arguments" } else { message };
-            eprintln!("deferprobe: {message} (see deferprobe --help)");
+            output::eprint_line(&format!("deferprobe: {message} (see deferprobe --help)"));
             return ExitCode::from(ErrorKind::Usage.exit_code());
         }
         Err(help_or_version) => {
-            let _ = help_or_version.print();
+            // --help / --version: a closed stdout is the reader's choice, not an error.
+            let _ = output::print_stdout(&help_or_version.to_string());
             return ExitCode::SUCCESS;
         }
     };
@@ -36,10 +37,9 @@ fn main() -> ExitCode {
             session::run(args)
         }
         Command::Snapshot(args) => snapshot::snapshot(args),
-        Command::Inspect(args) => inspect::inspect(&args.binary, args.json).map(|text| {
-            print!("{text}");
-            0
-        }),
+        Command::Inspect(args) => inspect::inspect(&args.binary, args.json)
+            .map(|text| output::print_stdout(&text).map(|()| 0))
+            .and_then(|code| code),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(err: &Error) -> ExitCode {
-    eprintln!("deferprobe: error: {err}");
+    output::eprint_line(&format!("deferprobe: error: {err}"));
     ExitCode::from(err.kind.exit_code())
 }
 

@@ -351,7 +351,7 @@ impl ProbePlan {
             if functions.is_empty() {
                 if let Symbols::Exact(name) = row.symbols {
                     if ALWAYS_PRESENT.contains(&name) {
-                        return Err(Error::target(format!(
+                        return Err(Error::unsupported(format!(
                             "{path}: no {name} symbol; not a complete Go program?"
                         )));
                     }
@@ -398,7 +398,7 @@ pub fn supported_layout(binary: &GoBinary) -> Result<(RuntimeLayout, LayoutSourc
     let info = binary.build_info();
     let release = info.release;
     if release < OLDEST_SUPPORTED || release > NEWEST_SUPPORTED {
-        return Err(Error::target(format!(
+        return Err(Error::unsupported(format!(
             "{}: built with {}, but deferprobe supports Go {OLDEST_SUPPORTED} to \
              {NEWEST_SUPPORTED}",
             binary.path().display(),
@@ -416,7 +416,7 @@ fn runtime_layout(binary: &GoBinary, release: GoRelease) -> Result<(RuntimeLayou
     }
     match layout::for_release(release) {
         Some(layout) => Ok((layout, LayoutSource::ReleaseTable)),
-        None => Err(Error::target(format!(
+        None => Err(Error::unsupported(format!(
             "{}: built with {}, which has no DWARF and deferprobe has no built-in struct offsets \
              for Go {release}; a build without -ldflags=-s/-w keeps DWARF",
             binary.path().display(),
@@ -583,7 +583,7 @@ mod tests {
                 file.path().display()
             );
             assert!(err.to_string().starts_with(&expected), "{err}");
-            assert_eq!(err.kind.exit_code(), 3);
+            assert_eq!(err.kind, crate::error::ErrorKind::Unsupported);
         }
     }
 

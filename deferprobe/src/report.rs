@@ -780,65 +780,6 @@ pub fn site_name(site: &SiteReport) -> String {
     }
 }
 
-/// Fails now, before any work, if a report can't be written to `path`: a directory, a
-/// missing directory, or no permission. Creates nothing.
-pub fn check_writable(path: &std::path::Path) -> crate::error::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let refuse = |why: String| {
-        Err(crate::error::Error::usage(format!("--report {}: {why}", path.display())))
-    };
-    if path.is_dir() {
-        return refuse("is a directory".into());
-    }
-    if path.exists() {
-        return match std::fs::OpenOptions::new().append(true).open(path) {
-            Ok(_) => Ok(()),
-            Err(err) => refuse(format!("cannot write: {err}")),
-        };
-    }
-    let dir = path.parent().filter(|dir| !dir.as_os_str().is_empty());
-    let dir = dir.unwrap_or(std::path::Path::new("."));
-    if !dir.is_dir() {
-        return refuse(format!("no directory {}", dir.display()));
-    }
-    let Ok(dir_c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
-        return refuse("the path holds a NUL byte".into());
-    };
-    // SAFETY: access(2) reads the NUL-terminated path we pass.
-    match unsafe { libc::access(dir_c.as_ptr(), libc::W_OK) } {
-        0 => Ok(()),
-        _ => refuse(format!(
-            "cannot write in {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        )),
-    }
-}
-
-/// Writes a report to `path` whole (through a temporary file in the same directory, renamed
-/// over it), so a full disk leaves an error, not a truncated report.
-pub fn write_report(path: &std::path::Path, text: &str) -> crate::error::Result<()> {
-    let error = |err: std::io::Error| {
-        crate::error::Error::usage(format!("writing the report to {}: {err}", path.display()))
-    };
-    let temporary = path.with_extension(format!("tmp{}", std::process::id()));
-    let written = std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, path));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    written.map_err(error)
-}
-
-/// Prints to stdout; a closed pipe or a full device is an error, not a panic.
-pub fn print_stdout(text: &str) -> crate::error::Result<()> {
-    use std::io::Write as _;
-    let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-        .map_err(|err| crate::error::Error::usage(format!("writing the report to stdout: {err}")))
-}
-
 /// `function (file:line)`, with what is known.
 fn place(function: &Option<String>, file: &Option<String>, line: Option<u32>) -> String {
     let function = function.as_deref().unwrap_or("?");

@@ -29,6 +29,7 @@ use crate::{
         planned_hit_ns,
     },
     layout::RuntimeLayout,
+    output::{self, OutputFile},
     plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
     report::{
         self, AllocationsReport, Counts, EndReason, GovernorReport, Location, Lookups, LostEvents,
@@ -56,9 +57,8 @@ const LINK_GRACE: Duration = Duration::from_millis(20);
 pub fn run(args: &RunArgs) -> Result<i32> {
     check_privileges()?;
     // An unwritable --report fails now, not after the whole trace.
-    if let Some(path) = &args.report {
-        report::check_writable(path)?;
-    }
+    let report_file =
+        args.report.as_deref().map(|path| OutputFile::check("--report", path)).transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -75,15 +75,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         None => target::resolve_program(&args.command[0])?,
     };
     // Analyse and plan before anything is started: a bad binary fails before it runs.
-    let binary = GoBinary::open(&exe).map_err(|err| match &running {
-        // Name the process and its executable, not /proc/PID/exe.
-        Some(target) => Error::target(err.to_string().replacen(
-            &target.exe.display().to_string(),
-            &format!("pid {} ({})", target.pid, target.exe_name),
-            1,
-        )),
-        None => Error::from(err),
-    })?;
+    let binary = match &running {
+        Some(target) => target.open_binary()?,
+        None => GoBinary::open(&exe)?,
+    };
     let plan = ProbePlan::build(
         &binary,
         &PlanOptions { families: args.probes.clone(), allocations: args.alloc_mode },
@@ -107,7 +102,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let profiled = plan.allocations == AllocationMode::Profiled
         && plan.families.contains(&ProbeFamily::Allocations);
     if profiled && memory_profiling == MemoryProfiling::Disabled {
-        return Err(Error::target(format!(
+        return Err(Error::unsupported(format!(
             "{}: memory profiling is off in this program (the Go linker turns it off when \
              nothing can read the profile, e.g. no net/http/pprof or runtime.MemProfile), so \
              --alloc-mode profiled would see no allocation; use --alloc-mode all",
@@ -177,7 +172,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     if let (Some(at), Some(pid)) = (memprofile_rate, args.pid)
         && memory.read_u64(at) == Some(0)
     {
-        return Err(Error::target(format!(
+        return Err(Error::unsupported(format!(
             "pid {pid} has set runtime.MemProfileRate to 0 (memory profiling off), so \
              --alloc-mode profiled would see no allocation; use --alloc-mode all"
         )));
@@ -383,10 +378,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         sites: correlation.sites,
         notes,
     };
-    report::print_stdout(&report.to_text())?;
-    if let Some(path) = &args.report {
-        report::write_report(path, &(report.to_json() + "\n"))?;
-    }
+    let json = report.to_json() + "\n";
+    output::deliver(&report.to_text(), report_file.as_ref().map(|file| (file, json.as_str())))?;
     Ok(exit_code.unwrap_or(0))
 }
 

@@ -12,6 +12,7 @@ use crate::{
     error::{Error, Result},
     findings::{self, SnapshotLookups},
     layout::LayoutSource,
+    output::{self, OutputFile},
     plan,
     report::{
         self, Finding, GoroutineReport, Location, PendingReport, PendingSections, SiteReport,
@@ -38,7 +39,7 @@ impl<'b> RuntimeModel<'b> {
     pub fn new(binary: &'b GoBinary) -> Result<RuntimeModel<'b>> {
         let (layout, layout_source) = plan::supported_layout(binary)?;
         let allg = binary.allg_variables().ok_or_else(|| {
-            Error::target(format!(
+            Error::unsupported(format!(
                 "{}: runtime.allglen/allgptr not found (neither in .symtab nor in \
                  runtime.allgadd's code), so the goroutines can't be listed",
                 binary.path().display()
@@ -77,8 +78,8 @@ impl<'m, 'b> RuntimeReader<'m, 'b> {
                      memory needs CAP_SYS_PTRACE (and, under YAMA ptrace_scope 3, is off for \
                      everyone)"
                 )),
-                Some(libc::ESRCH) => Error::target(format!("pid {pid} exited")),
-                _ => Error::target(format!("cannot read the memory of pid {pid}: {err}")),
+                Some(libc::ESRCH) => Error::no_target(format!("pid {pid} exited")),
+                _ => Error::internal(format!("cannot read the memory of pid {pid}: {err}")),
             });
         }
         Ok(RuntimeReader { model, memory, bias })
@@ -101,7 +102,7 @@ impl<'m, 'b> RuntimeReader<'m, 'b> {
 
     pub fn take(&self) -> Result<Snapshot> {
         Snapshot::take(&self.memory, &self.context())
-            .map_err(|err| Error::target(format!("pid {}: {err}", self.memory.pid())))
+            .map_err(|err| Error::no_target(format!("pid {}: {err}", self.memory.pid())))
     }
 
     /// The pending sections of a report from `snapshot`.
@@ -200,17 +201,10 @@ impl SnapshotReport {
 
 /// Runs `deferprobe snapshot`; returns the exit code.
 pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
-    if let Some(path) = &args.report {
-        report::check_writable(path)?;
-    }
+    let report_file =
+        args.report.as_deref().map(|path| OutputFile::check("--report", path)).transpose()?;
     let target = Target::running(args.pid)?;
-    let binary = GoBinary::open(&target.exe).map_err(|err| {
-        Error::target(err.to_string().replacen(
-            &target.exe.display().to_string(),
-            &format!("pid {} ({})", target.pid, target.exe_name),
-            1,
-        ))
-    })?;
+    let binary = target.open_binary()?;
     let model = RuntimeModel::new(&binary)?;
     let reader = RuntimeReader::new(&model, target.pid, target::load_bias(&binary, target.pid))?;
     let snapshot = reader.take()?;
@@ -243,9 +237,6 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
         true => json.clone(),
         false => report.to_text(),
     };
-    report::print_stdout(&text)?;
-    if let Some(path) = &args.report {
-        report::write_report(path, &json)?;
-    }
+    output::deliver(&text, report_file.as_ref().map(|file| (file, json.as_str())))?;
     Ok(0)
 }

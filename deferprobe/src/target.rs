@@ -31,13 +31,13 @@ impl Target {
     pub fn running(pid: u32) -> Result<Target> {
         let proc_dir = PathBuf::from(format!("/proc/{pid}"));
         if !proc_dir.exists() {
-            return Err(Error::target(format!("no process with pid {pid}")));
+            return Err(Error::no_target(format!("no process with pid {pid}")));
         }
         let exe = proc_dir.join("exe");
         let exe_name = match std::fs::read_link(&exe) {
             Ok(path) => path.to_string_lossy().into_owned(),
             Err(err) if err.kind() == IoErrorKind::NotFound => {
-                return Err(Error::target(format!(
+                return Err(Error::no_target(format!(
                     "pid {pid} has no executable (a kernel thread, or it just exited)"
                 )));
             }
@@ -46,9 +46,23 @@ impl Target {
                     "cannot read /proc/{pid}/exe: permission denied (run deferprobe as root)"
                 )));
             }
-            Err(err) => return Err(Error::target(format!("reading /proc/{pid}/exe: {err}"))),
+            Err(err) => return Err(Error::no_target(format!("reading /proc/{pid}/exe: {err}"))),
         };
         Ok(Target { pid, exe, exe_name })
+    }
+
+    /// Opens and analyses the executable; errors name the process and its executable, not
+    /// `/proc/PID/exe`.
+    pub fn open_binary(&self) -> Result<crate::binary::GoBinary> {
+        crate::binary::GoBinary::open(&self.exe).map_err(|err| {
+            let mut error = Error::from(err);
+            error.message = error.message.replacen(
+                &self.exe.display().to_string(),
+                &format!("pid {} ({})", self.pid, self.exe_name),
+                1,
+            );
+            error
+        })
     }
 }
 
@@ -117,7 +131,7 @@ impl GatedChild {
             Ok(_) => {
                 reap(self.target.pid);
                 let err = std::io::Error::from_raw_os_error(i32::from_ne_bytes(errno));
-                Err(Error::target(format!("cannot execute {}: {err}", self.target.exe_name)))
+                Err(Error::no_target(format!("cannot execute {}: {err}", self.target.exe_name)))
             }
             Err(err) => Err(Error::internal(format!("waiting for exec: {err}"))),
         }
@@ -184,18 +198,18 @@ pub fn resolve_program(program: &str) -> Result<PathBuf> {
     if program.contains('/') {
         let path = PathBuf::from(program);
         if !path.exists() {
-            return Err(Error::target(format!("{program}: no such file")));
+            return Err(Error::no_target(format!("{program}: no such file")));
         }
         if !is_executable(&path) {
-            return Err(Error::target(format!("{program}: not an executable file")));
+            return Err(Error::no_target(format!("{program}: not an executable file")));
         }
-        return path.canonicalize().map_err(|err| Error::target(format!("{program}: {err}")));
+        return path.canonicalize().map_err(|err| Error::no_target(format!("{program}: {err}")));
     }
     let search = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&search)
         .map(|dir| dir.join(program))
         .find(|path| is_executable(path))
-        .ok_or_else(|| Error::target(format!("{program}: command not found in PATH")))
+        .ok_or_else(|| Error::no_target(format!("{program}: command not found in PATH")))
 }
 
 /// Where `pid` mapped file offset 0 of its main executable (/proc/PID/maps). None if the
@@ -252,7 +266,7 @@ pub fn pidfd(pid: u32) -> Result<OwnedFd> {
     if fd < 0 {
         let err = std::io::Error::last_os_error();
         return Err(match err.raw_os_error() {
-            Some(libc::ESRCH) => Error::target(format!("no process with pid {pid}")),
+            Some(libc::ESRCH) => Error::no_target(format!("no process with pid {pid}")),
             _ => Error::kernel(format!("pidfd_open({pid}): {err} (need Linux >= 5.3)")),
         });
     }

@@ -413,7 +413,7 @@ mod tests {
         assert!(missing_kernel_features(true, true).is_ok());
         let no_btf = missing_kernel_features(false, true).unwrap_err();
         assert_eq!(no_btf.kind, ErrorKind::Kernel);
-        assert_eq!(no_btf.kind.exit_code(), 5);
+        assert_eq!(no_btf.kind.exit_code(), 69);
         assert_eq!(
             no_btf.to_string(),
             "kernel lacks BTF (/sys/kernel/btf/vmlinux missing: need a kernel built with \

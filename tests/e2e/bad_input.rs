@@ -61,7 +61,7 @@ fn path_arg(path: &Path) -> &str {
 }
 
 #[test]
-fn invalid_values_and_unknown_flags_exit_2() {
+fn invalid_values_and_unknown_flags_exit_64() {
     for (args, message) in [
         (&["run", "--pid", "1", "--duration", "-5s"][..], "unexpected argument '-5'"),
         (&["run", "--pid", "1", "--duration", "0s"], "longer than zero"),
@@ -76,17 +76,21 @@ fn invalid_values_and_unknown_flags_exit_2() {
         (&["inspect"], "required arguments were not provided: <BINARY>"),
         (&["inspect", "--frobnicate", "/bin/true"], "--frobnicate"),
     ] {
-        assert_fails(args, 2, message);
+        assert_fails(args, EXIT_USAGE, message);
     }
 }
 
 /// pid 2 is kthreadd on every Linux: no executable to attach to.
 #[test]
-fn kernel_thread_exits_3() {
+fn kernel_thread_exits_66() {
     require_root();
     let comm = fs::read_to_string("/proc/2/comm").unwrap();
     assert_eq!(comm.trim(), "kthreadd");
-    assert_fails(&["run", "--pid", "2"], 3, "pid 2 has no executable (a kernel thread");
+    assert_fails(
+        &["run", "--pid", "2"],
+        EXIT_NO_TARGET,
+        "pid 2 has no executable (a kernel thread",
+    );
 }
 
 /// A copy of a real Go 1.21 binary whose `.go.buildinfo` says it was built by an older Go.
@@ -107,7 +111,7 @@ fn older_go_binary(scratch: &Scratch, name: &str, patch: impl FnOnce(&mut [u8]))
 /// inline-strings flag cleared, the `.go.buildinfo` format of Go 1.17 and older (pointers to the
 /// strings instead).
 #[test]
-fn go_older_than_1_19_exits_3() {
+fn go_older_than_1_19_exits_65() {
     require_root();
     let scratch = Scratch::new("old-go");
     let go117 =
@@ -117,31 +121,35 @@ fn go_older_than_1_19_exits_3() {
         (&go117, "built with go1.17.13, but deferprobe supports Go 1.19 to 1.27"),
         (&pre118, "built by Go older than 1.18, but deferprobe supports Go 1.19 to 1.27"),
     ] {
-        assert_fails(&["inspect", path_arg(binary)], 3, expected);
-        assert_fails(&["inspect", "--json", path_arg(binary)], 3, expected);
-        assert_fails(&["run", "--", path_arg(binary), "-calls", "1"], 3, expected);
+        assert_fails(&["inspect", path_arg(binary)], EXIT_UNSUPPORTED, expected);
+        assert_fails(&["inspect", "--json", path_arg(binary)], EXIT_UNSUPPORTED, expected);
+        assert_fails(&["run", "--", path_arg(binary), "-calls", "1"], EXIT_UNSUPPORTED, expected);
     }
 }
 
-/// Garbage, truncated ELF files and directories given to `inspect` are refused (exit 3), the
+/// Garbage, truncated ELF files and directories given to `inspect` are refused (exit 65), the
 /// message naming the file.
 #[test]
-fn garbage_and_truncated_files_exit_3() {
+fn garbage_and_truncated_files_exit_65() {
     let scratch = Scratch::new("garbage");
     let garbage: Vec<u8> =
         (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let garbage = scratch.file("garbage", &garbage);
-    assert_fails(&["inspect", path_arg(&garbage)], 3, "not an ELF file");
+    assert_fails(&["inspect", path_arg(&garbage)], EXIT_UNSUPPORTED, "not an ELF file");
     let empty = scratch.file("empty", b"");
-    assert_fails(&["inspect", path_arg(&empty)], 3, "not an ELF file");
-    assert_fails(&["inspect", path_arg(&scratch.dir)], 3, path_arg(&scratch.dir));
+    assert_fails(&["inspect", path_arg(&empty)], EXIT_UNSUPPORTED, "not an ELF file");
+    assert_fails(&["inspect", path_arg(&scratch.dir)], EXIT_UNSUPPORTED, path_arg(&scratch.dir));
 
     let real = fs::read(go_program(&go_releases()[0], "workload")).unwrap();
     for len in [4, 63, 64, 4096, real.len() / 4, real.len() / 2, real.len() - 1] {
         let truncated = scratch.file(&format!("truncated-{len}"), &real[..len]);
         let output = deferprobe().args(["inspect", path_arg(&truncated)]).output().unwrap();
         let (stdout, stderr) = text(&output);
-        assert_eq!(output.status.code(), Some(3), "{len} bytes:\n{stdout}\n{stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(EXIT_UNSUPPORTED),
+            "{len} bytes:\n{stdout}\n{stderr}"
+        );
         assert_eq!(stderr.lines().count(), 1, "{len} bytes: {stderr}");
         assert!(
             stderr.starts_with(&format!("deferprobe: error: {}: ", truncated.display())),

@@ -13,31 +13,31 @@ pub(crate) fn assert_fails(args: &[&str], code: i32, message: &str) {
 }
 
 #[test]
-fn usage_errors_exit_2() {
-    assert_fails(&["run"], 2, "required arguments were not provided: <--pid <PID>|CMD>");
-    assert_fails(&["run", "--pid", "0"], 2, "pid 0 is not a process");
-    assert_fails(&["run", "--pid", "1", "--duration", "soon"], 2, "not a duration");
-    assert_fails(&["run", "--pid", "1", "--interval", "0s"], 2, "longer than zero");
-    assert_fails(&["run", "--pid", "1", "--log-format", "xml"], 2, "xml");
-    assert_fails(&["run", "--pid", "1", "--frobnicate"], 2, "--frobnicate");
-    assert_fails(&["frobnicate"], 2, "frobnicate");
+fn usage_errors_exit_64() {
+    assert_fails(&["run"], EXIT_USAGE, "required arguments were not provided: <--pid <PID>|CMD>");
+    assert_fails(&["run", "--pid", "0"], EXIT_USAGE, "pid 0 is not a process");
+    assert_fails(&["run", "--pid", "1", "--duration", "soon"], EXIT_USAGE, "not a duration");
+    assert_fails(&["run", "--pid", "1", "--interval", "0s"], EXIT_USAGE, "longer than zero");
+    assert_fails(&["run", "--pid", "1", "--log-format", "xml"], EXIT_USAGE, "xml");
+    assert_fails(&["run", "--pid", "1", "--frobnicate"], EXIT_USAGE, "--frobnicate");
+    assert_fails(&["frobnicate"], EXIT_USAGE, "frobnicate");
 }
 
 #[test]
-fn target_errors_exit_3() {
+fn target_errors_exit_65_or_66() {
     require_root();
-    assert_fails(&["run", "--pid", "2147483646"], 3, "no process with pid 2147483646");
+    assert_fails(&["run", "--pid", "2147483646"], EXIT_NO_TARGET, "no process with pid 2147483646");
     // A process that isn't Go: this test binary's parent shell is not, but we know `sleep`.
     let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-    assert_fails(&["run", "--pid", &sleeper.id().to_string()], 3, "not a Go binary");
+    assert_fails(&["run", "--pid", &sleeper.id().to_string()], EXIT_UNSUPPORTED, "not a Go binary");
     let _ = sleeper.kill();
     let _ = sleeper.wait();
-    assert_fails(&["run", "--", "/nonexistent/prog"], 3, "no such file");
-    assert_fails(&["run", "--", "true"], 3, "not a Go binary");
-    assert_fails(&["inspect", "/nonexistent/prog"], 3, "/nonexistent/prog");
+    assert_fails(&["run", "--", "/nonexistent/prog"], EXIT_NO_TARGET, "no such file");
+    assert_fails(&["run", "--", "true"], EXIT_UNSUPPORTED, "not a Go binary");
+    assert_fails(&["inspect", "/nonexistent/prog"], EXIT_NO_TARGET, "/nonexistent/prog");
     assert_fails(
         &["inspect", concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")],
-        3,
+        EXIT_UNSUPPORTED,
         "not an ELF file",
     );
 }
@@ -81,10 +81,10 @@ fn inspect_prints_release_and_plan() {
     }
 }
 
-/// Without the capabilities to load tracing programs, deferprobe says so (exit 4), whether it
+/// Without the capabilities to load tracing programs, deferprobe says so (exit 77), whether it
 /// runs as an unprivileged user or as a root whose capabilities were dropped.
 #[test]
-fn missing_privileges_exit_4() {
+fn missing_privileges_exit_77() {
     require_root();
     let mut workload = Workload::start(&go_program(&go_releases()[0], "workload"), &[]);
     let pid = workload.pid().to_string();
@@ -99,7 +99,11 @@ fn missing_privileges_exit_4() {
             .output()
             .expect("setpriv (util-linux) is needed for this test");
         let (stdout, stderr) = text(&output);
-        assert_eq!(output.status.code(), Some(4), "{setpriv_args:?}\n{stdout}\n{stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(EXIT_PERMISSION),
+            "{setpriv_args:?}\n{stdout}\n{stderr}"
+        );
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(
             stderr.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON"),

@@ -485,7 +485,7 @@ fn profiled_allocations_are_the_runtimes_own_samples() {
         .output()
         .unwrap();
     let (stdout, stderr) = text(&output);
-    assert_eq!(output.status.code(), Some(3), "{stdout}{stderr}");
+    assert_eq!(output.status.code(), Some(EXIT_UNSUPPORTED), "{stdout}{stderr}");
     assert!(stderr.contains("memory profiling is off in this program"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }

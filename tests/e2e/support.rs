@@ -14,6 +14,16 @@ use std::{
 use serde::Deserialize;
 use serde_json::Value;
 
+/// deferprobe's own exit codes (README "Exit codes", sysexits.h).
+pub const EXIT_USAGE: i32 = 64;
+pub const EXIT_UNSUPPORTED: i32 = 65;
+pub const EXIT_NO_TARGET: i32 = 66;
+pub const EXIT_KERNEL: i32 = 69;
+pub const EXIT_INTERNAL: i32 = 70;
+pub const EXIT_CANNOT_CREATE: i32 = 73;
+pub const EXIT_OUTPUT: i32 = 74;
+pub const EXIT_PERMISSION: i32 = 77;
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
