@@ -1,0 +1,430 @@
+//! `deferprobe run`: the thin runtime shell around the pure parts. It finds or starts the
+//! target, attaches the probe plan, runs the trace loop ([`trace_loop`]: ring buffer, snapshots,
+//! governor ticks through [`sampler`], signals, the target's exit), then assembles and writes
+//! the report.
+
+use std::collections::{HashMap, HashSet};
+
+use tracing::{info, warn};
+
+use crate::{
+    binary::{GoBinary, MemoryProfiling},
+    cli::RunArgs,
+    error::{Error, ErrorKind, Result},
+    findings,
+    governor::SampledFamily,
+    output::{self, OutputFile},
+    plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
+    report::{
+        self, AllocationsReport, Counts, EndReason, Location, Lookups, LostEvents, ProbesReport,
+        ProfiledAllocations, RateSource, Report, SnapshotStats, TargetReport,
+    },
+    snapshot::{RuntimeModel, RuntimeReader},
+    state::memory::{Memory as _, ProcessMemory},
+    target::{self, GatedChild, Target},
+    tracer::Tracer,
+};
+
+mod sampler;
+mod trace_loop;
+
+use trace_loop::{Signals, TraceContext, trace};
+
+/// Runs `deferprobe run`; returns the process exit code.
+pub fn run(args: &RunArgs) -> Result<i32> {
+    check_privileges()?;
+    // An unwritable --report fails now, not after the whole trace.
+    let report_file =
+        args.report.as_deref().map(|path| OutputFile::check("--report", path)).transpose()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| Error::internal(format!("starting the tokio runtime: {err}")))?;
+    // Catch SIGINT / SIGTERM from now on: one arriving while probes are being attached still
+    // ends tracing cleanly, with a report.
+    let _runtime_context = runtime.enter();
+    let signals = Signals::install()?;
+
+    let started_command = !args.command.is_empty();
+    let running = args.pid.map(Target::running).transpose()?;
+    let exe = match &running {
+        Some(target) => target.exe.clone(),
+        None => target::resolve_program(&args.command[0])?,
+    };
+    // Analyse and plan before anything is started: a bad binary fails before it runs.
+    let binary = match &running {
+        Some(target) => target.open_binary()?,
+        None => GoBinary::open(&exe)?,
+    };
+    let plan = ProbePlan::build(
+        &binary,
+        &PlanOptions { families: args.probes.clone(), allocations: args.alloc_mode },
+    )?;
+    // What reading the runtime's state needs from the binary, found before the target runs.
+    // Why the runtime's state can't be read, if it can't (reported as a note).
+    let mut state_error = None;
+    let model = match RuntimeModel::new(&binary) {
+        _ if args.counts_only => {
+            state_error = Some("--counts-only: deferprobe did not read the target's memory".into());
+            None
+        }
+        Ok(model) => Some(model),
+        Err(err) => {
+            warn!(%err, "the runtime's state can't be read: pending defers come from events only");
+            state_error = Some(err.to_string());
+            None
+        }
+    };
+    let memory_profiling = binary.memory_profiling();
+    let profiled = plan.allocations == AllocationMode::Profiled
+        && plan.families.contains(&ProbeFamily::Allocations);
+    if profiled && memory_profiling == MemoryProfiling::Disabled {
+        return Err(Error::unsupported(format!(
+            "{}: memory profiling is off in this program (the Go linker turns it off when \
+             nothing can read the profile, e.g. no net/http/pprof or runtime.MemProfile), so \
+             --alloc-mode profiled would see no allocation; use --alloc-mode all",
+            exe.display()
+        )));
+    }
+    let (target, gated) = match running {
+        Some(target) => (target, None),
+        None => {
+            let child = GatedChild::spawn(&exe, &args.command)?;
+            (child.target.clone(), Some(child))
+        }
+    };
+    let mut tracer = match Tracer::attach(&plan, &target.exe, target.pid, args.ring_buffer_bytes())
+    {
+        Ok(tracer) => tracer,
+        Err(err) => {
+            if let Some(child) = gated {
+                child.abort();
+            }
+            return Err(err);
+        }
+    };
+    if let Some(child) = gated {
+        child.release()?;
+    }
+    let families: Vec<&str> = plan.families.iter().map(|family| family.name()).collect();
+    info!(
+        probes = tracer.attached(),
+        families = families.join(","),
+        go_version = %plan.go_version,
+        pid = target.pid,
+        layout = ?plan.layout_source,
+        attach_mode = ?tracer.mode(),
+        "probes attached"
+    );
+    // Runtime address − ELF virtual address, for naming the PCs the probes report.
+    let bias = target::load_bias(&binary, target.pid);
+    let exit_watch = target::pidfd(target.pid)?;
+    let memory = ProcessMemory::new(target.pid);
+    // The runtime's own state: snapshots at attach, every --interval and before the report.
+    // A target whose memory can't be read is refused (naming the capability).
+    let reader = match &model {
+        Some(model) => match RuntimeReader::new(model, target.pid, bias) {
+            Ok(reader) => Some(reader),
+            Err(err) if err.kind == ErrorKind::Permission => return Err(err),
+            Err(err) => {
+                warn!(%err, "the target's memory can't be read: pending defers come from events only");
+                state_error = Some(err.to_string());
+                None
+            }
+        },
+        None => None,
+    };
+
+    let child = started_command.then_some(target.pid);
+    // Every g the runtime made, to find defers already pending before tracing started. Only
+    // binaries with a symbol table name it; stripped ones fall back to the goroutines seen.
+    let allgs = binary.data_symbol("runtime.allgs").map(|address| address.wrapping_add(bias));
+    // Runtime address of runtime.MemProfileRate, to unsample with the rate in force.
+    let memprofile_rate = match memory_profiling {
+        MemoryProfiling::Enabled { rate_variable, .. } if profiled && !args.counts_only => {
+            Some(rate_variable.wrapping_add(bias))
+        }
+        _ => None,
+    };
+    if let (Some(at), Some(pid)) = (memprofile_rate, args.pid)
+        && memory.read_u64(at) == Some(0)
+    {
+        return Err(Error::unsupported(format!(
+            "pid {pid} has set runtime.MemProfileRate to 0 (memory profiling off), so \
+             --alloc-mode profiled would see no allocation; use --alloc-mode all"
+        )));
+    }
+    let context = TraceContext {
+        reader: reader.as_ref(),
+        counts_only: args.counts_only,
+        memory,
+        layout: plan.layout,
+        plan: &plan,
+        memprofile_rate,
+        allgs,
+    };
+    let traced =
+        runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
+    // How often each captured map was written while traced, from the kernel's known-maps set:
+    // read before the tracer detaches.
+    let from_snapshot = traced.snapshot.is_some() && reader.is_some();
+    let map_writes = match (&traced.snapshot, from_snapshot) {
+        (Some((snapshot, _)), true) => {
+            captured_map_writes(&tracer, snapshot.captured_map_addresses())
+        }
+        _ => HashMap::new(),
+    };
+    drop(tracer); // detach before anything else
+
+    let exit_code = match started_command {
+        true => Some(target::wait_child(target.pid)?.shell_code()),
+        false => None,
+    };
+    let location = |pc: u64| Location::of_return_address(&binary, pc);
+    let map_writes = |map: u64| map_writes.get(&map).copied();
+    let lookups = Lookups {
+        bias,
+        location: &location,
+        now_ns: traced.ended_ns,
+        min_pending: args.min_pending,
+    };
+    // The runtime's own state wins: pending records, what their closures hold, and sites. The
+    // events alone (`correlate`) only when it could not be read.
+    let mut snapshot_notes = Vec::new();
+    let correlation =
+        if let (Some((snapshot, after_tracing)), Some(reader)) = (&traced.snapshot, &reader) {
+            let registered: HashMap<(u64, u64), u64> = traced
+                .aggregator
+                .pending_by_goroutine()
+                .flat_map(|(goid, records)| {
+                    records
+                        .iter()
+                        .filter(|r| !r.adopted)
+                        .map(move |r| ((r.closure, goid), r.registered_ns))
+                })
+                .collect();
+            let registered_ns = |closure: u64, goid: u64| registered.get(&(closure, goid)).copied();
+            let events = findings::Traced {
+                registered_ns: &registered_ns,
+                sites: traced
+                    .aggregator
+                    .sites()
+                    .map(|(pc, totals)| (pc, (totals.registered, totals.released)))
+                    .collect(),
+                goroutine_sites: snapshot
+                    .goroutines
+                    .iter()
+                    .flat_map(|g| {
+                        let goid = g.header.goid;
+                        let sites = traced.aggregator.goroutine_sites(goid);
+                        sites.map(move |(pc, t)| ((goid, pc), (t.registered, t.released)))
+                    })
+                    .collect(),
+                map_first_written: &|map| traced.aggregator.map(map).map(|m| m.first_pc),
+                map_writes: &map_writes,
+                now_ns: traced.ended_ns,
+            };
+            let sections = reader.sections(snapshot, args.min_pending, Some(&events));
+            snapshot_notes = crate::snapshot::snapshot_notes(snapshot, &sections);
+            if !after_tracing {
+                snapshot_notes.push(format!(
+                "the target exited: pending defers are the last snapshot of the runtime's state, \
+                 taken {:.1}s before, less the records whose frames returned or goroutines \
+                 exited since, plus the records registered since",
+                traced.ended_ns.saturating_sub(snapshot.ended_ns) as f64 / 1e9
+            ));
+            }
+            sections
+        } else {
+            report::correlate(&traced.aggregator, &lookups)
+        };
+    let events = traced.aggregator.events();
+    let lost = LostEvents::new(&traced.counters, events.undecodable, events.without_goid);
+    let counts = Counts::from_counters(&traced.counters, &lost);
+    let allocations = AllocationsReport {
+        mode: plan.allocations,
+        profiled: profiled.then(|| {
+            let (rate, source) = match (traced.memprofile_rate, memory_profiling) {
+                (Some(rate), _) => (rate, RateSource::Target),
+                (None, MemoryProfiling::Enabled { initial_rate, .. }) => {
+                    (initial_rate, RateSource::Binary)
+                }
+                (None, _) => (report::GO_DEFAULT_MEMPROFILE_RATE, RateSource::GoDefault),
+            };
+            ProfiledAllocations::unsample(traced.aggregator.sampled_allocations(), rate, source)
+        }),
+    };
+    let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
+    notes.extend(snapshot_notes);
+    if let Some(err) = &state_error {
+        notes.push(format!(
+            "the runtime's state was not read ({err}): pending defers, findings and sites come \
+             from the events alone, so records pending before tracing started are not counted \
+             and what closures capture is unknown"
+        ));
+    }
+    let pending_before_trace: u64 = match from_snapshot {
+        true => correlation.findings.iter().map(|f| f.pending_before_trace).sum(),
+        false => traced.aggregator.sites().map(|(_, t)| t.adopted).sum(),
+    };
+    if pending_before_trace > 0 {
+        notes.push(format!(
+            "{} heap defer records were already pending in the runtime when tracing started \
+             (\"pending at attach\", found in the goroutines' _defer chains): their age is \
+             unknown (at least the trace's){}",
+            pending_before_trace,
+            match reader.is_some() {
+                true => "",
+                false => ", and so are the maps they capture",
+            }
+        ));
+    }
+    if traced.reconciled.released + traced.reconciled.moved > 0 {
+        notes.push(format!(
+            "the runtime's _defer chains corrected the event-based state: {} records run without \
+             deferreturn (panic, recover, Goexit), {} frames moved by stack growth",
+            traced.reconciled.released, traced.reconciled.moved
+        ));
+    }
+    if !from_snapshot {
+        notes.extend(findings::capture_notes(&correlation));
+    }
+    if !plan.families.contains(&ProbeFamily::Defers) {
+        notes.push(
+            "defers were not probed (--probes): pending defers, findings and sites cover only \
+             records read from the goroutines' _defer chains, with no registrations or releases \
+             seen"
+                .into(),
+        );
+    }
+    for sampled in &traced.governor.sampled {
+        notes.push(format!(
+            "{} probes were sampled to stay under --max-overhead {}% (duty cycle {:.0}% on \
+             average): their counts cover only the sampled windows; governor.sampled has scaled \
+             estimates{}",
+            sampled.family.name(),
+            traced.governor.max_overhead_percent,
+            sampled.mean_duty_cycle * 100.0,
+            match sampled.family {
+                SampledFamily::MapWrites => {
+                    ", and maps written outside the windows can't be recognised as captures"
+                }
+                SampledFamily::GoroutineExits => {
+                    " (before the first heap defer, when there was no record for them to release)"
+                }
+                SampledFamily::StackDefers | SampledFamily::Allocations => "",
+            }
+        ));
+    }
+    if traced.governor.defers_over_budget_secs > 0.0 {
+        notes.push(format!(
+            "for {:.0}s the defer probes alone cost more than --max-overhead {}% (they always \
+             stay on; {:.1}% of a CPU on average over the trace): the budget was exceeded",
+            traced.governor.defers_over_budget_secs,
+            traced.governor.max_overhead_percent,
+            traced.governor.defer_probes_percent
+        ));
+    }
+    let report = Report {
+        schema_version: report::SCHEMA_VERSION,
+        target: TargetReport {
+            pid: target.pid,
+            exe: target.exe_name.clone(),
+            go_version: plan.go_version.clone(),
+            exit_code,
+        },
+        duration_secs: traced.duration.as_secs_f64(),
+        ended_by: traced.ended_by,
+        counts: counts.reported(&plan.families, plan.allocations),
+        lost,
+        probes: ProbesReport {
+            attached: traced.attached,
+            families: plan.families.clone(),
+            layout_source: plan.layout_source,
+        },
+        allocations,
+        governor: traced.governor,
+        snapshot: traced
+            .snapshot
+            .as_ref()
+            .filter(|_| reader.is_some())
+            .map(|(snapshot, _)| SnapshotStats::of(snapshot)),
+        pending: correlation.pending,
+        findings: correlation.findings,
+        goroutines: correlation.goroutines,
+        sites: correlation.sites,
+        notes,
+    };
+    let json = report.to_json() + "\n";
+    output::deliver(&report.to_text(), report_file.as_ref().map(|file| (file, json.as_str())))?;
+    Ok(exit_code.unwrap_or(0))
+}
+
+/// Write counts of `maps` (runtime addresses), from the kernel's known-maps set.
+fn captured_map_writes(tracer: &Tracer, maps: HashSet<u64>) -> HashMap<u64, u64> {
+    maps.into_iter().filter_map(|map| Some((map, tracer.map_writes(map)?))).collect()
+}
+
+/// `exit_code` is the command's, when deferprobe started the target.
+fn notes(
+    lost: &LostEvents,
+    ended_by: EndReason,
+    exit_code: Option<i32>,
+    ring_kib: u32,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    if exit_code.is_none() {
+        notes.push(
+            "counts cover only what the target did while the probes were attached".to_owned(),
+        );
+    }
+    if ended_by == EndReason::TargetExited {
+        notes.push(match exit_code {
+            Some(code) => format!("the target exited while being traced (exit code {code})"),
+            None => "the target exited while being traced".to_owned(),
+        });
+    }
+    if lost.total() > 0 {
+        notes.push(format!(
+            "{} events were lost or incomplete ({}): counts are exact, pending defers, sites and \
+             captures may be incomplete",
+            lost.total(),
+            lost.causes().join(", ")
+        ));
+    }
+    if lost.ring_buffer_full > 0 {
+        notes.push(format!(
+            "the {} KiB ring buffer overflowed: a larger --ring-buffer-kib keeps more events",
+            ring_kib
+        ));
+    }
+    notes
+}
+
+/// Loading tracing programs and attaching uprobes needs CAP_SYS_ADMIN, or CAP_BPF and
+/// CAP_PERFMON, in the effective set: root normally has them, but a root whose capabilities
+/// were dropped does not, and an unprivileged user may have been granted them.
+fn check_privileges() -> Result<()> {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| effective & (1 << cap) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        return Ok(());
+    }
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]
+        .into_iter()
+        .filter(|(cap, _)| !has(*cap))
+        .map(|(_, name)| name)
+        .collect();
+    Err(Error::permission(format!(
+        "deferprobe needs root, or the capabilities CAP_BPF and CAP_PERFMON (missing: {})",
+        missing.join(", ")
+    )))
+}

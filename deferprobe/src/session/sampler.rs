@@ -1,0 +1,408 @@
+//! The governor's hands: [`Sampler`] applies the duty cycles the [`Governor`] decides to the
+//! tracer (attaching and detaching sampled families in windows), checks the budget between
+//! ticks, and keeps the per-family figures the report presents sampled counts with.
+
+//! `deferprobe run`: the thin runtime shell around the pure parts. It finds or starts the
+//! target, attaches the probe plan, then runs one tokio loop that drains the ring buffer on a
+//! short timer into the [`Aggregator`], reconciles it with the runtime's `_defer` chains and
+//! logs counts every `--interval`, and stops on the duration, SIGINT/SIGTERM or the target's
+//! exit. Then it writes the report.
+
+use std::time::{Duration, Instant};
+
+use deferprobe_common::{Counter, Counters};
+use tracing::{debug, info, warn};
+
+use crate::{
+    error::Result,
+    governor::{
+        Governor, MIN_OBSERVATION_SECS, Observation, SAMPLED_FAMILIES, SampledFamily,
+        planned_hit_ns,
+    },
+    report::{GovernorReport, SamplingReport},
+    tracer::{AttachMode, Tracer},
+};
+
+/// How often the governor re-evaluates, and the period its sampling windows divide.
+pub(super) const GOVERNOR_TICK: Duration = Duration::from_secs(1);
+/// The first decision: every family is attached until then.
+pub(super) const FIRST_GOVERNOR_TICK: Duration = Duration::from_millis(20);
+/// Between ticks, the cost of the last this-long is checked; over budget, the governor decides
+/// at once (degrading fast, raising only at the regular ticks).
+pub(super) const BUDGET_CHECK_EVERY: Duration = Duration::from_millis(20);
+
+/// Applies the governor's duty cycles to the tracer (a family with duty d is attached for the
+/// first d of each tick) and keeps what the report needs to present sampled counts as
+/// estimates.
+pub(super) struct Sampler {
+    governor: Governor,
+    /// Sampling in windows needs cheap attach/detach (multi-uprobe links); otherwise a family
+    /// is either on or off.
+    windows: bool,
+    last: Counters,
+    last_tick: Instant,
+    /// The counters at the last between-ticks budget check.
+    last_check: (Counters, Instant),
+    /// The duty cycle planned for the current tick, per family.
+    planned: [f64; SAMPLED_FAMILIES],
+    /// Since when each family is attached (None: detached), and for how long it was attached
+    /// since the last tick: rates and estimates use the time really attached, not the plan.
+    attached_since: [Option<Instant>; SAMPLED_FAMILIES],
+    attached_secs: [f64; SAMPLED_FAMILIES],
+    stats: [FamilyStats; SAMPLED_FAMILIES],
+    max_overhead_percent: f64,
+    hit_cost_ns: Option<u64>,
+    /// Regular ticks so far (refresh windows of detached families come every few).
+    ticks: u64,
+    /// Seconds traced, and the probe time the always-on defer probes took in them (ns).
+    seconds: f64,
+    defer_probe_ns: f64,
+    /// Seconds in which the defer probes alone exceeded the budget.
+    defers_over_budget_secs: f64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FamilyStats {
+    sampled: bool,
+    min_duty: f64,
+    duty_seconds: f64,
+    seconds: f64,
+    observed: u64,
+    observed_bytes: f64,
+    /// Calls: those seen, scaled up by the duty cycle, plus while detached the latest rate.
+    estimated: f64,
+}
+
+impl Default for FamilyStats {
+    fn default() -> Self {
+        FamilyStats {
+            sampled: false,
+            min_duty: 1.0,
+            duty_seconds: 0.0,
+            seconds: 0.0,
+            observed: 0,
+            observed_bytes: 0.0,
+            estimated: 0.0,
+        }
+    }
+}
+
+impl Sampler {
+    /// Per-hit cost if calibration failed: what a uprobe hit costs on a slow virtual machine.
+    const FALLBACK_HIT_COST: Duration = Duration::from_micros(20);
+
+    pub(super) fn new(tracer: &Tracer, max_overhead_percent: f64) -> Result<Sampler> {
+        let windows = tracer.mode() == AttachMode::Multi;
+        let hit_cost = tracer.hit_cost();
+        match hit_cost {
+            Some(cost) => {
+                info!(hit_cost_ns = cost.as_nanos() as u64, max_overhead_percent, "calibrated")
+            }
+            None => warn!(
+                assumed_hit_cost_ns = Self::FALLBACK_HIT_COST.as_nanos() as u64,
+                "could not calibrate the cost of a probe hit"
+            ),
+        }
+        let hit_ns = hit_cost.unwrap_or(Self::FALLBACK_HIT_COST).as_nanos() as f64;
+        Ok(Sampler {
+            governor: Governor::new(
+                max_overhead_percent,
+                planned_hit_ns(hit_ns),
+                if windows { 0.05 } else { 0.0 },
+                windows,
+            ),
+            windows,
+            // The counters start at zero when the programs load.
+            last: Counters::ZERO,
+            last_tick: Instant::now(),
+            last_check: (Counters::ZERO, Instant::now()),
+            planned: [1.0; SAMPLED_FAMILIES],
+            // The tracer attached every family.
+            attached_since: [Some(Instant::now()); SAMPLED_FAMILIES],
+            attached_secs: [0.0; SAMPLED_FAMILIES],
+            stats: [FamilyStats::default(); SAMPLED_FAMILIES],
+            max_overhead_percent,
+            hit_cost_ns: hit_cost.map(|c| c.as_nanos() as u64),
+            ticks: 0,
+            seconds: 0.0,
+            defer_probe_ns: 0.0,
+            defers_over_budget_secs: 0.0,
+        })
+    }
+
+    /// One governor tick: account for the tick that ended, decide, and open the next tick's
+    /// windows. Returns when the windows close (None if nothing is sampled).
+    pub(super) fn tick(&mut self, tracer: &mut Tracer) -> Result<Option<tokio::time::Instant>> {
+        self.decide(tracer)?;
+        self.ticks += 1;
+        let mut window = None;
+        for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
+            let duty = self.governor.duty_for_tick(family, self.ticks);
+            self.plan(index, duty);
+            self.set_family(tracer, index, duty > 0.0)?;
+            if duty > 0.0 && duty < 1.0 && self.windows {
+                window = Some(tokio::time::Instant::now() + GOVERNOR_TICK.mul_f64(duty));
+            }
+        }
+        Ok(window)
+    }
+
+    /// Between ticks, every [`BUDGET_CHECK_EVERY`]: when what the probes cost since the last
+    /// check, carried over the tick, exceeds the budget (e.g. a service that was idle at the
+    /// last tick is now under load), the governor decides at once, and families it degrades are
+    /// detached until the next tick opens their windows. Never attaches anything.
+    ///
+    /// The always-on probes and fully attached families cost their rate since the last check;
+    /// a family in its sampling window that rate for its duty cycle; a closed window nothing
+    /// more.
+    ///
+    /// First of all, goroutine exits become required at the first heap defer (registered, or
+    /// pending before the trace: `tracks_goroutines`).
+    pub(super) fn degrade_if_over_budget(
+        &mut self,
+        tracer: &mut Tracer,
+        tracks_goroutines: bool,
+    ) -> Result<()> {
+        let (now, at) = (tracer.counters()?, Instant::now());
+        let (last, last_at) = std::mem::replace(&mut self.last_check, (now, at));
+        if tracks_goroutines || now.get(Counter::DeferProc) > last.get(Counter::DeferProc) {
+            self.require_exits(tracer)?;
+        }
+        let seconds = at.duration_since(last_at).as_secs_f64();
+        if seconds < MIN_OBSERVATION_SECS
+            || self.last_tick.elapsed().as_secs_f64() < MIN_OBSERVATION_SECS
+            || self.governor.defers_over_budget()
+        {
+            return Ok(());
+        }
+        let delta = |counter: Counter| now.get(counter) - last.get(counter);
+        let mut hits = defer_hits(&delta) as f64;
+        for (index, family_hits) in sampled_hits(&delta).into_iter().enumerate() {
+            if self.attached_since[index].is_some() {
+                hits += family_hits as f64 * self.planned[index];
+            }
+        }
+        if hits / seconds * self.governor.hit_ns() / 1e7 <= self.max_overhead_percent {
+            return Ok(());
+        }
+        self.decide(tracer)?;
+        for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
+            let duty = self.governor.duty(family);
+            if duty < self.planned[index] {
+                self.plan(index, duty);
+                self.set_family(tracer, index, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// From the first heap defer on, goexit1 stays attached with the goroutine-id cache on: it
+    /// releases the records of goroutines that end in `runtime.Goexit`, and keeps the cache
+    /// right. Before, it only counted exits.
+    pub(super) fn require_exits(&mut self, tracer: &mut Tracer) -> Result<()> {
+        let family = SampledFamily::GoroutineExits;
+        if self.governor.is_required(family) {
+            return Ok(());
+        }
+        if self.governor.require(family) {
+            info!("a heap defer was seen: goroutine exits are probed from now on, always on");
+        }
+        self.plan(family.index(), 1.0);
+        self.set_family(tracer, family.index(), true)
+    }
+
+    /// Accounts for the time since the last tick and lets the governor decide; logs what
+    /// changed.
+    pub(super) fn decide(&mut self, tracer: &Tracer) -> Result<()> {
+        let observation = self.account(tracer)?;
+        let was_over_budget = self.governor.defers_over_budget();
+        let changes = self.governor.observe(&observation);
+        debug!(
+            seconds = observation.seconds,
+            defer_hits = observation.defer_hits,
+            sampled_hits = ?observation.sampled_hits,
+            attached = ?observation.duty_in_force,
+            rates = ?SampledFamily::ALL.map(|family| self.governor.rate(family)),
+            "governor observed"
+        );
+        if self.governor.defers_over_budget() {
+            self.defers_over_budget_secs += observation.seconds;
+        }
+        if self.governor.defers_over_budget() != was_over_budget {
+            let required_hits = self.governor.required_hits(&observation.sampled_hits);
+            let percent = (observation.defer_hits + required_hits) as f64
+                / observation.seconds.max(1e-9)
+                * self.governor.hit_ns()
+                / 1e7;
+            match self.governor.defers_over_budget() {
+                true => warn!(
+                    defer_probes_percent = percent,
+                    max_overhead_percent = self.max_overhead_percent,
+                    "the defer probes alone cost more than --max-overhead: every sampled family \
+                     is detached, and the budget is still exceeded (defer probes always stay on)"
+                ),
+                false => info!(
+                    defer_probes_percent = percent,
+                    max_overhead_percent = self.max_overhead_percent,
+                    "the defer probes fit in --max-overhead again"
+                ),
+            }
+        }
+        for change in changes {
+            info!(
+                family = ?change.family,
+                from = change.from,
+                to = change.to,
+                projected_percent = change.projected_percent,
+                max_overhead_percent = self.max_overhead_percent,
+                "governor changed a duty cycle"
+            );
+        }
+        Ok(())
+    }
+
+    /// Records the duty cycle planned for a family, and in its report whether and how far it
+    /// was sampled.
+    pub(super) fn plan(&mut self, index: usize, duty: f64) {
+        self.planned[index] = duty;
+        if duty < 1.0 {
+            let stats = &mut self.stats[index];
+            stats.sampled = true;
+            stats.min_duty = stats.min_duty.min(duty);
+        }
+    }
+
+    /// Attaches or detaches a family, keeping count of the time it is attached.
+    pub(super) fn set_family(
+        &mut self,
+        tracer: &mut Tracer,
+        index: usize,
+        attach: bool,
+    ) -> Result<()> {
+        let family = SampledFamily::ALL[index];
+        // goexit1 is what makes the kernel forget cached goroutine ids: the cache is on exactly
+        // while it is attached.
+        let exits = family == SampledFamily::GoroutineExits;
+        if exits && !attach {
+            tracer.set_goroutine_id_cache(false)?;
+        }
+        for program in family.programs() {
+            tracer.set_attached(*program, attach)?;
+        }
+        if exits && attach {
+            tracer.set_goroutine_id_cache(true)?;
+        }
+        match (attach, self.attached_since[index]) {
+            (true, None) => self.attached_since[index] = Some(Instant::now()),
+            (false, Some(since)) => {
+                self.attached_secs[index] += since.elapsed().as_secs_f64();
+                self.attached_since[index] = None;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Adds the hits since the last tick to the estimates, scaled by the fraction of the time
+    /// each family was really attached, and returns them for the governor.
+    pub(super) fn account(&mut self, tracer: &Tracer) -> Result<Observation> {
+        let now = tracer.counters()?;
+        let at = Instant::now();
+        let seconds = at.duration_since(self.last_tick).as_secs_f64();
+        let delta = |counter: Counter| now.get(counter) - self.last.get(counter);
+        let sampled_hits = sampled_hits(&delta);
+        let bytes = SampledFamily::ALL.map(|family| match family {
+            SampledFamily::Allocations => delta(Counter::AllocBytes) as f64,
+            _ => 0.0,
+        });
+        let mut attached = [0.0; SAMPLED_FAMILIES];
+        for (index, stats) in self.stats.iter_mut().enumerate() {
+            if let Some(since) = self.attached_since[index] {
+                self.attached_secs[index] += at.duration_since(since).as_secs_f64();
+                self.attached_since[index] = Some(at);
+            }
+            let fraction = (self.attached_secs[index] / seconds.max(1e-9)).min(1.0);
+            self.attached_secs[index] = 0.0;
+            attached[index] = fraction;
+            stats.seconds += seconds;
+            stats.duty_seconds += fraction * seconds;
+            stats.observed += sampled_hits[index];
+            stats.observed_bytes += bytes[index];
+            stats.estimated += match fraction > 0.0 {
+                true => sampled_hits[index] as f64 / fraction,
+                // Detached: at the rate last seen.
+                false => self.governor.rate(SampledFamily::ALL[index]).unwrap_or(0.0) * seconds,
+            };
+        }
+        let defer_hits = defer_hits(&delta);
+        let required_hits = self.governor.required_hits(&sampled_hits);
+        self.seconds += seconds;
+        self.defer_probe_ns += (defer_hits + required_hits) as f64 * self.governor.hit_ns();
+        let observation =
+            Observation { seconds, defer_hits, sampled_hits, duty_in_force: attached };
+        self.last = now;
+        self.last_tick = at;
+        Ok(observation)
+    }
+
+    /// Ends the sampling windows: detaches every family below full duty.
+    pub(super) fn close_windows(&mut self, tracer: &mut Tracer) -> Result<()> {
+        for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
+            if self.governor.duty(family) < 1.0 {
+                self.set_family(tracer, index, false)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn report(&self) -> GovernorReport {
+        let sampled = SampledFamily::ALL
+            .into_iter()
+            .zip(self.stats)
+            .filter(|(_, stats)| stats.sampled)
+            .map(|(family, stats)| SamplingReport {
+                family,
+                min_duty_cycle: stats.min_duty,
+                mean_duty_cycle: if stats.seconds > 0.0 {
+                    stats.duty_seconds / stats.seconds
+                } else {
+                    1.0
+                },
+                observed_calls: stats.observed,
+                estimated_calls: stats.estimated.round() as u64,
+                // At the mean size of the allocations seen.
+                estimated_bytes: (family == SampledFamily::Allocations).then(|| {
+                    (stats.observed_bytes / stats.observed.max(1) as f64 * stats.estimated).round()
+                        as u64
+                }),
+            })
+            .collect();
+        GovernorReport {
+            max_overhead_percent: self.max_overhead_percent,
+            hit_cost_ns: self.hit_cost_ns,
+            planned_hit_cost_ns: self.governor.hit_ns().round() as u64,
+            sampled,
+            defer_probes_percent: match self.seconds > 0.0 {
+                true => self.defer_probe_ns / self.seconds / 1e7,
+                false => 0.0,
+            },
+            defers_over_budget_secs: self.defers_over_budget_secs,
+        }
+    }
+}
+
+/// Hits of the probes that always stay on (heap defers, deferreturn); goroutine exits are a
+/// sampled family until a heap defer is seen.
+pub(super) fn defer_hits(delta: &impl Fn(Counter) -> u64) -> u64 {
+    delta(Counter::DeferProc) + delta(Counter::DeferReturn)
+}
+
+/// Hits of each sampled family, indexed like [`SampledFamily::ALL`].
+pub(super) fn sampled_hits(delta: &impl Fn(Counter) -> u64) -> [u64; SAMPLED_FAMILIES] {
+    [
+        delta(Counter::GoroutineExit),
+        delta(Counter::DeferProcStack),
+        delta(Counter::Malloc) + delta(Counter::AllocSamples),
+        delta(Counter::MapAssign),
+    ]
+}
