@@ -33,7 +33,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
     /// Process id of the running Go program to read.
-    #[arg(long, value_parser = parse_pid)]
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_pid)]
     pub pid: u32,
 
     /// Print the report as JSON instead of text.
@@ -53,16 +53,16 @@ pub struct SnapshotArgs {
 #[command(group = clap::ArgGroup::new("target").required(true).args(["pid", "command"]))]
 pub struct RunArgs {
     /// Process id of the running Go program to attach to.
-    #[arg(long, value_parser = parse_pid)]
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_pid)]
     pub pid: Option<u32>,
 
     /// Stop tracing after this long (e.g. 30s, 5m, 1h). Default: until Ctrl-C / SIGTERM or
     /// the target exits.
-    #[arg(long, value_parser = parse_positive_duration)]
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
 
-    /// Time between count log lines.
-    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    /// Time between count log lines (and snapshots of the runtime's state); at least 100ms.
+    #[arg(long, default_value = "5s", allow_hyphen_values = true, value_parser = parse_interval)]
     pub interval: Duration,
 
     /// Also write the final report as JSON to this file.
@@ -73,6 +73,17 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub min_pending: u64,
 
+    /// With `-- CMD`: how long the command has to exit after a forwarded signal, or after the
+    /// SIGTERM deferprobe sends it when --duration ends, before deferprobe sends SIGKILL.
+    #[arg(
+        long,
+        value_name = "D",
+        default_value = "10s",
+        allow_hyphen_values = true,
+        value_parser = parse_positive_duration
+    )]
+    pub kill_after: Duration,
+
     /// Size of the ring buffer that carries events to deferprobe, in KiB: a power of two, at
     /// least 4 pages. Events that don't fit are lost (and counted); counts stay exact.
     #[arg(long, value_name = "KIB", default_value_t = DEFAULT_RING_BUFFER_KIB, value_parser = parse_ring_buffer_kib)]
@@ -82,7 +93,13 @@ pub struct RunArgs {
     /// stack-defer counting, then allocation probes, then map-write probes are sampled
     /// (attached part of each second) or detached. The probes pending defers are built from
     /// always stay on. Sampled counts are reported as estimates.
-    #[arg(long, value_name = "PERCENT", default_value_t = 5.0, value_parser = parse_percent)]
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        default_value_t = 5.0,
+        allow_hyphen_values = true,
+        value_parser = parse_percent
+    )]
     pub max_overhead: f64,
 
     /// Probe families to attach, comma-separated: defers (heap and stack defers, deferreturn,
@@ -180,7 +197,24 @@ fn parse_percent(value: &str) -> Result<f64, String> {
     }
 }
 
+/// Shortest `--interval`: each one logs a line and reads the target's memory.
+const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+fn parse_interval(value: &str) -> Result<Duration, String> {
+    let interval = parse_positive_duration(value)?;
+    match interval < MIN_INTERVAL {
+        true => Err(format!(
+            "must be at least {} (each interval logs a line and reads the target's memory)",
+            humantime::format_duration(MIN_INTERVAL)
+        )),
+        false => Ok(interval),
+    }
+}
+
 fn parse_positive_duration(value: &str) -> Result<Duration, String> {
+    if value.trim_start().starts_with('-') {
+        return Err("must be longer than zero".into());
+    }
     let duration = humantime::parse_duration(value)
         .map_err(|err| format!("`{value}` is not a duration like 30s, 500ms or 5m ({err})"))?;
     if duration.is_zero() {
@@ -247,6 +281,10 @@ mod tests {
             &["run", "--pid", "1", "--duration", "0s"],
             &["run", "--pid", "1", "--duration", "soon"],
             &["run", "--pid", "1", "--interval", "-1s"],
+            &["run", "--pid", "1", "--interval", "1ns"],
+            &["run", "--pid", "1", "--interval", "99ms"],
+            &["run", "--pid", "1", "--max-overhead", "-1"],
+            &["run", "--pid", "1", "--kill-after", "0s"],
             &["run", "--pid", "1", "--log-format", "xml"],
             &["run", "--pid", "1", "--bogus"],
             &["run", "--pid", "1", "--min-pending", "0"],

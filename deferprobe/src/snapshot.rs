@@ -74,9 +74,8 @@ impl<'m, 'b> RuntimeReader<'m, 'b> {
         if let Err(err) = memory.check_access(start.wrapping_add(bias)) {
             return Err(match err.raw_os_error() {
                 Some(libc::EPERM) | Some(libc::EACCES) => Error::permission(format!(
-                    "cannot read the memory of pid {pid} ({err}): reading another process's \
-                     memory needs CAP_SYS_PTRACE (and, under YAMA ptrace_scope 3, is off for \
-                     everyone)"
+                    "cannot read the memory of pid {pid} ({err}): {}",
+                    target::ptrace_advice()
                 )),
                 Some(libc::ESRCH) => Error::no_target(format!("pid {pid} exited")),
                 _ => Error::internal(format!("cannot read the memory of pid {pid}: {err}")),

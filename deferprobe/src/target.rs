@@ -24,31 +24,105 @@ pub struct Target {
     pub exe: PathBuf,
     /// The executable's path, for humans.
     pub exe_name: String,
+    /// The thread id given as `--pid`, when it was a thread of process `pid`, not its leader.
+    pub thread: Option<u32>,
+}
+
+/// Linux's PF_KTHREAD task flag (/proc/PID/stat field 9).
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// What /proc says about a pid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessState {
+    Alive {
+        kernel_thread: bool,
+    },
+    /// Exited, not yet reaped by its parent.
+    Zombie,
+    /// No such process (any more).
+    Gone,
+}
+
+/// The state of `pid` from /proc/PID/stat.
+pub fn process_state(pid: u32) -> ProcessState {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return ProcessState::Gone;
+    };
+    // "pid (comm) S ppid pgrp session tty tpgid flags ...": comm may hold spaces and parens.
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    match fields.first().copied() {
+        Some("Z" | "X" | "x") => ProcessState::Zombie,
+        Some(_) => ProcessState::Alive {
+            kernel_thread: fields
+                .get(6)
+                .and_then(|f| f.parse::<u64>().ok())
+                .is_some_and(|flags| flags & PF_KTHREAD != 0),
+        },
+        None => ProcessState::Gone,
+    }
+}
+
+/// Whether `pid` has exited (a zombie, or gone).
+pub fn has_exited(pid: u32) -> bool {
+    !matches!(process_state(pid), ProcessState::Alive { .. })
+}
+
+/// The process (thread group) `tid` belongs to, from /proc/TID/status; None if there is none.
+fn thread_group_of(tid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    status.lines().find_map(|line| line.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
 }
 
 impl Target {
-    /// A running process.
+    /// A running process. A thread id resolves to its process.
     pub fn running(pid: u32) -> Result<Target> {
-        let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-        if !proc_dir.exists() {
+        let Some(tgid) = thread_group_of(pid) else {
             return Err(Error::no_target(format!("no process with pid {pid}")));
+        };
+        let thread = (tgid != pid).then_some(pid);
+        let pid = tgid;
+        match process_state(pid) {
+            ProcessState::Alive { kernel_thread: true } => {
+                return Err(Error::no_target(format!(
+                    "pid {pid} has no executable (a kernel thread)"
+                )));
+            }
+            ProcessState::Zombie => {
+                return Err(Error::no_target(format!(
+                    "pid {pid} has exited (a zombie its parent has not reaped yet)"
+                )));
+            }
+            ProcessState::Gone => return Err(Error::no_target(format!("pid {pid} exited"))),
+            ProcessState::Alive { kernel_thread: false } => {}
         }
-        let exe = proc_dir.join("exe");
+        let exe = PathBuf::from(format!("/proc/{pid}/exe"));
         let exe_name = match std::fs::read_link(&exe) {
             Ok(path) => path.to_string_lossy().into_owned(),
             Err(err) if err.kind() == IoErrorKind::NotFound => {
-                return Err(Error::no_target(format!(
-                    "pid {pid} has no executable (a kernel thread, or it just exited)"
-                )));
+                return Err(Error::no_target(match has_exited(pid) {
+                    true => format!("pid {pid} exited"),
+                    false => format!("pid {pid} has no executable"),
+                }));
             }
             Err(err) if err.kind() == IoErrorKind::PermissionDenied => {
                 return Err(Error::permission(format!(
-                    "cannot read /proc/{pid}/exe: permission denied (run deferprobe as root)"
+                    "cannot read /proc/{pid}/exe: permission denied: {}",
+                    ptrace_advice()
                 )));
             }
             Err(err) => return Err(Error::no_target(format!("reading /proc/{pid}/exe: {err}"))),
         };
-        Ok(Target { pid, exe, exe_name })
+        Ok(Target { pid, exe, exe_name, thread })
+    }
+
+    /// `err`, or "the target exited" if it has: for failures while setting up, before anything
+    /// is attached, which a process that just exited explains.
+    pub fn exited_or(&self, err: Error) -> Error {
+        match has_exited(self.pid) {
+            true => Error::no_target(format!("pid {} exited before deferprobe attached", self.pid)),
+            false => err,
+        }
     }
 
     /// Opens and analyses the executable; errors name the process and its executable, not
@@ -61,8 +135,23 @@ impl Target {
                 &format!("pid {} ({})", self.pid, self.exe_name),
                 1,
             );
-            error
+            self.exited_or(error)
         })
+    }
+}
+
+/// What reading another process's executable and memory needs, for one who lacks it.
+pub fn ptrace_advice() -> &'static str {
+    // SAFETY: geteuid has no preconditions.
+    match unsafe { libc::geteuid() } {
+        0 => {
+            "deferprobe runs as root but without CAP_SYS_PTRACE, which reading another \
+             process's executable and memory needs (or YAMA ptrace_scope 3 forbids it)"
+        }
+        _ => {
+            "reading another user's process needs CAP_SYS_PTRACE: run deferprobe as root, or \
+             grant it CAP_SYS_PTRACE"
+        }
     }
 }
 
@@ -91,6 +180,8 @@ impl GatedChild {
 
         let (gate_read, gate_write) = cloexec_pipe()?;
         let (status_read, status_write) = cloexec_pipe()?;
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
         // SAFETY: between fork and exec the child only calls async-signal-safe functions
         // (read, write, execv, _exit) on memory prepared before the fork.
         let pid = unsafe { libc::fork() };
@@ -103,6 +194,7 @@ impl GatedChild {
                 gate_parent_end: gate_write.as_raw_fd(),
                 status: status_write.as_raw_fd(),
                 status_parent_end: status_read.as_raw_fd(),
+                parent,
             };
             unsafe { child_after_fork(fds, &c_path, &argv) }
         }
@@ -113,6 +205,7 @@ impl GatedChild {
                 pid: pid as u32,
                 exe: path.to_path_buf(),
                 exe_name: path.to_string_lossy().into_owned(),
+                thread: None,
             },
             gate: File::from(gate_write),
             exec_status: File::from(status_read),
@@ -151,12 +244,30 @@ struct ChildFds {
     gate_parent_end: RawFd,
     status: RawFd,
     status_parent_end: RawFd,
+    /// deferprobe's pid.
+    parent: libc::pid_t,
 }
 
 /// Runs in the forked child: wait at the gate, then exec; report exec failure through the
 /// status pipe.
 unsafe fn child_after_fork(fds: ChildFds, path: &CString, argv: &[*const libc::c_char]) -> ! {
     unsafe {
+        // The command dies with deferprobe, even of SIGKILL: untraced, it would run on
+        // orphaned. (Checked after: deferprobe may have died before the prctl.)
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+        if libc::getppid() != fds.parent {
+            libc::_exit(126);
+        }
+        // Rust ignores SIGPIPE in deferprobe; the command gets the default back, as from a
+        // shell. Other dispositions and the signal mask are as deferprobe inherited them.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // deferprobe blocks SIGINT and SIGTERM to read them from a signalfd; the command
+        // handles them as usual.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         // Only the parent may hold these: the gate must read EOF when the parent lets go.
         libc::close(fds.gate_parent_end);
         libc::close(fds.status_parent_end);

@@ -60,6 +60,8 @@ pub struct Tracer {
     goroutine_id_generation: u64,
     goroutine_id_generations: u64,
     attached: usize,
+    /// The target exited before every probe was attached.
+    exited_during_attach: bool,
 }
 
 impl Tracer {
@@ -126,9 +128,19 @@ impl Tracer {
             goroutine_id_generation: 0,
             goroutine_id_generations: 0,
             attached,
+            exited_during_attach: false,
         };
         for program in ProbeProgram::ALL {
-            tracer.set_attached(program, true)?;
+            if let Err(err) = tracer.set_attached(program, true) {
+                // A process that exits while its probes are attached makes the rest fail
+                // (its /proc/PID/exe is gone): the tracer keeps what it saw, and the trace
+                // ends at once as the target's exit.
+                if crate::target::has_exited(pid.get()) {
+                    tracer.exited_during_attach = true;
+                    break;
+                }
+                return Err(err);
+            }
         }
         tracer.set_goroutine_id_cache(true)?;
         Ok(tracer)
@@ -202,6 +214,11 @@ impl Tracer {
     }
 
     /// Number of attach points in the plan (one per probed function).
+    /// Whether the target exited before every probe of the plan was attached.
+    pub fn exited_during_attach(&self) -> bool {
+        self.exited_during_attach
+    }
+
     pub fn attached(&self) -> usize {
         self.attached
     }

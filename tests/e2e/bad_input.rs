@@ -63,12 +63,16 @@ fn path_arg(path: &Path) -> &str {
 #[test]
 fn invalid_values_and_unknown_flags_exit_64() {
     for (args, message) in [
-        (&["run", "--pid", "1", "--duration", "-5s"][..], "unexpected argument '-5'"),
+        (&["run", "--pid", "1", "--duration", "-5s"][..], "longer than zero"),
+        (&["run", "--pid", "1", "--max-overhead", "-1"], "must be more than 0"),
+        (&["run", "--pid", "1", "--interval", "1ns"], "must be at least 100ms"),
+        (&["run", "--pid", "1", "--kill-after", "-1s"], "longer than zero"),
         (&["run", "--pid", "1", "--duration", "0s"], "longer than zero"),
         (&["run", "--pid", "1", "--duration", ""], "invalid value '' for '--duration"),
         (&["run", "--pid", "1", "--interval", "soon"], "not a duration"),
         (&["run", "--pid", "1", "--interval", "5"], "time unit needed"),
-        (&["run", "--pid", "-1"], "unexpected argument '-1'"),
+        (&["run", "--pid", "-1"], "`-1` is not a process id"),
+        (&["snapshot", "--pid", "-1"], "`-1` is not a process id"),
         (&["run", "--pid", "abc"], "`abc` is not a process id"),
         (&["run", "--pid", "1", "--min-pending", "0"], "for '--min-pending"),
         (&["run", "--pid", "1", "--", "true"], "cannot be used with"),

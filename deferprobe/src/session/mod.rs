@@ -26,9 +26,11 @@ use crate::{
 };
 
 mod sampler;
+mod signals;
 mod trace_loop;
 
-use trace_loop::{Signals, TraceContext, trace};
+use signals::{CommandStop, Signals};
+use trace_loop::{ExitWatch, TraceContext, stop_command, trace};
 
 /// Runs `deferprobe run`; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32> {
@@ -47,6 +49,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
 
     let started_command = !args.command.is_empty();
     let running = args.pid.map(Target::running).transpose()?;
+    if let Some(Target { pid, thread: Some(thread), .. }) = &running {
+        info!(thread, pid, "--pid {thread} is a thread of process {pid}: tracing the process");
+    }
     let exe = match &running {
         Some(target) => target.exe.clone(),
         None => target::resolve_program(&args.command[0])?,
@@ -100,7 +105,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             if let Some(child) = gated {
                 child.abort();
             }
-            return Err(err);
+            return Err(match started_command {
+                false if err.kind != ErrorKind::Kernel => target.exited_or(err),
+                _ => err,
+            });
         }
     };
     if let Some(child) = gated {
@@ -118,14 +126,16 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     );
     // Runtime address − ELF virtual address, for naming the PCs the probes report.
     let bias = target::load_bias(&binary, target.pid);
-    let exit_watch = target::pidfd(target.pid)?;
+    let exit_watch = ExitWatch::new(target.pid)?;
     let memory = ProcessMemory::new(target.pid);
     // The runtime's own state: snapshots at attach, every --interval and before the report.
     // A target whose memory can't be read is refused (naming the capability).
     let reader = match &model {
         Some(model) => match RuntimeReader::new(model, target.pid, bias) {
             Ok(reader) => Some(reader),
-            Err(err) if err.kind == ErrorKind::Permission => return Err(err),
+            Err(err) if err.kind == ErrorKind::Permission && !target::has_exited(target.pid) => {
+                return Err(err);
+            }
             Err(err) => {
                 warn!(%err, "the target's memory can't be read: pending defers come from events only");
                 state_error = Some(err.to_string());
@@ -163,8 +173,17 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         memprofile_rate,
         allgs,
     };
-    let traced =
-        runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
+    let mut stop = CommandStop::new(args.kill_after);
+    let traced = runtime.block_on(trace(
+        &mut tracer,
+        &exit_watch,
+        &signals,
+        &mut stop,
+        args,
+        child,
+        &context,
+    ))?;
+    let exited_during_attach = tracer.exited_during_attach();
     // How often each captured map was written while traced, from the kernel's known-maps set:
     // read before the tracer detaches.
     let from_snapshot = traced.snapshot.is_some() && reader.is_some();
@@ -176,6 +195,11 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     drop(tracer); // detach before anything else
 
+    // --duration ended the trace of a command: it is stopped (it must not outlive deferprobe
+    // untraced), and its end is reported.
+    if let (Some(pid), EndReason::Duration) = (child, traced.ended_by) {
+        runtime.block_on(stop_command(pid, &exit_watch, &signals, &mut stop));
+    }
     let exit_code = match started_command {
         true => Some(target::wait_child(target.pid)?.shell_code()),
         false => None,
@@ -255,6 +279,24 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         }),
     };
     let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
+    if let Some(thread) = target.thread {
+        notes.push(format!(
+            "--pid {thread} is a thread of process {}: the process was traced",
+            target.pid
+        ));
+    }
+    if exited_during_attach {
+        notes.push(
+            "the target exited while deferprobe was attaching its probes: counts cover the \
+             moment some of them were attached, and the runtime's state was not read"
+                .into(),
+        );
+    }
+    if let Some(code) = exit_code
+        && let Some(note) = stop.note(&format_args!("exit code {code}"))
+    {
+        notes.push(note);
+    }
     notes.extend(snapshot_notes);
     if let Some(err) = &state_error {
         notes.push(format!(
@@ -357,7 +399,12 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     };
     let json = report.to_json() + "\n";
     output::deliver(&report.to_text(), report_file.as_ref().map(|file| (file, json.as_str())))?;
-    Ok(exit_code.unwrap_or(0))
+    // A command deferprobe stopped at --duration: tracing did what was asked (the command's
+    // code is in the report). Otherwise the command's own code, as if it ran alone.
+    Ok(match stop.stopped_at_duration() {
+        true => 0,
+        false => exit_code.unwrap_or(0),
+    })
 }
 
 /// Write counts of `maps` (runtime addresses), from the kernel's known-maps set.

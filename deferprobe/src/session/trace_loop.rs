@@ -10,29 +10,30 @@
 
 use std::{
     collections::HashMap,
-    os::fd::OwnedFd,
+    os::fd::{AsRawFd as _, OwnedFd},
     time::{Duration, Instant},
 };
 
 use deferprobe_common::Counters;
 use tokio::{
     io::{Interest, unix::AsyncFd},
-    signal::unix::{Signal, SignalKind, signal},
     time::{MissedTickBehavior, interval, interval_at, sleep},
 };
 use tracing::{info, warn};
 
 use super::sampler::{BUDGET_CHECK_EVERY, FIRST_GOVERNOR_TICK, GOVERNOR_TICK, Sampler};
+use super::signals::{CommandStop, Signals};
 use crate::{
     aggregator::{Aggregator, Event, Reconciled},
     cli::RunArgs,
-    error::{Error, Result},
+    error::{Error, ErrorKind, Result},
     layout::RuntimeLayout,
     plan::ProbePlan,
     report::{Counts, EndReason, GovernorReport, LostEvents},
     snapshot::RuntimeReader,
     state::memory::{Memory as _, ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
     state::{Snapshot, monotonic_ns},
+    target,
     tracer::Tracer,
 };
 
@@ -46,20 +47,38 @@ pub(super) const FINAL_RECHECK: Duration = Duration::from_millis(50);
 /// read (the probe fires at deferproc's entry): reconciliation leaves them alone.
 pub(super) const LINK_GRACE: Duration = Duration::from_millis(20);
 
-/// The signals that end tracing.
-pub(super) struct Signals {
-    pub(super) interrupt: Signal,
-    pub(super) terminate: Signal,
-}
+/// The target's exit: a pidfd, readable once it has exited. Empty when the process was gone
+/// before tracing began (it exited during attach).
+pub(super) struct ExitWatch(Option<AsyncFd<OwnedFd>>);
 
-impl Signals {
+impl ExitWatch {
     /// Needs a tokio runtime context.
-    pub(super) fn install() -> Result<Signals> {
-        let error = |err| Error::internal(format!("installing signal handlers: {err}"));
-        Ok(Signals {
-            interrupt: signal(SignalKind::interrupt()).map_err(error)?,
-            terminate: signal(SignalKind::terminate()).map_err(error)?,
-        })
+    pub(super) fn new(pid: u32) -> Result<ExitWatch> {
+        let fd = match target::pidfd(pid) {
+            Ok(fd) => fd,
+            Err(err) if err.kind == ErrorKind::NoTarget => return Ok(ExitWatch(None)),
+            Err(err) => return Err(err),
+        };
+        let fd = // SAFETY: the fd stays open (owned by the AsyncFd) for as long as it is registered.
+        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|err| Error::internal(format!("watching the target: {err}")))?;
+        Ok(ExitWatch(Some(fd)))
+    }
+
+    /// Returns once the target has exited.
+    pub(super) async fn exited(&self) {
+        if let Some(fd) = &self.0 {
+            let _ = fd.readable().await;
+        }
+    }
+
+    /// Whether the target exits within `timeout`, waiting for it (blocking).
+    fn exits_within(&self, timeout: Duration) -> bool {
+        let Some(fd) = &self.0 else { return true };
+        let mut poll =
+            libc::pollfd { fd: fd.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll(2) on one pollfd we own.
+        unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as libc::c_int) > 0 }
     }
 }
 
@@ -97,20 +116,20 @@ pub(super) struct Traced {
     pub(super) governor: GovernorReport,
 }
 
-/// The loop. `child` is set when deferprobe started the target: signals are then forwarded to
-/// it and tracing lasts until it exits.
+/// The loop. `child` is set when deferprobe started the target: a signal then starts stopping
+/// it (`stop`), and tracing lasts until it exits.
 pub(super) async fn trace(
     tracer: &mut Tracer,
-    exit_watch: OwnedFd,
-    mut signals: Signals,
+    exited: &ExitWatch,
+    signals: &Signals,
+    stop: &mut CommandStop,
     args: &RunArgs,
     child: Option<u32>,
     context: &TraceContext<'_>,
 ) -> Result<Traced> {
     let started = Instant::now();
-    // SAFETY: the fd stays open (owned by `exited`) for as long as it is registered.
-    let exited = unsafe { AsyncFd::register_with_interest(exit_watch, Interest::READABLE) }
-        .map_err(|err| Error::internal(format!("watching the target: {:?}", err)))?;
+    let kill_deadline = sleep(Duration::MAX / 4);
+    tokio::pin!(kill_deadline);
     let mut drain_tick = interval(DRAIN_EVERY);
     drain_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut log_tick = interval_at(tokio::time::Instant::now() + args.interval, args.interval);
@@ -149,7 +168,6 @@ pub(super) async fn trace(
     };
     let mut last_logged = Counts::default();
     let mut batch = Vec::new();
-    let mut interrupted = false;
     let mut memprofile_rate = None;
     let mut read_memprofile_rate = || {
         if let Some(rate) = context.memprofile_rate.and_then(|at| context.memory.read_u64(at)) {
@@ -195,15 +213,20 @@ pub(super) async fn trace(
                 log_counts(&counts, &lost, &last_logged, &aggregator, snapshot.as_ref(), context);
                 last_logged = counts;
             }
-            _ = signals.interrupt.recv() => match child {
-                Some(pid) => { forward(pid, libc::SIGINT); interrupted = true; }
+            arrived = signals.recv() => match child {
+                Some(pid) => {
+                    if let Some(grace) = stop.on_signal(pid, arrived) {
+                        kill_deadline.as_mut().reset(tokio::time::Instant::now() + grace);
+                    }
+                }
                 None => break EndReason::Signal,
             },
-            _ = signals.terminate.recv() => match child {
-                Some(pid) => { forward(pid, libc::SIGTERM); interrupted = true; }
-                None => break EndReason::Signal,
-            },
-            _ = exited.readable() => break EndReason::TargetExited,
+            _ = &mut kill_deadline, if stop.awaiting_exit() => {
+                if let Some(pid) = child {
+                    stop.on_grace_end(pid);
+                }
+            }
+            _ = exited.exited() => break EndReason::TargetExited,
             _ = &mut deadline => break EndReason::Duration,
         }
     };
@@ -231,7 +254,6 @@ pub(super) async fn trace(
         .reported(&context.plan.families, context.plan.allocations);
     info!(
         ended_by = ?ended_by,
-        interrupted,
         deferproc = counts.deferproc,
         mapassign = counts.mapassign,
         lost_events = counts.lost_events,
@@ -261,18 +283,30 @@ pub(super) async fn trace(
 /// exited (its executable is gone from `/proc/PID/exe`): the target's exit, not an error.
 /// The exit is waited for a moment, as the executable goes before the process is reported
 /// exited.
-pub(super) fn or_exited<T>(result: Result<T>, exited: &AsyncFd<OwnedFd>) -> Result<Option<T>> {
-    use std::os::fd::AsRawFd as _;
+pub(super) fn or_exited<T>(result: Result<T>, exited: &ExitWatch) -> Result<Option<T>> {
     match result {
         Ok(value) => Ok(Some(value)),
-        Err(err) => {
-            let mut poll =
-                libc::pollfd { fd: exited.get_ref().as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: poll(2) on one pollfd we own, for at most 100 ms.
-            match unsafe { libc::poll(&mut poll, 1, 100) } {
-                1.. => Ok(None),
-                _ => Err(err),
-            }
+        Err(_) if exited.exits_within(Duration::from_millis(100)) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// `--duration` ended the trace of command `pid`: stops it (SIGTERM, then SIGKILL at a second
+/// signal or after `--kill-after`) and returns once it has exited.
+pub(super) async fn stop_command(
+    pid: u32,
+    exited: &ExitWatch,
+    signals: &Signals,
+    stop: &mut CommandStop,
+) {
+    let grace = stop.on_duration(pid);
+    let kill_deadline = sleep(grace);
+    tokio::pin!(kill_deadline);
+    loop {
+        tokio::select! {
+            _ = exited.exited() => return,
+            arrived = signals.recv() => { stop.on_signal(pid, arrived); }
+            _ = &mut kill_deadline, if stop.awaiting_exit() => stop.on_grace_end(pid),
         }
     }
 }
@@ -398,9 +432,4 @@ pub(super) fn log_counts(
         captured_maps = maps,
         "counts"
     );
-}
-
-pub(super) fn forward(pid: u32, signal: i32) {
-    // SAFETY: plain kill(2) on our own child.
-    unsafe { libc::kill(pid as i32, signal) };
 }

@@ -7,6 +7,8 @@
 //	-wait                print "ready" and wait for a line on stdin before working
 //	-hold                after printing the result, wait for stdin to close before exiting
 //	-exit-code C         exit with status C
+//	-linger D            after printing the result (and -hold), sleep D before exiting
+//	-ignore-signals      ignore SIGINT and SIGTERM (only SIGKILL ends it early)
 //
 // Built with cgo (CGO_ENABLED=1), cgo.go adds a C call to every loop-defer call and the
 // ground truth says "cgo":true.
@@ -16,9 +18,12 @@ import (
 	"deferprobe.test/programs/internal/protocol"
 	"flag"
 	"os"
+	"os/signal"
 	"runtime"
 	"strconv"
 	"sync"
+	"syscall"
+	"time"
 )
 
 var sink int
@@ -52,7 +57,12 @@ func main() {
 	wait := flag.Bool("wait", false, "wait for a line on stdin before working")
 	hold := flag.Bool("hold", false, "wait for stdin to close before exiting")
 	exitCode := flag.Int("exit-code", 0, "exit status")
+	linger := flag.Duration("linger", 0, "sleep this long before exiting")
+	ignoreSignals := flag.Bool("ignore-signals", false, "ignore SIGINT and SIGTERM")
 	flag.Parse()
+	if *ignoreSignals {
+		signal.Ignore(syscall.SIGINT, syscall.SIGTERM)
+	}
 
 	stdin := protocol.NewStdin()
 	keys := make([]string, *mapWrites)
@@ -101,5 +111,6 @@ func main() {
 	if *hold {
 		stdin.HoldUntilEOF()
 	}
+	time.Sleep(*linger)
 	os.Exit(*exitCode)
 }
