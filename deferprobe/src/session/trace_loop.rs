@@ -183,11 +183,11 @@ pub(super) async fn trace(
             _ = budget_check.tick() => {
                 // Load that rises between ticks is answered now, not at the next tick.
                 let tracks = aggregator.tracks_goroutines();
-                if or_exited(sampler.degrade_if_over_budget(tracer, tracks), &exited)?.is_none() {
+                if or_exited(sampler.degrade_if_over_budget(tracer, tracks), exited)?.is_none() {
                     break EndReason::TargetExited;
                 }
             }
-            _ = governor_tick.tick() => match or_exited(sampler.tick(tracer), &exited)? {
+            _ = governor_tick.tick() => match or_exited(sampler.tick(tracer), exited)? {
                 None => break EndReason::TargetExited,
                 Some(Some(end)) => {
                     window_end.as_mut().reset(end);
@@ -196,7 +196,7 @@ pub(super) async fn trace(
                 Some(None) => {}
             },
             _ = &mut window_end, if window_open => {
-                if or_exited(sampler.close_windows(tracer), &exited)?.is_none() {
+                if or_exited(sampler.close_windows(tracer), exited)?.is_none() {
                     break EndReason::TargetExited;
                 }
                 window_open = false;
