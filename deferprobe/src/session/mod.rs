@@ -114,16 +114,6 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     if let Some(child) = gated {
         child.release()?;
     }
-    let families: Vec<&str> = plan.families.iter().map(|family| family.name()).collect();
-    info!(
-        probes = tracer.attached(),
-        families = families.join(","),
-        go_version = %plan.go_version,
-        pid = target.pid,
-        layout = ?plan.layout_source,
-        attach_mode = ?tracer.mode(),
-        "probes attached"
-    );
     // Runtime address − ELF virtual address, for naming the PCs the probes report.
     let bias = target::load_bias(&binary, target.pid);
     let exit_watch = ExitWatch::new(target.pid)?;
@@ -165,6 +155,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         )));
     }
     let context = TraceContext {
+        pid: target.pid,
         reader: reader.as_ref(),
         counts_only: args.counts_only,
         memory,

@@ -84,6 +84,7 @@ impl ExitWatch {
 
 /// What the loop reads besides the tracer.
 pub(super) struct TraceContext<'a> {
+    pub(super) pid: u32,
     /// Snapshots of the runtime's state (None if its goroutine list can't be found).
     pub(super) reader: Option<&'a RuntimeReader<'a, 'a>>,
     /// `--counts-only`: the target's memory is never read.
@@ -166,6 +167,19 @@ pub(super) async fn trace(
         Some(_) => None,
         None => take_snapshot(&mut aggregator),
     };
+    // Logged once everything is in place, the snapshot at attach taken: tests and scripts may
+    // end the target as soon as they see it.
+    let families: Vec<&str> = context.plan.families.iter().map(|family| family.name()).collect();
+    info!(
+        probes = tracer.attached(),
+        families = families.join(","),
+        go_version = %context.plan.go_version,
+        pid = context.pid,
+        layout = ?context.plan.layout_source,
+        attach_mode = ?tracer.mode(),
+        pending_at_attach = snapshot.as_ref().map(|s| s.pending_records()),
+        "probes attached"
+    );
     let mut last_logged = Counts::default();
     let mut batch = Vec::new();
     let mut memprofile_rate = None;
