@@ -131,27 +131,32 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
     let l = &plan.layout;
     let _ = writeln!(
         out,
-        "  offsets      g.goid={} g.m={} g._defer={} m.curg={} sizeof(_defer)={} ({:?})",
+        "  offsets      g.goid={} g.m={} g._defer={} m.curg={} _defer size={} ({:?})",
         l.g_goid, l.g_m, l.g_defer, l.m_curg, l.defer_size, plan.layout_source
     );
     let _ = writeln!(out, "\nprobe plan ({} probes)", plan.probes.len());
     let _ = writeln!(
         out,
-        "  {:<38} {:>10} {:>7} {:>10}  program",
+        "  {:<28} {:>9} {:>6} {:>8}  probe",
         "function", "address", "attach", "file off"
     );
+    let mut on_calls = std::collections::BTreeMap::new();
     for probe in &plan.probes {
-        let at_call = probe.call_to.map(|callee| format!(" (at its CALL {callee})"));
+        if let Some(callee) = probe.call_to {
+            on_calls.insert(probe.program.name(), callee);
+        }
         let _ = writeln!(
             out,
-            "  {:<38} {:>#10x} {:>+7} {:>#10x}  {}{}",
-            probe.symbol,
+            "  {:<28} {:>#9x} {:>+6} {:>#8x}  {}",
+            fit_left(&probe.symbol, 28),
             probe.address,
             probe.attach_offset,
             probe.file_offset,
             probe.program.name(),
-            at_call.unwrap_or_default()
         );
+    }
+    for (program, callee) in on_calls {
+        let _ = writeln!(out, "  {program} probes sit on the functions' CALLs of {callee}");
     }
     if !plan.absent.is_empty() {
         let _ = writeln!(out, "\nnot in this binary (never called): {}", plan.absent.join(", "));
@@ -163,7 +168,10 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         let registers: Vec<String> =
             program.registers().iter().map(|(reg, what)| format!("{reg}={what}")).collect();
         let _ = writeln!(out, "  {:<20} {}", program.name(), program.reports());
-        let _ = writeln!(out, "  {:<20} reads {}", "", registers.join(", "));
+        for (index, register) in registers.iter().enumerate() {
+            let label = if index == 0 { "reads" } else { "" };
+            let _ = writeln!(out, "  {:<20} {label:<5} {register}", "");
+        }
     }
     let _ = writeln!(
         out,
@@ -171,26 +179,41 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         sites.len()
     );
     for SiteInspection { site, closure } in &inspected {
+        let location = &site.location;
+        let _ = writeln!(out, "  {}", location.function);
         let _ = writeln!(
             out,
-            "  {}  {}:{}  (return address {:#x})",
-            site.location.function, site.location.file, site.location.line, site.return_address
+            "      {}:{} (return address {:#x})",
+            location.file, location.line, site.return_address
         );
-        let captures = match closure {
-            None => "closure unknown (not built next to the defer)".to_owned(),
+        match closure {
+            None => {
+                let _ = writeln!(out, "      closure unknown (not built next to the defer)");
+            }
             Some(closure) if closure.captures.is_empty() => {
-                format!("{} captures nothing", closure.function)
+                let _ = writeln!(out, "      {} captures nothing", closure.function);
             }
             Some(closure) => {
-                let fields: Vec<String> = closure
-                    .captures
-                    .iter()
-                    .map(|f| format!("{} {} ({})", f.name, f.type_name, f.kind))
-                    .collect();
-                format!("{} captures {}", closure.function, fields.join(", "))
+                let _ = writeln!(out, "      {} captures", closure.function);
+                for field in &closure.captures {
+                    let _ = writeln!(
+                        out,
+                        "        {} {} ({})",
+                        field.name, field.type_name, field.kind
+                    );
+                }
             }
-        };
-        let _ = writeln!(out, "      {captures}");
+        }
     }
     Ok(out)
+}
+
+/// `text` in at most `width` characters: its end, after "…", when it is longer (the end of a
+/// Go function name says most).
+fn fit_left(text: &str, width: usize) -> String {
+    let count = text.chars().count();
+    match count > width {
+        true => std::iter::once('…').chain(text.chars().skip(count - width + 1)).collect(),
+        false => text.to_owned(),
+    }
 }

@@ -149,18 +149,14 @@ impl ProbeProgram {
                 "count + event: heap defer (goid, closure, caller pc/sp)"
             }
             ProbeProgram::DeferProcStack => "count of stack defers",
-            ProbeProgram::DeferReturn => {
-                "count + event: a heap-defer frame runs its defers (goid, frame pc/sp)"
-            }
-            ProbeProgram::Mallocgc => {
-                "count + bytes of allocations (sizes the size-specialized entries count: skipped)"
-            }
+            ProbeProgram::DeferReturn => "count + event: heap-defer frame returns (goid, frame)",
+            ProbeProgram::Mallocgc => "count + bytes of allocations (not the size-class ones)",
             ProbeProgram::MallocgcSizeClass => {
-                "count + bytes of allocations of the sizes mallocgc leaves to them"
+                "count + bytes of the allocations mallocgc leaves to them"
             }
             ProbeProgram::Goexit1 => "count + event: goroutine exit (goid)",
             ProbeProgram::ProfileAlloc => {
-                "count + event: an allocation the runtime sampled for its memory profile (size)"
+                "count + event: an allocation sampled for the mem profile"
             }
         }
     }

@@ -50,8 +50,12 @@ fn inspect_prints_release_and_plan() {
         let (stdout, stderr) = text(&output);
         assert!(output.status.success(), "{stderr}");
         assert!(stdout.contains(&format!("go release   go{release}")), "{stdout}");
+        // Made for an 80-column terminal; only a source path may make a line longer.
+        for line in stdout.lines().filter(|line| !line.contains(".go:")) {
+            assert!(line.chars().count() <= 80, "longer than 80 columns: {line:?}");
+        }
         for symbol in [
-            "(at its CALL runtime.deferproc)",
+            "deferproc probes sit on the functions' CALLs of runtime.deferproc",
             "runtime.deferreturn",
             "runtime.mapassign_faststr",
             "runtime.mallocgc",
