@@ -201,3 +201,49 @@ fn executable_deleted_or_replaced_on_disk_still_traced() {
         assert_eq!(report["pending"]["heap_defers"], 0, "{change}: {report}");
     }
 }
+
+/// Go executables for other systems and processors, cross-built here with the default release:
+/// `inspect` and `run -- FILE` name what the file is (exit 65) and never run it.
+#[test]
+fn other_systems_and_processors_exit_65() {
+    require_root();
+    let scratch = Scratch::new("platforms");
+    fs::write(scratch.dir.join("go.mod"), "module deferprobe.test/cross\n\ngo 1.21\n").unwrap();
+    fs::write(
+        scratch.dir.join("main.go"),
+        "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"hello\") }\n",
+    )
+    .unwrap();
+    let release = &go_releases()[0];
+    let go = workspace_root().join(format!("target/go/{release}/go/bin/go"));
+    assert!(go.exists(), "{} is missing: run `cargo xtask setup`", go.display());
+    for (goos, goarch, what) in [
+        ("freebsd", "amd64", "a FreeBSD ELF file (GOOS=freebsd)"),
+        ("windows", "amd64", "a Windows PE file"),
+        ("darwin", "amd64", "a macOS Mach-O file"),
+        ("linux", "arm64", "a linux/arm64 ELF file"),
+    ] {
+        let output = scratch.dir.join(format!("hello-{goos}-{goarch}"));
+        let built = std::process::Command::new(&go)
+            .current_dir(&scratch.dir)
+            .env("GOOS", goos)
+            .env("GOARCH", goarch)
+            .env("CGO_ENABLED", "0")
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "-mod=mod")
+            .env("GOCACHE", workspace_root().join(format!("target/go-cache/{release}-cross")))
+            .args(["build", "-o"])
+            .arg(&output)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(built.status.success(), "{goos}/{goarch}: {}", text(&built).1);
+        let expected =
+            format!("{}: {what}; deferprobe traces linux/amd64 Go binaries", output.display());
+        assert_fails(&["inspect", path_arg(&output)], EXIT_UNSUPPORTED, &expected);
+        assert_fails(&["inspect", "--json", path_arg(&output)], EXIT_UNSUPPORTED, &expected);
+        assert_fails(&["run", "--", path_arg(&output)], EXIT_UNSUPPORTED, &expected);
+        let output = deferprobe().args(["run", "--", path_arg(&output)]).output().unwrap();
+        assert!(!text(&output).0.contains("hello"), "{goos}/{goarch} was run");
+    }
+}
