@@ -30,6 +30,8 @@ pub struct RuntimeModel<'b> {
     pub closures: ClosureTypes<'b>,
     pub layout: crate::layout::RuntimeLayout,
     pub layout_source: LayoutSource,
+    /// Why the binary's DWARF was not used although it has some ([`plan::SupportedLayout`]).
+    pub layout_note: Option<String>,
     /// `runtime.allglen` / `allgptr` as ELF virtual addresses.
     allg: AllgVariables,
     maps: MapLayout,
@@ -37,7 +39,8 @@ pub struct RuntimeModel<'b> {
 
 impl<'b> RuntimeModel<'b> {
     pub fn new(binary: &'b GoBinary) -> Result<RuntimeModel<'b>> {
-        let (layout, layout_source) = plan::supported_layout(binary)?;
+        let plan::SupportedLayout { layout, source: layout_source, note: layout_note } =
+            plan::supported_layout(binary)?;
         let allg = binary.allg_variables().ok_or_else(|| {
             Error::unsupported(format!(
                 "{}: runtime.allglen/allgptr not found (neither in .symtab nor in \
@@ -51,6 +54,7 @@ impl<'b> RuntimeModel<'b> {
             closures: binary.closure_types()?,
             layout,
             layout_source,
+            layout_note,
             allg,
             maps: MapLayout::for_release(info.release.minor, &info.experiments),
         })
@@ -210,6 +214,10 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
     let snapshot = reader.take()?;
     let sections = reader.sections(&snapshot, args.min_pending, None);
     let mut notes = snapshot_notes(&snapshot, &sections);
+    if let Some(note) = &model.layout_note {
+        tracing::warn!(%note, "the binary's DWARF is unusable: using the release table");
+        notes.push(note.clone());
+    }
     notes.push(
         "a snapshot has no probes: every pending record is \"pending at attach\", with no age, \
          and sites show no registrations or releases (deferprobe run adds them)"

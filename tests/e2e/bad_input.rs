@@ -247,3 +247,58 @@ fn other_systems_and_processors_exit_65() {
         assert!(!text(&output).0.contains("hello"), "{goos}/{goarch} was run");
     }
 }
+
+/// A copy of the workload with random bytes over its `.debug_info` contents (after the
+/// compression header: Go compresses DWARF) runs and is traced exactly: the
+/// release table stands in for the DWARF, and the report says so.
+#[test]
+fn corrupt_dwarf_falls_back_to_the_release_table() {
+    use object::{Object as _, ObjectSection as _, read::elf::ElfFile64};
+    require_root();
+    let scratch = Scratch::new("corrupt-dwarf");
+    let original = go_program(&go_releases()[0], "workload");
+    let mut bytes = fs::read(&original).unwrap();
+    let (start, end) = {
+        let elf = ElfFile64::<object::Endianness>::parse(&*bytes).unwrap();
+        let section = elf.section_by_name(".debug_info").expect("the workload has DWARF");
+        // The compressed data (after the Elf64_Chdr of SHF_COMPRESSED or the header of a
+        // `.zdebug_info`), or the plain contents: it is what the section holds that is random.
+        let range = section.compressed_file_range().unwrap();
+        (range.offset as usize, (range.offset + range.compressed_size) as usize)
+    };
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for byte in &mut bytes[start..end] {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state as u8;
+    }
+    let written = scratch.file("corrupt.tmp", &bytes);
+    let copy = scratch.copy("corrupt", &written);
+
+    let (text, json) = inspect(&copy);
+    assert_eq!(json["plan"]["layout_source"], "release_table", "{json}");
+    let note = json["plan"]["layout_note"].as_str().unwrap_or_else(|| panic!("no note: {json}"));
+    assert!(
+        note.starts_with(&format!(
+            "the binary's DWARF could not be used ({}: corrupt DWARF: ",
+            copy.display()
+        )),
+        "{note}"
+    );
+    assert!(text.contains("(ReleaseTable)") && text.contains(note), "{text}");
+
+    let args = ["-calls", "20", "-defers", "25", "-goroutines", "10"];
+    let traced = trace_command("corrupt-dwarf", &copy, &args);
+    let context = format!("stderr:\n{}\nreport: {}", traced.stderr, traced.report);
+    assert_eq!(traced.code, 0, "{context}");
+    let truth = ground_truth(&traced.stdout);
+    assert_eq!(truth.heap_defers, 20 * 25 + 10 * 2, "the program's own count");
+    assert_eq!(traced.count("deferproc"), truth.heap_defers, "{context}");
+    assert_eq!(traced.count("deferreturn"), truth.heap_defer_frame_returns, "{context}");
+    assert_eq!(traced.report["probes"]["layout_source"], "release_table", "{context}");
+    assert_eq!(traced.report["pending"]["heap_defers"], 0, "{context}");
+    let notes = traced.report["notes"].as_array().unwrap();
+    assert!(notes.iter().any(|n| n == note), "the note {note:?} is missing\n{context}");
+    assert!(traced.stderr.contains("the binary's DWARF is unusable"), "{context}");
+}

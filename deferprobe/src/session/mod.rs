@@ -60,6 +60,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         &binary,
         &PlanOptions { families: args.probes.clone(), allocations: args.alloc_mode },
     )?;
+    if let Some(note) = &plan.layout_note {
+        warn!(%note, "the binary's DWARF is unusable: using the release table");
+    }
     // What reading the runtime's state needs from the binary, found before the target runs.
     // Why the runtime's state can't be read, if it can't (reported as a note).
     let mut state_error = None;
@@ -255,6 +258,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         }),
     };
     let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
+    notes.extend(plan.layout_note.clone());
     notes.extend(snapshot_notes);
     if let Some(err) = &state_error {
         notes.push(format!(
