@@ -176,6 +176,9 @@ impl SnapshotReport {
         let _ = writeln!(out, "deferprobe snapshot");
         let _ = writeln!(out, "  target    pid {} ({})", t.pid, t.go_version);
         let _ = writeln!(out, "  exe       {}", report::truncate(&t.exe, 68));
+        if let Some(module) = &t.go_module {
+            let _ = writeln!(out, "  go module {}", report::truncate(module, 68));
+        }
         let _ = writeln!(
             out,
             "  read      {} goroutines ({} alive) in {:.1} ms, target not stopped",
@@ -207,13 +210,14 @@ impl SnapshotReport {
 pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
     let report_file =
         args.report.as_deref().map(|path| OutputFile::check("--report", path)).transpose()?;
-    let target = Target::running(args.pid)?;
+    let mut target = Target::running(args.pid)?;
     let binary = target.open_binary()?;
     let model = RuntimeModel::new(&binary)?;
     let reader = RuntimeReader::new(&model, target.pid, target::load_bias(&binary, target.pid))?;
     let snapshot = reader.take()?;
     let sections = reader.sections(&snapshot, args.min_pending, None);
-    let mut notes = snapshot_notes(&snapshot, &sections);
+    let mut notes = target.notes.clone();
+    notes.extend(snapshot_notes(&snapshot, &sections));
     if let Some(note) = &model.layout_note {
         tracing::warn!(%note, "the binary's DWARF is unusable: using the release table");
         notes.push(note.clone());
@@ -229,6 +233,7 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
         target: TargetReport {
             pid: target.pid,
             exe: target.exe_name.clone(),
+            go_module: target.go_module.clone(),
             go_version: binary.build_info().version.clone(),
             exit_code: None,
         },

@@ -17,12 +17,12 @@ use crate::{cli_errors::assert_fails, support::*};
 const BUILDINFO_MAGIC: &[u8] = b"\xff Go buildinf:";
 
 /// A file in a fresh per-test directory, removed (with the directory) on drop.
-struct Scratch {
-    dir: PathBuf,
+pub(crate) struct Scratch {
+    pub(crate) dir: PathBuf,
 }
 
 impl Scratch {
-    fn new(test: &str) -> Scratch {
+    pub(crate) fn new(test: &str) -> Scratch {
         let dir =
             workspace_root().join("target/e2e").join(format!("{test}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -32,7 +32,7 @@ impl Scratch {
 
     /// Writes `bytes` to `name` as an executable file (not to be run by this process: see
     /// [`Scratch::copy`]).
-    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+    pub(crate) fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let path = self.dir.join(name);
         fs::write(&path, bytes).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
@@ -42,7 +42,7 @@ impl Scratch {
     /// Copies the executable `from` to `name` with cp(1). Written from this multi-threaded test
     /// process, its write descriptor could be inherited by another test's fork and make
     /// running it fail with ETXTBSY.
-    fn copy(&self, name: &str, from: &Path) -> PathBuf {
+    pub(crate) fn copy(&self, name: &str, from: &Path) -> PathBuf {
         let path = self.dir.join(name);
         let status = std::process::Command::new("cp").arg(from).arg(&path).status().unwrap();
         assert!(status.success(), "cp {} {}", from.display(), path.display());

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use tracing::{info, warn};
 
 use crate::{
-    binary::{GoBinary, MemoryProfiling},
+    binary::MemoryProfiling,
     cli::RunArgs,
     error::{Error, ErrorKind, Result},
     findings,
@@ -46,15 +46,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let signals = Signals::install()?;
 
     let started_command = !args.command.is_empty();
-    let running = args.pid.map(Target::running).transpose()?;
+    let mut running = args.pid.map(Target::running).transpose()?;
     let exe = match &running {
         Some(target) => target.exe.clone(),
         None => target::resolve_program(&args.command[0])?,
     };
     // Analyse and plan before anything is started: a bad binary fails before it runs.
-    let binary = match &running {
+    let binary = match &mut running {
         Some(target) => target.open_binary()?,
-        None => GoBinary::open(&exe)?,
+        None => target::open_command(&exe)?,
     };
     let plan = ProbePlan::build(
         &binary,
@@ -258,6 +258,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         }),
     };
     let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
+    notes.extend(target.notes.iter().cloned());
     notes.extend(plan.layout_note.clone());
     notes.extend(snapshot_notes);
     if let Some(err) = &state_error {
@@ -334,6 +335,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         target: TargetReport {
             pid: target.pid,
             exe: target.exe_name.clone(),
+            go_module: target.go_module.clone(),
             go_version: plan.go_version.clone(),
             exit_code,
         },
