@@ -609,7 +609,11 @@ fn check_platform(path: &Path, data: &[u8]) -> Result<(), BinaryError> {
         }
         _ => return Err(BinaryError::NotElf { path: path.to_owned() }),
     };
-    let goos = goos.unwrap_or_else(|| goos_of_os_abi(os_abi).to_owned());
+    // Which says what the OS is: the Go build setting, else the ELF header.
+    let (goos, source) = match goos {
+        Some(goos) => (goos.clone(), format!("GOOS={goos}")),
+        None => (goos_of_os_abi(os_abi).to_owned(), format!("ELF OS ABI {}", os_abi.0)),
+    };
     let linux = LINUX_GOOS.contains(&goos.as_str());
     let supported = SUPPORTED_PLATFORMS
         .iter()
@@ -619,7 +623,7 @@ fn check_platform(path: &Path, data: &[u8]) -> Result<(), BinaryError> {
     }
     Err(refuse(match linux {
         true => format!("a {goos}/{} ELF file", goarch_name(arch)),
-        false => format!("a{} ELF file (GOOS={goos})", os_name(&goos)),
+        false => format!("a{} ELF file ({source})", os_name(&goos)),
     }))
 }
 
