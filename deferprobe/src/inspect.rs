@@ -134,6 +134,9 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         "  offsets      g.goid={} g.m={} g._defer={} m.curg={} _defer size={} ({:?})",
         l.g_goid, l.g_m, l.g_defer, l.m_curg, l.defer_size, plan.layout_source
     );
+    if let Some(note) = &plan.layout_note {
+        let _ = writeln!(out, "  note         {note}");
+    }
     let _ = writeln!(out, "\nprobe plan ({} probes)", plan.probes.len());
     let _ = writeln!(
         out,

@@ -287,6 +287,10 @@ pub struct ProbePlan {
     pub pie: bool,
     pub layout: RuntimeLayout,
     pub layout_source: LayoutSource,
+    /// Why the binary's DWARF was not used although it has some (corrupt, or not describing
+    /// the runtime's structs), when the release table stood in: a note of the report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layout_note: Option<String>,
     pub probes: Vec<PlannedProbe>,
     /// The probe families planned (`--probes`; `inspect` plans them all).
     pub families: Vec<ProbeFamily>,
@@ -306,7 +310,8 @@ impl ProbePlan {
         let info = binary.build_info();
         let release = info.release;
         let path = binary.path().display();
-        let (layout, layout_source) = supported_layout(binary)?;
+        let SupportedLayout { layout, source: layout_source, note: layout_note } =
+            supported_layout(binary)?;
 
         let mut probes = Vec::new();
         let mut absent = Vec::new();
@@ -374,6 +379,7 @@ impl ProbePlan {
             pie: binary.is_pie(),
             layout,
             layout_source,
+            layout_note,
             probes,
             families,
             allocations: options.allocations,
@@ -389,8 +395,18 @@ impl ProbePlan {
     }
 }
 
+/// The runtime struct offsets deferprobe reads a binary's runtime with, where they came from,
+/// and, when the binary's DWARF could not be used, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SupportedLayout {
+    pub layout: RuntimeLayout,
+    pub source: LayoutSource,
+    /// "the binary's DWARF could not be used (...)": for the report's notes.
+    pub note: Option<String>,
+}
+
 /// The runtime struct offsets of a binary whose Go release deferprobe supports.
-pub fn supported_layout(binary: &GoBinary) -> Result<(RuntimeLayout, LayoutSource)> {
+pub fn supported_layout(binary: &GoBinary) -> Result<SupportedLayout> {
     let info = binary.build_info();
     let release = info.release;
     if release < OLDEST_SUPPORTED || release > NEWEST_SUPPORTED {
@@ -406,17 +422,44 @@ pub fn supported_layout(binary: &GoBinary) -> Result<(RuntimeLayout, LayoutSourc
 
 /// The runtime struct offsets: from DWARF when the binary has it, else the built-in table for
 /// `release`; a release the table lacks is refused, never guessed.
-fn runtime_layout(binary: &GoBinary, release: GoRelease) -> Result<(RuntimeLayout, LayoutSource)> {
-    if let Some(layout) = binary.runtime_layout_from_dwarf()? {
-        return Ok((layout, LayoutSource::Dwarf));
-    }
-    match layout::for_release(release) {
-        Some(layout) => Ok((layout, LayoutSource::ReleaseTable)),
-        None => Err(Error::unsupported(format!(
-            "{}: built with {}, which has no DWARF and deferprobe has no built-in struct offsets \
-             for Go {release}; a build without -ldflags=-s/-w keeps DWARF",
+fn runtime_layout(binary: &GoBinary, release: GoRelease) -> Result<SupportedLayout> {
+    choose_layout(binary, release, binary.runtime_layout_from_dwarf())
+}
+
+/// [`runtime_layout`] from what reading the DWARF gave. DWARF that can't be read or doesn't
+/// describe the structs never refuses a binary the table covers: the table stands in, and the
+/// note says why.
+fn choose_layout(
+    binary: &GoBinary,
+    release: GoRelease,
+    from_dwarf: std::result::Result<Option<RuntimeLayout>, crate::binary::BinaryError>,
+) -> Result<SupportedLayout> {
+    let table = layout::for_release(release);
+    let version = &binary.build_info().version;
+    match (from_dwarf, table) {
+        (Ok(Some(layout)), _) => {
+            Ok(SupportedLayout { layout, source: LayoutSource::Dwarf, note: None })
+        }
+        (Ok(None), Some(layout)) => {
+            Ok(SupportedLayout { layout, source: LayoutSource::ReleaseTable, note: None })
+        }
+        (Err(err), Some(layout)) => Ok(SupportedLayout {
+            layout,
+            source: LayoutSource::ReleaseTable,
+            note: Some(format!(
+                "the binary's DWARF could not be used ({err}): the runtime struct offsets come \
+                 from deferprobe's built-in table for Go {release} (layout_source \
+                 \"release_table\")"
+            )),
+        }),
+        (Ok(None), None) => Err(Error::unsupported(format!(
+            "{}: built with {version}, which has no DWARF and deferprobe has no built-in struct \
+             offsets for Go {release}; a build without -ldflags=-s/-w keeps DWARF",
             binary.path().display(),
-            binary.build_info().version
+        ))),
+        (Err(err), None) => Err(Error::unsupported(format!(
+            "{err}; and deferprobe has no built-in struct offsets for Go {release} ({version}) \
+             to use instead"
         ))),
     }
 }
@@ -600,8 +643,67 @@ mod tests {
         );
         let plain = testbin::build(toolchain, Program::Workload, Variant::Plain);
         let binary = GoBinary::open(&plain).unwrap();
-        let (_, source) = runtime_layout(&binary, GoRelease::new(1, 18)).unwrap();
-        assert_eq!(source, LayoutSource::Dwarf);
+        let chosen = runtime_layout(&binary, GoRelease::new(1, 18)).unwrap();
+        assert_eq!((chosen.source, chosen.note), (LayoutSource::Dwarf, None));
+    }
+
+    /// A real binary with random bytes over its `.debug_info` (compressed, as Go writes it) or
+    /// `.debug_abbrev`: the release table stands in and the note names the DWARF problem. DWARF
+    /// that doesn't describe the structs does the same; only a release the table lacks is
+    /// still refused.
+    #[test]
+    fn unusable_dwarf_falls_back_to_the_release_table() {
+        for toolchain in testbin::toolchains() {
+            let what = format!("go{}", toolchain.version);
+            let path = testbin::build(&toolchain, Program::Workload, Variant::Plain);
+            for (section, from) in [(".debug_info", 0), (".debug_info", 40), (".debug_abbrev", 0)] {
+                let broken = TempFile::patched(&path, |bytes| {
+                    testbin::scramble_section(bytes, section, from)
+                });
+                let binary = GoBinary::open(broken.path()).unwrap();
+                let problem = binary.runtime_layout_from_dwarf().unwrap_err().to_string();
+                let plan = ProbePlan::build(&binary, &PlanOptions::default()).unwrap();
+                assert_eq!(plan.layout_source, LayoutSource::ReleaseTable, "{what} {section}");
+                assert_eq!(Some(plan.layout), layout::for_release(plan.release), "{what}");
+                let note = plan.layout_note.unwrap_or_else(|| panic!("{what}: no note"));
+                assert_eq!(
+                    note,
+                    format!(
+                        "the binary's DWARF could not be used ({problem}): the runtime struct \
+                         offsets come from deferprobe's built-in table for Go {} (layout_source \
+                         \"release_table\")",
+                        plan.release
+                    )
+                );
+                assert!(problem.contains("corrupt DWARF"), "{what} {section}: {problem}");
+                let model = crate::snapshot::RuntimeModel::new(&binary).unwrap();
+                assert_eq!(model.layout_source, LayoutSource::ReleaseTable, "{what}");
+                assert_eq!(model.layout_note.as_deref(), Some(note.as_str()), "{what}");
+
+                let err = runtime_layout(&binary, GoRelease::new(1, 18)).unwrap_err();
+                assert_eq!(
+                    err.to_string(),
+                    format!(
+                        "{problem}; and deferprobe has no built-in struct offsets for Go 1.18 \
+                         (go{}) to use instead",
+                        toolchain.version
+                    )
+                );
+                assert_eq!(err.kind, crate::error::ErrorKind::Unsupported);
+            }
+            let binary = GoBinary::open(&path).unwrap();
+            let incomplete = crate::binary::BinaryError::IncompleteDwarf {
+                path: path.clone(),
+                what: "runtime._defer".to_owned(),
+            };
+            let chosen = choose_layout(&binary, binary.build_info().release, Err(incomplete));
+            let chosen = chosen.unwrap();
+            assert_eq!(chosen.source, LayoutSource::ReleaseTable, "{what}");
+            assert!(
+                chosen.note.unwrap().contains("DWARF does not describe runtime._defer"),
+                "{what}"
+            );
+        }
     }
 
     #[test]

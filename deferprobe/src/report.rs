@@ -71,7 +71,12 @@ impl SnapshotStats {
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetReport {
     pub pid: u32,
+    /// The process's executable.
     pub exe: String,
+    /// The Go library traced, when the Go runtime is in a shared library the executable
+    /// loaded (`-buildmode=c-shared`) rather than in the executable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub go_module: Option<String>,
     pub go_version: String,
     /// Exit status of a command started with `run -- CMD` (the code, or 128 + signal).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -655,6 +660,9 @@ impl Report {
         let _ = writeln!(out, "deferprobe report");
         let _ = writeln!(out, "  target    pid {} ({})", t.pid, t.go_version);
         let _ = writeln!(out, "  exe       {}", truncate(&t.exe, 68));
+        if let Some(module) = &t.go_module {
+            let _ = writeln!(out, "  go module {}", truncate(module, 68));
+        }
         let _ = writeln!(out, "  traced    {:.1}s, {ended}", self.duration_secs);
         if let Some(code) = t.exit_code {
             let _ = writeln!(out, "  exit code {code}");
@@ -916,6 +924,7 @@ mod tests {
             target: TargetReport {
                 pid: 42,
                 exe: "/srv/app".into(),
+                go_module: None,
                 go_version: "go1.27.3".into(),
                 exit_code: None,
             },

@@ -30,6 +30,8 @@ pub struct RuntimeModel<'b> {
     pub closures: ClosureTypes<'b>,
     pub layout: crate::layout::RuntimeLayout,
     pub layout_source: LayoutSource,
+    /// Why the binary's DWARF was not used although it has some ([`plan::SupportedLayout`]).
+    pub layout_note: Option<String>,
     /// `runtime.allglen` / `allgptr` as ELF virtual addresses.
     allg: AllgVariables,
     maps: MapLayout,
@@ -37,7 +39,8 @@ pub struct RuntimeModel<'b> {
 
 impl<'b> RuntimeModel<'b> {
     pub fn new(binary: &'b GoBinary) -> Result<RuntimeModel<'b>> {
-        let (layout, layout_source) = plan::supported_layout(binary)?;
+        let plan::SupportedLayout { layout, source: layout_source, note: layout_note } =
+            plan::supported_layout(binary)?;
         let allg = binary.allg_variables().ok_or_else(|| {
             Error::unsupported(format!(
                 "{}: runtime.allglen/allgptr not found (neither in .symtab nor in \
@@ -51,6 +54,7 @@ impl<'b> RuntimeModel<'b> {
             closures: binary.closure_types()?,
             layout,
             layout_source,
+            layout_note,
             allg,
             maps: MapLayout::for_release(info.release.minor, &info.experiments),
         })
@@ -171,6 +175,9 @@ impl SnapshotReport {
         let _ = writeln!(out, "deferprobe snapshot");
         let _ = writeln!(out, "  target    pid {} ({})", t.pid, t.go_version);
         let _ = writeln!(out, "  exe       {}", report::truncate(&t.exe, 68));
+        if let Some(module) = &t.go_module {
+            let _ = writeln!(out, "  go module {}", report::truncate(module, 68));
+        }
         let _ = writeln!(
             out,
             "  read      {} goroutines ({} alive) in {:.1} ms, target not stopped",
@@ -202,13 +209,18 @@ impl SnapshotReport {
 pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
     let report_file =
         args.report.as_deref().map(|path| OutputFile::check("--report", path)).transpose()?;
-    let target = Target::running(args.pid)?;
+    let mut target = Target::running(args.pid)?;
     let binary = target.open_binary()?;
     let model = RuntimeModel::new(&binary)?;
     let reader = RuntimeReader::new(&model, target.pid, target::load_bias(&binary, target.pid))?;
     let snapshot = reader.take()?;
     let sections = reader.sections(&snapshot, args.min_pending, None);
-    let mut notes = snapshot_notes(&snapshot, &sections);
+    let mut notes = target.notes.clone();
+    notes.extend(snapshot_notes(&snapshot, &sections));
+    if let Some(note) = &model.layout_note {
+        tracing::warn!(%note, "the binary's DWARF is unusable: using the release table");
+        notes.push(note.clone());
+    }
     notes.push(
         "a snapshot has no probes: every pending record is \"pending at attach\", with no age, \
          and sites show no registrations or releases (deferprobe run adds them)"
@@ -220,6 +232,7 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
         target: TargetReport {
             pid: target.pid,
             exe: target.exe_name.clone(),
+            go_module: target.go_module.clone(),
             go_version: binary.build_info().version.clone(),
             exit_code: None,
         },

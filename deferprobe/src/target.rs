@@ -1,6 +1,7 @@
-//! The traced process: finding a running one by pid, or starting a command gated so probes are
-//! attached before its first instruction (fork, attach to the child's pid, then exec), and
-//! noticing when it exits (pidfd).
+//! The traced process: finding a running one by pid (and in it the Go module: the executable,
+//! or a Go `-buildmode=c-shared` library a C program loaded), or starting a command gated so
+//! probes are attached before its first instruction (fork, attach to the child's pid, then
+//! exec), where the traced module is mapped (load bias), and noticing when it exits (pidfd).
 
 use std::{
     ffi::CString,
@@ -8,24 +9,41 @@ use std::{
     io::{ErrorKind as IoErrorKind, Read, Write},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-        unix::{ffi::OsStrExt, fs::PermissionsExt},
+        unix::{
+            ffi::OsStrExt,
+            fs::{MetadataExt, PermissionsExt},
+        },
     },
     path::{Path, PathBuf},
 };
 
-use crate::error::{Error, Result};
+use crate::{
+    binary::{BinaryError, GoBinary},
+    error::{Error, Result},
+};
+
+/// What `run -- CMD` and `--pid` say of an executable that is not Go.
+pub const C_SHARED_HINT: &str = "a C program with a Go -buildmode=c-shared library can be \
+                                 traced with --pid once it has loaded the library";
 
 /// A process deferprobe traces.
 #[derive(Clone, Debug)]
 pub struct Target {
     pub pid: u32,
-    /// What the probes attach to and the analysis reads: `/proc/PID/exe` for running processes
-    /// (right even if the file was replaced or deleted on disk), the resolved path for commands.
+    /// What the probes attach to and the analysis reads: the Go module. `/proc/PID/exe` for
+    /// running processes (right even if the file was replaced or deleted on disk), or
+    /// `/proc/PID/map_files/START-END` of a Go library the process mapped
+    /// ([`Target::open_binary`]); the resolved path for commands.
     pub exe: PathBuf,
     /// The executable's path, for humans.
     pub exe_name: String,
     /// The thread id given as `--pid`, when it was a thread of process `pid`, not its leader.
     pub thread: Option<u32>,
+    /// The Go library's path as `/proc/PID/maps` names it, when the Go runtime is not in the
+    /// executable but in a shared library it loaded (`-buildmode=c-shared`).
+    pub go_module: Option<String>,
+    /// What the report should say about how the Go module was chosen.
+    pub notes: Vec<String>,
 }
 
 /// Linux's PF_KTHREAD task flag (/proc/PID/stat field 9).
@@ -113,7 +131,7 @@ impl Target {
             }
             Err(err) => return Err(Error::no_target(format!("reading /proc/{pid}/exe: {err}"))),
         };
-        Ok(Target { pid, exe, exe_name, thread })
+        Ok(Target { pid, exe, exe_name, thread, go_module: None, notes: Vec::new() })
     }
 
     /// `err`, or "the target exited" if it has: for failures while setting up, before anything
@@ -125,19 +143,159 @@ impl Target {
         }
     }
 
-    /// Opens and analyses the executable; errors name the process and its executable, not
-    /// `/proc/PID/exe`.
-    pub fn open_binary(&self) -> Result<crate::binary::GoBinary> {
-        crate::binary::GoBinary::open(&self.exe).map_err(|err| {
-            let mut error = Error::from(err);
-            error.message = error.message.replacen(
-                &self.exe.display().to_string(),
-                &format!("pid {} ({})", self.pid, self.exe_name),
-                1,
-            );
-            self.exited_or(error)
-        })
+    /// Opens and analyses the Go module of a running process: its executable or, when that
+    /// is not Go, the Go library among its file mappings that holds the Go runtime (then
+    /// [`Target::exe`] and [`Target::go_module`] name it). Errors name the process and its
+    /// executable or library, not `/proc/PID/...`.
+    pub fn open_binary(&mut self) -> Result<GoBinary> {
+        let not_go = match GoBinary::open(&self.exe) {
+            Ok(binary) => return Ok(binary),
+            Err(err @ BinaryError::NotGo { .. }) => err,
+            Err(err) => return Err(self.named(err, &self.exe, &self.exe_name)),
+        };
+        let modules = go_modules(self.pid);
+        let with_runtime: Vec<&GoModule> =
+            modules.iter().filter(|module| module.has_runtime).collect();
+        let Some(chosen) = with_runtime.first() else {
+            let mut error = self.named(not_go, &self.exe, &self.exe_name);
+            error.message += &match modules.is_empty() {
+                true => format!(", nor is any file it has mapped; {C_SHARED_HINT}"),
+                false => format!(
+                    ", and the Go modules it has mapped ({}) hold no Go runtime",
+                    names(&modules)
+                ),
+            };
+            return Err(error);
+        };
+        let binary = GoBinary::open(&chosen.open_path)
+            .map_err(|err| self.named(err, &chosen.open_path, &chosen.name))?;
+        if modules.len() > 1 {
+            self.notes.push(format!(
+                "pid {} has {} Go modules mapped ({}): traced {}, {}",
+                self.pid,
+                modules.len(),
+                names(&modules),
+                chosen.name,
+                match with_runtime.len() {
+                    1 => "the one with the Go runtime".to_owned(),
+                    n => format!(
+                        "the first of the {n} with a Go runtime (the others' are not traced)"
+                    ),
+                }
+            ));
+        }
+        self.exe = chosen.open_path.clone();
+        self.go_module = Some(chosen.name.clone());
+        Ok(binary)
     }
+
+    /// `err` with `path` replaced by "pid P (NAME)".
+    fn named(&self, err: BinaryError, path: &Path, name: &str) -> Error {
+        let mut error = Error::from(err);
+        error.message = error.message.replacen(
+            &path.display().to_string(),
+            &format!("pid {} ({name})", self.pid),
+            1,
+        );
+        self.exited_or(error)
+    }
+}
+
+/// Opens and analyses the executable of a command (`run -- CMD`): one that is not Go is
+/// refused with [`C_SHARED_HINT`].
+pub fn open_command(path: &Path) -> Result<GoBinary> {
+    GoBinary::open(path).map_err(|err| {
+        let not_go = matches!(err, BinaryError::NotGo { .. });
+        let mut error = Error::from(err);
+        if not_go {
+            error.message += &format!("; {C_SHARED_HINT}");
+        }
+        error
+    })
+}
+
+/// A Go binary a process has mapped (a shared library, or the executable itself).
+#[derive(Debug)]
+struct GoModule {
+    /// As `/proc/PID/maps` names it.
+    name: String,
+    /// `/proc/PID/map_files/START-END` of its mapping of file offset 0 (also when the file
+    /// was deleted or lives in another mount namespace), or `/proc/PID/root/PATH` when
+    /// map_files can't be opened.
+    open_path: PathBuf,
+    /// Whether it contains the Go runtime (`runtime.deferreturn`), not only Go code linked
+    /// against a runtime elsewhere.
+    has_runtime: bool,
+}
+
+fn names(modules: &[GoModule]) -> String {
+    modules.iter().map(|module| module.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// The Go binaries among the files `pid` has mapped, in address order, the executable left out.
+fn go_modules(pid: u32) -> Vec<GoModule> {
+    let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok().map(|m| (m.dev(), m.ino()));
+    let mut seen = std::collections::HashSet::new();
+    let mut modules = Vec::new();
+    for mapping in mappings(pid) {
+        if mapping.offset != 0 || mapping.inode == 0 || !mapping.path.starts_with('/') {
+            continue;
+        }
+        if !seen.insert((mapping.device.clone(), mapping.inode)) {
+            continue;
+        }
+        let map_file =
+            PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", mapping.start, mapping.end));
+        let name = mapping.path.trim_end_matches(" (deleted)").to_owned();
+        let open_path = match File::open(&map_file) {
+            Ok(_) => map_file,
+            Err(_) => PathBuf::from(format!("/proc/{pid}/root{name}")),
+        };
+        let same_as_exe = std::fs::metadata(&open_path).ok().map(|m| (m.dev(), m.ino())) == exe;
+        if same_as_exe {
+            continue;
+        }
+        let Ok(binary) = GoBinary::open(&open_path) else { continue };
+        let has_runtime = binary.function("runtime.deferreturn").is_some();
+        modules.push(GoModule { name, open_path, has_runtime });
+    }
+    modules
+}
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, PartialEq, Eq)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    /// `major:minor`, in hex, as the kernel prints it.
+    device: String,
+    inode: u64,
+    /// The file, `[heap]`-style pseudo names, or empty.
+    path: String,
+}
+
+/// The mappings of `pid` (none if it is gone).
+fn mappings(pid: u32) -> Vec<Mapping> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    maps.lines().filter_map(parse_mapping).collect()
+}
+
+fn parse_mapping(line: &str) -> Option<Mapping> {
+    let mut fields = line.splitn(6, ' ');
+    let (start, end) = fields.next()?.split_once('-')?;
+    let _perms = fields.next()?;
+    let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let device = fields.next()?.to_owned();
+    let inode = fields.next()?.parse().ok()?;
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        offset,
+        device,
+        inode,
+        path: fields.next().unwrap_or("").trim_start().to_owned(),
+    })
 }
 
 /// What reading another process's executable and memory needs, for one who lacks it.
@@ -206,6 +364,8 @@ impl GatedChild {
                 exe: path.to_path_buf(),
                 exe_name: path.to_string_lossy().into_owned(),
                 thread: None,
+                go_module: None,
+                notes: Vec::new(),
             },
             gate: File::from(gate_write),
             exec_status: File::from(status_read),
@@ -323,34 +483,36 @@ pub fn resolve_program(program: &str) -> Result<PathBuf> {
         .ok_or_else(|| Error::no_target(format!("{program}: command not found in PATH")))
 }
 
-/// Where `pid` mapped file offset 0 of its main executable (/proc/PID/maps). None if the
-/// process is gone.
 /// Runtime address − ELF virtual address of `binary` in process `pid`: where it mapped the
 /// start of the file, less where the ELF file says it goes; 0 for position-dependent binaries
-/// (and when the mapping can't be found).
-pub fn load_bias(binary: &crate::binary::GoBinary, pid: u32) -> u64 {
+/// (and when the mapping can't be found). `binary` is the traced module: the executable or a
+/// shared library ([`Target::open_binary`]).
+pub fn load_bias(binary: &GoBinary, pid: u32) -> u64 {
     match binary.is_pie() {
-        true => {
-            exe_mapping_start(pid).map_or(0, |start| start.wrapping_sub(binary.file_start_vaddr()))
-        }
+        true => module_mapping_start(pid, binary.path())
+            .map_or(0, |start| start.wrapping_sub(binary.file_start_vaddr())),
         false => 0,
     }
 }
 
-pub fn exe_mapping_start(pid: u32) -> Option<u64> {
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-    let exe = exe.to_string_lossy();
-    let exe = exe.trim_end_matches(" (deleted)");
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    maps.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let range = fields.next()?;
-        let offset = fields.nth(1)?;
-        let path = fields.nth(2)?;
-        (path == exe && u64::from_str_radix(offset, 16).ok()? == 0)
-            .then(|| u64::from_str_radix(range.split('-').next()?, 16).ok())
-            .flatten()
-    })
+/// Where `pid` mapped file offset 0 of `file` (the executable, a library, or a
+/// `/proc/PID/...` link to one): the mapping of the same inode (on the same device when the
+/// kernel's numbers agree with stat's, as they may not on overlayfs), else of the same path.
+/// None if the process is gone or has no such mapping.
+pub fn module_mapping_start(pid: u32, file: &Path) -> Option<u64> {
+    let mappings: Vec<Mapping> = mappings(pid).into_iter().filter(|m| m.offset == 0).collect();
+    if let Ok(meta) = std::fs::metadata(file) {
+        let device = format!("{:02x}:{:02x}", libc::major(meta.dev()), libc::minor(meta.dev()));
+        let same_inode = |m: &&Mapping| m.inode == meta.ino();
+        let found = mappings.iter().filter(same_inode).find(|m| m.device == device);
+        if let Some(mapping) = found.or_else(|| mappings.iter().find(same_inode)) {
+            return Some(mapping.start);
+        }
+    }
+    let path = std::fs::read_link(file).unwrap_or_else(|_| file.to_path_buf());
+    let path = path.to_string_lossy();
+    let path = path.trim_end_matches(" (deleted)");
+    mappings.iter().find(|m| m.path.trim_end_matches(" (deleted)") == path).map(|m| m.start)
 }
 
 /// How a process ended, as a shell reports it.
@@ -410,6 +572,38 @@ mod tests {
         assert_eq!(err.to_string(), format!("no process with pid {}", i32::MAX));
         let me = Target::running(std::process::id()).unwrap();
         assert_eq!(me.exe, PathBuf::from(format!("/proc/{}/exe", std::process::id())));
+        assert_eq!(me.go_module, None);
+    }
+
+    #[test]
+    fn maps_lines() {
+        let line = "7f12a4c00000-7f12a4c3c000 r--p 00000000 fd:01 1837420                    \
+                    /tmp/lib go (deleted)";
+        assert_eq!(
+            parse_mapping(line),
+            Some(Mapping {
+                start: 0x7f12a4c00000,
+                end: 0x7f12a4c3c000,
+                offset: 0,
+                device: "fd:01".into(),
+                inode: 1837420,
+                path: "/tmp/lib go (deleted)".into(),
+            })
+        );
+        let anonymous = parse_mapping("7ffd1000-7ffd2000 rw-p 00001000 00:00 0 ").unwrap();
+        assert_eq!((anonymous.offset, anonymous.inode, anonymous.path.as_str()), (0x1000, 0, ""));
+        assert_eq!(parse_mapping("garbage"), None);
+        // This test binary: found by inode through /proc/self/exe, at its lowest mapping.
+        let pid = std::process::id();
+        let start = module_mapping_start(pid, Path::new("/proc/self/exe")).unwrap();
+        let lowest = mappings(pid)
+            .into_iter()
+            .filter(|m| {
+                m.offset == 0 && m.path == std::env::current_exe().unwrap().to_string_lossy()
+            })
+            .map(|m| m.start)
+            .min();
+        assert_eq!(Some(start), lowest);
     }
 
     #[test]

@@ -17,12 +17,12 @@ use crate::{cli_errors::assert_fails, support::*};
 const BUILDINFO_MAGIC: &[u8] = b"\xff Go buildinf:";
 
 /// A file in a fresh per-test directory, removed (with the directory) on drop.
-struct Scratch {
-    dir: PathBuf,
+pub(crate) struct Scratch {
+    pub(crate) dir: PathBuf,
 }
 
 impl Scratch {
-    fn new(test: &str) -> Scratch {
+    pub(crate) fn new(test: &str) -> Scratch {
         let dir =
             workspace_root().join("target/e2e").join(format!("{test}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -32,7 +32,7 @@ impl Scratch {
 
     /// Writes `bytes` to `name` as an executable file (not to be run by this process: see
     /// [`Scratch::copy`]).
-    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+    pub(crate) fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let path = self.dir.join(name);
         fs::write(&path, bytes).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
@@ -42,7 +42,7 @@ impl Scratch {
     /// Copies the executable `from` to `name` with cp(1). Written from this multi-threaded test
     /// process, its write descriptor could be inherited by another test's fork and make
     /// running it fail with ETXTBSY.
-    fn copy(&self, name: &str, from: &Path) -> PathBuf {
+    pub(crate) fn copy(&self, name: &str, from: &Path) -> PathBuf {
         let path = self.dir.join(name);
         let status = std::process::Command::new("cp").arg(from).arg(&path).status().unwrap();
         assert!(status.success(), "cp {} {}", from.display(), path.display());
@@ -204,4 +204,105 @@ fn executable_deleted_or_replaced_on_disk_still_traced() {
         assert_eq!(report["target"]["go_version"], truth.go_version.as_str(), "{change}");
         assert_eq!(report["pending"]["heap_defers"], 0, "{change}: {report}");
     }
+}
+
+/// Go executables for other systems and processors, cross-built here with the default release:
+/// `inspect` and `run -- FILE` name what the file is (exit 65) and never run it.
+#[test]
+fn other_systems_and_processors_exit_65() {
+    require_root();
+    let scratch = Scratch::new("platforms");
+    fs::write(scratch.dir.join("go.mod"), "module deferprobe.test/cross\n\ngo 1.21\n").unwrap();
+    fs::write(
+        scratch.dir.join("main.go"),
+        "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"hello\") }\n",
+    )
+    .unwrap();
+    let release = &go_releases()[0];
+    let go = workspace_root().join(format!("target/go/{release}/go/bin/go"));
+    assert!(go.exists(), "{} is missing: run `cargo xtask setup`", go.display());
+    for (goos, goarch, what) in [
+        ("freebsd", "amd64", "a FreeBSD ELF file (GOOS=freebsd)"),
+        ("windows", "amd64", "a Windows PE file"),
+        ("darwin", "amd64", "a macOS Mach-O file"),
+        ("linux", "arm64", "a linux/arm64 ELF file"),
+    ] {
+        let output = scratch.dir.join(format!("hello-{goos}-{goarch}"));
+        let built = std::process::Command::new(&go)
+            .current_dir(&scratch.dir)
+            .env("GOOS", goos)
+            .env("GOARCH", goarch)
+            .env("CGO_ENABLED", "0")
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "-mod=mod")
+            .env("GOCACHE", workspace_root().join(format!("target/go-cache/{release}-cross")))
+            .args(["build", "-o"])
+            .arg(&output)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(built.status.success(), "{goos}/{goarch}: {}", text(&built).1);
+        let expected =
+            format!("{}: {what}; deferprobe traces linux/amd64 Go binaries", output.display());
+        assert_fails(&["inspect", path_arg(&output)], EXIT_UNSUPPORTED, &expected);
+        assert_fails(&["inspect", "--json", path_arg(&output)], EXIT_UNSUPPORTED, &expected);
+        assert_fails(&["run", "--", path_arg(&output)], EXIT_UNSUPPORTED, &expected);
+        let output = deferprobe().args(["run", "--", path_arg(&output)]).output().unwrap();
+        assert!(!text(&output).0.contains("hello"), "{goos}/{goarch} was run");
+    }
+}
+
+/// A copy of the workload with random bytes over its `.debug_info` contents (after the
+/// compression header: Go compresses DWARF) runs and is traced exactly: the
+/// release table stands in for the DWARF, and the report says so.
+#[test]
+fn corrupt_dwarf_falls_back_to_the_release_table() {
+    use object::{Object as _, ObjectSection as _, read::elf::ElfFile64};
+    require_root();
+    let scratch = Scratch::new("corrupt-dwarf");
+    let original = go_program(&go_releases()[0], "workload");
+    let mut bytes = fs::read(&original).unwrap();
+    let (start, end) = {
+        let elf = ElfFile64::<object::Endianness>::parse(&*bytes).unwrap();
+        let section = elf.section_by_name(".debug_info").expect("the workload has DWARF");
+        // The compressed data (after the Elf64_Chdr of SHF_COMPRESSED or the header of a
+        // `.zdebug_info`), or the plain contents: it is what the section holds that is random.
+        let range = section.compressed_file_range().unwrap();
+        (range.offset as usize, (range.offset + range.compressed_size) as usize)
+    };
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for byte in &mut bytes[start..end] {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        *byte = state as u8;
+    }
+    let written = scratch.file("corrupt.tmp", &bytes);
+    let copy = scratch.copy("corrupt", &written);
+
+    let (text, json) = inspect(&copy);
+    assert_eq!(json["plan"]["layout_source"], "release_table", "{json}");
+    let note = json["plan"]["layout_note"].as_str().unwrap_or_else(|| panic!("no note: {json}"));
+    assert!(
+        note.starts_with(&format!(
+            "the binary's DWARF could not be used ({}: corrupt DWARF: ",
+            copy.display()
+        )),
+        "{note}"
+    );
+    assert!(text.contains("(ReleaseTable)") && text.contains(note), "{text}");
+
+    let args = ["-calls", "20", "-defers", "25", "-goroutines", "10"];
+    let traced = trace_command("corrupt-dwarf", &copy, &args);
+    let context = format!("stderr:\n{}\nreport: {}", traced.stderr, traced.report);
+    assert_eq!(traced.code, 0, "{context}");
+    let truth = ground_truth(&traced.stdout);
+    assert_eq!(truth.heap_defers, 20 * 25 + 10 * 2, "the program's own count");
+    assert_eq!(traced.count("deferproc"), truth.heap_defers, "{context}");
+    assert_eq!(traced.count("deferreturn"), truth.heap_defer_frame_returns, "{context}");
+    assert_eq!(traced.report["probes"]["layout_source"], "release_table", "{context}");
+    assert_eq!(traced.report["pending"]["heap_defers"], 0, "{context}");
+    let notes = traced.report["notes"].as_array().unwrap();
+    assert!(notes.iter().any(|n| n == note), "the note {note:?} is missing\n{context}");
+    assert!(traced.stderr.contains("the binary's DWARF is unusable"), "{context}");
 }

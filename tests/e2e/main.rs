@@ -4,6 +4,7 @@
 //! `cargo xtask go-programs` (`./x test` does both).
 
 mod bad_input;
+mod c_shared;
 mod cli_errors;
 mod correlation;
 mod counts;

@@ -311,6 +311,20 @@ impl Workload {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
     }
 
+    /// Sends `line` (a command of a program with more than "go", e.g. tests/go/cshared's
+    /// host) and returns the JSON line it prints in answer.
+    pub fn command_json(&mut self, line: &str) -> Value {
+        self.send(line);
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{line}: {e}: {answer:?}"))
+    }
+
+    /// Sends `line`, without waiting for an answer.
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin.as_mut().unwrap(), "{line}").unwrap();
+    }
+
     /// Closes its stdin (it exits) and reaps it.
     pub fn end(mut self) {
         drop(self.stdin.take());

@@ -34,6 +34,10 @@ pub struct BuildInfo {
     pub module_path: Option<String>,
     /// From the modinfo `path\t<package>` line.
     pub main_package: Option<String>,
+    /// The `build\tGOOS=...` and `build\tGOARCH=...` settings of modinfo (what `go build`
+    /// targeted), when present.
+    pub goos: Option<String>,
+    pub goarch: Option<String>,
 }
 
 impl BuildInfo {
@@ -82,6 +86,12 @@ impl BuildInfo {
                 line.strip_prefix(key)?.strip_prefix('\t')?.split('\t').next().map(str::to_owned)
             })
         };
+        let setting = |key: &str| {
+            modinfo.lines().find_map(|line| {
+                let value = line.strip_prefix("build\t")?.strip_prefix(key)?.strip_prefix('=')?;
+                Some(value.to_owned())
+            })
+        };
         Ok(BuildInfo {
             version: version.to_owned(),
             release,
@@ -89,6 +99,8 @@ impl BuildInfo {
             experiments,
             module_path: field("mod"),
             main_package: field("path"),
+            goos: setting("GOOS"),
+            goarch: setting("GOARCH"),
         })
     }
 }
@@ -222,6 +234,8 @@ mod tests {
                     assert_eq!(info.module_path.as_deref(), Some("deferprobe.test/programs"));
                     let package = format!("deferprobe.test/programs/{}", program.dir());
                     assert_eq!(info.main_package.as_deref(), Some(package.as_str()));
+                    assert_eq!(info.goos.as_deref(), Some("linux"));
+                    assert_eq!(info.goarch.as_deref(), Some("amd64"));
                 }
             }
         }
@@ -262,11 +276,15 @@ mod tests {
 
     #[test]
     fn modinfo_lines() {
-        let modinfo =
-            "path\tex.com/cmd/x\nmod\tex.com\tv1.2.3\th1:abc=\ndep\tgolang.org/x/sys\tv0.1.0\n";
+        let modinfo = "path\tex.com/cmd/x\nmod\tex.com\tv1.2.3\th1:abc=\ndep\tgolang.org/x/sys\t\
+                       v0.1.0\nbuild\t-trimpath=true\nbuild\tGOARCH=arm64\nbuild\tGOOS=freebsd\n";
         let info = BuildInfo::from_strings(Path::new("f"), "go1.27.3", modinfo).unwrap();
         assert_eq!(info.main_package.as_deref(), Some("ex.com/cmd/x"));
         assert_eq!(info.module_path.as_deref(), Some("ex.com"));
+        assert_eq!(info.goos.as_deref(), Some("freebsd"));
+        assert_eq!(info.goarch.as_deref(), Some("arm64"));
+        let info = BuildInfo::from_strings(Path::new("f"), "go1.27.3", "path\tp\n").unwrap();
+        assert_eq!((info.goos, info.goarch), (None, None));
     }
 
     fn blob(flags: u8, version: &[u8], modinfo: &[u8]) -> Vec<u8> {

@@ -13,13 +13,12 @@ pub enum BinaryError {
     },
     #[error("{}: not an ELF file", path.display())]
     NotElf { path: PathBuf },
+    /// An executable for another system or processor, named by what it is (`a Windows PE
+    /// file`, `a FreeBSD ELF file (GOOS=freebsd)`, `a linux/arm64 ELF file`).
+    #[error("{}: {what}; deferprobe traces linux/amd64 Go binaries", path.display())]
+    UnsupportedPlatform { path: PathBuf, what: String },
     #[error("{}: malformed ELF: {reason}", path.display())]
     MalformedElf { path: PathBuf, reason: String },
-    #[error(
-        "{}: unsupported architecture {arch} (deferprobe traces linux/amd64 Go binaries)",
-        path.display()
-    )]
-    UnsupportedArchitecture { path: PathBuf, arch: String },
     #[error("{}: not a Go binary (no .go.buildinfo section)", path.display())]
     NotGo { path: PathBuf },
     #[error(

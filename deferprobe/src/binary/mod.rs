@@ -134,6 +134,7 @@ impl GoBinary {
         // SAFETY: a read-only private mapping. Like every reader of a mapped file we rely on it
         // not being truncated underneath us (executables are replaced, not rewritten in place).
         let map = unsafe { Mmap::map(&file) }.map_err(read_error)?;
+        check_platform(path, &map)?;
         let elf = parse_elf(path, &map)?;
         let endian = elf.endian();
         let segments = load_segments(path, &elf, map.len())?;
@@ -558,8 +559,104 @@ fn load_segments(
         .collect()
 }
 
-/// Parses `data` as a little-endian x86-64 ELF file, telling apart "not ELF", "ELF for another
-/// architecture" and "malformed".
+/// The one platform deferprobe traces, as (GOOS, architecture): the place to widen (issue 16,
+/// linux/arm64).
+const SUPPORTED_PLATFORMS: [(&str, Architecture); 1] = [("linux", Architecture::X86_64)];
+
+/// GOOS values that run on the Linux kernel (Android's binaries are Linux ELF files).
+const LINUX_GOOS: [&str; 2] = ["linux", "android"];
+
+/// Refuses anything but a linux/amd64 ELF file, naming what the file is instead: another
+/// object format ([`FileKind`]), another OS (the ELF OS ABI, or the `GOOS=` build setting of a
+/// Go binary), another processor (`e_machine`, which a patched or odd `GOARCH=` setting can't
+/// contradict). Files of no known format are
+/// [`BinaryError::NotElf`].
+fn check_platform(path: &Path, data: &[u8]) -> Result<(), BinaryError> {
+    let refuse = |what: String| BinaryError::UnsupportedPlatform { path: path.to_owned(), what };
+    let malformed = |err: object::Error| BinaryError::MalformedElf {
+        path: path.to_owned(),
+        reason: err.to_string(),
+    };
+    let kind = match FileKind::parse(data) {
+        Ok(kind) => kind,
+        Err(_) if data.starts_with(&elf::ELFMAG) => {
+            return Err(BinaryError::MalformedElf {
+                path: path.to_owned(),
+                reason: "unrecognised ELF header".to_owned(),
+            });
+        }
+        Err(_) => return Err(BinaryError::NotElf { path: path.to_owned() }),
+    };
+    let (os_abi, arch, goos) = match kind {
+        FileKind::Elf64 => {
+            let file = ElfFile64::<Endianness>::parse(data).map_err(malformed)?;
+            let goos = BuildInfo::read(path, &file).ok().and_then(|info| info.goos);
+            (file.elf_header().e_ident.os_abi, file.architecture(), goos)
+        }
+        FileKind::Elf32 => {
+            let file = ElfFile32::<Endianness>::parse(data).map_err(malformed)?;
+            (file.elf_header().e_ident.os_abi, file.architecture(), None)
+        }
+        FileKind::Pe32 | FileKind::Pe64 => return Err(refuse("a Windows PE file".to_owned())),
+        FileKind::MachO32 | FileKind::MachO64 | FileKind::MachOFat32 | FileKind::MachOFat64 => {
+            return Err(refuse("a macOS Mach-O file".to_owned()));
+        }
+        FileKind::Coff | FileKind::CoffBig | FileKind::CoffImport => {
+            return Err(refuse("a COFF object file".to_owned()));
+        }
+        FileKind::Xcoff32 | FileKind::Xcoff64 => {
+            return Err(refuse("an AIX XCOFF file".to_owned()));
+        }
+        _ => return Err(BinaryError::NotElf { path: path.to_owned() }),
+    };
+    // Which says what the OS is: the Go build setting, else the ELF header.
+    let (goos, source) = match goos {
+        Some(goos) => (goos.clone(), format!("GOOS={goos}")),
+        None => (goos_of_os_abi(os_abi).to_owned(), format!("ELF OS ABI {}", os_abi.0)),
+    };
+    let linux = LINUX_GOOS.contains(&goos.as_str());
+    let supported = SUPPORTED_PLATFORMS
+        .iter()
+        .any(|&(os, supported)| (goos == os || (os == "linux" && linux)) && arch == supported);
+    if supported {
+        return Ok(());
+    }
+    Err(refuse(match linux {
+        true => format!("a {goos}/{} ELF file", goarch_name(arch)),
+        false => format!("a{} ELF file ({source})", os_name(&goos)),
+    }))
+}
+
+/// The GOOS an ELF OS ABI byte stands for (Go sets it for FreeBSD; Linux and most others
+/// leave it 0, "System V").
+fn goos_of_os_abi(os_abi: elf::OsAbi) -> &'static str {
+    match os_abi {
+        elf::ELFOSABI_FREEBSD => "freebsd",
+        elf::ELFOSABI_NETBSD => "netbsd",
+        elf::ELFOSABI_OPENBSD => "openbsd",
+        elf::ELFOSABI_SOLARIS => "solaris",
+        _ => "linux",
+    }
+}
+
+/// " FreeBSD", "n OpenBSD": the system a GOOS names, with the article's ending.
+fn os_name(goos: &str) -> String {
+    let name = match goos {
+        "freebsd" => "FreeBSD",
+        "netbsd" => "NetBSD",
+        "openbsd" => "OpenBSD",
+        "dragonfly" => "DragonFly BSD",
+        "solaris" => "Solaris",
+        "illumos" => "illumos",
+        "plan9" => "Plan 9",
+        other => other,
+    };
+    let vowel = name.starts_with(|c: char| "aeiouAEIOU".contains(c));
+    format!("{} {name}", if vowel { "n" } else { "" })
+}
+
+/// Parses `data`, already checked by [`check_platform`], as a little-endian x86-64 ELF file
+/// whose sections all lie in the file.
 fn parse_elf<'data>(
     path: &Path,
     data: &'data [u8],
@@ -568,28 +665,7 @@ fn parse_elf<'data>(
         path: path.to_owned(),
         reason: err.to_string(),
     };
-    let unsupported = |arch: Architecture| BinaryError::UnsupportedArchitecture {
-        path: path.to_owned(),
-        arch: goarch(arch),
-    };
-    if !data.starts_with(&elf::ELFMAG) {
-        return Err(BinaryError::NotElf { path: path.to_owned() });
-    }
-    match FileKind::parse(data).map_err(malformed)? {
-        FileKind::Elf64 => {}
-        FileKind::Elf32 => {
-            return Err(unsupported(
-                ElfFile32::<Endianness>::parse(data).map_err(malformed)?.architecture(),
-            ));
-        }
-        _ => {
-            return Err(BinaryError::NotElf { path: path.to_owned() });
-        }
-    }
     let file = ElfFile64::<Endianness>::parse(data).map_err(malformed)?;
-    if file.architecture() != Architecture::X86_64 {
-        return Err(unsupported(file.architecture()));
-    }
     if !file.is_little_endian() {
         return Err(BinaryError::MalformedElf {
             path: path.to_owned(),
@@ -614,13 +690,17 @@ fn parse_elf<'data>(
 }
 
 /// The GOARCH name of an architecture, for messages.
-fn goarch(arch: Architecture) -> String {
+fn goarch_name(arch: Architecture) -> String {
     match arch {
+        Architecture::X86_64 => "amd64".to_owned(),
         Architecture::I386 => "386".to_owned(),
         Architecture::X86_64_X32 => "x32".to_owned(),
         Architecture::Aarch64 => "arm64".to_owned(),
         Architecture::Arm => "arm".to_owned(),
         Architecture::LoongArch64 => "loong64".to_owned(),
+        Architecture::PowerPc64 => "ppc64".to_owned(),
+        Architecture::Riscv64 => "riscv64".to_owned(),
+        Architecture::S390x => "s390x".to_owned(),
         other => format!("{other:?}").to_lowercase(),
     }
 }
@@ -1100,10 +1180,21 @@ mod tests {
         assert_eq!(
             open_err(&arm64),
             format!(
-                "{}: unsupported architecture arm64 (deferprobe traces linux/amd64 Go binaries)",
+                "{}: a linux/arm64 ELF file; deferprobe traces linux/amd64 Go binaries",
                 arm64.path().display()
             )
         );
+        // The binary's own GOOS setting (every copy of modinfo patched, same length).
+        let netbsd = TempFile::patched(&path, |bytes| {
+            let mut patched = 0;
+            while let Some(at) = bytes.windows(11).position(|w| w == b"\tGOOS=linux") {
+                bytes[at..at + 11].copy_from_slice(b"\tGOOS=netbs");
+                patched += 1;
+            }
+            assert!(patched > 0);
+        });
+        let expected = ": a netbs ELF file (GOOS=netbs); deferprobe traces linux/amd64 Go binaries";
+        assert!(open_err(&netbsd).ends_with(expected), "{}", open_err(&netbsd));
         // A bare 32-bit i386 ELF header.
         let mut header = vec![0u8; 52];
         header[..7].copy_from_slice(&[
@@ -1120,6 +1211,19 @@ mod tests {
         header[20..24].copy_from_slice(&1u32.to_le_bytes());
         header[40..42].copy_from_slice(&52u16.to_le_bytes());
         let i386 = TempFile::new("i386", &header);
-        assert!(open_err(&i386).contains("unsupported architecture 386"));
+        assert!(
+            open_err(&i386)
+                .ends_with(": a linux/386 ELF file; deferprobe traces linux/amd64 Go binaries")
+        );
+        for (magic, what) in [
+            (&b"MZ\x90\0"[..], "a Windows PE file"),
+            (&[0xcf, 0xfa, 0xed, 0xfe][..], "a macOS Mach-O file"),
+        ] {
+            let mut bytes = vec![0u8; 4096];
+            bytes[..magic.len()].copy_from_slice(magic);
+            let file = TempFile::new("foreign", &bytes);
+            let message = open_err(&file);
+            assert!(message.contains(what) || message.contains("not an ELF file"), "{message}");
+        }
     }
 }

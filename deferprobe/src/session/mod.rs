@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use tracing::{info, warn};
 
 use crate::{
-    binary::{GoBinary, MemoryProfiling},
+    binary::MemoryProfiling,
     cli::RunArgs,
     error::{Error, ErrorKind, Result},
     findings,
@@ -48,7 +48,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let signals = Signals::install()?;
 
     let started_command = !args.command.is_empty();
-    let running = args.pid.map(Target::running).transpose()?;
+    let mut running = args.pid.map(Target::running).transpose()?;
     if let Some(Target { pid, thread: Some(thread), .. }) = &running {
         info!(thread, pid, "--pid {thread} is a thread of process {pid}: tracing the process");
     }
@@ -57,14 +57,17 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         None => target::resolve_program(&args.command[0])?,
     };
     // Analyse and plan before anything is started: a bad binary fails before it runs.
-    let binary = match &running {
+    let binary = match &mut running {
         Some(target) => target.open_binary()?,
-        None => GoBinary::open(&exe)?,
+        None => target::open_command(&exe)?,
     };
     let plan = ProbePlan::build(
         &binary,
         &PlanOptions { families: args.probes.clone(), allocations: args.alloc_mode },
     )?;
+    if let Some(note) = &plan.layout_note {
+        warn!(%note, "the binary's DWARF is unusable: using the release table");
+    }
     // What reading the runtime's state needs from the binary, found before the target runs.
     // Why the runtime's state can't be read, if it can't (reported as a note).
     let mut state_error = None;
@@ -270,6 +273,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         }),
     };
     let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
+    notes.extend(target.notes.iter().cloned());
+    notes.extend(plan.layout_note.clone());
     if let Some(thread) = target.thread {
         notes.push(format!(
             "--pid {thread} is a thread of process {}: the process was traced",
@@ -363,6 +368,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         target: TargetReport {
             pid: target.pid,
             exe: target.exe_name.clone(),
+            go_module: target.go_module.clone(),
             go_version: plan.go_version.clone(),
             exit_code,
         },
