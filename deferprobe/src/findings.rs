@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Serialize;
 
 use crate::{
+    aggregator::Panicked,
     report::{
         Finding, GoroutineReport, GoroutineSiteReport, Location, MapOrigin, PendingReport,
         PendingSections, SiteReport,
@@ -85,6 +86,32 @@ pub fn capture_notes(sections: &PendingSections) -> Vec<String> {
         ));
     }
     notes
+}
+
+/// Notes on goroutines that died of an unrecovered panic: the runtime ran their deferred calls
+/// during the panic (so none of their records is pending), and the program died of it; the
+/// other goroutines' deferred calls never ran, and their records stay pending as the program
+/// left them.
+pub fn panic_notes(panicked: &[Panicked]) -> Vec<String> {
+    panicked
+        .iter()
+        .map(|p| {
+            let goroutine = match p.goid {
+                Some(goid) => format!("goroutine {goid}"),
+                None => "a goroutine (its id could not be read)".to_owned(),
+            };
+            let ran = match p.records_ran {
+                Some(1) => "its 1 pending heap defer ran".to_owned(),
+                Some(n) => format!("its {n} pending heap defers ran"),
+                None => "its deferred calls ran (how many pending heap defers: unknown)".to_owned(),
+            };
+            format!(
+                "{goroutine} panicked and nothing recovered: {ran} during the panic, and the \
+                 program died of it; the other goroutines' deferred calls never ran, and their \
+                 records are reported pending as the program left them"
+            )
+        })
+        .collect()
 }
 
 /// Captured maps `(map, entries)` grouped by where the probes saw them first written while
@@ -544,6 +571,22 @@ mod tests {
         assert_eq!(origins.len(), 1);
         assert_eq!((origins[0].maps, origins[0].entries, origins[0].writes), (2, 8, 0xa + 0xb));
         assert_eq!(origins[0].line, Some(0x401200));
+    }
+
+    #[test]
+    fn a_fatal_panic_is_noted_with_what_ran_and_unknowns_as_such() {
+        let notes = panic_notes(&[
+            Panicked { goid: Some(9), records_ran: Some(40) },
+            Panicked { goid: None, records_ran: None },
+        ]);
+        assert_eq!(
+            notes[0],
+            "goroutine 9 panicked and nothing recovered: its 40 pending heap defers ran during \
+             the panic, and the program died of it; the other goroutines' deferred calls never \
+             ran, and their records are reported pending as the program left them"
+        );
+        assert!(notes[1].starts_with("a goroutine (its id could not be read) panicked"));
+        assert!(notes[1].contains("how many pending heap defers: unknown"), "{}", notes[1]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod correlation;
 mod counts;
 mod defer_sites;
 mod demo;
+mod edges;
 mod governor;
 mod matrix;
 mod runtime_state;

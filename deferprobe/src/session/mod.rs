@@ -279,6 +279,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             }
         ));
     }
+    notes.extend(findings::panic_notes(traced.aggregator.panicked()));
     if traced.reconciled.released + traced.reconciled.moved > 0 {
         notes.push(format!(
             "the runtime's _defer chains corrected the event-based state: {} records run without \
