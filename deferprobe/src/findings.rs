@@ -14,8 +14,8 @@ use serde::Serialize;
 use crate::{
     aggregator::Panicked,
     report::{
-        Finding, GoroutineReport, GoroutineSiteReport, Location, MapOrigin, PendingReport,
-        PendingSections, SiteReport,
+        Finding, GoroutineReport, GoroutineSiteReport, Location, LostEvents, MapOrigin,
+        PendingReport, PendingSections, SiteReport,
     },
     state::{CapturedValue, Captures, PendingRecord, Snapshot, Value},
 };
@@ -86,6 +86,40 @@ pub fn capture_notes(sections: &PendingSections) -> Vec<String> {
         ));
     }
     notes
+}
+
+/// For a program deferprobe started: nothing was pending before its first instruction (the
+/// probes were attached before it ran), so the pending records no registration seen accounts
+/// for, counted as "pending before trace" by [`from_snapshot`] and `report::correlate`, are
+/// registrations whose events were lost. Moves them to the `pending_registration_lost` counts.
+pub fn unseen_registrations_were_lost(sections: &mut PendingSections) {
+    let pending = &mut sections.pending;
+    pending.registration_lost += std::mem::take(&mut pending.before_trace);
+    for finding in &mut sections.findings {
+        finding.pending_registration_lost += std::mem::take(&mut finding.pending_before_trace);
+    }
+    for goroutine in &mut sections.goroutines {
+        for site in &mut goroutine.defer_sites {
+            site.pending_registration_lost += std::mem::take(&mut site.pending_before_trace);
+        }
+    }
+    for site in &mut sections.sites {
+        site.pending_registration_lost += std::mem::take(&mut site.pending_before_trace);
+    }
+}
+
+/// The note on `registration_lost` pending records (see [`unseen_registrations_were_lost`]),
+/// tied to the losses that explain them.
+pub fn registration_lost_note(records: u64, lost: &LostEvents, ring_kib: u32) -> String {
+    format!(
+        "{records} pending heap defer records were registered while traced, but their \
+         registration events were lost (ring buffer full: {}, without goroutine id: {}): they \
+         are pending (found in the goroutines' _defer chains) and counted as \
+         pending_registration_lost, not as registered in sites, and their age is unknown; the \
+         program was traced from its first instruction, so none was pending before tracing \
+         started; a larger --ring-buffer-kib than {ring_kib} keeps more events",
+        lost.ring_buffer_full, lost.without_goroutine_id
+    )
 }
 
 /// Notes on goroutines that died of an unrecovered panic: the runtime ran their deferred calls
@@ -373,6 +407,7 @@ pub fn from_snapshot(
                 line: location.line,
                 pending_defers: pending,
                 pending_before_trace: at_attach,
+                pending_registration_lost: 0,
                 oldest_pending_secs,
                 captured_maps: Some(frame_totals.retained.maps()),
                 captured_maps_by_value: Some(frame_totals.retained.by_value.len() as u64),
@@ -404,6 +439,7 @@ pub fn from_snapshot(
                     pending,
                     registered: totals.map(|(registered, _)| registered),
                     pending_before_trace: before,
+                    pending_registration_lost: 0,
                     released: totals.map(|(_, released)| released),
                 }
             })
@@ -428,6 +464,7 @@ pub fn from_snapshot(
             by_site.entry(*pc).or_default();
         }
     }
+    let before_trace = by_site.values().map(|(_, before, _)| before).sum();
     let mut sites: Vec<SiteReport> = by_site
         .into_iter()
         .map(|(pc, (pending, before, captures))| {
@@ -443,6 +480,7 @@ pub fn from_snapshot(
                 line: location.line,
                 registered: totals.map(|(registered, _)| registered),
                 pending_before_trace: before,
+                pending_registration_lost: 0,
                 released: totals.map(|(_, released)| released),
                 pending,
                 captures: captures.summaries(),
@@ -455,6 +493,8 @@ pub fn from_snapshot(
             heap_defers: records_total,
             goroutines: snapshot.goroutines.len() as u64,
             captured_maps: Some(all.maps()),
+            before_trace,
+            registration_lost: 0,
         },
         findings,
         goroutines,
@@ -571,6 +611,24 @@ mod tests {
         assert_eq!(origins.len(), 1);
         assert_eq!((origins[0].maps, origins[0].entries, origins[0].writes), (2, 8, 0xa + 0xb));
         assert_eq!(origins[0].line, Some(0x401200));
+    }
+
+    /// In a program deferprobe started, records no registration accounts for were lost events,
+    /// never "pending before trace", in every section.
+    #[test]
+    fn unseen_records_of_a_started_program_are_lost_registrations() {
+        let records = vec![record(0x100, vec![]); 3];
+        let mut s = sections(records, 1);
+        assert_eq!((s.pending.before_trace, s.findings[0].pending_before_trace), (3, 3));
+        unseen_registrations_were_lost(&mut s);
+        let f = &s.findings[0];
+        assert_eq!((f.pending_before_trace, f.pending_registration_lost), (0, 3));
+        assert_eq!(f.oldest_pending_secs, None, "their age is unknown");
+        assert_eq!((s.pending.before_trace, s.pending.registration_lost), (0, 3));
+        let site = &s.sites[0];
+        assert_eq!((site.pending_before_trace, site.pending_registration_lost), (0, 3));
+        let site = &s.goroutines[0].defer_sites[0];
+        assert_eq!((site.pending_before_trace, site.pending_registration_lost), (0, 3));
     }
 
     #[test]

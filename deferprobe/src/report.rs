@@ -322,6 +322,13 @@ pub struct PendingReport {
     pub goroutines: u64,
     /// Distinct maps their closures capture; null when the runtime's state could not be read.
     pub captured_maps: Option<u64>,
+    /// Of `heap_defers`, records no registration seen while traced accounts for, already
+    /// pending when tracing started (`--pid`; always 0 when deferprobe started the program).
+    pub before_trace: u64,
+    /// Of `heap_defers`, records no registration seen accounts for in a program deferprobe
+    /// started (nothing is pending before its first instruction): their registration events
+    /// were lost (ring buffer full). 0 under `--pid`, where they count as `before_trace`.
+    pub registration_lost: u64,
 }
 
 /// Where a PC is in the source.
@@ -360,6 +367,9 @@ pub struct SiteReport {
     /// Pending records whose registration the probes did not see: pending before tracing
     /// started (all of them in a `snapshot`).
     pub pending_before_trace: u64,
+    /// Pending records whose registration event was lost, in a program deferprobe started
+    /// (see [`PendingReport::registration_lost`]).
+    pub pending_registration_lost: u64,
     pub released: Option<u64>,
     pub pending: u64,
     /// What the site's pending closures capture (from the runtime's state; empty when only
@@ -388,6 +398,7 @@ pub struct GoroutineSiteReport {
     /// This goroutine's registrations and releases at the site; null without probes.
     pub registered: Option<u64>,
     pub pending_before_trace: u64,
+    pub pending_registration_lost: u64,
     pub released: Option<u64>,
 }
 
@@ -405,8 +416,11 @@ pub struct Finding {
     /// Of those, records already pending when tracing started (found in the runtime's chain):
     /// for them `oldest_pending_secs` is a lower bound and captures are unknown.
     pub pending_before_trace: u64,
+    /// Of those, records whose registration event was lost (in a program deferprobe started:
+    /// see [`PendingReport::registration_lost`]); their age and captures' origins are unknown.
+    pub pending_registration_lost: u64,
     /// Age of the oldest pending record; null when some were pending before tracing started
-    /// (their age is unknown, "pending at attach").
+    /// (their age is unknown, "pending at attach") or their registration event was lost.
     pub oldest_pending_secs: Option<f64>,
     /// Distinct maps captured (by value or by reference) by the frame's pending closures.
     pub captured_maps: Option<u64>,
@@ -504,6 +518,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                 line: location.line,
                 pending_defers: frame.len() as u64,
                 pending_before_trace: adopted,
+                pending_registration_lost: 0,
                 // Adopted records' age is unknown.
                 oldest_pending_secs: (adopted == 0)
                     .then(|| lookups.now_ns.saturating_sub(oldest) as f64 / 1e9),
@@ -528,6 +543,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                     pending,
                     registered: Some(totals.registered),
                     pending_before_trace: totals.adopted,
+                    pending_registration_lost: 0,
                     released: Some(totals.released),
                 }
             })
@@ -559,6 +575,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                 line: location.line,
                 registered: Some(totals.registered),
                 pending_before_trace: totals.adopted,
+                pending_registration_lost: 0,
                 released: Some(totals.released),
                 pending: totals.pending(),
                 captures: Vec::new(),
@@ -571,6 +588,8 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
             heap_defers: aggregator.pending_heap_defers(),
             goroutines: goroutines.len() as u64,
             captured_maps: None,
+            before_trace: aggregator.sites().map(|(_, totals)| totals.adopted).sum(),
+            registration_lost: 0,
         },
         findings,
         goroutines,
@@ -592,6 +611,9 @@ pub fn write_findings(out: &mut String, findings: &[Finding]) {
     for f in findings {
         let age = match f.oldest_pending_secs {
             Some(secs) => format!("oldest {secs:.1}s"),
+            None if f.pending_registration_lost > 0 => {
+                format!("age unknown ({} registration events lost)", f.pending_registration_lost)
+            }
             None if f.pending_before_trace == f.pending_defers => "pending at attach".to_owned(),
             None => format!("{} pending at attach", f.pending_before_trace),
         };
@@ -724,17 +746,21 @@ impl Report {
         );
         write_findings(&mut out, &self.findings);
         if !self.sites.is_empty() {
-            // "before": already pending when tracing started.
-            let _ = writeln!(
+            // "before": already pending when tracing started; "lost": pending, registration
+            // event lost (a column only when there are some).
+            let lost = self.sites.iter().any(|site| site.pending_registration_lost > 0);
+            let _ = write!(
                 out,
                 "\n{:<38}{:>8}{:>12}{:>10}{:>10}",
                 "defer site", "before", "registered", "released", "pending"
             );
+            let _ =
+                writeln!(out, "{}", if lost { format!("{:>8}", "lost") } else { String::new() });
             for site in self.sites.iter().take(10) {
                 let name = truncate(&site_name(site), 36);
                 let count =
                     |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "  {name:<36}{:>8}{:>12}{:>10}{:>10}",
                     site.pending_before_trace,
@@ -742,6 +768,10 @@ impl Report {
                     count(site.released),
                     site.pending
                 );
+                let _ = match lost {
+                    true => writeln!(out, "{:>8}", site.pending_registration_lost),
+                    false => writeln!(out),
+                };
             }
             write_more_sites(&mut out, self.sites.len());
         }
@@ -881,7 +911,13 @@ mod tests {
         let c = correlate(&agg, &lookups(&location));
         assert_eq!(
             c.pending,
-            PendingReport { heap_defers: 300, goroutines: 1, captured_maps: None }
+            PendingReport {
+                heap_defers: 300,
+                goroutines: 1,
+                captured_maps: None,
+                before_trace: 0,
+                registration_lost: 0
+            }
         );
         assert_eq!(c.findings.len(), 1);
         let f = &c.findings[0];

@@ -120,3 +120,64 @@ fn a_fatal_panic_by_pid() {
     let report = read_json(&report_file);
     assert_died_of_the_panic(&report, &truth, "--pid");
 }
+
+/// `run -- CMD` with a 16 KiB ring buffer: 2,500 heap defers registered in five bursts
+/// overflow it. The probes were attached before the program's first instruction, so the
+/// pending records no registration event accounts for are lost events, never "pending before
+/// tracing started": every record is pending (the program's own count), the registrations
+/// seen plus the lost ones are all of them, and the note ties them to the ring buffer.
+#[test]
+fn a_small_ring_buffer_under_a_command_loses_registrations_not_time() {
+    require_root();
+    let release = &go_releases()[0];
+    let program = go_program(release, "crash");
+    let report_file = report_path("ring-command");
+    // Defers only: every event lost is a registration (nothing returns or exits here).
+    let output = deferprobe()
+        .args(["run", "--probes", "defers", "--ring-buffer-kib", "16", "--interval", "100ms"])
+        .arg("--report")
+        .arg(&report_file)
+        .arg("--")
+        .arg(&program)
+        .args(["-holders", "4", "-n", "500", "-delay", "800ms", "-exit"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let truth = ground_truth_json(&stdout);
+    let total = 5 * 500;
+    assert_eq!(truth["heap_defers"], total, "{truth}");
+    let report = read_json(&report_file);
+    assert_eq!(report["counts"]["deferproc"], total, "{report}");
+    let pending = &report["pending"];
+    assert_eq!(pending["heap_defers"], total, "every record is still pending: {report}");
+    assert_eq!(pending["before_trace"], 0, "{report}");
+    let ring_full = report["lost"]["ring_buffer_full"].as_u64().unwrap();
+    assert!(ring_full > 0, "16 KiB can't hold {total} events: {report}");
+    assert_eq!(pending["registration_lost"], ring_full, "{report}");
+    let sum = |section: &str, key: &str| -> u64 {
+        let items = report[section].as_array().unwrap();
+        items.iter().map(|item| item[key].as_u64().unwrap_or_else(|| panic!("{key}: {item}"))).sum()
+    };
+    assert_eq!(sum("sites", "registered") + ring_full, total, "seen + lost = all: {report}");
+    assert_eq!(sum("sites", "pending_registration_lost"), ring_full, "{report}");
+    assert_eq!(sum("findings", "pending_registration_lost"), ring_full, "{report}");
+    assert_eq!(sum("sites", "pending_before_trace"), 0, "{report}");
+    assert_eq!(sum("findings", "pending_before_trace"), 0, "{report}");
+    for goroutine in report["goroutines"].as_array().unwrap() {
+        for site in goroutine["defer_sites"].as_array().unwrap() {
+            assert_eq!(site["pending_before_trace"], 0, "{goroutine}");
+        }
+    }
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains(&format!(
+            "{ring_full} pending heap defer records were registered while traced, but their \
+             registration events were lost (ring buffer full: {ring_full}"
+        )),
+        "{notes}"
+    );
+    assert!(notes.contains("a larger --ring-buffer-kib than 16"), "{notes}");
+    assert!(!notes.contains("already pending"), "{notes}");
+    assert!(stdout.contains("lost"), "the text report's sites have a lost column: {stdout}");
+}

@@ -191,7 +191,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // The runtime's own state wins: pending records, what their closures hold, and sites. The
     // events alone (`correlate`) only when it could not be read.
     let mut snapshot_notes = Vec::new();
-    let correlation =
+    let mut correlation =
         if let (Some((snapshot, after_tracing)), Some(reader)) = (&traced.snapshot, &reader) {
             let registered: HashMap<(u64, u64), u64> = traced
                 .aggregator
@@ -238,6 +238,11 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         } else {
             report::correlate(&traced.aggregator, &lookups)
         };
+    // Probes were attached before the program's first instruction: what no registration seen
+    // accounts for is a lost event, never "pending before trace".
+    if started_command {
+        findings::unseen_registrations_were_lost(&mut correlation);
+    }
     let events = traced.aggregator.events();
     let lost = LostEvents::new(&traced.counters, events.undecodable, events.without_goid);
     let counts = Counts::from_counters(&traced.counters, &lost);
@@ -263,10 +268,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
              and what closures capture is unknown"
         ));
     }
-    let pending_before_trace: u64 = match from_snapshot {
-        true => correlation.findings.iter().map(|f| f.pending_before_trace).sum(),
-        false => traced.aggregator.sites().map(|(_, t)| t.adopted).sum(),
-    };
+    let pending_before_trace = correlation.pending.before_trace;
     if pending_before_trace > 0 {
         notes.push(format!(
             "{} heap defer records were already pending in the runtime when tracing started \
@@ -277,6 +279,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 true => "",
                 false => ", and so are the maps they capture",
             }
+        ));
+    }
+    if correlation.pending.registration_lost > 0 {
+        notes.push(findings::registration_lost_note(
+            correlation.pending.registration_lost,
+            &lost,
+            args.ring_buffer_kib,
         ));
     }
     notes.extend(findings::panic_notes(traced.aggregator.panicked()));

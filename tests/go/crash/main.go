@@ -16,6 +16,8 @@
 //	-wait      print "ready" and wait for a line on stdin before working, and another after
 //	           printing the ground truth before panicking
 //	-delay D   without -wait: sleep D after printing the ground truth before panicking
+//	-exit      exit normally (status 0) instead of panicking: every goroutine's records,
+//	           (holders + 1) * n, are still pending then
 package main
 
 import (
@@ -83,6 +85,7 @@ func main() {
 	holders := flag.Int("holders", 3, "goroutines that hold their records")
 	wait := flag.Bool("wait", false, "wait for stdin before working and before panicking")
 	delay := flag.Duration("delay", 0, "without -wait: sleep this long before panicking")
+	exit := flag.Bool("exit", false, "exit with status 0 instead of panicking")
 	flag.Parse()
 
 	stdin := protocol.NewStdin()
@@ -114,6 +117,9 @@ func main() {
 		}
 	} else {
 		time.Sleep(*delay)
+	}
+	if *exit {
+		os.Exit(0)
 	}
 	close(start)
 	<-forever
