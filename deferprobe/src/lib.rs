@@ -13,6 +13,7 @@ pub mod findings;
 pub mod governor;
 pub mod inspect;
 pub mod layout;
+pub mod modules;
 pub mod output;
 pub mod plan;
 pub mod report;

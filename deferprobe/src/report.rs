@@ -329,6 +329,10 @@ pub struct PendingReport {
     /// started (nothing is pending before its first instruction): their registration events
     /// were lost (ring buffer full). 0 under `--pid`, where they count as `before_trace`.
     pub registration_lost: u64,
+    /// Of `heap_defers`, records at sites in code that was not probed when they were
+    /// registered: a Go plugin loaded while traced (probed from when deferprobe found it) or
+    /// one it could not probe. Neither pending before trace nor lost: see the notes.
+    pub unprobed: u64,
 }
 
 /// Where a PC is in the source.
@@ -356,8 +360,11 @@ impl Location {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SiteReport {
-    /// Return address of the deferproc call, as `0x…` (ELF virtual address).
+    /// Return address of the deferproc call, as `0x…` (ELF virtual address of the executable,
+    /// or of `module`).
     pub pc: String,
+    /// The Go plugin holding the site (its path); null for the executable.
+    pub module: Option<String>,
     pub function: Option<String>,
     pub file: Option<String>,
     /// Line of the `defer` statement.
@@ -370,6 +377,9 @@ pub struct SiteReport {
     /// Pending records whose registration event was lost, in a program deferprobe started
     /// (see [`PendingReport::registration_lost`]).
     pub pending_registration_lost: u64,
+    /// Pending records registered while the site's code was not probed (a plugin: see
+    /// [`PendingReport::unprobed`]).
+    pub pending_unprobed: u64,
     pub released: Option<u64>,
     pub pending: u64,
     /// What the site's pending closures capture (from the runtime's state; empty when only
@@ -399,6 +409,7 @@ pub struct GoroutineSiteReport {
     pub registered: Option<u64>,
     pub pending_before_trace: u64,
     pub pending_registration_lost: u64,
+    pub pending_unprobed: u64,
     pub released: Option<u64>,
 }
 
@@ -419,6 +430,9 @@ pub struct Finding {
     /// Of those, records whose registration event was lost (in a program deferprobe started:
     /// see [`PendingReport::registration_lost`]); their age and captures' origins are unknown.
     pub pending_registration_lost: u64,
+    /// Of those, records registered while their code was not probed (a plugin: see
+    /// [`PendingReport::unprobed`]).
+    pub pending_unprobed: u64,
     /// Age of the oldest pending record; null when some were pending before tracing started
     /// (their age is unknown, "pending at attach") or their registration event was lost.
     pub oldest_pending_secs: Option<f64>,
@@ -460,6 +474,8 @@ pub struct Lookups<'a> {
     pub now_ns: u64,
     /// Findings threshold (`--min-pending`).
     pub min_pending: u64,
+    /// The Go module other than the executable (a plugin) holding a runtime address, if any.
+    pub module_pc: &'a dyn Fn(u64) -> Option<crate::findings::ModulePc>,
 }
 
 /// The pending part of a report: from a snapshot of the runtime's state
@@ -484,9 +500,14 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
     let mut locate = |pc: u64| {
         locations
             .entry(pc)
-            .or_insert_with(|| (lookups.location)(pc.wrapping_sub(lookups.bias)))
+            .or_insert_with(|| match (lookups.module_pc)(pc) {
+                Some(module) => module.location,
+                None => (lookups.location)(pc.wrapping_sub(lookups.bias)),
+            })
             .clone()
     };
+    // Records adopted at these sites were registered while their code was not probed.
+    let unprobed = |pc: u64| (lookups.module_pc)(pc).is_some_and(|m| m.unseen_were_unprobed);
     let mut findings = Vec::new();
     let mut goroutines = Vec::new();
     let mut unknown = 0;
@@ -509,6 +530,8 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                 .map_or(0, |(pc, _)| *pc);
             let location = locate(site_pc);
             let adopted = frame.iter().filter(|r| r.adopted).count() as u64;
+            let adopted_unprobed =
+                frame.iter().filter(|r| r.adopted && unprobed(r.caller_pc)).count() as u64;
             let oldest = frame.iter().map(|r| r.registered_ns).min().unwrap_or(lookups.now_ns);
             findings.push(Finding {
                 kind: "defer_accumulation",
@@ -517,8 +540,9 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                 file: location.file,
                 line: location.line,
                 pending_defers: frame.len() as u64,
-                pending_before_trace: adopted,
+                pending_before_trace: adopted - adopted_unprobed,
                 pending_registration_lost: 0,
+                pending_unprobed: adopted_unprobed,
                 // Adopted records' age is unknown.
                 oldest_pending_secs: (adopted == 0)
                     .then(|| lookups.now_ns.saturating_sub(oldest) as f64 / 1e9),
@@ -542,8 +566,9 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                     line: location.line,
                     pending,
                     registered: Some(totals.registered),
-                    pending_before_trace: totals.adopted,
+                    pending_before_trace: if unprobed(pc) { 0 } else { totals.adopted },
                     pending_registration_lost: 0,
+                    pending_unprobed: if unprobed(pc) { totals.adopted } else { 0 },
                     released: Some(totals.released),
                 }
             })
@@ -568,14 +593,21 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
         .sites()
         .map(|(pc, totals)| {
             let location = locate(pc);
+            let module = (lookups.module_pc)(pc);
+            let unprobed = module.as_ref().is_some_and(|m| m.unseen_were_unprobed);
             SiteReport {
-                pc: format!("{:#x}", pc.wrapping_sub(lookups.bias)),
+                pc: match &module {
+                    Some(module) => format!("{:#x}", module.pc),
+                    None => format!("{:#x}", pc.wrapping_sub(lookups.bias)),
+                },
+                module: module.map(|m| m.module),
                 function: location.function,
                 file: location.file,
                 line: location.line,
                 registered: Some(totals.registered),
-                pending_before_trace: totals.adopted,
+                pending_before_trace: if unprobed { 0 } else { totals.adopted },
                 pending_registration_lost: 0,
+                pending_unprobed: if unprobed { totals.adopted } else { 0 },
                 released: Some(totals.released),
                 pending: totals.pending(),
                 captures: Vec::new(),
@@ -588,8 +620,9 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
             heap_defers: aggregator.pending_heap_defers(),
             goroutines: goroutines.len() as u64,
             captured_maps: None,
-            before_trace: aggregator.sites().map(|(_, totals)| totals.adopted).sum(),
+            before_trace: sites.iter().map(|site| site.pending_before_trace).sum(),
             registration_lost: 0,
+            unprobed: sites.iter().map(|site| site.pending_unprobed).sum(),
         },
         findings,
         goroutines,
@@ -892,7 +925,13 @@ mod tests {
     }
 
     fn lookups(location: &dyn Fn(u64) -> Location) -> Lookups<'_> {
-        Lookups { bias: BIAS, location, now_ns: 3_000_000_000, min_pending: 16 }
+        Lookups {
+            bias: BIAS,
+            location,
+            now_ns: 3_000_000_000,
+            min_pending: 16,
+            module_pc: &|_| None,
+        }
     }
 
     fn location(pc: u64) -> Location {
@@ -916,7 +955,8 @@ mod tests {
                 goroutines: 1,
                 captured_maps: None,
                 before_trace: 0,
-                registration_lost: 0
+                registration_lost: 0,
+                unprobed: 0
             }
         );
         assert_eq!(c.findings.len(), 1);

@@ -1,8 +1,16 @@
 //! Issue 15, wrong data at the edges: what the report says about a run's last moments and about
 //! records no probe saw registered. A target that dies of an unrecovered panic (the panicking
-//! goroutine's defers ran, the others' did not), ...
+//! goroutine's defers ran, the others' did not); a small ring buffer under `run -- CMD`
+//! (lost registrations, never "pending before trace"); a Go plugin's defers (probed and named
+//! with the plugin's own function table, or counted as unprobed).
 
-use std::{thread, time::Duration};
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
 
 use serde_json::Value;
 
@@ -180,4 +188,180 @@ fn a_small_ring_buffer_under_a_command_loses_registrations_not_time() {
     assert!(notes.contains("a larger --ring-buffer-kib than 16"), "{notes}");
     assert!(!notes.contains("already pending"), "{notes}");
     assert!(stdout.contains("lost"), "the text report's sites have a lost column: {stdout}");
+}
+
+/// tests/go/plugins built with Go `release` and cgo (plugins need it): the host program and the
+/// plugin it opens. Built here, not by `cargo xtask go-programs` (which builds without cgo).
+fn plugin_programs(release: &str) -> (PathBuf, PathBuf) {
+    let root = workspace_root();
+    let out = root.join("target/e2e").join(format!("plugin-go{release}"));
+    std::fs::create_dir_all(&out).unwrap();
+    let cc = Command::new("cc").arg("--version").output();
+    assert!(
+        cc.is_ok_and(|o| o.status.success()),
+        "Go plugins need cgo, and cgo a C compiler: no working `cc` on this machine"
+    );
+    let go = root.join("target/go").join(release).join("go/bin/go");
+    let (host, plugin) = (out.join("host"), out.join("holder.so"));
+    for (output, package, mode) in
+        [(&plugin, "./plugins/holder", "plugin"), (&host, "./plugins/host", "default")]
+    {
+        let built = Command::new(&go)
+            .current_dir(root.join("tests/go"))
+            .env("GOTOOLCHAIN", "local")
+            .env("GOCACHE", root.join("target/go-cache").join(release))
+            .env("GOPATH", root.join("target/go-path"))
+            .env("GOFLAGS", "-mod=mod")
+            .env("CGO_ENABLED", "1")
+            .args(["build", "-trimpath=false", &format!("-buildmode={mode}"), "-o"])
+            .arg(output)
+            .arg(package)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e}", go.display()));
+        assert!(built.status.success(), "go build {package}: {}", text(&built).1);
+    }
+    (host, plugin)
+}
+
+/// Sites of `report` in `function`, as (registered, released, pending, before trace, lost,
+/// unprobed), with the site's module.
+fn site_in(report: &Value, function: &str) -> ((u64, u64, u64, u64, u64, u64), Value) {
+    let sites = report["sites"].as_array().unwrap();
+    let site = sites
+        .iter()
+        .find(|s| s["function"] == function)
+        .unwrap_or_else(|| panic!("no site in {function}: {report}"));
+    let n = |key: &str| site[key].as_u64().unwrap_or_else(|| panic!("{key}: {site}"));
+    let counts = (
+        n("registered"),
+        n("released"),
+        n("pending"),
+        n("pending_before_trace"),
+        n("pending_registration_lost"),
+        n("pending_unprobed"),
+    );
+    (counts, site["module"].clone())
+}
+
+const HOLD_IN_PLUGIN: &str = "deferprobe.test/programs/plugins/holder.Hold";
+const CHURN_IN_PLUGIN: &str = "deferprobe.test/programs/plugins/holder.churn";
+
+/// A Go plugin (`-buildmode=plugin`, opened by `plugin.Open`) carries its own copy of the
+/// runtime's defer functions: deferprobe finds it in the target's mappings at the next
+/// interval, probes it with its own plan, and names its sites with its own function table.
+/// Once probed its defers are counted exactly; what it registered before is "unprobed",
+/// never "pending before trace" nor "lost".
+#[test]
+fn a_go_plugins_defers_are_probed_and_named() {
+    require_root();
+    let release = &go_releases()[0]; // 1.27
+    let (host, plugin) = plugin_programs(release);
+    let plugin_path = plugin.display().to_string();
+    let trace = |delay: &str| {
+        let report_file = report_path("plugin");
+        let output = deferprobe()
+            .args(["run", "--interval", "100ms", "--report"])
+            .arg(&report_file)
+            .arg("--")
+            .arg(&host)
+            .args(["-plugin", &plugin_path, "-n", "30", "-churn", "2", "-host", "2"])
+            .args(["-plugin-goroutines", "3", "-delay", delay, "-hold", "500ms"])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&output);
+        assert_eq!(output.status.code(), Some(0), "{stderr}");
+        (ground_truth_json(&stdout), read_json(&report_file))
+    };
+
+    // The plugin's code runs after 400 ms: probed by then (polled every 100 ms).
+    let (truth, report) = trace("400ms");
+    assert_eq!(truth["plugin_pending"], 90, "{truth}");
+    assert_eq!(report["counts"]["deferproc"], truth["heap_defers"], "{report}");
+    let held = truth["host_pending"].as_u64().unwrap() + truth["plugin_pending"].as_u64().unwrap();
+    assert_eq!(report["pending"]["heap_defers"], held, "{report}");
+    for key in ["before_trace", "registration_lost", "unprobed"] {
+        assert_eq!(report["pending"][key], 0, "{key}: {report}");
+    }
+    let (counts, module) = site_in(&report, HOLD_IN_PLUGIN);
+    assert_eq!(counts, (90, 0, 90, 0, 0, 0), "{report}");
+    assert_eq!(module, plugin_path.as_str(), "{report}");
+    let (counts, module) = site_in(&report, CHURN_IN_PLUGIN);
+    assert_eq!(counts, (60, 60, 0, 0, 0, 0), "run by the plugin's deferreturn: {report}");
+    assert_eq!(module, plugin_path.as_str(), "{report}");
+    let (counts, module) = site_in(&report, "main.hold");
+    assert_eq!(counts, (60, 0, 60, 0, 0, 0), "{report}");
+    assert!(module.is_null(), "{report}");
+    for site in report["sites"].as_array().unwrap() {
+        assert!(site["function"].is_string() && site["pc"] != "unknown", "{site}");
+    }
+    let notes = report["notes"].to_string();
+    assert!(
+        notes.contains(&format!("Go plugin {plugin_path} was loaded while traced and found")),
+        "{notes}"
+    );
+    assert!(!notes.contains("already pending") && !notes.contains("were lost"), "{notes}");
+
+    // The plugin's code runs at once: whatever it registered before it was probed is pending
+    // but unprobed; the rest is seen. Either way, every record is accounted for once.
+    let (truth, report) = trace("0s");
+    assert_eq!(report["pending"]["heap_defers"], held, "{report}");
+    let ((registered, _, pending, before, lost, unprobed), _) = site_in(&report, HOLD_IN_PLUGIN);
+    assert_eq!(pending, 90, "{report}");
+    assert_eq!((before, lost), (0, 0), "{report}");
+    assert_eq!(registered + unprobed, pending, "{report}");
+    assert_eq!(report["pending"]["unprobed"], unprobed, "{report}");
+    let (counts, _) = site_in(&report, "main.hold");
+    assert_eq!(counts, (60, 0, 60, 0, 0, 0), "{report}");
+    assert!(
+        report["counts"]["deferproc"].as_u64().unwrap() <= truth["heap_defers"].as_u64().unwrap(),
+        "{report}"
+    );
+    if unprobed > 0 {
+        assert!(report["notes"].to_string().contains(&format!(
+            "{unprobed} pending heap defer records at sites in Go plugins were registered while \
+             the plugin's code was not probed"
+        )));
+    }
+}
+
+/// By `--pid` after the plugin's code holds its records: the plugin was mapped before tracing
+/// started, so it is probed at once, and its records found pending are pending before trace,
+/// named in the plugin's code.
+#[test]
+fn a_go_plugin_mapped_before_attaching_by_pid() {
+    require_root();
+    let release = &go_releases()[0];
+    let (host, plugin) = plugin_programs(release);
+    let plugin_path = plugin.display().to_string();
+    let mut target = Command::new(&host)
+        .args(["-plugin", &plugin_path, "-n", "30", "-hold", "30s"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(target.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let truth: Value = serde_json::from_str(&line).unwrap();
+    let report_file = report_path("plugin-pid");
+    let output = deferprobe()
+        .args(["run", "--pid", &target.id().to_string(), "--duration", "500ms"])
+        .args(["--interval", "100ms", "--report"])
+        .arg(&report_file)
+        .output()
+        .unwrap();
+    let _ = target.kill();
+    let _ = target.wait();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output).1);
+    let report = read_json(&report_file);
+    let plugin_pending = truth["plugin_pending"].as_u64().unwrap();
+    let ((registered, _, pending, before, lost, unprobed), module) =
+        site_in(&report, HOLD_IN_PLUGIN);
+    assert_eq!((registered, pending, before, lost, unprobed), (0, 90, 90, 0, 0), "{report}");
+    assert_eq!(plugin_pending, 90);
+    assert_eq!(module, plugin_path.as_str(), "{report}");
+    assert_eq!(report["pending"]["before_trace"], 150, "{report}");
+    assert!(
+        report["notes"].to_string().contains(&format!("Go plugin {plugin_path} was probed like")),
+        "{}",
+        report["notes"]
+    );
 }

@@ -162,9 +162,18 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         plan: &plan,
         memprofile_rate,
         allgs,
+        modules: crate::modules::Modules::new(
+            target.pid,
+            &target.exe,
+            PlanOptions { families: plan.families.clone(), allocations: plan.allocations },
+            started_command,
+        )
+        .into(),
     };
     let traced =
         runtime.block_on(trace(&mut tracer, exit_watch, signals, args, child, &context))?;
+    let modules = context.modules.into_inner();
+    let module_pc = |pc: u64| modules.module_pc(pc);
     // How often each captured map was written while traced, from the kernel's known-maps set:
     // read before the tracer detaches.
     let from_snapshot = traced.snapshot.is_some() && reader.is_some();
@@ -187,6 +196,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         location: &location,
         now_ns: traced.ended_ns,
         min_pending: args.min_pending,
+        module_pc: &module_pc,
     };
     // The runtime's own state wins: pending records, what their closures hold, and sites. The
     // events alone (`correlate`) only when it could not be read.
@@ -223,6 +233,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 map_first_written: &|map| traced.aggregator.map(map).map(|m| m.first_pc),
                 map_writes: &map_writes,
                 now_ns: traced.ended_ns,
+                module_pc: &module_pc,
             };
             let sections = reader.sections(snapshot, args.min_pending, Some(&events));
             snapshot_notes = crate::snapshot::snapshot_notes(snapshot, &sections);
@@ -279,6 +290,16 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 true => "",
                 false => ", and so are the maps they capture",
             }
+        ));
+    }
+    notes.extend(modules.notes());
+    if correlation.pending.unprobed > 0 {
+        notes.push(format!(
+            "{} pending heap defer records at sites in Go plugins were registered while the \
+             plugin's code was not probed (pending_unprobed): they are not in counts.deferproc \
+             nor in their sites' registered, and are neither pending before tracing started \
+             nor lost events",
+            correlation.pending.unprobed
         ));
     }
     if correlation.pending.registration_lost > 0 {
