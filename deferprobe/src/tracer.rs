@@ -207,11 +207,26 @@ impl Tracer {
             }
         }
         let points = module.offsets.values().map(Vec::len).sum();
+        let mut attached = Ok(());
         for (&program, offsets) in &module.offsets {
             if self.on.contains(&program) {
-                let uprobe = loaded_program(&mut self.ebpf, program, self.mode)?;
-                switch(uprobe, program, true, path, offsets, &mut module.links, self.pid)?;
+                attached = loaded_program(&mut self.ebpf, program, self.mode).and_then(|uprobe| {
+                    switch(uprobe, program, true, path, offsets, &mut module.links, self.pid)
+                });
+                if attached.is_err() {
+                    break;
+                }
             }
+        }
+        if let Err(err) = attached {
+            // All or nothing: a module reported unprobed has no probe left behind.
+            for (&program, offsets) in &module.offsets {
+                if let Ok(uprobe) = loaded_program(&mut self.ebpf, program, self.mode) {
+                    let _ =
+                        switch(uprobe, program, false, path, offsets, &mut module.links, self.pid);
+                }
+            }
+            return Err(err);
         }
         self.modules.push(module);
         self.attached += points;
