@@ -119,6 +119,7 @@ pub enum EventKind {
     GoroutineExit = 3,
     MapSeen = 4,
     AllocSampled = 5,
+    GoroutinePanicked = 6,
 }
 
 impl EventKind {
@@ -129,6 +130,7 @@ impl EventKind {
             3 => Some(EventKind::GoroutineExit),
             4 => Some(EventKind::MapSeen),
             5 => Some(EventKind::AllocSampled),
+            6 => Some(EventKind::GoroutinePanicked),
             _ => None,
         }
     }
@@ -254,6 +256,14 @@ pub struct AllocSampled {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GoroutineExit {
+    pub header: EventHeader,
+}
+
+/// A goroutine's panic was not recovered (`runtime.fatalpanic`, which `gopanic` calls once the
+/// goroutine's deferred calls have all run): its records are gone, and the process is dying.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoroutinePanicked {
     pub header: EventHeader,
 }
 

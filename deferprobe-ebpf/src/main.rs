@@ -29,8 +29,8 @@ use aya_ebpf::{
 use deferprobe_common::{
     AllocSampled, CALL_REL32_LEN, Counter, Counters, DeferRegistered, DeferReturn,
     EVENT_RING_BYTES, EventHeader, EventKind, GOROUTINE_IDS_CAPACITY, GoroutineExit,
-    KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig, RECENT_MAP_FLUSH_EVERY, RECENT_MAP_SLOTS,
-    RecentMap, recent_map_slot,
+    GoroutinePanicked, KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig, RECENT_MAP_FLUSH_EVERY,
+    RECENT_MAP_SLOTS, RecentMap, recent_map_slot,
 };
 
 /// Runtime struct offsets, written by userspace before load.
@@ -407,6 +407,16 @@ fn on_goexit1(ctx: &ProbeContext) -> u32 {
     0
 }
 
+/// `runtime.fatalpanic(msgs)`, which `gopanic` calls when nothing recovered the panic of the
+/// goroutine in R14: every deferred call of that goroutine has run (none through deferreturn),
+/// and the process dies next. Hit once in a program's life, so the goroutine id is read here.
+#[inline(always)]
+fn on_fatalpanic(ctx: &ProbeContext) -> u32 {
+    let goid = goid_of(regs(ctx).r14).unwrap_or(0);
+    emit(GoroutinePanicked { header: header(EventKind::GoroutinePanicked, goid) });
+    0
+}
+
 // Every program exists twice: as a classic uprobe (one perf event per attach point, any
 // kernel >= 5.8) and as a multi-uprobe (one link for all points of a program: attaching and,
 // above all, detaching are far faster). Userspace picks the multi form when the kernel
@@ -442,6 +452,7 @@ entry_points! {
     mallocgc, mallocgc_multi => on_mallocgc;
     mallocgc_size_class, mallocgc_size_class_multi => on_mallocgc_size_class;
     goexit1, goexit1_multi => on_goexit1;
+    fatalpanic, fatalpanic_multi => on_fatalpanic;
     profilealloc, profilealloc_multi => on_profilealloc;
 }
 

@@ -6,13 +6,16 @@
 //! (caller SP) and site (caller PC). `deferreturn` runs the records of the frame whose SP it is
 //! called with; a goroutine's exit ends all its records. Panics, recover and runtime.Goexit run
 //! records without `deferreturn`, and stack growth moves frames: reconciling with the
-//! goroutine's `g._defer` chain (the runtime's truth) corrects all of these. Goroutines are keyed
+//! goroutine's `g._defer` chain (the runtime's truth) corrects all of these. An unrecovered panic
+//! (`runtime.fatalpanic`) ran all of its goroutine's records: they go at once, as the process
+//! dies before any reconciliation could see it. Goroutines are keyed
 //! by goid, which, unlike the g struct, is never reused.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use deferprobe_common::{
-    AllocSampled, DeferRegistered, DeferReturn, EventHeader, EventKind, GoroutineExit, MapSeen,
+    AllocSampled, DeferRegistered, DeferReturn, EventHeader, EventKind, GoroutineExit,
+    GoroutinePanicked, MapSeen,
 };
 
 use crate::state::{
@@ -28,6 +31,7 @@ pub enum Event {
     GoroutineExit(GoroutineExit),
     MapSeen(MapSeen),
     AllocSampled(AllocSampled),
+    GoroutinePanicked(GoroutinePanicked),
 }
 
 /// Why a ring-buffer record could not be decoded.
@@ -66,6 +70,7 @@ impl Event {
             EventKind::GoroutineExit => Event::GoroutineExit(read_pod(kind, bytes)?),
             EventKind::MapSeen => Event::MapSeen(read_pod(kind, bytes)?),
             EventKind::AllocSampled => Event::AllocSampled(read_pod(kind, bytes)?),
+            EventKind::GoroutinePanicked => Event::GoroutinePanicked(read_pod(kind, bytes)?),
         })
     }
 
@@ -76,6 +81,7 @@ impl Event {
             Event::GoroutineExit(e) => &e.header,
             Event::MapSeen(e) => &e.header,
             Event::AllocSampled(e) => &e.header,
+            Event::GoroutinePanicked(e) => &e.header,
         }
     }
 }
@@ -161,6 +167,17 @@ pub struct EventTotals {
     /// Registrations and returns whose goroutine id could not be read (not tracked).
     pub without_goid: u64,
     pub undecodable: u64,
+}
+
+/// A goroutine whose panic nothing recovered (`runtime.fatalpanic`): the runtime ran all its
+/// deferred calls during the panic, and the process dies of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Panicked {
+    /// None when the probe could not read the goroutine's id.
+    pub goid: Option<u64>,
+    /// Its heap defer records deferprobe held as pending, which ran during the panic (None with
+    /// the goroutine unknown).
+    pub records_ran: Option<u64>,
 }
 
 /// What one reconciliation changed: the differences between our state and the runtime's.
@@ -283,6 +300,8 @@ pub struct Aggregator {
     /// Releases seen since the last [`Aggregator::mark`] (None before the first): what a
     /// snapshot taken then no longer shows once the target is gone.
     releases: Option<Releases>,
+    /// Goroutines seen dying of an unrecovered panic, in order.
+    panicked: Vec<Panicked>,
 }
 
 /// Frames that returned through `deferreturn`, by goroutine id, and goroutines that exited.
@@ -378,7 +397,27 @@ impl Aggregator {
                 self.forget_old_maps();
             }
             Event::AllocSampled(e) => *self.sampled_allocations.entry(e.size).or_default() += 1,
+            Event::GoroutinePanicked(_) => {
+                if goid == 0 {
+                    self.events.without_goid += 1;
+                    self.panicked.push(Panicked { goid: None, records_ran: None });
+                    return;
+                }
+                // Every deferred call ran during the panic (the chain is empty by now), and
+                // the process dies before its chain can be read again.
+                let ran = self.release(goid, |_| true);
+                self.goroutines.remove(&goid);
+                if let Some(releases) = &mut self.releases {
+                    releases.goroutines.insert(goid);
+                }
+                self.panicked.push(Panicked { goid: Some(goid), records_ran: Some(ran) });
+            }
         }
+    }
+
+    /// Goroutines seen dying of an unrecovered panic (the program dies with the first).
+    pub fn panicked(&self) -> &[Panicked] {
+        &self.panicked
     }
 
     /// Allocations the runtime sampled for its memory profile, as samples per size.
@@ -567,13 +606,16 @@ impl Aggregator {
         }
         let goroutine = self.goroutines.entry(runtime.goid).or_default();
         let (_, paired) = pair_with_chain(&goroutine.pending, &runtime.defers);
-        // Oldest first, as `pending` is kept.
+        // Oldest first, as `pending` is kept. A record with pc 0 is not one: deferproc links a
+        // record before filling it in, and a record that ran is zeroed (`*d = _defer{}`) as it
+        // goes back to the pool, so a chain read racing a registration or a panic running the
+        // records can meet one. The next read settles it.
         let found: Vec<PendingDefer> = runtime
             .defers
             .iter()
             .zip(paired)
             .rev()
-            .filter(|(record, paired)| record.heap && !paired)
+            .filter(|(record, paired)| record.heap && !paired && record.pc != 0)
             .map(|(record, _)| PendingDefer {
                 closure: record.closure,
                 caller_pc: record.pc,
@@ -736,15 +778,24 @@ mod tests {
             header: header(EventKind::AllocSampled, 0, 0),
             size: 48,
         });
-        for event in
-            [registered(7, 0x401000, 0xc000100), returned(7, 0xc000100), exited(7), seen, sampled]
-        {
+        let panicked = Event::GoroutinePanicked(GoroutinePanicked {
+            header: header(EventKind::GoroutinePanicked, 7, 0),
+        });
+        for event in [
+            registered(7, 0x401000, 0xc000100),
+            returned(7, 0xc000100),
+            exited(7),
+            seen,
+            sampled,
+            panicked,
+        ] {
             let bytes = match &event {
                 Event::DeferRegistered(e) => bytes_of(e),
                 Event::DeferReturn(e) => bytes_of(e),
                 Event::GoroutineExit(e) => bytes_of(e),
                 Event::MapSeen(e) => bytes_of(e),
                 Event::AllocSampled(e) => bytes_of(e),
+                Event::GoroutinePanicked(e) => bytes_of(e),
             };
             assert_eq!(Event::decode(&bytes), Ok(event));
             assert!(Event::decode(&bytes[..bytes.len() - 1]).is_err());
@@ -892,6 +943,43 @@ mod tests {
         // Without a mark (no snapshot was ever taken) nothing is dropped.
         let unmarked = Aggregator::new().at_exit(&snapshot, 990);
         assert_eq!(unmarked, snapshot);
+    }
+
+    fn panicked(goid: u64) -> Event {
+        Event::GoroutinePanicked(GoroutinePanicked {
+            header: header(EventKind::GoroutinePanicked, goid, 0),
+        })
+    }
+
+    /// An unrecovered panic ran all of its goroutine's records (no deferreturn, no goexit1:
+    /// the process dies): they leave the events' state and the last snapshot brought up to the
+    /// exit; the other goroutines' records did not run and stay.
+    #[test]
+    fn an_unrecovered_panic_ran_its_goroutines_records() {
+        let mut agg = Aggregator::new();
+        agg.apply(&registered_at(7, 0xa1, 0x100, 10));
+        agg.apply(&registered_at(7, 0xa2, 0x100, 11));
+        agg.apply(&registered_at(8, 0xb1, 0x300, 12));
+        let snapshot =
+            snapshot_of(&[(7, &[(0xa1, 0x100), (0xa2, 0x100)]), (8, &[(0xb1, 0x300)])], 20);
+        agg.mark();
+        // Registered after the snapshot, run by the panic too.
+        agg.apply(&registered_at(7, 0xa3, 0x100, 30));
+        agg.apply(&panicked(7));
+        assert_eq!(agg.panicked(), [Panicked { goid: Some(7), records_ran: Some(3) }]);
+        assert_eq!(
+            agg.pending_by_goroutine().map(|(g, r)| (g, r.len())).collect::<Vec<_>>(),
+            [(8, 1)]
+        );
+        let site = agg.sites().next().unwrap().1;
+        assert_eq!((site.registered, site.released, site.pending()), (4, 3, 1));
+        let now = agg.at_exit(&snapshot, 15);
+        let held: Vec<u64> = now.goroutines.iter().map(|g| g.header.goid).collect();
+        assert_eq!(held, [8]);
+        // A goroutine whose id could not be read: an unknown, not a zero.
+        agg.apply(&panicked(0));
+        assert_eq!(agg.panicked()[1], Panicked { goid: None, records_ran: None });
+        assert_eq!(agg.pending_heap_defers(), 1);
     }
 
     fn registered_at(goid: u64, closure: u64, sp: u64, ktime_ns: u64) -> Event {
@@ -1060,6 +1148,10 @@ mod tests {
         assert_eq!(agg.goroutines_to_reconcile(), [(12, 0xc000_5000)]);
         // An empty chain adopts nothing and creates no goroutine.
         assert_eq!(agg.adopt(0xc000_6000, &chain(13, &[]), 5), 0);
+        // Nor does a record not filled in yet, or zeroed after it ran (a racing read).
+        let mut racing = chain(14, &[(0, 0)]);
+        racing.defers[0].pc = 0;
+        assert_eq!(agg.adopt(0xc000_7000, &racing, 5), 0);
         assert_eq!(agg.pending_by_goroutine().count(), 1);
     }
 

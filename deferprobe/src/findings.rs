@@ -12,9 +12,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Serialize;
 
 use crate::{
+    aggregator::Panicked,
     report::{
-        Finding, GoroutineReport, GoroutineSiteReport, Location, MapOrigin, PendingReport,
-        PendingSections, SiteReport,
+        Finding, GoroutineReport, GoroutineSiteReport, Location, LostEvents, MapOrigin,
+        PendingReport, PendingSections, SiteReport,
     },
     state::{CapturedValue, Captures, PendingRecord, Snapshot, Value},
 };
@@ -46,6 +47,39 @@ pub struct Traced<'a> {
     pub map_writes: &'a dyn Fn(u64) -> Option<u64>,
     /// Monotonic ns now.
     pub now_ns: u64,
+    /// The Go module other than the executable (a plugin) holding a runtime address, if any.
+    pub module_pc: &'a dyn Fn(u64) -> Option<ModulePc>,
+}
+
+/// A pc in a Go module other than the executable: a plugin, with its own function table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModulePc {
+    /// The module's path, as the target maps it.
+    pub module: String,
+    /// The pc as an ELF virtual address of the module.
+    pub pc: u64,
+    /// Source location of the call before it (a return address), from the module's table.
+    pub location: Location,
+    /// Records at this pc that no registration seen accounts for were registered while the
+    /// module's code was not probed (see `modules::Module`).
+    pub unseen_were_unprobed: bool,
+}
+
+/// Pending records whose registration the probes did not see, by why.
+#[derive(Clone, Copy, Debug, Default)]
+struct Unseen {
+    /// Already pending when tracing started (or lost events; see
+    /// [`unseen_registrations_were_lost`]).
+    before: u64,
+    /// Registered in code that was not probed then (a plugin).
+    unprobed: u64,
+}
+
+impl Unseen {
+    fn add(&mut self, other: Unseen) {
+        self.before += other.before;
+        self.unprobed += other.unprobed;
+    }
 }
 
 /// Captures of one kind and type in a finding.
@@ -85,6 +119,66 @@ pub fn capture_notes(sections: &PendingSections) -> Vec<String> {
         ));
     }
     notes
+}
+
+/// For a program deferprobe started: nothing was pending before its first instruction (the
+/// probes were attached before it ran), so the pending records no registration seen accounts
+/// for, counted as "pending before trace" by [`from_snapshot`] and `report::correlate`, are
+/// registrations whose events were lost. Moves them to the `pending_registration_lost` counts.
+pub fn unseen_registrations_were_lost(sections: &mut PendingSections) {
+    let pending = &mut sections.pending;
+    pending.registration_lost += std::mem::take(&mut pending.before_trace);
+    for finding in &mut sections.findings {
+        finding.pending_registration_lost += std::mem::take(&mut finding.pending_before_trace);
+    }
+    for goroutine in &mut sections.goroutines {
+        for site in &mut goroutine.defer_sites {
+            site.pending_registration_lost += std::mem::take(&mut site.pending_before_trace);
+        }
+    }
+    for site in &mut sections.sites {
+        site.pending_registration_lost += std::mem::take(&mut site.pending_before_trace);
+    }
+}
+
+/// The note on `registration_lost` pending records (see [`unseen_registrations_were_lost`]),
+/// tied to the losses that explain them.
+pub fn registration_lost_note(records: u64, lost: &LostEvents, ring_kib: u32) -> String {
+    format!(
+        "{records} pending heap defer records were registered while traced, but their \
+         registration events were lost (ring buffer full: {}, without goroutine id: {}): they \
+         are pending (found in the goroutines' _defer chains) and counted as \
+         pending_registration_lost, not as registered in sites, and their age is unknown; the \
+         program was traced from its first instruction, so none was pending before tracing \
+         started; a larger --ring-buffer-kib than {ring_kib} keeps more events",
+        lost.ring_buffer_full, lost.without_goroutine_id
+    )
+}
+
+/// Notes on goroutines that died of an unrecovered panic: the runtime ran their deferred calls
+/// during the panic (so none of their records is pending), and the program died of it; the
+/// other goroutines' deferred calls never ran, and their records stay pending as the program
+/// left them.
+pub fn panic_notes(panicked: &[Panicked]) -> Vec<String> {
+    panicked
+        .iter()
+        .map(|p| {
+            let goroutine = match p.goid {
+                Some(goid) => format!("goroutine {goid}"),
+                None => "a goroutine (its id could not be read)".to_owned(),
+            };
+            let ran = match p.records_ran {
+                Some(1) => "its 1 pending heap defer ran".to_owned(),
+                Some(n) => format!("its {n} pending heap defers ran"),
+                None => "its deferred calls ran (how many pending heap defers: unknown)".to_owned(),
+            };
+            format!(
+                "{goroutine} panicked and nothing recovered: {ran} during the panic, and the \
+                 program died of it; the other goroutines' deferred calls never ran, and their \
+                 records are reported pending as the program left them"
+            )
+        })
+        .collect()
 }
 
 /// Captured maps `(map, entries)` grouped by where the probes saw them first written while
@@ -267,13 +361,15 @@ pub fn from_snapshot(
     lookups: &SnapshotLookups<'_>,
     traced: Option<&Traced<'_>>,
 ) -> PendingSections {
+    let module_pc = |pc: u64| traced.and_then(|t| (t.module_pc)(pc));
     let mut locations: HashMap<u64, Location> = HashMap::new();
     let mut locate = |pc: u64| {
         locations
             .entry(pc)
-            .or_insert_with(|| match pc {
-                0 => Location::default(),
-                pc => (lookups.location)(pc.wrapping_sub(lookups.bias)),
+            .or_insert_with(|| match (pc, module_pc(pc)) {
+                (0, _) => Location::default(),
+                (_, Some(module)) => module.location,
+                (pc, None) => (lookups.location)(pc.wrapping_sub(lookups.bias)),
             })
             .clone()
     };
@@ -281,29 +377,43 @@ pub fn from_snapshot(
     let registered_ns = |record: &PendingRecord, goid: u64| {
         traced.and_then(|t| (t.registered_ns)(record.record.closure, goid))
     };
+    // Why the probes did not see it, if they did not.
+    let unprobed_sites: HashSet<u64> = snapshot
+        .goroutines
+        .iter()
+        .flat_map(|g| g.records.iter().map(|r| r.site))
+        .filter(|&pc| module_pc(pc).is_some_and(|m| m.unseen_were_unprobed))
+        .collect();
+    let unseen = |record: &PendingRecord, goid: u64| match registered_ns(record, goid) {
+        Some(_) => Unseen::default(),
+        None if unprobed_sites.contains(&record.site) => Unseen { before: 0, unprobed: 1 },
+        None => Unseen { before: 1, unprobed: 0 },
+    };
     let mut unknown_captures: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut unreadable_maps = 0;
     let mut findings = Vec::new();
     let mut goroutines = Vec::new();
     let mut all = Retained::default();
     // Per site: pending records, those pending before tracing, and what they capture.
-    let mut by_site: BTreeMap<u64, (u64, u64, CaptureTotals)> = BTreeMap::new();
+    let mut by_site: BTreeMap<u64, (u64, Unseen, CaptureTotals)> = BTreeMap::new();
     let mut records_total = 0;
     for goroutine in &snapshot.goroutines {
         let goid = goroutine.header.goid;
         let mut retained = Retained::default();
         let mut frames: BTreeMap<u64, Vec<&PendingRecord>> = BTreeMap::new();
         // Per site: pending records, and those pending before tracing.
-        let mut per_site: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        let mut per_site: BTreeMap<u64, (u64, Unseen)> = BTreeMap::new();
         for record in &goroutine.records {
             retained.add(record);
             all.add(record);
             frames.entry(record.record.sp).or_default().push(record);
-            let before = u64::from(registered_ns(record, goid).is_none());
+            let unseen = unseen(record, goid);
             let site = per_site.entry(record.site).or_default();
-            (site.0, site.1) = (site.0 + 1, site.1 + before);
+            site.0 += 1;
+            site.1.add(unseen);
             let site = by_site.entry(record.site).or_default();
-            (site.0, site.1) = (site.0 + 1, site.1 + before);
+            site.0 += 1;
+            site.1.add(unseen);
             site.2.add(record);
             if let Captures::Unknown(why) = record.captures {
                 *unknown_captures.entry(why).or_default() += 1;
@@ -331,6 +441,10 @@ pub fn from_snapshot(
             let registered: Vec<u64> =
                 frame.iter().filter_map(|record| registered_ns(record, goid)).collect();
             let at_attach = pending - registered.len() as u64;
+            let mut frame_unseen = Unseen::default();
+            for record in frame {
+                frame_unseen.add(unseen(record, goid));
+            }
             let oldest_pending_secs = match (traced, at_attach) {
                 (Some(t), 0) => registered
                     .iter()
@@ -345,7 +459,9 @@ pub fn from_snapshot(
                 file: location.file,
                 line: location.line,
                 pending_defers: pending,
-                pending_before_trace: at_attach,
+                pending_before_trace: frame_unseen.before,
+                pending_registration_lost: 0,
+                pending_unprobed: frame_unseen.unprobed,
                 oldest_pending_secs,
                 captured_maps: Some(frame_totals.retained.maps()),
                 captured_maps_by_value: Some(frame_totals.retained.by_value.len() as u64),
@@ -366,7 +482,7 @@ pub fn from_snapshot(
         }
         let defer_sites = per_site
             .iter()
-            .map(|(pc, &(pending, before))| {
+            .map(|(pc, &(pending, unseen))| {
                 let location = locate(*pc);
                 let totals = traced
                     .map(|t| t.goroutine_sites.get(&(goid, *pc)).copied().unwrap_or_default());
@@ -376,7 +492,9 @@ pub fn from_snapshot(
                     line: location.line,
                     pending,
                     registered: totals.map(|(registered, _)| registered),
-                    pending_before_trace: before,
+                    pending_before_trace: unseen.before,
+                    pending_registration_lost: 0,
+                    pending_unprobed: unseen.unprobed,
                     released: totals.map(|(_, released)| released),
                 }
             })
@@ -401,21 +519,30 @@ pub fn from_snapshot(
             by_site.entry(*pc).or_default();
         }
     }
+    let mut unseen_total = Unseen::default();
+    for (_, unseen, _) in by_site.values() {
+        unseen_total.add(*unseen);
+    }
     let mut sites: Vec<SiteReport> = by_site
         .into_iter()
-        .map(|(pc, (pending, before, captures))| {
+        .map(|(pc, (pending, unseen, captures))| {
             let location = locate(pc);
             let totals = traced.map(|t| t.sites.get(&pc).copied().unwrap_or_default());
+            let module = module_pc(pc);
             SiteReport {
-                pc: match pc {
-                    0 => "unknown".to_owned(),
-                    pc => format!("{:#x}", pc.wrapping_sub(lookups.bias)),
+                pc: match (pc, &module) {
+                    (0, _) => "unknown".to_owned(),
+                    (_, Some(module)) => format!("{:#x}", module.pc),
+                    (pc, None) => format!("{:#x}", pc.wrapping_sub(lookups.bias)),
                 },
+                module: module.map(|m| m.module),
                 function: location.function,
                 file: location.file,
                 line: location.line,
                 registered: totals.map(|(registered, _)| registered),
-                pending_before_trace: before,
+                pending_before_trace: unseen.before,
+                pending_registration_lost: 0,
+                pending_unprobed: unseen.unprobed,
                 released: totals.map(|(_, released)| released),
                 pending,
                 captures: captures.summaries(),
@@ -428,6 +555,9 @@ pub fn from_snapshot(
             heap_defers: records_total,
             goroutines: snapshot.goroutines.len() as u64,
             captured_maps: Some(all.maps()),
+            before_trace: unseen_total.before,
+            registration_lost: 0,
+            unprobed: unseen_total.unprobed,
         },
         findings,
         goroutines,
@@ -544,6 +674,90 @@ mod tests {
         assert_eq!(origins.len(), 1);
         assert_eq!((origins[0].maps, origins[0].entries, origins[0].writes), (2, 8, 0xa + 0xb));
         assert_eq!(origins[0].line, Some(0x401200));
+    }
+
+    /// In a program deferprobe started, records no registration accounts for were lost events,
+    /// never "pending before trace", in every section.
+    #[test]
+    fn unseen_records_of_a_started_program_are_lost_registrations() {
+        let records = vec![record(0x100, vec![]); 3];
+        let mut s = sections(records, 1);
+        assert_eq!((s.pending.before_trace, s.findings[0].pending_before_trace), (3, 3));
+        unseen_registrations_were_lost(&mut s);
+        let f = &s.findings[0];
+        assert_eq!((f.pending_before_trace, f.pending_registration_lost), (0, 3));
+        assert_eq!(f.oldest_pending_secs, None, "their age is unknown");
+        assert_eq!((s.pending.before_trace, s.pending.registration_lost), (0, 3));
+        let site = &s.sites[0];
+        assert_eq!((site.pending_before_trace, site.pending_registration_lost), (0, 3));
+        let site = &s.goroutines[0].defer_sites[0];
+        assert_eq!((site.pending_before_trace, site.pending_registration_lost), (0, 3));
+    }
+
+    /// Records at sites in a plugin loaded while traced, which no registration seen accounts
+    /// for, are "unprobed" (and stay so when the program was started by deferprobe), named
+    /// with the plugin's table, their pc the plugin's own; the executable's are not.
+    #[test]
+    fn unseen_records_in_a_plugin_loaded_while_traced_are_unprobed() {
+        let mut in_plugin = record(0x100, vec![]);
+        in_plugin.site = 0x7f00_0000_1005;
+        let records = vec![in_plugin.clone(), in_plugin, record(0x200, vec![])];
+        let header =
+            GoroutineHeader { g: 0xc000, goid: 7, status: 4, stack_lo: 0, stack_hi: 0, defers: 1 };
+        let snapshot = Snapshot {
+            goroutines: vec![PendingGoroutine { header, records }],
+            ..Snapshot::default()
+        };
+        let location =
+            |_: u64| Location { function: Some("main.leak".into()), ..Location::default() };
+        let lookups = SnapshotLookups {
+            bias: 0,
+            location: &location,
+            defer_record_bytes: 48,
+            min_pending: 1,
+        };
+        let module_pc = |pc: u64| {
+            (pc >= 0x7f00_0000_0000).then(|| ModulePc {
+                module: "/tmp/p.so".into(),
+                pc: pc - 0x7f00_0000_0000,
+                location: Location { function: Some("p.Hold".into()), ..Location::default() },
+                unseen_were_unprobed: true,
+            })
+        };
+        let traced = Traced {
+            registered_ns: &|_, _| None,
+            sites: HashMap::new(),
+            goroutine_sites: HashMap::new(),
+            map_first_written: &|_| None,
+            map_writes: &|_| None,
+            now_ns: 0,
+            module_pc: &module_pc,
+        };
+        let mut s = from_snapshot(&snapshot, &lookups, Some(&traced));
+        unseen_registrations_were_lost(&mut s);
+        let p = (s.pending.before_trace, s.pending.registration_lost, s.pending.unprobed);
+        assert_eq!(p, (0, 1, 2));
+        let site = s.sites.iter().find(|site| site.module.is_some()).unwrap();
+        assert_eq!((site.pc.as_str(), site.function.as_deref()), ("0x1005", Some("p.Hold")));
+        assert_eq!((site.pending_unprobed, site.pending_registration_lost), (2, 0));
+        let finding = s.findings.iter().find(|f| f.function.as_deref() == Some("p.Hold")).unwrap();
+        assert_eq!((finding.pending_unprobed, finding.pending_before_trace), (2, 0));
+    }
+
+    #[test]
+    fn a_fatal_panic_is_noted_with_what_ran_and_unknowns_as_such() {
+        let notes = panic_notes(&[
+            Panicked { goid: Some(9), records_ran: Some(40) },
+            Panicked { goid: None, records_ran: None },
+        ]);
+        assert_eq!(
+            notes[0],
+            "goroutine 9 panicked and nothing recovered: its 40 pending heap defers ran during \
+             the panic, and the program died of it; the other goroutines' deferred calls never \
+             ran, and their records are reported pending as the program left them"
+        );
+        assert!(notes[1].starts_with("a goroutine (its id could not be read) panicked"));
+        assert!(notes[1].contains("how many pending heap defers: unknown"), "{}", notes[1]);
     }
 
     #[test]

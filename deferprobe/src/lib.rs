@@ -2,7 +2,8 @@
 //! alive, with uprobes on the Go runtime.
 //!
 //! Pipeline: [`binary`] analyses the target executable → [`plan`] decides every probe →
-//! [`tracer`] loads and attaches the eBPF programs → [`session`] drains the ring buffer and the
+//! [`tracer`] loads and attaches the eBPF programs (to the executable, and to the Go plugins
+//! [`modules`] finds in the target) → [`session`] drains the ring buffer and the
 //! per-CPU counters on timers → [`aggregator`] (pure) turns events into state → [`report`].
 
 pub mod aggregator;
@@ -13,6 +14,7 @@ pub mod findings;
 pub mod governor;
 pub mod inspect;
 pub mod layout;
+pub mod modules;
 pub mod output;
 pub mod plan;
 pub mod report;

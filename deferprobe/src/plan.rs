@@ -87,11 +87,12 @@ pub enum ProbeProgram {
     Mallocgc,
     MallocgcSizeClass,
     Goexit1,
+    FatalPanic,
     ProfileAlloc,
 }
 
 impl ProbeProgram {
-    pub const ALL: [ProbeProgram; 9] = [
+    pub const ALL: [ProbeProgram; 10] = [
         ProbeProgram::MapAssign,
         ProbeProgram::DeferProc,
         ProbeProgram::DeferProcAt,
@@ -100,6 +101,7 @@ impl ProbeProgram {
         ProbeProgram::Mallocgc,
         ProbeProgram::MallocgcSizeClass,
         ProbeProgram::Goexit1,
+        ProbeProgram::FatalPanic,
         ProbeProgram::ProfileAlloc,
     ];
 
@@ -114,6 +116,7 @@ impl ProbeProgram {
             ProbeProgram::Mallocgc => "mallocgc",
             ProbeProgram::MallocgcSizeClass => "mallocgc_size_class",
             ProbeProgram::Goexit1 => "goexit1",
+            ProbeProgram::FatalPanic => "fatalpanic",
             ProbeProgram::ProfileAlloc => "profilealloc",
         }
     }
@@ -124,7 +127,8 @@ impl ProbeProgram {
             | ProbeProgram::DeferProcAt
             | ProbeProgram::DeferProcStack
             | ProbeProgram::DeferReturn
-            | ProbeProgram::Goexit1 => ProbeFamily::Defers,
+            | ProbeProgram::Goexit1
+            | ProbeProgram::FatalPanic => ProbeFamily::Defers,
             ProbeProgram::MapAssign => ProbeFamily::MapWrites,
             ProbeProgram::Mallocgc
             | ProbeProgram::MallocgcSizeClass
@@ -155,6 +159,10 @@ impl ProbeProgram {
                 "count + bytes of the allocations mallocgc leaves to them"
             }
             ProbeProgram::Goexit1 => "count + event: goroutine exit (goid)",
+            ProbeProgram::FatalPanic => {
+                "event: an unrecovered panic; the goroutine's deferred calls all ran, the \
+                 program dies (goid)"
+            }
             ProbeProgram::ProfileAlloc => {
                 "count + event: an allocation sampled for the mem profile"
             }
@@ -179,7 +187,7 @@ impl ProbeProgram {
             ProbeProgram::DeferReturn => &[G, CALL_RSP, ("rip", "the CALL (+5: return address)")],
             ProbeProgram::Mallocgc => &[("rax", "size"), ("rbx", "*_type")],
             ProbeProgram::MallocgcSizeClass => &[("rax", "size")],
-            ProbeProgram::Goexit1 => &[G],
+            ProbeProgram::Goexit1 | ProbeProgram::FatalPanic => &[G],
             ProbeProgram::ProfileAlloc => &[("rcx", "size (rounded to its size class)")],
         }
     }
@@ -253,6 +261,10 @@ const RUNTIME_FUNCTIONS: &[RuntimeFunction] = &[
         since: GoRelease::new(1, 26),
     },
     row("runtime.goexit1", ProbeProgram::Goexit1),
+    // gopanic calls it once no deferred call recovered: the panicking goroutine's records have
+    // all run (none through deferreturn), and the process is about to die. Nosplit: probed at
+    // its entry (Go >= 1.21: `PUSHQ BP`, emulated; hit once in a program's life anyway).
+    row("runtime.fatalpanic", ProbeProgram::FatalPanic),
     row("runtime.profilealloc", ProbeProgram::ProfileAlloc),
 ];
 

@@ -327,6 +327,17 @@ pub struct PendingReport {
     pub goroutines: u64,
     /// Distinct maps their closures capture; null when the runtime's state could not be read.
     pub captured_maps: Option<u64>,
+    /// Of `heap_defers`, records no registration seen while traced accounts for, already
+    /// pending when tracing started (`--pid`; always 0 when deferprobe started the program).
+    pub before_trace: u64,
+    /// Of `heap_defers`, records no registration seen accounts for in a program deferprobe
+    /// started (nothing is pending before its first instruction): their registration events
+    /// were lost (ring buffer full). 0 under `--pid`, where they count as `before_trace`.
+    pub registration_lost: u64,
+    /// Of `heap_defers`, records at sites in code that was not probed when they were
+    /// registered: a Go plugin loaded while traced (probed from when deferprobe found it) or
+    /// one it could not probe. Neither pending before trace nor lost: see the notes.
+    pub unprobed: u64,
 }
 
 /// Where a PC is in the source.
@@ -354,8 +365,11 @@ impl Location {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SiteReport {
-    /// Return address of the deferproc call, as `0x…` (ELF virtual address).
+    /// Return address of the deferproc call, as `0x…` (ELF virtual address of the executable,
+    /// or of `module`).
     pub pc: String,
+    /// The Go plugin holding the site (its path); null for the executable.
+    pub module: Option<String>,
     pub function: Option<String>,
     pub file: Option<String>,
     /// Line of the `defer` statement.
@@ -365,6 +379,12 @@ pub struct SiteReport {
     /// Pending records whose registration the probes did not see: pending before tracing
     /// started (all of them in a `snapshot`).
     pub pending_before_trace: u64,
+    /// Pending records whose registration event was lost, in a program deferprobe started
+    /// (see [`PendingReport::registration_lost`]).
+    pub pending_registration_lost: u64,
+    /// Pending records registered while the site's code was not probed (a plugin: see
+    /// [`PendingReport::unprobed`]).
+    pub pending_unprobed: u64,
     pub released: Option<u64>,
     pub pending: u64,
     /// What the site's pending closures capture (from the runtime's state; empty when only
@@ -393,6 +413,8 @@ pub struct GoroutineSiteReport {
     /// This goroutine's registrations and releases at the site; null without probes.
     pub registered: Option<u64>,
     pub pending_before_trace: u64,
+    pub pending_registration_lost: u64,
+    pub pending_unprobed: u64,
     pub released: Option<u64>,
 }
 
@@ -410,8 +432,14 @@ pub struct Finding {
     /// Of those, records already pending when tracing started (found in the runtime's chain):
     /// for them `oldest_pending_secs` is a lower bound and captures are unknown.
     pub pending_before_trace: u64,
+    /// Of those, records whose registration event was lost (in a program deferprobe started:
+    /// see [`PendingReport::registration_lost`]); their age and captures' origins are unknown.
+    pub pending_registration_lost: u64,
+    /// Of those, records registered while their code was not probed (a plugin: see
+    /// [`PendingReport::unprobed`]).
+    pub pending_unprobed: u64,
     /// Age of the oldest pending record; null when some were pending before tracing started
-    /// (their age is unknown, "pending at attach").
+    /// (their age is unknown, "pending at attach") or their registration event was lost.
     pub oldest_pending_secs: Option<f64>,
     /// Distinct maps captured (by value or by reference) by the frame's pending closures.
     pub captured_maps: Option<u64>,
@@ -451,6 +479,8 @@ pub struct Lookups<'a> {
     pub now_ns: u64,
     /// Findings threshold (`--min-pending`).
     pub min_pending: u64,
+    /// The Go module other than the executable (a plugin) holding a runtime address, if any.
+    pub module_pc: &'a dyn Fn(u64) -> Option<crate::findings::ModulePc>,
 }
 
 /// The pending part of a report: from a snapshot of the runtime's state
@@ -475,9 +505,14 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
     let mut locate = |pc: u64| {
         locations
             .entry(pc)
-            .or_insert_with(|| (lookups.location)(pc.wrapping_sub(lookups.bias)))
+            .or_insert_with(|| match (lookups.module_pc)(pc) {
+                Some(module) => module.location,
+                None => (lookups.location)(pc.wrapping_sub(lookups.bias)),
+            })
             .clone()
     };
+    // Records adopted at these sites were registered while their code was not probed.
+    let unprobed = |pc: u64| (lookups.module_pc)(pc).is_some_and(|m| m.unseen_were_unprobed);
     let mut findings = Vec::new();
     let mut goroutines = Vec::new();
     let mut unknown = 0;
@@ -500,6 +535,8 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                 .map_or(0, |(pc, _)| *pc);
             let location = locate(site_pc);
             let adopted = frame.iter().filter(|r| r.adopted).count() as u64;
+            let adopted_unprobed =
+                frame.iter().filter(|r| r.adopted && unprobed(r.caller_pc)).count() as u64;
             let oldest = frame.iter().map(|r| r.registered_ns).min().unwrap_or(lookups.now_ns);
             findings.push(Finding {
                 kind: "defer_accumulation",
@@ -508,7 +545,9 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                 file: location.file,
                 line: location.line,
                 pending_defers: frame.len() as u64,
-                pending_before_trace: adopted,
+                pending_before_trace: adopted - adopted_unprobed,
+                pending_registration_lost: 0,
+                pending_unprobed: adopted_unprobed,
                 // Adopted records' age is unknown.
                 oldest_pending_secs: (adopted == 0)
                     .then(|| lookups.now_ns.saturating_sub(oldest) as f64 / 1e9),
@@ -532,7 +571,9 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                     line: location.line,
                     pending,
                     registered: Some(totals.registered),
-                    pending_before_trace: totals.adopted,
+                    pending_before_trace: if unprobed(pc) { 0 } else { totals.adopted },
+                    pending_registration_lost: 0,
+                    pending_unprobed: if unprobed(pc) { totals.adopted } else { 0 },
                     released: Some(totals.released),
                 }
             })
@@ -557,13 +598,21 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
         .sites()
         .map(|(pc, totals)| {
             let location = locate(pc);
+            let module = (lookups.module_pc)(pc);
+            let unprobed = module.as_ref().is_some_and(|m| m.unseen_were_unprobed);
             SiteReport {
-                pc: format!("{:#x}", pc.wrapping_sub(lookups.bias)),
+                pc: match &module {
+                    Some(module) => format!("{:#x}", module.pc),
+                    None => format!("{:#x}", pc.wrapping_sub(lookups.bias)),
+                },
+                module: module.map(|m| m.module),
                 function: location.function,
                 file: location.file,
                 line: location.line,
                 registered: Some(totals.registered),
-                pending_before_trace: totals.adopted,
+                pending_before_trace: if unprobed { 0 } else { totals.adopted },
+                pending_registration_lost: 0,
+                pending_unprobed: if unprobed { totals.adopted } else { 0 },
                 released: Some(totals.released),
                 pending: totals.pending(),
                 captures: Vec::new(),
@@ -576,6 +625,9 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
             heap_defers: aggregator.pending_heap_defers(),
             goroutines: goroutines.len() as u64,
             captured_maps: None,
+            before_trace: sites.iter().map(|site| site.pending_before_trace).sum(),
+            registration_lost: 0,
+            unprobed: sites.iter().map(|site| site.pending_unprobed).sum(),
         },
         findings,
         goroutines,
@@ -597,6 +649,9 @@ pub fn write_findings(out: &mut String, findings: &[Finding]) {
     for f in findings {
         let age = match f.oldest_pending_secs {
             Some(secs) => format!("oldest {secs:.1}s"),
+            None if f.pending_registration_lost > 0 => {
+                format!("age unknown ({} registration events lost)", f.pending_registration_lost)
+            }
             None if f.pending_before_trace == f.pending_defers => "pending at attach".to_owned(),
             None => format!("{} pending at attach", f.pending_before_trace),
         };
@@ -732,17 +787,21 @@ impl Report {
         );
         write_findings(&mut out, &self.findings);
         if !self.sites.is_empty() {
-            // "before": already pending when tracing started.
-            let _ = writeln!(
+            // "before": already pending when tracing started; "lost": pending, registration
+            // event lost (a column only when there are some).
+            let lost = self.sites.iter().any(|site| site.pending_registration_lost > 0);
+            let _ = write!(
                 out,
                 "\n{:<38}{:>8}{:>12}{:>10}{:>10}",
                 "defer site", "before", "registered", "released", "pending"
             );
+            let _ =
+                writeln!(out, "{}", if lost { format!("{:>8}", "lost") } else { String::new() });
             for site in self.sites.iter().take(10) {
                 let name = truncate(&site_name(site), 36);
                 let count =
                     |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "  {name:<36}{:>8}{:>12}{:>10}{:>10}",
                     site.pending_before_trace,
@@ -750,6 +809,10 @@ impl Report {
                     count(site.released),
                     site.pending
                 );
+                let _ = match lost {
+                    true => writeln!(out, "{:>8}", site.pending_registration_lost),
+                    false => writeln!(out),
+                };
             }
             write_more_sites(&mut out, self.sites.len());
         }
@@ -870,7 +933,13 @@ mod tests {
     }
 
     fn lookups(location: &dyn Fn(u64) -> Location) -> Lookups<'_> {
-        Lookups { bias: BIAS, location, now_ns: 3_000_000_000, min_pending: 16 }
+        Lookups {
+            bias: BIAS,
+            location,
+            now_ns: 3_000_000_000,
+            min_pending: 16,
+            module_pc: &|_| None,
+        }
     }
 
     fn location(pc: u64) -> Location {
@@ -889,7 +958,14 @@ mod tests {
         let c = correlate(&agg, &lookups(&location));
         assert_eq!(
             c.pending,
-            PendingReport { heap_defers: 300, goroutines: 1, captured_maps: None }
+            PendingReport {
+                heap_defers: 300,
+                goroutines: 1,
+                captured_maps: None,
+                before_trace: 0,
+                registration_lost: 0,
+                unprobed: 0
+            }
         );
         assert_eq!(c.findings.len(), 1);
         let f = &c.findings[0];

@@ -1,5 +1,6 @@
 //! The kernel side, seen from userspace: loads the embedded eBPF object with the plan's
-//! configuration, attaches every planned probe to one process, and reads what the probes
+//! configuration, attaches every planned probe to one process (its executable, and the Go
+//! plugins found in it later: [`Tracer::add_module`]), and reads what the probes
 //! produce (per-CPU counters and ring-buffer events). Dropping a [`Tracer`] detaches everything;
 //! the kernel also does so if deferprobe dies (links are held by file descriptors only).
 
@@ -29,6 +30,14 @@ use crate::{
 /// The compiled deferprobe-ebpf object, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/deferprobe"));
 
+/// The probes of a Go module other than the executable (a plugin: a separate ELF file with its
+/// own copy of the runtime's functions, which its code calls directly).
+struct ModuleProbes {
+    path: PathBuf,
+    offsets: StdHashMap<ProbeProgram, Vec<u64>>,
+    links: StdHashMap<ProbeProgram, UProbeLinkId>,
+}
+
 /// How the probes are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttachMode {
@@ -49,6 +58,11 @@ pub struct Tracer {
     offsets: StdHashMap<ProbeProgram, Vec<u64>>,
     /// The live link of each attached program.
     links: StdHashMap<ProbeProgram, UProbeLinkId>,
+    /// Programs switched on ([`Tracer::set_attached`]), whether or not the executable has
+    /// points for them: what a module added later attaches.
+    on: std::collections::HashSet<ProbeProgram>,
+    /// Other Go modules of the process (plugins), probed with their own plans.
+    modules: Vec<ModuleProbes>,
     hit_cost: Option<Duration>,
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, Counters>,
@@ -119,6 +133,8 @@ impl Tracer {
             pid,
             offsets,
             links: StdHashMap::new(),
+            on: Default::default(),
+            modules: Vec::new(),
             hit_cost,
             events,
             counters,
@@ -170,42 +186,63 @@ impl Tracer {
     /// Attaches or detaches every probe of `program` (no-op if already so, or if the plan has
     /// none). The governor samples probe families this way.
     pub fn set_attached(&mut self, program: ProbeProgram, attach: bool) -> Result<()> {
-        let Some(offsets) = self.offsets.get(&program) else { return Ok(()) };
-        let name = program_name(program.name(), self.mode);
-        let uprobe: &mut UProbe = self
-            .ebpf
-            .program_mut(&name)
-            .ok_or_else(|| Error::internal(format!("no eBPF program {name}")))?
-            .try_into()
-            .map_err(|err| bpf_error(program.name(), &err))?;
-        match (attach, self.links.get(&program)) {
-            (true, None) => {
-                let points =
-                    offsets.iter().map(|&offset| UProbeAttachLocation::AbsoluteOffset(offset));
-                let link = uprobe
-                    .attach(points, &self.exe, UProbeScope::OneProcess(self.pid))
-                    .map_err(|err| {
-                        bpf_error(
-                            &format!("attaching {} to {}", program.name(), self.exe.display()),
-                            &err,
-                        )
-                    })?;
-                self.links.insert(program, link);
-            }
-            (false, Some(_)) => {
-                let link = self.links.remove(&program).expect("checked");
-                let link = uprobe
-                    .take_link(link)
-                    .map_err(|err| bpf_error(&format!("detaching {}", program.name()), &err))?;
-                // Closing a uprobe link removes its breakpoints at once, then waits for an RCU
-                // grace period (20–70 ms measured under load). Waiting here would keep the
-                // families detached after this one attached that much longer than their
-                // sampling window: the wait happens on a thread of its own.
-                std::thread::spawn(move || drop(link));
-            }
-            _ => {}
+        match attach {
+            true => self.on.insert(program),
+            false => self.on.remove(&program),
+        };
+        let (mode, pid) = (self.mode, self.pid);
+        if let Some(offsets) = self.offsets.get(&program) {
+            let uprobe = loaded_program(&mut self.ebpf, program, mode)?;
+            switch(uprobe, program, attach, &self.exe, offsets, &mut self.links, pid)?;
+        }
+        for module in &mut self.modules {
+            let Some(offsets) = module.offsets.get(&program) else { continue };
+            let uprobe = loaded_program(&mut self.ebpf, program, mode)?;
+            switch(uprobe, program, attach, &module.path, offsets, &mut module.links, pid)?;
         }
         Ok(())
+    }
+
+    /// Probes another Go module of the process (a plugin, at `path`) with its own `plan`: each
+    /// program the governor has on now is attached to it at once, the others when they are
+    /// switched on. Returns the number of attach points.
+    pub fn add_module(&mut self, plan: &ProbePlan, path: &Path) -> Result<usize> {
+        let mut module = ModuleProbes {
+            path: path.to_path_buf(),
+            offsets: StdHashMap::new(),
+            links: StdHashMap::new(),
+        };
+        for program in ProbeProgram::ALL {
+            let points: Vec<u64> = plan.probes_of(program).map(|p| p.file_offset).collect();
+            if !points.is_empty() {
+                module.offsets.insert(program, points);
+            }
+        }
+        let points = module.offsets.values().map(Vec::len).sum();
+        let mut attached = Ok(());
+        for (&program, offsets) in &module.offsets {
+            if self.on.contains(&program) {
+                attached = loaded_program(&mut self.ebpf, program, self.mode).and_then(|uprobe| {
+                    switch(uprobe, program, true, path, offsets, &mut module.links, self.pid)
+                });
+                if attached.is_err() {
+                    break;
+                }
+            }
+        }
+        if let Err(err) = attached {
+            // All or nothing: a module reported unprobed has no probe left behind.
+            for (&program, offsets) in &module.offsets {
+                if let Ok(uprobe) = loaded_program(&mut self.ebpf, program, self.mode) {
+                    let _ =
+                        switch(uprobe, program, false, path, offsets, &mut module.links, self.pid);
+                }
+            }
+            return Err(err);
+        }
+        self.modules.push(module);
+        self.attached += points;
+        Ok(points)
     }
 
     /// What one probe hit costs on this machine, measured at load (None if it couldn't be).
@@ -260,6 +297,57 @@ impl Tracer {
         }
         drained
     }
+}
+
+/// `program` in the eBPF object, loaded into the kernel (on first use: an executable without
+/// points for a program doesn't load it, a plugin may need it).
+fn loaded_program(ebpf: &mut Ebpf, program: ProbeProgram, mode: AttachMode) -> Result<&mut UProbe> {
+    let name = program_name(program.name(), mode);
+    let uprobe: &mut UProbe = ebpf
+        .program_mut(&name)
+        .ok_or_else(|| Error::internal(format!("no eBPF program {name}")))?
+        .try_into()
+        .map_err(|err| bpf_error(program.name(), &err))?;
+    if uprobe.fd().is_err() {
+        uprobe.load().map_err(|err| bpf_error(&format!("loading {}", program.name()), &err))?;
+    }
+    Ok(uprobe)
+}
+
+/// Attaches `program` to `offsets` in `file`, or detaches it (its link in `links`); nothing
+/// if it already is so.
+fn switch(
+    uprobe: &mut UProbe,
+    program: ProbeProgram,
+    attach: bool,
+    file: &Path,
+    offsets: &[u64],
+    links: &mut StdHashMap<ProbeProgram, UProbeLinkId>,
+    pid: NonZeroU32,
+) -> Result<()> {
+    match (attach, links.get(&program)) {
+        (true, None) => {
+            let points = offsets.iter().map(|&offset| UProbeAttachLocation::AbsoluteOffset(offset));
+            let link =
+                uprobe.attach(points, file, UProbeScope::OneProcess(pid)).map_err(|err| {
+                    bpf_error(&format!("attaching {} to {}", program.name(), file.display()), &err)
+                })?;
+            links.insert(program, link);
+        }
+        (false, Some(_)) => {
+            let link = links.remove(&program).expect("checked");
+            let link = uprobe
+                .take_link(link)
+                .map_err(|err| bpf_error(&format!("detaching {}", program.name()), &err))?;
+            // Closing a uprobe link removes its breakpoints at once, then waits for an RCU
+            // grace period (20–70 ms measured under load). Waiting here would keep the
+            // families detached after this one attached that much longer than their
+            // sampling window: the wait happens on a thread of its own.
+            std::thread::spawn(move || drop(link));
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The program's name in the eBPF object for `mode`.

@@ -60,6 +60,7 @@ fn inspect_prints_release_and_plan() {
             "runtime.mapassign_faststr",
             "runtime.mallocgc",
             "runtime.goexit1",
+            "runtime.fatalpanic",
         ] {
             assert!(stdout.contains(symbol), "{symbol} missing:\n{stdout}");
         }

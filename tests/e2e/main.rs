@@ -10,6 +10,7 @@ mod correlation;
 mod counts;
 mod defer_sites;
 mod demo;
+mod edges;
 mod endings;
 mod governor;
 mod matrix;

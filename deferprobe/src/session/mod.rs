@@ -166,6 +166,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         plan: &plan,
         memprofile_rate,
         allgs,
+        modules: crate::modules::Modules::new(
+            target.pid,
+            &target.exe,
+            PlanOptions { families: plan.families.clone(), allocations: plan.allocations },
+            started_command,
+        )
+        .into(),
     };
     let mut stop = CommandStop::new(args.kill_after);
     let traced = runtime.block_on(trace(
@@ -178,6 +185,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         &context,
     ))?;
     let exited_during_attach = tracer.exited_during_attach();
+    let modules = context.modules.into_inner();
+    let module_pc = |pc: u64| modules.module_pc(pc);
     // How often each captured map was written while traced, from the kernel's known-maps set:
     // read before the tracer detaches.
     let from_snapshot = traced.snapshot.is_some() && reader.is_some();
@@ -205,11 +214,12 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         location: &location,
         now_ns: traced.ended_ns,
         min_pending: args.min_pending,
+        module_pc: &module_pc,
     };
     // The runtime's own state wins: pending records, what their closures hold, and sites. The
     // events alone (`correlate`) only when it could not be read.
     let mut snapshot_notes = Vec::new();
-    let correlation =
+    let mut correlation =
         if let (Some((snapshot, after_tracing)), Some(reader)) = (&traced.snapshot, &reader) {
             let registered: HashMap<(u64, u64), u64> = traced
                 .aggregator
@@ -241,6 +251,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                 map_first_written: &|map| traced.aggregator.map(map).map(|m| m.first_pc),
                 map_writes: &map_writes,
                 now_ns: traced.ended_ns,
+                module_pc: &module_pc,
             };
             let sections = reader.sections(snapshot, args.min_pending, Some(&events));
             snapshot_notes = crate::snapshot::snapshot_notes(snapshot, &sections);
@@ -256,6 +267,11 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         } else {
             report::correlate(&traced.aggregator, &lookups)
         };
+    // Probes were attached before the program's first instruction: what no registration seen
+    // accounts for is a lost event, never "pending before trace".
+    if started_command {
+        findings::unseen_registrations_were_lost(&mut correlation);
+    }
     let events = traced.aggregator.events();
     let lost = LostEvents::new(&traced.counters, events.undecodable, events.without_goid);
     let counts = Counts::from_counters(&traced.counters, &lost);
@@ -301,10 +317,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
              and what closures capture is unknown"
         ));
     }
-    let pending_before_trace: u64 = match from_snapshot {
-        true => correlation.findings.iter().map(|f| f.pending_before_trace).sum(),
-        false => traced.aggregator.sites().map(|(_, t)| t.adopted).sum(),
-    };
+    let pending_before_trace = correlation.pending.before_trace;
     if pending_before_trace > 0 {
         notes.push(format!(
             "{} heap defer records were already pending in the runtime when tracing started \
@@ -317,6 +330,24 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             }
         ));
     }
+    notes.extend(modules.notes());
+    if correlation.pending.unprobed > 0 {
+        notes.push(format!(
+            "{} pending heap defer records at sites in Go plugins were registered while the \
+             plugin's code was not probed (pending_unprobed): they are not in counts.deferproc \
+             nor in their sites' registered, and are neither pending before tracing started \
+             nor lost events",
+            correlation.pending.unprobed
+        ));
+    }
+    if correlation.pending.registration_lost > 0 {
+        notes.push(findings::registration_lost_note(
+            correlation.pending.registration_lost,
+            &lost,
+            args.ring_buffer_kib,
+        ));
+    }
+    notes.extend(findings::panic_notes(traced.aggregator.panicked()));
     if traced.reconciled.released + traced.reconciled.moved > 0 {
         notes.push(format!(
             "the runtime's _defer chains corrected the event-based state: {} records run without \

@@ -97,6 +97,9 @@ pub(super) struct TraceContext<'a> {
     pub(super) memprofile_rate: Option<u64>,
     /// Runtime address of `runtime.allgs`, when the binary has symbols.
     pub(super) allgs: Option<u64>,
+    /// Go plugins found in the target: looked for before the loop and every `--interval`,
+    /// each probed when found.
+    pub(super) modules: std::cell::RefCell<crate::modules::Modules>,
 }
 
 /// What the trace loop produced.
@@ -188,6 +191,7 @@ pub(super) async fn trace(
             memprofile_rate = Some(rate);
         }
     };
+    context.modules.borrow_mut().poll(tracer);
     let ended_by = loop {
         tokio::select! {
             _ = drain_tick.tick() => {
@@ -216,6 +220,7 @@ pub(super) async fn trace(
                 window_open = false;
             }
             _ = log_tick.tick() => {
+                context.modules.borrow_mut().poll(tracer);
                 drain(tracer, &mut aggregator, &mut batch);
                 reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
                 if let Some(taken) = take_snapshot(&mut aggregator) {

@@ -83,6 +83,12 @@ pub struct Snapshot {
 pub enum SnapshotError {
     #[error("the runtime's list of goroutines (allglen/allgptr) could not be read")]
     NoGoroutineList,
+    /// Some goroutines could not be read, and then not even the goroutine list: the target's
+    /// memory went away while it was read (it was exiting). Such a snapshot shows a fraction
+    /// of the state as if it were all of it; the one before, brought up to the exit with the
+    /// events, is the truth.
+    #[error("the target exited while its goroutines were read")]
+    TargetGone,
 }
 
 impl Snapshot {
@@ -135,6 +141,11 @@ impl Snapshot {
             }
         }
         snapshot.ended_ns = monotonic_ns();
+        if snapshot.unreadable > 0
+            && goroutines::read_allgs(memory, context.allg).is_none_or(|now| now.is_empty())
+        {
+            return Err(SnapshotError::TargetGone);
+        }
         Ok(snapshot)
     }
 
@@ -266,6 +277,20 @@ mod tests {
     }
 
     /// Reads `memory` as a RuntimeReader would, but through any [`Memory`].
+    /// Memory of a process that exits after `reads_left` reads: nothing reads after that.
+    struct Dying<'a> {
+        image: &'a MemoryImage,
+        reads_left: std::cell::Cell<usize>,
+    }
+
+    impl Memory for Dying<'_> {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> bool {
+            let left = self.reads_left.get();
+            self.reads_left.set(left.saturating_sub(1));
+            left > 0 && self.image.read(addr, buf)
+        }
+    }
+
     fn take(reader: &RuntimeReader<'_, '_>, memory: &impl Memory) -> Snapshot {
         Snapshot::take(memory, &reader.context()).unwrap()
     }
@@ -318,6 +343,12 @@ mod tests {
                     assert!(damaged.write_u64(next, 0xdead_0000));
                     let snapshot = take(reader, &damaged);
                     assert_eq!(snapshot.unreadable, 1, "{what}");
+
+                    // The target exits once the goroutine list is read: not a snapshot of its
+                    // state (a fraction of it), an error.
+                    let dying = Dying { image: &image, reads_left: std::cell::Cell::new(3) };
+                    let gone = Snapshot::take(&dying, &reader.context());
+                    assert_eq!(gone, Err(SnapshotError::TargetGone), "{what}");
 
                     // A map header that does not check out: entries unknown, not a count.
                     let map = victim.records.iter().find_map(|r| match &r.captures {
