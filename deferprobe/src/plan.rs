@@ -159,10 +159,7 @@ impl ProbeProgram {
                 "count + bytes of the allocations mallocgc leaves to them"
             }
             ProbeProgram::Goexit1 => "count + event: goroutine exit (goid)",
-            ProbeProgram::FatalPanic => {
-                "event: an unrecovered panic; the goroutine's deferred calls all ran, the \
-                 program dies (goid)"
-            }
+            ProbeProgram::FatalPanic => "event: unrecovered panic, its defers all ran (goid)",
             ProbeProgram::ProfileAlloc => {
                 "count + event: an allocation sampled for the mem profile"
             }

@@ -167,6 +167,7 @@ fn five_thousand_goroutines() {
             trace_scenario(&release, "many", &["-n", "3", "-goroutines", "5000"]);
         // Bounded memory: 15,000 pending records and 5,000 goroutines in a few tens of MiB
         // (the embedded eBPF object and the mapped target binary included).
+        eprintln!("five_thousand_goroutines go{release}: peak RSS {peak_rss_kib} KiB");
         assert!(peak_rss_kib < 64 * 1024, "deferprobe peak RSS {peak_rss_kib} KiB");
         assert_eq!(u64_of(&report["pending"], "heap_defers"), u64_of(&truth, "pending_defers"));
         assert_eq!(u64_of(&report["pending"], "goroutines"), 5000);

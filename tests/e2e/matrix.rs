@@ -299,8 +299,10 @@ fn check_workload(target: &Target) {
     // and line of its `defer` statement, at the return address the traced run reported.
     let file_line = format!("{file}:{line}");
     assert!(
-        text.lines().any(|l| {
-            l.contains("main.loopDefers") && l.split_whitespace().any(|w| w.ends_with(&file_line))
+        // The site's function, then its file:line on the next line.
+        text.lines().zip(text.lines().skip(1)).any(|(function, place)| {
+            function.trim() == "main.loopDefers"
+                && place.split_whitespace().any(|w| w.ends_with(&file_line))
         }),
         "inspect must list the heap-defer site main.loopDefers at tests/go{file_line}:\n{text}"
     );
