@@ -244,6 +244,7 @@ fn a_target_exiting_during_attach_is_target_exited() {
                 assert_eq!(stderr.lines().count(), 1, "run {run}: {stderr}");
                 assert!(
                     stderr.contains(&format!("pid {pid} exited"))
+                        || stderr.contains(&format!("pid {pid} has exited (a zombie"))
                         || stderr.contains(&format!("no process with pid {pid}")),
                     "run {run}: {stderr}"
                 );
