@@ -224,6 +224,14 @@ pub struct KnownMap {
     pub map_type: u64,
 }
 
+/// Attach-cookie bit of a probe on a Go stack check's `JBE` (the probe plan's `count_when:
+/// falls_through`): a hit counts only when the branch falls through. When it is taken,
+/// `morestack` grows the stack and the function starts again, reaching the probe a second time.
+pub const COOKIE_FALLS_THROUGH: u64 = 1;
+
+/// The x86 EFLAGS bits a `JBE` tests: it is taken when CF or ZF is set.
+pub const JBE_TAKEN_FLAGS: u64 = (1 << 0) | (1 << 6);
+
 /// Length of the `CALL rel32` instructions the deferreturn probe sits on (it probes the calls
 /// of `runtime.deferreturn` in frames that own heap records, not the function's entry): the
 /// return address is the probed address plus this.

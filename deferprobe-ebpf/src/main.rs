@@ -21,16 +21,20 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::{BPF_RB_NO_WAKEUP, pt_regs},
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user},
+    EbpfContext as _,
+    helpers::{
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_get_attach_cookie,
+    },
     macros::{map, uprobe},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::ProbeContext,
 };
 use deferprobe_common::{
-    AllocSampled, CALL_REL32_LEN, Counter, Counters, DeferRegistered, DeferReturn,
-    EVENT_RING_BYTES, EventHeader, EventKind, GOROUTINE_IDS_CAPACITY, GoroutineExit,
-    GoroutinePanicked, KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig, RECENT_MAP_FLUSH_EVERY,
-    RECENT_MAP_SLOTS, RecentMap, recent_map_slot,
+    AllocSampled, CALL_REL32_LEN, COOKIE_FALLS_THROUGH, Counter, Counters, DeferRegistered,
+    DeferReturn, EVENT_RING_BYTES, EventHeader, EventKind, GOROUTINE_IDS_CAPACITY, GoroutineExit,
+    GoroutinePanicked, JBE_TAKEN_FLAGS, KNOWN_MAPS_CAPACITY, KnownMap, MapSeen, ProbeConfig,
+    RECENT_MAP_FLUSH_EVERY, RECENT_MAP_SLOTS, RecentMap, recent_map_slot,
 };
 
 /// Runtime struct offsets, written by userspace before load.
@@ -417,6 +421,16 @@ fn on_fatalpanic(ctx: &ProbeContext) -> u32 {
     0
 }
 
+/// A probe on a stack check's `JBE` (attach cookie [`COOKIE_FALLS_THROUGH`]) whose branch will
+/// be taken: the function calls `morestack` and starts again, so this pass is not a call. The
+/// kernel runs handlers before it emulates the instruction: the flags are the `CMP`'s.
+#[inline(always)]
+fn goes_to_morestack(ctx: &ProbeContext) -> bool {
+    // SAFETY: the helper reads the cookie of the link that ran this program.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    cookie & COOKIE_FALLS_THROUGH != 0 && regs(ctx).eflags & JBE_TAKEN_FLAGS != 0
+}
+
 // Every program exists twice: as a classic uprobe (one perf event per attach point, any
 // kernel >= 5.8) and as a multi-uprobe (one link for all points of a program: attaching and,
 // above all, detaching are far faster). Userspace picks the multi form when the kernel
@@ -425,11 +439,17 @@ macro_rules! entry_points {
     ($($single:ident, $multi:ident => $handler:ident;)*) => {$(
         #[uprobe]
         pub fn $single(ctx: ProbeContext) -> u32 {
+            if goes_to_morestack(&ctx) {
+                return 0;
+            }
             $handler(&ctx)
         }
 
         #[uprobe(multi)]
         pub fn $multi(ctx: ProbeContext) -> u32 {
+            if goes_to_morestack(&ctx) {
+                return 0;
+            }
             $handler(&ctx)
         }
     )*};

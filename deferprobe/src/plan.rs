@@ -10,7 +10,10 @@
 use serde::Serialize;
 
 use crate::{
-    binary::{FrameCall, Function, GoBinary, HeapDeferFrameCalls, prologue},
+    binary::{
+        FrameCall, Function, GoBinary, HeapDeferFrameCalls,
+        prologue::{self, CountWhen},
+    },
     error::{Error, Result},
     layout::{self, GoRelease, LayoutSource, RuntimeLayout},
 };
@@ -190,6 +193,27 @@ impl ProbeProgram {
     }
 }
 
+impl ProbeProgram {
+    /// The registers [`ProbeProgram::registers`] names, as the decoder knows them: the probe
+    /// must sit where they still hold what they held at the function's entry (`[rsp]` needs
+    /// RSP unchanged; `rip` is the probe's own address).
+    pub fn read_registers(self) -> Vec<iced_x86::Register> {
+        use iced_x86::Register;
+        self.registers()
+            .iter()
+            .filter_map(|(name, _)| match *name {
+                "rax" => Some(Register::RAX),
+                "rbx" => Some(Register::RBX),
+                "rcx" => Some(Register::RCX),
+                "rdi" => Some(Register::RDI),
+                "r14" => Some(Register::R14),
+                "rsp" | "[rsp]" => Some(Register::RSP),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// How a table row names its functions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Symbols {
@@ -277,8 +301,14 @@ pub struct PlannedProbe {
     pub size: u64,
     /// Where the probe goes, relative to `address`.
     pub attach_offset: u64,
-    /// Whether `attach_offset` is past the stack check (so a call is seen once, not twice).
-    pub after_stack_check: bool,
+    /// The instruction there (`jbe`, `push rbp`, `call`, ...), and whether the kernel emulates
+    /// it (a hit costs about 0.7 µs on the development VMs) or single-steps it (10–20 µs).
+    pub instruction: String,
+    pub emulated: bool,
+    /// Which hits count as calls: all, or on the stack check's JBE only those that fall
+    /// through (the kernel program reads the flags), so a call is counted once even when
+    /// `morestack` restarts the function.
+    pub count_when: CountWhen,
     /// For a probe on a call instruction inside `symbol` rather than on its entry: the
     /// function called there (`runtime.deferproc`, `runtime.deferreturn`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -479,15 +509,20 @@ fn plan_probe(
     function: Function,
 ) -> Result<PlannedProbe> {
     let code = binary.function_code(&function)?;
-    let placement = prologue::probe_offset(code, function.address)?;
-    let file_offset = binary.file_offset(function.address + placement.offset)?;
+    let spot = prologue::probe_spot(code, function.address, &program.read_registers())
+        .map_err(|err| {
+            Error::unsupported(format!("{}: {}: {err}", binary.path().display(), function.name))
+        })?;
+    let file_offset = binary.file_offset(function.address + spot.offset)?;
     Ok(PlannedProbe {
         program,
         symbol: function.name,
         address: function.address,
         size: function.size,
-        attach_offset: placement.offset,
-        after_stack_check: placement.after_stack_check,
+        attach_offset: spot.offset,
+        instruction: spot.instruction,
+        emulated: spot.emulated,
+        count_when: spot.count_when,
         call_to: None,
         file_offset,
     })
@@ -511,7 +546,9 @@ fn plan_call_probe(
         symbol: call.function.name.clone(),
         address: call.function.address,
         size: call.function.size,
-        after_stack_check: true,
+        instruction: "call".into(),
+        emulated: true,
+        count_when: CountWhen::Always,
         call_to: Some(callee),
     })
 }
@@ -537,6 +574,15 @@ mod tests {
     use super::*;
     use crate::binary::testbin::{self, Program, TempFile, Variant};
 
+    /// Every register a program says it reads is one the placement can check.
+    #[test]
+    fn read_registers_cover_what_programs_read() {
+        for program in ProbeProgram::ALL {
+            let named = program.registers().iter().filter(|(name, _)| *name != "rip").count();
+            assert_eq!(program.read_registers().len(), named, "{program:?}");
+        }
+    }
+
     /// Go 1.19 (no deferprocat, the older `_defer`) to 1.27, plain and stripped, PIE and cgo.
     #[test]
     fn plans_for_every_release_and_variant() {
@@ -558,7 +604,15 @@ mod tests {
                     let symbols: Vec<&str> =
                         plan.probes.iter().map(|p| p.symbol.as_str()).collect();
                     let probe = plan.probes.iter().find(|p| p.symbol == "runtime.mallocgc");
-                    assert!(probe.is_some_and(|p| p.after_stack_check), "{what}: {probe:?}");
+                    assert!(
+                        probe.is_some_and(|p| p.instruction == "jbe"
+                            && p.count_when == CountWhen::FallsThrough),
+                        "{what}: {probe:?}"
+                    );
+                    // Every probe on an instruction the kernel emulates, on every release.
+                    let stepped: Vec<&PlannedProbe> =
+                        plan.probes.iter().filter(|p| !p.emulated).collect();
+                    assert!(stepped.is_empty(), "{what}: single-stepped probes {stepped:#?}");
                     // deferproc is probed on each CALL of it, deferreturn on each CALL in a
                     // function with a heap defer: on the 5-byte CALL, not at the callee.
                     for (program, callee) in [

@@ -16,14 +16,17 @@ use aya::{
     maps::{Array, HashMap, MapData, MapType, PerCpuArray, RingBuf},
     programs::{
         UProbe,
-        uprobe::{UProbeAttachLocation, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
-use deferprobe_common::{Counters, KnownMap, ProbeConfig, RecentMap, recent_map_slot};
+use deferprobe_common::{
+    COOKIE_FALLS_THROUGH, Counters, KnownMap, ProbeConfig, RecentMap, recent_map_slot,
+};
 
 use crate::{
     error::{Error, Result},
+    binary::prologue::CountWhen,
     plan::{ProbePlan, ProbeProgram},
 };
 
@@ -34,7 +37,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// own copy of the runtime's functions, which its code calls directly).
 struct ModuleProbes {
     path: PathBuf,
-    offsets: StdHashMap<ProbeProgram, Vec<u64>>,
+    offsets: StdHashMap<ProbeProgram, Vec<(u64, u64)>>,
     links: StdHashMap<ProbeProgram, UProbeLinkId>,
 }
 
@@ -54,8 +57,8 @@ pub struct Tracer {
     mode: AttachMode,
     exe: PathBuf,
     pid: NonZeroU32,
-    /// File offsets to attach, per program.
-    offsets: StdHashMap<ProbeProgram, Vec<u64>>,
+    /// File offsets to attach, with their attach cookies, per program.
+    offsets: StdHashMap<ProbeProgram, Vec<(u64, u64)>>,
     /// The live link of each attached program.
     links: StdHashMap<ProbeProgram, UProbeLinkId>,
     /// Programs switched on ([`Tracer::set_attached`]), whether or not the executable has
@@ -105,7 +108,7 @@ impl Tracer {
         };
         let mut offsets = StdHashMap::new();
         for program in ProbeProgram::ALL {
-            let points: Vec<u64> = plan.probes_of(program).map(|p| p.file_offset).collect();
+            let points = attach_points(plan, program);
             if points.is_empty() {
                 continue;
             }
@@ -213,7 +216,7 @@ impl Tracer {
             links: StdHashMap::new(),
         };
         for program in ProbeProgram::ALL {
-            let points: Vec<u64> = plan.probes_of(program).map(|p| p.file_offset).collect();
+            let points = attach_points(plan, program);
             if !points.is_empty() {
                 module.offsets.insert(program, points);
             }
@@ -321,13 +324,16 @@ fn switch(
     program: ProbeProgram,
     attach: bool,
     file: &Path,
-    offsets: &[u64],
+    offsets: &[(u64, u64)],
     links: &mut StdHashMap<ProbeProgram, UProbeLinkId>,
     pid: NonZeroU32,
 ) -> Result<()> {
     match (attach, links.get(&program)) {
         (true, None) => {
-            let points = offsets.iter().map(|&offset| UProbeAttachLocation::AbsoluteOffset(offset));
+            let points = offsets.iter().map(|&(offset, cookie)| UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(offset),
+                cookie: Some(cookie),
+            });
             let link =
                 uprobe.attach(points, file, UProbeScope::OneProcess(pid)).map_err(|err| {
                     bpf_error(&format!("attaching {} to {}", program.name(), file.display()), &err)
@@ -490,6 +496,19 @@ where
 {
     let map = ebpf.take_map(name).ok_or_else(|| Error::internal(format!("no {name} map")))?;
     T::try_from(map).map_err(|err| bpf_error(name, &err))
+}
+
+/// The file offsets of `program`'s probes in `plan`, with their attach cookies.
+fn attach_points(plan: &ProbePlan, program: ProbeProgram) -> Vec<(u64, u64)> {
+    plan.probes_of(program).map(|probe| (probe.file_offset, attach_cookie(probe))).collect()
+}
+
+/// What the kernel program must know of a probe's spot ([`COOKIE_FALLS_THROUGH`]).
+fn attach_cookie(probe: &crate::plan::PlannedProbe) -> u64 {
+    match probe.count_when {
+        CountWhen::FallsThrough => COOKIE_FALLS_THROUGH,
+        CountWhen::Always => 0,
+    }
 }
 
 fn bpf_error(what: &str, err: &dyn std::error::Error) -> Error {
