@@ -19,9 +19,8 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    Global,
+    EbpfContext as _, Global,
     bindings::{BPF_RB_NO_WAKEUP, pt_regs},
-    EbpfContext as _,
     helpers::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_attach_cookie,

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, path::Path};
 use serde::Serialize;
 
 use crate::{
-    binary::{ClosureTypes, DeferSite, GoBinary, MemoryProfiling},
+    binary::{ClosureTypes, DeferSite, GoBinary, MemoryProfiling, prologue::CountWhen},
     error::Result,
     layout::{self, RuntimeLayout},
     plan::{PlanOptions, ProbePlan},
@@ -138,25 +138,32 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         let _ = writeln!(out, "  note         {note}");
     }
     let _ = writeln!(out, "\nprobe plan ({} probes)", plan.probes.len());
-    let _ = writeln!(
-        out,
-        "  {:<28} {:>9} {:>6} {:>8}  probe",
-        "function", "address", "attach", "file off"
-    );
+    let _ =
+        writeln!(out, "  {:<28} {:>9} {:>6}  {:<9} probe", "function", "address", "attach", "on");
     let mut on_calls = std::collections::BTreeMap::new();
     for probe in &plan.probes {
         if let Some(callee) = probe.call_to {
             on_calls.insert(probe.program.name(), callee);
         }
+        // `*`: single-stepped by the kernel, not emulated.
+        let on = format!("{}{}", probe.instruction, if probe.emulated { "" } else { "*" });
         let _ = writeln!(
             out,
-            "  {:<28} {:>#9x} {:>+6} {:>#8x}  {}",
+            "  {:<28} {:>#9x} {:>+6}  {:<9} {}",
             fit_left(&probe.symbol, 28),
             probe.address,
             probe.attach_offset,
-            probe.file_offset,
+            on,
             probe.program.name(),
         );
+    }
+    let stepped = plan.probes.iter().filter(|probe| !probe.emulated).count();
+    let _ = match stepped {
+        0 => writeln!(out, "  every probe is on an instruction the kernel emulates"),
+        n => writeln!(out, "  *: {n} probes the kernel single-steps (10-20 µs a hit here)"),
+    };
+    if plan.probes.iter().any(|probe| probe.count_when == CountWhen::FallsThrough) {
+        let _ = writeln!(out, "  jbe: the stack check's; a hit counts when it falls through");
     }
     for (program, callee) in on_calls {
         let _ = writeln!(out, "  {program} probes sit on the functions' CALLs of {callee}");

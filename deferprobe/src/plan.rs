@@ -509,8 +509,8 @@ fn plan_probe(
     function: Function,
 ) -> Result<PlannedProbe> {
     let code = binary.function_code(&function)?;
-    let spot = prologue::probe_spot(code, function.address, &program.read_registers())
-        .map_err(|err| {
+    let spot =
+        prologue::probe_spot(code, function.address, &program.read_registers()).map_err(|err| {
             Error::unsupported(format!("{}: {}: {err}", binary.path().display(), function.name))
         })?;
     let file_offset = binary.file_offset(function.address + spot.offset)?;
@@ -605,8 +605,9 @@ mod tests {
                         plan.probes.iter().map(|p| p.symbol.as_str()).collect();
                     let probe = plan.probes.iter().find(|p| p.symbol == "runtime.mallocgc");
                     assert!(
-                        probe.is_some_and(|p| p.instruction == "jbe"
-                            && p.count_when == CountWhen::FallsThrough),
+                        probe
+                            .is_some_and(|p| p.instruction == "jbe"
+                                && p.count_when == CountWhen::FallsThrough),
                         "{what}: {probe:?}"
                     );
                     // Every probe on an instruction the kernel emulates, on every release.

@@ -25,8 +25,8 @@ use deferprobe_common::{
 };
 
 use crate::{
-    error::{Error, Result},
     binary::prologue::CountWhen,
+    error::{Error, Result},
     plan::{ProbePlan, ProbeProgram},
 };
 
@@ -368,10 +368,16 @@ fn program_name(base: &str, mode: AttachMode) -> String {
 // the probe finds it in /proc/self/exe's symbol table. It starts with `push rbp`, like the
 // instructions the real probes sit on (just after a Go function's stack check): the kernel
 // emulates that instruction instead of single-stepping it, and the cost measured is theirs.
+// The calibration target starts like a Go function whose probe sits on its stack check's JBE
+// (what most probes sit on): a JBE that falls through (TEST clears CF, RSP is not zero), probed
+// with the fall-through cookie, so the kernel program's flags check runs as it does there.
 std::arch::global_asm!(
     ".globl deferprobe_calibration_target",
     ".type deferprobe_calibration_target, @function",
     "deferprobe_calibration_target:",
+    "test rsp, rsp",
+    "jbe 1f",
+    "1:",
     "push rbp",
     "mov rbp, rsp",
     "lea rax, [rdi + 1]",
@@ -428,9 +434,14 @@ fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Duration> {
     let mut work = vec![0u8; CALIBRATION_WORK_BYTES];
     let plain_before = time_cold_calls(CALLS, &mut work);
     let pid = NonZeroU32::new(std::process::id())?;
-    let link = uprobe
-        .attach(["deferprobe_calibration_target"], "/proc/self/exe", UProbeScope::OneProcess(pid))
-        .ok()?;
+    let jbe = UProbeAttachPoint {
+        location: UProbeAttachLocation::SymbolOffset(
+            "deferprobe_calibration_target",
+            CALIBRATION_JBE_OFFSET,
+        ),
+        cookie: Some(COOKIE_FALLS_THROUGH),
+    };
+    let link = uprobe.attach([jbe], "/proc/self/exe", UProbeScope::OneProcess(pid)).ok()?;
     time_calls(20); // the first hits set up the process's uprobe area
     let probed = time_cold_calls(CALLS, &mut work);
     let hot = time_calls(CALLS);
@@ -445,6 +456,9 @@ fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Duration> {
     );
     Some(Duration::from_nanos(cold.max(1.0) as u64))
 }
+
+/// The calibration target's JBE, after `test rsp, rsp` (3 bytes).
+const CALIBRATION_JBE_OFFSET: u64 = 3;
 
 /// What the calibration touches between two calls: about an L2 cache.
 const CALIBRATION_WORK_BYTES: usize = 512 * 1024;
@@ -531,6 +545,78 @@ fn bpf_error(what: &str, err: &dyn std::error::Error) -> Error {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    // Two JBEs like a Go stack check's: one falls through (TEST clears CF, RSP is not zero),
+    // one is taken (XOR sets ZF), at +3 and +2.
+    std::arch::global_asm!(
+        ".globl deferprobe_test_falls_through",
+        "deferprobe_test_falls_through:",
+        "test rsp, rsp",
+        "jbe 1f",
+        "1:",
+        "ret",
+        ".globl deferprobe_test_branch_taken",
+        "deferprobe_test_branch_taken:",
+        "xor eax, eax",
+        "jbe 2f",
+        "2:",
+        "ret",
+    );
+
+    unsafe extern "C" {
+        fn deferprobe_test_falls_through();
+        fn deferprobe_test_branch_taken();
+    }
+
+    /// The kernel side of a probe on a stack check's JBE: with the fall-through cookie, a hit
+    /// counts only when the flags say the branch falls through (a taken one goes to morestack,
+    /// which restarts the function); without it, every hit counts. Real programs, real uprobes
+    /// on this process's own code: needs root.
+    #[test]
+    fn jbe_probes_count_only_fall_throughs() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test loads eBPF programs: run as root");
+        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).expect("load the eBPF object");
+        let counters: PerCpuArray<MapData, Counters> =
+            PerCpuArray::try_from(ebpf.take_map("COUNTERS").unwrap()).unwrap();
+        let uprobe: &mut UProbe = ebpf.program_mut("deferproc_stack").unwrap().try_into().unwrap();
+        uprobe.load().unwrap();
+        let pid = NonZeroU32::new(std::process::id()).unwrap();
+        let count = || -> u64 {
+            let counter = deferprobe_common::Counter::DeferProcStack;
+            counters.get(&0, 0).unwrap().iter().map(|c| c.get(counter)).sum()
+        };
+        for (cookie, expected_taken) in [(COOKIE_FALLS_THROUGH, 0), (0, 100)] {
+            let points =
+                [("deferprobe_test_falls_through", 3), ("deferprobe_test_branch_taken", 2)].map(
+                    |(symbol, offset)| UProbeAttachPoint {
+                        location: UProbeAttachLocation::SymbolOffset(symbol, offset),
+                        cookie: Some(cookie),
+                    },
+                );
+            let links: Vec<_> = points
+                .into_iter()
+                .map(|point| {
+                    uprobe.attach([point], "/proc/self/exe", UProbeScope::OneProcess(pid)).unwrap()
+                })
+                .collect();
+            let before = count();
+            for _ in 0..100 {
+                // SAFETY: leaf functions of ours that only branch and return.
+                unsafe { deferprobe_test_falls_through() };
+            }
+            assert_eq!(count() - before, 100, "falls through, cookie {cookie}");
+            let before = count();
+            for _ in 0..100 {
+                // SAFETY: as above.
+                unsafe { deferprobe_test_branch_taken() };
+            }
+            assert_eq!(count() - before, expected_taken, "taken, cookie {cookie}");
+            for link in links {
+                uprobe.detach(link).unwrap();
+            }
+        }
+    }
 
     #[test]
     fn missing_kernel_features_are_named() {

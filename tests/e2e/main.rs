@@ -14,6 +14,7 @@ mod edges;
 mod endings;
 mod governor;
 mod matrix;
+mod placement;
 mod runtime_state;
 mod safety;
 mod support;

@@ -134,7 +134,31 @@ fn setup() -> Result<Vec<String>> {
     }
     matrix::install_debian_toolchains()?;
     matrix::install_bpftool()?;
+    install_debian_programs()?;
     Ok(releases)
+}
+
+/// Real Go servers from Debian (Go 1.19, stripped) whose probe plans the tests check:
+/// (package, executable).
+pub const DEBIAN_PROGRAMS: [(&str, &str); 4] = [
+    ("prometheus", "/usr/bin/prometheus"),
+    ("etcd-server", "/usr/bin/etcd"),
+    ("hugo", "/usr/bin/hugo"),
+    ("syncthing", "/usr/bin/syncthing"),
+];
+
+/// Installs [`DEBIAN_PROGRAMS`] that are missing (apt-get; needs root).
+fn install_debian_programs() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PROGRAMS
+        .iter()
+        .filter(|(_, path)| !Path::new(path).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("[xtask] installing Debian's {}", missing.join(", "));
+        apt_install(&missing)?;
+    }
+    Ok(())
 }
 
 /// Installs Debian `packages` with apt-get (after an `apt-get update`); needs root.

@@ -81,7 +81,8 @@ pub fn probe_spot(code: &[u8], address: u64, reads: &[Register]) -> Result<Probe
     for instruction in &decoded {
         let offset = instruction.ip().wrapping_sub(address);
         if is_emulated(instruction) {
-            let clobbered = reads.iter().any(|r| register_slot(*r).is_some_and(|slot| written[slot]));
+            let clobbered =
+                reads.iter().any(|r| register_slot(*r).is_some_and(|slot| written[slot]));
             // A jump back into the code before the spot would make a call reach it twice (a
             // recursive CALL of the entry is another call, counted as such).
             let reentered = decoded.iter().any(|other| {
@@ -124,7 +125,9 @@ pub fn is_emulated(instruction: &Instruction) -> bool {
 fn describe(instruction: &Instruction) -> String {
     let mnemonic = format!("{:?}", instruction.mnemonic()).to_lowercase();
     match instruction.op_count() > 0 && instruction.op0_kind() == OpKind::Register {
-        true => format!("{mnemonic} {}", format!("{:?}", instruction.op0_register()).to_lowercase()),
+        true => {
+            format!("{mnemonic} {}", format!("{:?}", instruction.op0_register()).to_lowercase())
+        }
         false => mnemonic,
     }
 }
@@ -346,6 +349,48 @@ mod tests {
         assert_eq!(offset(&[0xc3]).unwrap(), none);
     }
 
+    fn spot(code: &[u8], reads: &[Register]) -> ProbeSpot {
+        probe_spot(code, 0x1000, reads).unwrap()
+    }
+
+    /// Where probes go: the stack check's JBE; in nosplit code the first emulated
+    /// instruction before which no read register is written and into which nothing jumps back;
+    /// else the entry, single-stepped.
+    #[test]
+    fn synthetic_probe_spots() {
+        let rax = [Register::RAX];
+        let jbe = spot(&[&CMP_RSP[..], &JBE_NEAR, &PUSH_RBP].concat(), &rax);
+        assert_eq!((jbe.offset, jbe.instruction.as_str(), jbe.emulated), (4, "jbe", true));
+        assert_eq!(jbe.count_when, CountWhen::FallsThrough);
+        let large = spot(&[&LEA_R12[..], &CMP_R12, &JBE_SHORT].concat(), &rax);
+        assert_eq!((large.offset, large.count_when), (9, CountWhen::FallsThrough));
+        // Go >= 1.21 nosplit: PUSHQ BP first.
+        let push = spot(&[0x55, 0x48, 0x89, 0xe5, 0xc3], &rax);
+        assert_eq!((push.offset, push.instruction.as_str(), push.emulated), (0, "push rbp", true));
+        assert_eq!(push.count_when, CountWhen::Always);
+        // Go 1.19 nosplit: SUBQ $0x18, SP; MOVQ BP, 0x10(SP); CMPQ DX, CX; JNE.
+        let go119 = [
+            &[0x48, 0x83, 0xec, 0x18][..],
+            &[0x48, 0x89, 0x6c, 0x24, 0x10],
+            &[0x48, 0x39, 0xca],
+            &[0x75, 0x02],
+            &[0x90, 0x90, 0xc3],
+        ]
+        .concat();
+        let jne = spot(&go119, &rax);
+        assert_eq!((jne.offset, jne.instruction.as_str(), jne.emulated), (12, "jne", true));
+        // ... not when the program reads RSP (SUBQ moved it) or a register written before.
+        let stepped = spot(&go119, &[Register::RSP]);
+        assert_eq!((stepped.offset, stepped.instruction.as_str()), (0, "sub rsp"));
+        assert!(!stepped.emulated);
+        let mov_rax = [&[0x48, 0x89, 0xd0][..], &[0x75, 0x00, 0xc3]].concat(); // MOVQ DX, AX
+        assert!(!spot(&mov_rax, &rax).emulated);
+        assert!(spot(&mov_rax, &[Register::RBX]).emulated);
+        // ... nor when a jump leads back before it: SUBQ; JNE (to the SUBQ).
+        let back = [&[0x48, 0x83, 0xec, 0x18][..], &[0x75, 0xfa, 0xc3]].concat();
+        assert!(!spot(&back, &rax).emulated);
+    }
+
     #[test]
     fn broken_prologues_are_errors() {
         let no_jbe = [&CMP_RSP[..], &PUSH_RBP].concat();
@@ -406,6 +451,19 @@ mod tests {
             let stack = binary.function("runtime.deferprocStack").unwrap();
             let probe = binary.probe_offset(&stack).unwrap();
             assert_eq!(probe, ProbeOffset { offset: 0, after_stack_check: false }, "go{release}");
+            // nosplit: PUSHQ BP at the entry from 1.21; on 1.19 and 1.20 the JNE of its
+            // `gp.m.curg != gp` check, before which RAX (the *_defer) is untouched.
+            let code = binary.function_code(&stack).unwrap();
+            let spot = probe_spot(code, stack.address, &[Register::RAX]).unwrap();
+            let expected = if minor >= 21 { "push rbp" } else { "jne" };
+            assert_eq!(spot.instruction, expected, "go{release}");
+            assert!(spot.emulated, "go{release}");
+            let code = binary.function_code(&mapassign).unwrap();
+            let spot = probe_spot(code, mapassign.address, &[Register::RAX]).unwrap();
+            assert_eq!(
+                (spot.instruction.as_str(), spot.count_when),
+                ("jbe", CountWhen::FallsThrough)
+            );
         }
     }
 
