@@ -61,6 +61,10 @@ pub struct Tracer {
     offsets: StdHashMap<ProbeProgram, Vec<(u64, u64)>>,
     /// The live link of each attached program.
     links: StdHashMap<ProbeProgram, UProbeLinkId>,
+    /// The `CALL runtime.deferreturn` probes of each function that owns heap defer records
+    /// (by function address), and the link of each function whose probes are on.
+    frames: StdHashMap<u64, Vec<(u64, u64)>>,
+    frame_links: StdHashMap<u64, UProbeLinkId>,
     /// Programs switched on ([`Tracer::set_attached`]), whether or not the executable has
     /// points for them: what a module added later attaches.
     on: std::collections::HashSet<ProbeProgram>,
@@ -107,6 +111,13 @@ impl Tracer {
             _ => AttachMode::PerPoint,
         };
         let mut offsets = StdHashMap::new();
+        let mut frames: StdHashMap<u64, Vec<(u64, u64)>> = StdHashMap::new();
+        for probe in plan.probes_of(ProbeProgram::DeferReturn) {
+            frames
+                .entry(probe.address)
+                .or_default()
+                .push((probe.file_offset, attach_cookie(probe)));
+        }
         for program in ProbeProgram::ALL {
             let points = attach_points(plan, program);
             if points.is_empty() {
@@ -119,9 +130,13 @@ impl Tracer {
                 .try_into()
                 .map_err(|err| bpf_error(program.name(), &err))?;
             uprobe.load().map_err(|err| bpf_error(&format!("loading {}", program.name()), &err))?;
-            offsets.insert(program, points);
+            // deferreturn's probes are switched per function ([`Tracer::arm_frames`]).
+            if program != ProbeProgram::DeferReturn {
+                offsets.insert(program, points);
+            }
         }
-        let attached = offsets.values().map(Vec::len).sum();
+        let attached = offsets.values().map(Vec::len).sum::<usize>()
+            + frames.values().map(Vec::len).sum::<usize>();
         let hit_cost = calibrate(&mut ebpf, mode);
 
         let events = take_map(&mut ebpf, "EVENTS")?;
@@ -136,6 +151,8 @@ impl Tracer {
             pid,
             offsets,
             links: StdHashMap::new(),
+            frames,
+            frame_links: StdHashMap::new(),
             on: Default::default(),
             modules: Vec::new(),
             hit_cost,
@@ -149,17 +166,19 @@ impl Tracer {
             attached,
             exited_during_attach: false,
         };
-        for program in ProbeProgram::ALL {
-            if let Err(err) = tracer.set_attached(program, true) {
-                // A process that exits while its probes are attached makes the rest fail
-                // (its /proc/PID/exe is gone): the tracer keeps what it saw, and the trace
-                // ends at once as the target's exit.
-                if crate::target::has_exited(pid.get()) {
-                    tracer.exited_during_attach = true;
-                    break;
-                }
+        let functions: Vec<u64> = tracer.frames.keys().copied().collect();
+        let attached = ProbeProgram::ALL
+            .into_iter()
+            .try_for_each(|program| tracer.set_attached(program, true))
+            .and_then(|()| tracer.arm_frames(&functions).map(drop));
+        if let Err(err) = attached {
+            // A process that exits while its probes are attached makes the rest fail (its
+            // /proc/PID/exe is gone): the tracer keeps what it saw, and the trace ends at once
+            // as the target's exit.
+            if !crate::target::has_exited(pid.get()) {
                 return Err(err);
             }
+            tracer.exited_during_attach = true;
         }
         tracer.set_goroutine_id_cache(true)?;
         Ok(tracer)
@@ -254,6 +273,61 @@ impl Tracer {
     }
 
     /// Number of attach points in the plan (one per probed function).
+    /// Attaches the `CALL runtime.deferreturn` probes of `functions` (ELF addresses of
+    /// functions in the plan) whose probes are not on. Returns how many probes were attached.
+    pub fn arm_frames(&mut self, functions: &[u64]) -> Result<usize> {
+        let mut attached = 0;
+        for function in functions {
+            let Some(points) = self.frames.get(function) else { continue };
+            if self.frame_links.contains_key(function) {
+                continue;
+            }
+            let uprobe = loaded_program(&mut self.ebpf, ProbeProgram::DeferReturn, self.mode)?;
+            let mut links = StdHashMap::new();
+            switch(
+                uprobe,
+                ProbeProgram::DeferReturn,
+                true,
+                &self.exe,
+                points,
+                &mut links,
+                self.pid,
+            )?;
+            if let Some(link) = links.remove(&ProbeProgram::DeferReturn) {
+                self.frame_links.insert(*function, link);
+                attached += points.len();
+            }
+        }
+        Ok(attached)
+    }
+
+    /// Detaches the `CALL runtime.deferreturn` probes of `functions`. Returns how many.
+    pub fn disarm_frames(&mut self, functions: &[u64]) -> Result<usize> {
+        let mut detached = 0;
+        for function in functions {
+            let Some(link) = self.frame_links.remove(function) else { continue };
+            let uprobe = loaded_program(&mut self.ebpf, ProbeProgram::DeferReturn, self.mode)?;
+            let mut links = StdHashMap::from([(ProbeProgram::DeferReturn, link)]);
+            let points = &self.frames[function];
+            switch(
+                uprobe,
+                ProbeProgram::DeferReturn,
+                false,
+                &self.exe,
+                points,
+                &mut links,
+                self.pid,
+            )?;
+            detached += points.len();
+        }
+        Ok(detached)
+    }
+
+    /// Functions whose deferreturn probes are on, and functions that have some.
+    pub fn armed_frames(&self) -> (usize, usize) {
+        (self.frame_links.len(), self.frames.len())
+    }
+
     /// Whether the target exited before every probe of the plan was attached.
     pub fn exited_during_attach(&self) -> bool {
         self.exited_during_attach

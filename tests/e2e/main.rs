@@ -13,6 +13,7 @@ mod demo;
 mod edges;
 mod endings;
 mod governor;
+mod idle_probes;
 mod matrix;
 mod placement;
 mod runtime_state;

@@ -25,6 +25,7 @@ use crate::{
     tracer::Tracer,
 };
 
+mod frames;
 mod sampler;
 mod signals;
 mod trace_loop;
@@ -159,6 +160,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     }
     let context = TraceContext {
         pid: target.pid,
+        bias,
         reader: reader.as_ref(),
         counts_only: args.counts_only,
         memory,
@@ -348,10 +350,25 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         ));
     }
     notes.extend(findings::panic_notes(traced.aggregator.panicked()));
+    if traced.frames_idled > 0 {
+        notes.push(format!(
+            "deferreturn probes went off after {}s in {} that had no heap defer pending (each \
+             return of such a function calls runtime.deferreturn, which releases nothing); {} \
+             got them back at a heap defer, within about 50 ms: returns in between are not in \
+             counts.deferreturn, and their records were released at the next snapshot",
+            frames::IDLE_AFTER.as_secs(),
+            match traced.frames_idled {
+                1 => "1 function".to_owned(),
+                n => format!("{n} functions"),
+            },
+            traced.frames_rearmed
+        ));
+    }
     if traced.reconciled.released + traced.reconciled.moved > 0 {
         notes.push(format!(
             "the runtime's _defer chains corrected the event-based state: {} records run without \
-             deferreturn (panic, recover, Goexit), {} frames moved by stack growth",
+             a deferreturn seen (panic, recover, Goexit, or while their function's deferreturn \
+             probes were off), {} frames moved by stack growth",
             traced.reconciled.released, traced.reconciled.moved
         ));
     }

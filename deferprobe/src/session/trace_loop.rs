@@ -19,8 +19,9 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     time::{MissedTickBehavior, interval, interval_at, sleep},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::frames::{FrameArming, IDLE_AFTER};
 use super::sampler::{BUDGET_CHECK_EVERY, FIRST_GOVERNOR_TICK, GOVERNOR_TICK, Sampler};
 use super::signals::{CommandStop, Signals};
 use crate::{
@@ -85,6 +86,8 @@ impl ExitWatch {
 /// What the loop reads besides the tracer.
 pub(super) struct TraceContext<'a> {
     pub(super) pid: u32,
+    /// Runtime address − ELF virtual address of the executable.
+    pub(super) bias: u64,
     /// Snapshots of the runtime's state (None if its goroutine list can't be found).
     pub(super) reader: Option<&'a RuntimeReader<'a, 'a>>,
     /// `--counts-only`: the target's memory is never read.
@@ -118,6 +121,10 @@ pub(super) struct Traced {
     pub(super) attached: usize,
     pub(super) reconciled: Reconciled,
     pub(super) governor: GovernorReport,
+    /// Functions whose deferreturn probes went off (no heap defer pending after
+    /// [`IDLE_AFTER`]), and how many of them got them back at a heap defer.
+    pub(super) frames_idled: usize,
+    pub(super) frames_rearmed: usize,
 }
 
 /// The loop. `child` is set when deferprobe started the target: a signal then starts stopping
@@ -170,6 +177,14 @@ pub(super) async fn trace(
         Some(_) => None,
         None => take_snapshot(&mut aggregator),
     };
+    // Which functions keep their deferreturn probes: those with a heap defer pending.
+    let mut frames = FrameArming::new(context.plan, context.bias);
+    if let Some(snapshot) = &snapshot {
+        frames.needed(snapshot_sites(snapshot));
+    }
+    let idle_check = sleep(IDLE_AFTER);
+    tokio::pin!(idle_check);
+    let mut idle_checked = false;
     // Logged once everything is in place, the snapshot at attach taken: tests and scripts may
     // end the target as soon as they see it.
     let families: Vec<&str> = context.plan.families.iter().map(|family| family.name()).collect();
@@ -196,6 +211,9 @@ pub(super) async fn trace(
         tokio::select! {
             _ = drain_tick.tick() => {
                 drain(tracer, &mut aggregator, &mut batch);
+                if arm(tracer, &mut frames, registered_sites(&batch), exited)?.is_none() {
+                    break EndReason::TargetExited;
+                }
                 read_memprofile_rate();
             }
             _ = budget_check.tick() => {
@@ -213,6 +231,21 @@ pub(super) async fn trace(
                 }
                 Some(None) => {}
             },
+            _ = &mut idle_check, if !idle_checked => {
+                idle_checked = true;
+                let idle = frames.take_idle();
+                match or_exited(tracer.disarm_frames(&idle), exited)? {
+                    None => break EndReason::TargetExited,
+                    Some(0) => {}
+                    Some(probes) => info!(
+                        functions = idle.len(),
+                        probes,
+                        "deferreturn probes off in the functions that had no heap defer pending \
+                         (their returns release nothing); a function's go back on at its next \
+                         heap defer"
+                    ),
+                }
+            }
             _ = &mut window_end, if window_open => {
                 if or_exited(sampler.close_windows(tracer), exited)?.is_none() {
                     break EndReason::TargetExited;
@@ -222,9 +255,23 @@ pub(super) async fn trace(
             _ = log_tick.tick() => {
                 context.modules.borrow_mut().poll(tracer);
                 drain(tracer, &mut aggregator, &mut batch);
+                let mut armed = arm(tracer, &mut frames, registered_sites(&batch), exited)?;
                 reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
                 if let Some(taken) = take_snapshot(&mut aggregator) {
                     snapshot = Some(taken);
+                }
+                // Registered since, pending in the runtime, and pending before the trace as
+                // the chains show them (without a snapshot).
+                let pending = aggregator.pending_by_goroutine().flat_map(|(_, records)| {
+                    records.iter().map(|record| record.caller_pc)
+                });
+                let sites = registered_sites(&batch)
+                    .chain(snapshot.iter().flat_map(snapshot_sites))
+                    .chain(pending)
+                    .collect::<Vec<u64>>();
+                armed = armed.and(arm(tracer, &mut frames, sites, exited)?);
+                if armed.is_none() {
+                    break EndReason::TargetExited;
                 }
                 let counters = tracer.counters()?;
                 let lost = lost_events(&counters, &aggregator);
@@ -291,6 +338,8 @@ pub(super) async fn trace(
         attached: tracer.attached(),
         reconciled,
         memprofile_rate,
+        frames_idled: frames.idled,
+        frames_rearmed: frames.rearmed,
         governor: {
             sampler.account(tracer)?;
             sampler.report()
@@ -308,6 +357,41 @@ pub(super) fn or_exited<T>(result: Result<T>, exited: &ExitWatch) -> Result<Opti
         Err(_) if exited.exits_within(Duration::from_millis(100)) => Ok(None),
         Err(err) => Err(err),
     }
+}
+
+/// Attaches the deferreturn probes of the functions holding `sites` (runtime return addresses
+/// of defer sites with a record pending) whose probes went off. None when that failed because
+/// the target exited.
+fn arm(
+    tracer: &mut Tracer,
+    frames: &mut FrameArming,
+    sites: impl IntoIterator<Item = u64>,
+    exited: &ExitWatch,
+) -> Result<Option<()>> {
+    let needed = frames.needed(sites);
+    if needed.is_empty() {
+        return Ok(Some(()));
+    }
+    let armed = or_exited(tracer.arm_frames(&needed), exited);
+    if !matches!(armed, Ok(Some(_))) {
+        frames.not_armed(&needed);
+    }
+    Ok(armed?.map(|probes| {
+        debug!(functions = needed.len(), probes, "deferreturn probes back on");
+    }))
+}
+
+/// The defer sites of the registrations in `batch`.
+fn registered_sites(batch: &[Event]) -> impl Iterator<Item = u64> + '_ {
+    batch.iter().filter_map(|event| match event {
+        Event::DeferRegistered(registered) => Some(registered.caller_pc),
+        _ => None,
+    })
+}
+
+/// The defer sites of a snapshot's pending records.
+fn snapshot_sites(snapshot: &Snapshot) -> impl Iterator<Item = u64> + '_ {
+    snapshot.goroutines.iter().flat_map(|g| g.records.iter().map(|record| record.site))
 }
 
 /// `--duration` ended the trace of command `pid`: stops it (SIGTERM, then SIGKILL at a second
