@@ -648,10 +648,10 @@ impl Aggregator {
         self.events
     }
 
-    /// Whether any goroutine is tracked (it registered heap defers, or had some pending when
-    /// tracing started, and has not been seen ending).
-    pub fn tracks_goroutines(&self) -> bool {
-        !self.goroutines.is_empty()
+    /// Whether some goroutine has heap defers pending (registered and not yet run, or pending
+    /// when tracing started).
+    pub fn has_pending(&self) -> bool {
+        self.goroutines.values().any(|g| !g.pending.is_empty())
     }
 
     /// Heap defers registered and not yet run, over all goroutines.

@@ -187,6 +187,11 @@ impl Governor {
         changed
     }
 
+    /// `family` may be sampled again (it stays attached until the next decision lowers it).
+    pub fn unrequire(&mut self, family: SampledFamily) {
+        self.required[family.index()] = false;
+    }
+
     pub fn is_required(&self, family: SampledFamily) -> bool {
         self.required[family.index()]
     }
@@ -515,6 +520,9 @@ mod tests {
         // The first heap defer: exits are attached for good.
         assert!(governor.require(exits));
         assert!(governor.is_required(exits));
+        governor.unrequire(exits);
+        assert!(!governor.is_required(exits));
+        assert!(governor.require(exits) || governor.is_required(exits));
         assert_eq!(governor.required_hits(&[7, 1, 2, 3]), 7);
         // Exits, at full duty now (3200/s: 6.8 % unslowed), alone exceed the budget: every other
         // family is detached.

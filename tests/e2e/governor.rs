@@ -74,9 +74,9 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
     );
 }
 
-/// Goroutine exits are a sampled family until the first heap defer: a service that starts
+/// Goroutine exits are a sampled family while no heap defer is pending: a service that starts
 /// goroutines at its request rate (net/http does) and defers nothing on the heap pays for no
-/// exit probe. At the first heap defer they are attached again for good, and the kernel's
+/// exit probe. At a heap defer they are attached again, and the kernel's
 /// goroutine-id cache starts a new generation: ids cached before the exits went unseen are
 /// not used. `captures -scenario churn` caches the ids of 200 goroutines (a heap-defer frame
 /// returning), runs a second of goroutine churn (which detaches the exit probe), lets those 200
@@ -84,7 +84,7 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
 /// pending defers in 400 new goroutines, some of them on the 200's g's. A stale id would put
 /// records under the wrong goroutine until reconciliation releases and adopts them again.
 #[test]
-fn goroutine_exits_are_sampled_until_the_first_heap_defer() {
+fn goroutine_exits_are_sampled_while_no_heap_defer_is_pending() {
     require_root();
     for release in [go_releases()[0].clone(), go_releases().last().unwrap().clone()] {
         let mut target = Workload::start_with_args(
@@ -115,7 +115,7 @@ fn goroutine_exits_are_sampled_until_the_first_heap_defer() {
         assert_eq!(
             json_logs(
                 &stderr,
-                "a heap defer was seen: goroutine exits are probed from now on, always on"
+                "a heap defer is pending: goroutine exits are probed, always on, while one is"
             )
             .len(),
             1,

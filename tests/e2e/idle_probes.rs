@@ -1,7 +1,8 @@
 //! Issue 13, "attach only what can matter": every return of a function with a heap defer site
 //! calls runtime.deferreturn, registered or not. After 10 s of tracing, the functions that never
 //! had a heap defer pending lose their deferreturn probes, and get them back at their next heap
-//! defer; pending defers stay exact (the runtime's state says what is pending).
+//! defer; goroutine exits are probed for sure only while a heap defer is pending. Pending defers
+//! stay exact (the runtime's state says what is pending).
 
 use std::{thread, time::Duration};
 
@@ -28,7 +29,10 @@ fn idle_functions_lose_their_deferreturn_probes_and_get_them_back() {
     thread::sleep(Duration::from_millis(300));
     let truth = target.work();
     assert_eq!((truth.heap_defers, truth.heap_defer_frame_returns), (20, 200_010));
-    thread::sleep(Duration::from_millis(1200)); // two snapshots
+    // Two snapshots release what the missed returns ran; a second later with nothing pending,
+    // goroutine exits may be sampled again.
+    tracer.wait_for("a heap defer is pending: goroutine exits are probed");
+    tracer.wait_for("no heap defer pending for a second: goroutine exits may be sampled again");
     // SAFETY: signalling the deferprobe we started.
     unsafe { libc::kill(tracer.child.id() as i32, libc::SIGINT) };
     let (code, stdout, stderr) = tracer.finish();

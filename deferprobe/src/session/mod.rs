@@ -396,7 +396,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
                     ", and maps written outside the windows can't be recognised as captures"
                 }
                 SampledFamily::GoroutineExits => {
-                    " (before the first heap defer, when there was no record for them to release)"
+                    " (while no heap defer was pending, when there was no record for them to release)"
                 }
                 SampledFamily::StackDefers | SampledFamily::Allocations => "",
             }

@@ -59,6 +59,8 @@ pub(super) struct Sampler {
     defer_probe_ns: f64,
     /// Seconds in which the defer probes alone exceeded the budget.
     defers_over_budget_secs: f64,
+    /// Whether some goroutine had heap defers pending at a budget check since the last tick.
+    exits_needed: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -127,12 +129,20 @@ impl Sampler {
             seconds: 0.0,
             defer_probe_ns: 0.0,
             defers_over_budget_secs: 0.0,
+            exits_needed: false,
         })
     }
 
     /// One governor tick: account for the tick that ended, decide, and open the next tick's
     /// windows. Returns when the windows close (None if nothing is sampled).
     pub(super) fn tick(&mut self, tracer: &mut Tracer) -> Result<Option<tokio::time::Instant>> {
+        // A whole tick with no heap defer pending: goroutine exits release nothing, and may be
+        // sampled again.
+        let exits = SampledFamily::GoroutineExits;
+        if self.governor.is_required(exits) && !std::mem::take(&mut self.exits_needed) {
+            self.governor.unrequire(exits);
+            info!("no heap defer pending for a second: goroutine exits may be sampled again");
+        }
         self.decide(tracer)?;
         self.ticks += 1;
         let mut window = None;
@@ -156,16 +166,18 @@ impl Sampler {
     /// a family in its sampling window that rate for its duty cycle; a closed window nothing
     /// more.
     ///
-    /// First of all, goroutine exits become required at the first heap defer (registered, or
-    /// pending before the trace: `tracks_goroutines`).
+    /// First of all, goroutine exits become required while some goroutine has heap defers
+    /// pending (registered since the last check, or `pending`: pending as the events or the
+    /// last snapshot say).
     pub(super) fn degrade_if_over_budget(
         &mut self,
         tracer: &mut Tracer,
-        tracks_goroutines: bool,
+        pending: bool,
     ) -> Result<()> {
         let (now, at) = (tracer.counters()?, Instant::now());
         let (last, last_at) = std::mem::replace(&mut self.last_check, (now, at));
-        if tracks_goroutines || now.get(Counter::DeferProc) > last.get(Counter::DeferProc) {
+        if pending || now.get(Counter::DeferProc) > last.get(Counter::DeferProc) {
+            self.exits_needed = true;
             self.require_exits(tracer)?;
         }
         let seconds = at.duration_since(last_at).as_secs_f64();
@@ -196,17 +208,16 @@ impl Sampler {
         Ok(())
     }
 
-    /// From the first heap defer on, goexit1 stays attached with the goroutine-id cache on: it
-    /// releases the records of goroutines that end in `runtime.Goexit`, and keeps the cache
-    /// right. Before, it only counted exits.
+    /// While some goroutine has heap defers pending, goexit1 stays attached with the
+    /// goroutine-id cache on: it releases the records of goroutines that end in
+    /// `runtime.Goexit`, and keeps the cache right. Otherwise it only counts exits.
     pub(super) fn require_exits(&mut self, tracer: &mut Tracer) -> Result<()> {
         let family = SampledFamily::GoroutineExits;
         if self.governor.is_required(family) {
             return Ok(());
         }
-        if self.governor.require(family) {
-            info!("a heap defer was seen: goroutine exits are probed from now on, always on");
-        }
+        self.governor.require(family);
+        info!("a heap defer is pending: goroutine exits are probed, always on, while one is");
         self.plan(family.index(), 1.0);
         self.set_family(tracer, family.index(), true)
     }

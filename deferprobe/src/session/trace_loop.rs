@@ -218,8 +218,9 @@ pub(super) async fn trace(
             }
             _ = budget_check.tick() => {
                 // Load that rises between ticks is answered now, not at the next tick.
-                let tracks = aggregator.tracks_goroutines();
-                if or_exited(sampler.degrade_if_over_budget(tracer, tracks), exited)?.is_none() {
+                let pending = aggregator.has_pending()
+                    || snapshot.as_ref().is_some_and(|s| s.pending_records() > 0);
+                if or_exited(sampler.degrade_if_over_budget(tracer, pending), exited)?.is_none() {
                     break EndReason::TargetExited;
                 }
             }
