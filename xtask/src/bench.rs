@@ -919,12 +919,33 @@ fn served(addr: &str) -> Result<u64> {
     body.trim().parse().with_context(|| format!("GET /served answered {body:?}"))
 }
 
-/// The service's throughput over the next `secs` seconds (requests/s), wrk keeping the load on.
-fn throughput(addr: &str, secs: u64) -> Result<f64> {
-    let (before, started) = (served(addr)?, Instant::now());
+/// The service's throughput over the next `secs` seconds, wrk keeping the load on.
+fn throughput(addr: &str, pid: &str, secs: u64) -> Result<Sample> {
+    let (before, cpu, started) = (served(addr)?, cpu_secs(pid)?, Instant::now());
     thread::sleep(Duration::from_secs(secs));
-    let after = served(addr)?;
-    Ok((after - before) as f64 / started.elapsed().as_secs_f64())
+    let (after, cpu) = (served(addr)?, cpu_secs(pid)? - cpu);
+    let requests = after - before;
+    Ok(Sample::new(requests as f64 / started.elapsed().as_secs_f64(), requests, cpu))
+}
+
+/// User + system CPU time of process `pid` so far, in seconds (/proc/PID/stat, every thread,
+/// exited ones included). The uprobe traps and BPF programs run in the process's threads, as
+/// system time.
+fn cpu_secs(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks = |index: usize| -> Result<f64> {
+        Ok(fields.get(index).context("short /proc/PID/stat")?.parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// `getconf CLK_TCK`: the unit of /proc/PID/stat's times.
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| sh("getconf CLK_TCK").parse().unwrap_or(100.0))
 }
 
 fn interrupt(child: &mut Child) -> Result<()> {
@@ -969,57 +990,89 @@ fn loss_points(traced: f64, before: f64, after: f64) -> f64 {
     100.0 * (1.0 - traced / ((before + after) / 2.0))
 }
 
-/// Throughputs of A/B/A phases: an untraced phase, then `reps` times each configuration's
-/// traced phase followed by an untraced one.
+/// What a phase measured of the server: requests/s, and its CPU time per request.
+#[derive(Clone, Copy)]
+struct Sample {
+    rps: f64,
+    cpu_us_per_request: f64,
+}
+
+impl Sample {
+    fn new(rps: f64, requests: u64, cpu_secs: f64) -> Sample {
+        Sample { rps, cpu_us_per_request: cpu_secs * 1e6 / requests as f64 }
+    }
+}
+
+/// A/B/A phases: an untraced phase, then `reps` times each configuration's traced phase
+/// followed by an untraced one.
 struct Phases {
-    untraced: Vec<f64>,
-    /// By configuration: each traced phase's throughput and loss.
-    traced: Vec<Vec<f64>>,
-    losses: Vec<Vec<f64>>,
+    untraced: Vec<Sample>,
+    /// By configuration: each traced phase, and the untraced phases before and after it.
+    traced: Vec<Vec<(Sample, Sample, Sample)>>,
 }
 
 impl Phases {
     /// `untraced()` measures an untraced phase, `traced(i)` one under configuration `i` (of
-    /// `configs`, the names logged); both return requests/s. The machine's speed drifts by
-    /// ±10 % over minutes, and the adjacent untraced phases follow it.
+    /// `configs`, the names logged). The machine's speed drifts by ±10 % over minutes, and the
+    /// adjacent untraced phases follow it.
     fn run(
         label: &str,
         reps: usize,
         configs: &[&str],
-        mut untraced: impl FnMut() -> Result<f64>,
-        mut traced: impl FnMut(usize) -> Result<f64>,
+        mut untraced: impl FnMut() -> Result<Sample>,
+        mut traced: impl FnMut(usize) -> Result<Sample>,
     ) -> Result<Phases> {
-        let mut phases = Phases {
-            untraced: vec![untraced()?],
-            traced: vec![Vec::new(); configs.len()],
-            losses: vec![Vec::new(); configs.len()],
-        };
+        let mut phases =
+            Phases { untraced: vec![untraced()?], traced: vec![Vec::new(); configs.len()] };
         for rep in 0..reps {
             for (index, name) in configs.iter().enumerate() {
                 eprintln!("[bench]   {label} {name} rep {}/{reps}", rep + 1);
-                let rps = traced(index)?;
+                let sample = traced(index)?;
                 let before = *phases.untraced.last().expect("starts with one");
                 let after = untraced()?;
                 phases.untraced.push(after);
-                phases.traced[index].push(rps);
-                phases.losses[index].push(loss_points(rps, before, after));
+                phases.traced[index].push((before, sample, after));
             }
         }
         Ok(phases)
     }
 
-    /// `{"untraced": {requests_per_sec, samples}, CONFIG: {requests_per_sec, samples,
-    /// loss_points, losses}, …}`, medians of the phases.
+    /// `{"untraced": {requests_per_sec, samples, cpu_us_per_request}, CONFIG: {requests_per_sec,
+    /// samples, loss_points, losses, cpu_us_per_request, cpu_loss_points, cpu_losses}, …}`,
+    /// medians of the phases. The CPU loss is the throughput lost at equal CPU time:
+    /// 100 × (1 − untraced CPU per request / traced), against the neighbours' mean; unlike the
+    /// throughput, it doesn't move with the share of its CPU that other processes take.
     fn rows(&self, configs: &[&str]) -> Value {
+        let rps = |samples: &[Sample]| samples.iter().map(|s| s.rps).collect::<Vec<_>>();
+        let cpu =
+            |samples: &[Sample]| samples.iter().map(|s| s.cpu_us_per_request).collect::<Vec<_>>();
         let mut rows = json!({
-            "untraced": {"requests_per_sec": median(&mut self.untraced.clone()), "samples": self.untraced},
+            "untraced": {
+                "requests_per_sec": median(&mut rps(&self.untraced)),
+                "samples": rps(&self.untraced),
+                "cpu_us_per_request": median(&mut cpu(&self.untraced)),
+            },
         });
         for (index, name) in configs.iter().enumerate() {
+            let phases = &self.traced[index];
+            let traced: Vec<Sample> = phases.iter().map(|(_, s, _)| *s).collect();
+            let losses: Vec<f64> =
+                phases.iter().map(|(b, s, a)| loss_points(s.rps, b.rps, a.rps)).collect();
+            let cpu_losses: Vec<f64> = phases
+                .iter()
+                .map(|(b, s, a)| {
+                    let untraced = (b.cpu_us_per_request + a.cpu_us_per_request) / 2.0;
+                    100.0 * (1.0 - untraced / s.cpu_us_per_request)
+                })
+                .collect();
             rows[*name] = json!({
-                "requests_per_sec": median(&mut self.traced[index].clone()),
-                "samples": self.traced[index],
-                "loss_points": median(&mut self.losses[index].clone()),
-                "losses": self.losses[index],
+                "requests_per_sec": median(&mut rps(&traced)),
+                "samples": rps(&traced),
+                "loss_points": median(&mut losses.clone()),
+                "losses": losses,
+                "cpu_us_per_request": median(&mut cpu(&traced)),
+                "cpu_loss_points": median(&mut cpu_losses.clone()),
+                "cpu_losses": cpu_losses,
             });
         }
         rows
@@ -1064,19 +1117,19 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
         "service",
         ctx.reps,
         &traced,
-        || throughput(&addr, secs),
+        || throughput(&addr, &pid, secs),
         |index| {
             let name = traced[index];
             let Some((_, flags)) = deferprobe_configs.get(index) else {
                 let mut cmd = pinning.other("bpftrace");
                 cmd.args(["-p", &pid]).arg(&script);
                 let mut tracer = start_tracer(cmd, "live", &log)?;
-                let rps = throughput(&addr, secs);
+                let rps = throughput(&addr, &pid, secs);
                 interrupt(&mut tracer)?;
                 return rps;
             };
             let mut tracer = attach_deferprobe(ctx, &pinning, &pid, flags, &report, &log)?;
-            let rps = throughput(&addr, secs);
+            let rps = throughput(&addr, &pid, secs);
             interrupt(&mut tracer)?;
             let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
             counts[name] = json!({"counts": full["counts"], "duration_secs": full["duration_secs"],
@@ -1333,15 +1386,20 @@ impl Server {
 }
 
 /// One wrk run of `secs` seconds: the requests/s it measured (every answer a 2xx).
-fn wrk_phase(server: &Server, pinning: &Pinning, secs: u64) -> Result<f64> {
+fn wrk_phase(server: &Server, pinning: &Pinning, pid: &str, secs: u64) -> Result<Sample> {
+    let cpu = cpu_secs(pid)?;
     let out = server.wrk(pinning, secs).stdin(Stdio::null()).output()?;
+    let cpu = cpu_secs(pid)? - cpu;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "wrk failed on {}: {text}", server.name);
     ensure!(!text.contains("Non-2xx"), "{} answered errors under wrk:\n{text}", server.name);
-    text.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no Requests/sec in wrk's output:\n{text}"))
+    let rps = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")?.trim().parse().ok());
+    // "  41234 requests in 3.00s, 12.34MB read"
+    let requests = text.lines().find_map(|l| l.trim().split_once(" requests in ")?.0.parse().ok());
+    match (rps, requests) {
+        (Some(rps), Some(requests)) => Ok(Sample::new(rps, requests, cpu)),
+        _ => bail!("no Requests/sec or request count in wrk's output:\n{text}"),
+    }
 }
 
 /// What one traced phase's report says of the governor: the calibrated hit cost, each sampled
@@ -1403,18 +1461,18 @@ fn server_phases(ctx: &Ctx, server: &Server, reps: usize, secs: u64) -> Result<V
     let pid = child.id().to_string();
     let names = SERVER_CONFIGS.map(|(name, ..)| name);
     let mut summaries: Vec<Vec<Value>> = vec![Vec::new(); names.len()];
-    let phases = wrk_phase(server, &pinning, 1).and_then(|_warm_up| {
+    let phases = wrk_phase(server, &pinning, &pid, 1).and_then(|_warm_up| {
         Phases::run(
             &server.name,
             reps,
             &names,
-            || wrk_phase(server, &pinning, secs),
+            || wrk_phase(server, &pinning, &pid, secs),
             |index| {
                 let flags = SERVER_CONFIGS[index].2;
                 let mut tracer =
                     attach_deferprobe(ctx, &pinning, &pid, flags, &report, &tracer_log)?;
-                let rps = wrk_phase(server, &pinning, 1)
-                    .and_then(|_settle| wrk_phase(server, &pinning, secs));
+                let rps = wrk_phase(server, &pinning, &pid, 1)
+                    .and_then(|_settle| wrk_phase(server, &pinning, &pid, secs));
                 interrupt(&mut tracer)?;
                 let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
                 summaries[index].push(governor_summary(&full));
@@ -1817,35 +1875,39 @@ fn render_servers(s: &mut String, sv: &Value) {
          phase starts 1 s after the probes are live (under load) and lies between two untraced \
          ones; its loss is against their mean, in points; the median of the phases, each phase's \
          loss in brackets. Goal: loss ≤ P + 0.5 at `--max-overhead P`, ≤ 5 with `--probes \
-         defers` (at the default budget, 5).\n",
+         defers` (at the default budget, 5). CPU loss: the same from the server's CPU time per \
+         request (/proc/PID/stat user + system, where the uprobe traps are charged), 100 × (1 − \
+         untraced / traced): the throughput lost at equal CPU time, whatever share of its CPU \
+         other processes take; it still moves with the CPU's speed.\n",
         sv["pinning"].as_str().unwrap_or("not recorded")
     );
-    let mut header = "| server | load | untraced requests/s |".to_owned();
+    let mut header = "| server | load | untraced requests/s, CPU µs/request |".to_owned();
     for (_, label, ..) in SERVER_CONFIGS {
-        let _ = write!(header, " {label}: loss (phases), goal |");
+        let _ = write!(header, " {label}: loss (phases); CPU loss (phases); goal |");
     }
     let _ = writeln!(s, "{header}\n|---|---|---|{}", "---|".repeat(SERVER_CONFIGS.len()));
+    let each = |losses: &Value| {
+        let losses = losses.as_array().into_iter().flatten();
+        losses.map(|l| format!("{:.1}", f(l))).collect::<Vec<_>>().join(", ")
+    };
     for server in servers {
         let results = &server["results"];
         let mut row = format!(
-            "| {} | {} | {:.0} |",
+            "| {} | {} | {:.0}, {:.1} |",
             server["server"].as_str().unwrap_or("?"),
             server["load"].as_str().unwrap_or("?"),
-            f(&results["untraced"]["requests_per_sec"])
+            f(&results["untraced"]["requests_per_sec"]),
+            f(&results["untraced"]["cpu_us_per_request"]),
         );
         for (name, ..) in SERVER_CONFIGS {
             let config = &results[name];
-            let phases = config["losses"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|l| format!("{:.1}", f(l)))
-                .collect::<Vec<_>>()
-                .join(", ");
             let _ = write!(
                 row,
-                " {:.1} ({phases}), ≤ {}: {} |",
+                " {:.1} ({}); {:.1} ({}); ≤ {}: {} |",
                 f(&config["loss_points"]),
+                each(&config["losses"]),
+                f(&config["cpu_loss_points"]),
+                each(&config["cpu_losses"]),
                 config["goal_points"],
                 goal(config["met"].as_bool().unwrap_or(false))
             );
