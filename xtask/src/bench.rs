@@ -1124,17 +1124,17 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
                 let mut cmd = pinning.other("bpftrace");
                 cmd.args(["-p", &pid]).arg(&script);
                 let mut tracer = start_tracer(cmd, "live", &log)?;
-                let rps = throughput(&addr, &pid, secs);
+                let sample = throughput(&addr, &pid, secs);
                 interrupt(&mut tracer)?;
-                return rps;
+                return sample;
             };
             let mut tracer = attach_deferprobe(ctx, &pinning, &pid, flags, &report, &log)?;
-            let rps = throughput(&addr, &pid, secs);
+            let sample = throughput(&addr, &pid, secs);
             interrupt(&mut tracer)?;
             let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
             counts[name] = json!({"counts": full["counts"], "duration_secs": full["duration_secs"],
                 "governor": full["governor"]});
-            rps
+            sample
         },
     );
     let _ = load.kill();
@@ -1471,12 +1471,12 @@ fn server_phases(ctx: &Ctx, server: &Server, reps: usize, secs: u64) -> Result<V
                 let flags = SERVER_CONFIGS[index].2;
                 let mut tracer =
                     attach_deferprobe(ctx, &pinning, &pid, flags, &report, &tracer_log)?;
-                let rps = wrk_phase(server, &pinning, &pid, 1)
+                let sample = wrk_phase(server, &pinning, &pid, 1)
                     .and_then(|_settle| wrk_phase(server, &pinning, &pid, secs));
                 interrupt(&mut tracer)?;
                 let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
                 summaries[index].push(governor_summary(&full));
-                rps
+                sample
             },
         )
     });
