@@ -10,6 +10,10 @@
 //! 3. Aggregator throughput and 5. memory: deferprobe/benches/aggregator.rs.
 //! 4. Attach latency on a > 40 MB Go binary (tests/go/benchbig plus generated functions).
 //! 6. A real service: tests/go/benchsvc under wrk on 127.0.0.1.
+//! 7. `deferprobe snapshot` of many goroutines holding pending defers.
+//! 8. Real servers: Debian's prometheus, etcd and `hugo server` (Go 1.19, stripped), and
+//!    benchsvc built with Debian's Go 1.19 and the default release, each under wrk in A/B/A
+//!    phases at `--max-overhead 5`, `10` and with `--probes defers`.
 //!
 //! Needs root (uprobes, bpftool). Installs bpftrace, wrk and bpftool with apt-get if missing.
 use std::{
@@ -45,13 +49,26 @@ struct Ctx {
 }
 
 /// The sections of a run, for `--only`.
-pub const SECTIONS: [&str; 6] =
-    ["aggregator", "per-hit", "kernel", "attach", "service", "snapshot"];
+pub const SECTIONS: [&str; 7] =
+    ["aggregator", "per-hit", "kernel", "attach", "service", "snapshot", "servers"];
+
+/// Phases of the `servers` section: how many of each configuration, and their length.
+pub struct ServerPhases {
+    pub reps: usize,
+    pub secs: u64,
+}
 
 /// A full run (`only` empty) rewrites BENCHMARKS.md; `--only SECTION…` runs just those and
 /// prints their raw results (for iterating on one thing; BENCHMARKS.md is left alone).
-pub fn bench(reps: usize, calls: u64, service_secs: u64, only: &[String]) -> Result<()> {
+pub fn bench(
+    reps: usize,
+    calls: u64,
+    service_secs: u64,
+    server_runs: ServerPhases,
+    only: &[String],
+) -> Result<()> {
     ensure!(reps >= 1, "--reps must be at least 1");
+    ensure!(server_runs.reps >= 1, "--server-reps must be at least 1");
     for section in only {
         ensure!(
             SECTIONS.contains(&section.as_str()),
@@ -116,6 +133,11 @@ pub fn bench(reps: usize, calls: u64, service_secs: u64, only: &[String]) -> Res
         let captures = build_go(&release, "captures", &out)?;
         results["snapshot"] = snapshot(&ctx, &captures)?;
     }
+    if wanted("servers") {
+        eprintln!("[bench] real Go servers under wrk");
+        let ServerPhases { reps, secs } = server_runs;
+        results["servers"] = servers(&ctx, &svc, &release, reps, secs)?;
+    }
     results["environment"]["fuzz_processes_after"] = json!(fuzz_processes());
     if !only.is_empty() {
         let path = out.join("results-partial.json");
@@ -162,8 +184,13 @@ fn install_packages() -> Result<()> {
 }
 
 fn build_go(release: &str, program: &str, out: &Path) -> Result<PathBuf> {
+    build_go_with(&go_binary(release), release, program, out)
+}
+
+/// tests/go/<program> built with the `go` command of `release` into out/<program>-go<release>.
+fn build_go_with(go: &Path, release: &str, program: &str, out: &Path) -> Result<PathBuf> {
     let binary = out.join(format!("{program}-go{release}"));
-    let status = go_command(&go_binary(release), release)
+    let status = go_command(go, release)
         .args(["build", "-o"])
         .arg(&binary)
         .arg(format!("./{program}"))
@@ -872,23 +899,53 @@ fn cpu_list(list: &str) -> Vec<u32> {
     cpus
 }
 
-/// Requests the service has answered so far (its `GET /served`).
-fn served(addr: &str) -> Result<u64> {
+/// One HTTP/1.0 exchange with `addr` (`request` without the Host header and the blank line):
+/// the status code and the body.
+fn http(addr: &str, request: &str) -> Result<(u16, String)> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.write_all(b"GET /served HTTP/1.0\r\nHost: bench\r\n\r\n")?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("{request}\r\nHost: bench\r\n\r\n").as_bytes())?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
-    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
-    body.trim().parse().with_context(|| format!("GET /served answered {answer:?}"))
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    Ok((status.with_context(|| format!("{request:?} answered {answer:?}"))?, body.to_owned()))
 }
 
-/// The service's throughput over the next `secs` seconds (requests/s), wrk keeping the load on.
-fn throughput(addr: &str, secs: u64) -> Result<f64> {
-    let (before, started) = (served(addr)?, Instant::now());
+/// Requests the service has answered so far (its `GET /served`).
+fn served(addr: &str) -> Result<u64> {
+    let (_, body) = http(addr, "GET /served HTTP/1.0")?;
+    body.trim().parse().with_context(|| format!("GET /served answered {body:?}"))
+}
+
+/// The service's throughput over the next `secs` seconds, wrk keeping the load on.
+fn throughput(addr: &str, pid: &str, secs: u64) -> Result<Sample> {
+    let (before, cpu, started) = (served(addr)?, cpu_secs(pid)?, Instant::now());
     thread::sleep(Duration::from_secs(secs));
-    let after = served(addr)?;
-    Ok((after - before) as f64 / started.elapsed().as_secs_f64())
+    let (after, cpu) = (served(addr)?, cpu_secs(pid)? - cpu);
+    let requests = after - before;
+    Ok(Sample::new(requests as f64 / started.elapsed().as_secs_f64(), requests, cpu))
+}
+
+/// User + system CPU time of process `pid` so far, in seconds (/proc/PID/stat, every thread,
+/// exited ones included). The uprobe traps and BPF programs run in the process's threads, as
+/// system time.
+fn cpu_secs(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+    let ticks = |index: usize| -> Result<f64> {
+        Ok(fields.get(index).context("short /proc/PID/stat")?.parse::<f64>()?)
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// `getconf CLK_TCK`: the unit of /proc/PID/stat's times.
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| sh("getconf CLK_TCK").parse().unwrap_or(100.0))
 }
 
 fn interrupt(child: &mut Child) -> Result<()> {
@@ -910,6 +967,116 @@ fn start_tracer(mut cmd: Command, marker: &str, log: &Path) -> Result<Child> {
         thread::sleep(Duration::from_millis(20));
     }
     Ok(child)
+}
+
+/// `deferprobe run --pid PID` with `flags`, on the tracers' CPUs, once its probes are live; its
+/// JSON report goes to `report` when it is interrupted.
+fn attach_deferprobe(
+    ctx: &Ctx,
+    pinning: &Pinning,
+    pid: &str,
+    flags: &[&str],
+    report: &Path,
+    log: &Path,
+) -> Result<Child> {
+    let mut cmd = pinning.other(&ctx.deferprobe);
+    cmd.args(["run", "--pid", pid, "--interval", "1h", "--report"]).arg(report).args(flags);
+    start_tracer(cmd, "probes attached", log)
+}
+
+/// Loss of a traced phase in points of the untraced throughput: against the mean of the
+/// untraced phases before and after it.
+fn loss_points(traced: f64, before: f64, after: f64) -> f64 {
+    100.0 * (1.0 - traced / ((before + after) / 2.0))
+}
+
+/// What a phase measured of the server: requests/s, and its CPU time per request.
+#[derive(Clone, Copy)]
+struct Sample {
+    rps: f64,
+    cpu_us_per_request: f64,
+}
+
+impl Sample {
+    fn new(rps: f64, requests: u64, cpu_secs: f64) -> Sample {
+        Sample { rps, cpu_us_per_request: cpu_secs * 1e6 / requests as f64 }
+    }
+}
+
+/// A/B/A phases: an untraced phase, then `reps` times each configuration's traced phase
+/// followed by an untraced one.
+struct Phases {
+    untraced: Vec<Sample>,
+    /// By configuration: each traced phase, and the untraced phases before and after it.
+    traced: Vec<Vec<(Sample, Sample, Sample)>>,
+}
+
+impl Phases {
+    /// `untraced()` measures an untraced phase, `traced(i)` one under configuration `i` (of
+    /// `configs`, the names logged). The machine's speed drifts by ±10 % over minutes, and the
+    /// adjacent untraced phases follow it.
+    fn run(
+        label: &str,
+        reps: usize,
+        configs: &[&str],
+        mut untraced: impl FnMut() -> Result<Sample>,
+        mut traced: impl FnMut(usize) -> Result<Sample>,
+    ) -> Result<Phases> {
+        let mut phases =
+            Phases { untraced: vec![untraced()?], traced: vec![Vec::new(); configs.len()] };
+        for rep in 0..reps {
+            for (index, name) in configs.iter().enumerate() {
+                eprintln!("[bench]   {label} {name} rep {}/{reps}", rep + 1);
+                let sample = traced(index)?;
+                let before = *phases.untraced.last().expect("starts with one");
+                let after = untraced()?;
+                phases.untraced.push(after);
+                phases.traced[index].push((before, sample, after));
+            }
+        }
+        Ok(phases)
+    }
+
+    /// `{"untraced": {requests_per_sec, samples, cpu_us_per_request}, CONFIG: {requests_per_sec,
+    /// samples, loss_points, losses, cpu_us_per_request, cpu_loss_points, cpu_losses}, …}`,
+    /// medians of the phases. The CPU loss is the throughput lost at equal CPU time:
+    /// 100 × (1 − untraced CPU per request / traced), against the neighbours' mean; unlike the
+    /// throughput, it doesn't move with the share of its CPU that other processes take.
+    fn rows(&self, configs: &[&str]) -> Value {
+        let rps = |samples: &[Sample]| samples.iter().map(|s| s.rps).collect::<Vec<_>>();
+        let cpu =
+            |samples: &[Sample]| samples.iter().map(|s| s.cpu_us_per_request).collect::<Vec<_>>();
+        let mut rows = json!({
+            "untraced": {
+                "requests_per_sec": median(&mut rps(&self.untraced)),
+                "samples": rps(&self.untraced),
+                "cpu_us_per_request": median(&mut cpu(&self.untraced)),
+            },
+        });
+        for (index, name) in configs.iter().enumerate() {
+            let phases = &self.traced[index];
+            let traced: Vec<Sample> = phases.iter().map(|(_, s, _)| *s).collect();
+            let losses: Vec<f64> =
+                phases.iter().map(|(b, s, a)| loss_points(s.rps, b.rps, a.rps)).collect();
+            let cpu_losses: Vec<f64> = phases
+                .iter()
+                .map(|(b, s, a)| {
+                    let untraced = (b.cpu_us_per_request + a.cpu_us_per_request) / 2.0;
+                    100.0 * (1.0 - untraced / s.cpu_us_per_request)
+                })
+                .collect();
+            rows[*name] = json!({
+                "requests_per_sec": median(&mut rps(&traced)),
+                "samples": rps(&traced),
+                "loss_points": median(&mut losses.clone()),
+                "losses": losses,
+                "cpu_us_per_request": median(&mut cpu(&traced)),
+                "cpu_loss_points": median(&mut cpu_losses.clone()),
+                "cpu_losses": cpu_losses,
+            });
+        }
+        rows
+    }
 }
 
 fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
@@ -937,83 +1104,440 @@ fn service(ctx: &Ctx, svc: &Path, secs: u64) -> Result<Value> {
     ];
     let traced: Vec<&str> =
         deferprobe_configs.iter().map(|(name, _)| *name).chain(["bpftrace"]).collect();
-    // wrk keeps the load on from start to end; each traced phase lies between two untraced
-    // ones, and its loss is against their mean: the machine's speed drifts by ±10 % over
-    // minutes, and the adjacent phases follow it.
+    // wrk keeps the load on from start to end; each phase is what the server counted.
     let mut load = pinning
         .other("wrk")
         .args(["-t1", "-c8", "-d1h", &url])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let mut untraced = Vec::new();
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); traced.len()];
-    let mut losses: Vec<Vec<f64>> = vec![Vec::new(); traced.len()];
     let mut counts = json!({});
-    let result = (|| -> Result<()> {
-        thread::sleep(Duration::from_secs(1)); // warm-up
-        let mut before = throughput(&addr, secs)?;
-        untraced.push(before);
-        for rep in 0..ctx.reps {
-            for (index, name) in traced.iter().enumerate() {
-                eprintln!("[bench]   service {name} rep {}", rep + 1);
-                let mut tracer = match *name {
-                    "bpftrace" => {
-                        let mut cmd = pinning.other("bpftrace");
-                        cmd.args(["-p", &pid]).arg(&script);
-                        start_tracer(cmd, "live", &log)?
-                    }
-                    _ => {
-                        let mut cmd = pinning.other(&ctx.deferprobe);
-                        cmd.args(["run", "--pid", &pid, "--interval", "1h", "--report"])
-                            .arg(&report);
-                        let flags = deferprobe_configs.iter().find(|(n, _)| n == name);
-                        cmd.args(flags.map(|(_, flags)| flags.as_slice()).unwrap_or_default());
-                        start_tracer(cmd, "probes attached", &log)?
-                    }
-                };
-                let rps = throughput(&addr, secs);
+    thread::sleep(Duration::from_secs(1)); // warm-up
+    let phases = Phases::run(
+        "service",
+        ctx.reps,
+        &traced,
+        || throughput(&addr, &pid, secs),
+        |index| {
+            let name = traced[index];
+            let Some((_, flags)) = deferprobe_configs.get(index) else {
+                let mut cmd = pinning.other("bpftrace");
+                cmd.args(["-p", &pid]).arg(&script);
+                let mut tracer = start_tracer(cmd, "live", &log)?;
+                let sample = throughput(&addr, &pid, secs);
                 interrupt(&mut tracer)?;
-                if name.starts_with("deferprobe") {
-                    let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
-                    counts[*name] = json!({"counts": full["counts"], "duration_secs": full["duration_secs"],
-                        "governor": full["governor"]});
-                }
-                let rps = rps?;
-                let after = throughput(&addr, secs)?;
-                untraced.push(after);
-                samples[index].push(rps);
-                losses[index].push(100.0 * (1.0 - rps / ((before + after) / 2.0)));
-                before = after;
-            }
-        }
-        Ok(())
-    })();
+                return sample;
+            };
+            let mut tracer = attach_deferprobe(ctx, &pinning, &pid, flags, &report, &log)?;
+            let sample = throughput(&addr, &pid, secs);
+            interrupt(&mut tracer)?;
+            let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+            counts[name] = json!({"counts": full["counts"], "duration_secs": full["duration_secs"],
+                "governor": full["governor"]});
+            sample
+        },
+    );
     let _ = load.kill();
     let _ = load.wait();
     let _ = server.kill();
     let _ = server.wait();
-    result?;
-    let mut rows = json!({
-        "untraced": {"requests_per_sec": median(&mut untraced.clone()), "samples": untraced},
-    });
-    for (index, name) in traced.iter().enumerate() {
-        rows[*name] = json!({
-            "requests_per_sec": median(&mut samples[index].clone()),
-            "samples": samples[index],
-            "loss_points": median(&mut losses[index].clone()),
-            "losses": losses[index],
-        });
-    }
+    let phases = phases?;
     Ok(json!({
         "url": url,
         "wrk": format!("wrk -t1 -c8 {url}"),
         "secs": secs,
         "pinning": pinning.describe(),
         "functions": functions.len(),
-        "results": rows,
+        "results": phases.rows(&traced),
         "deferprobe_reports": counts,
         "command_bpftrace": format!("bpftrace -p P {}", script.display()),
+    }))
+}
+
+// --------------------------------------------------------------------------- servers
+
+/// Debian's Go toolchain that benchsvc is also built with (the Go of Debian's servers).
+const DEBIAN_GO: (&str, &str) = ("1.19", "/usr/lib/go-1.19/bin/go");
+
+/// deferprobe configurations of the `servers` section: name, label, flags and the goal (the
+/// loss at most this many points).
+const SERVER_CONFIGS: [(&str, &str, &[&str], f64); 3] = [
+    ("max_overhead_5", "`--max-overhead 5`", &["--max-overhead", "5"], 5.5),
+    ("max_overhead_10", "`--max-overhead 10`", &["--max-overhead", "10"], 10.5),
+    ("defers", "`--probes defers`", &["--probes", "defers"], 5.0),
+];
+
+/// One server of the `servers` section, set up in its own directory: how to start it, the path
+/// polled until it answers 200, and the request wrk sends.
+struct Server {
+    name: String,
+    /// Its own directory (data, logs, the deferprobe reports), removed afterwards.
+    dir: PathBuf,
+    binary: PathBuf,
+    args: Vec<String>,
+    addr: String,
+    ready: String,
+    /// A request made once the server is ready (data for the load to read).
+    setup: Option<String>,
+    /// What wrk loads: a path on `addr`, and a Lua script for a request other than a GET.
+    load: String,
+    wrk_script: Option<PathBuf>,
+    /// What the load does, for the report.
+    what: &'static str,
+}
+
+/// A port on 127.0.0.1 free now (the kernel's pick; the server binds it a moment later).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Server {
+    /// Prometheus scraping itself every second (its TSDB in `dir`), loaded with an instant query.
+    fn prometheus(dir: &Path) -> Result<Server> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: self\n    \
+                 static_configs:\n      - targets: ['{addr}']\n"
+            ),
+        )?;
+        Ok(Server {
+            name: "prometheus".into(),
+            dir: dir.into(),
+            binary: "/usr/bin/prometheus".into(),
+            args: vec![
+                format!("--config.file={}", config.display()),
+                format!("--storage.tsdb.path={}", dir.join("data").display()),
+                format!("--web.listen-address={addr}"),
+                "--log.level=warn".into(),
+            ],
+            addr,
+            ready: "/-/ready".into(),
+            setup: None,
+            load: "/api/v1/query?query=up".into(),
+            wrk_script: None,
+            what: "instant query `up` (PromQL parse and evaluation on the TSDB head, JSON)",
+        })
+    }
+
+    /// A single-member etcd cluster (data in `dir`), loaded with linearizable reads of one key
+    /// through the v3 JSON gateway: gRPC gateway, a raft read index, the MVCC store.
+    fn etcd(dir: &Path) -> Result<Server> {
+        let (client, peer) = (free_port()?, free_port()?);
+        let addr = format!("127.0.0.1:{client}");
+        let script = dir.join("range.lua");
+        // "YmVuY2g=" is base64 of "bench".
+        std::fs::write(
+            &script,
+            "wrk.method = \"POST\"\nwrk.body = '{\"key\":\"YmVuY2g=\"}'\n\
+             wrk.headers[\"Content-Type\"] = \"application/json\"\n",
+        )?;
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        Ok(Server {
+            name: "etcd".into(),
+            dir: dir.into(),
+            binary: "/usr/bin/etcd".into(),
+            args: vec![
+                "--name=bench".into(),
+                format!("--data-dir={}", dir.join("data").display()),
+                format!("--listen-client-urls=http://{addr}"),
+                format!("--advertise-client-urls=http://{addr}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=bench={peer_url}"),
+                "--log-level=error".into(),
+            ],
+            addr,
+            ready: "/health".into(),
+            setup: Some(
+                "POST /v3/kv/put HTTP/1.0\r\nContent-Length: 45\r\n\r\n\
+                 {\"key\":\"YmVuY2g=\",\"value\":\"aGVsbG8gd29ybGQ=\"}"
+                    .into(),
+            ),
+            load: "/v3/kv/range".into(),
+            wrk_script: Some(script),
+            what: "`POST /v3/kv/range` of one key (JSON gateway → gRPC, raft read index, MVCC)",
+        })
+    }
+
+    /// `hugo server` on a generated site of 20 posts (in `dir`, rendered to memory), loaded with
+    /// one post's page.
+    fn hugo(dir: &Path) -> Result<Server> {
+        let port = free_port()?;
+        let site = dir.join("site");
+        std::fs::create_dir_all(site.join("layouts/_default"))?;
+        std::fs::create_dir_all(site.join("content/posts"))?;
+        std::fs::write(
+            site.join("config.toml"),
+            "baseURL = \"http://127.0.0.1/\"\ntitle = \"bench\"\n\
+             disableKinds = [\"taxonomy\", \"term\", \"RSS\", \"sitemap\"]\n",
+        )?;
+        std::fs::write(
+            site.join("layouts/_default/single.html"),
+            "<html><body><h1>{{ .Title }}</h1>{{ .Content }}</body></html>\n",
+        )?;
+        std::fs::write(
+            site.join("layouts/_default/list.html"),
+            "<html><body>{{ range .Pages }}<a href=\"{{ .RelPermalink }}\">{{ .Title }}</a>\
+             {{ end }}</body></html>\n",
+        )?;
+        for i in 0..20 {
+            std::fs::write(
+                site.join(format!("content/posts/post-{i}.md")),
+                format!("---\ntitle: \"Post {i}\"\n---\nSome *text* for post {i}.\n"),
+            )?;
+        }
+        let port_arg = port.to_string();
+        Ok(Server {
+            name: "hugo".into(),
+            dir: dir.into(),
+            binary: "/usr/bin/hugo".into(),
+            args: [
+                "server",
+                "--source",
+                &site.display().to_string(),
+                "--cacheDir",
+                &dir.join("cache").display().to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port_arg,
+                "--disableLiveReload",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            addr: format!("127.0.0.1:{port}"),
+            ready: "/posts/post-1/".into(),
+            setup: None,
+            load: "/posts/post-1/".into(),
+            wrk_script: None,
+            what: "one post's page (`hugo server` serves the site it rendered to memory)",
+        })
+    }
+
+    /// tests/go/benchsvc built with Go `release`, as in section 6.
+    fn benchsvc(dir: &Path, binary: &Path, release: &str) -> Result<Server> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        Ok(Server {
+            name: format!("benchsvc (Go {release})"),
+            dir: dir.into(),
+            binary: binary.into(),
+            args: vec!["-addr".into(), addr.clone()],
+            addr,
+            ready: "/served".into(),
+            setup: None,
+            load: "/items?n=16".into(),
+            wrk_script: None,
+            what: "`GET /items?n=16` (section 6)",
+        })
+    }
+
+    fn wrk(&self, pinning: &Pinning, secs: u64) -> Command {
+        let mut cmd = pinning.other("wrk");
+        cmd.args(["-t1", "-c4", &format!("-d{secs}s")]);
+        if let Some(script) = &self.wrk_script {
+            cmd.arg("-s").arg(script);
+        }
+        cmd.arg(format!("http://{}{}", self.addr, self.load));
+        cmd
+    }
+
+    /// Starts the server (pinned like section 6's, output into `log`) and waits until it is
+    /// ready and set up.
+    fn start(&self, pinning: &Pinning, log: &Path) -> Result<Child> {
+        let mut server = pinning
+            .server(&self.binary)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(File::create(log)?)
+            .stderr(File::try_clone(&File::options().append(true).open(log)?)?)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        let started = Instant::now();
+        let ready = format!("GET {} HTTP/1.0", self.ready);
+        let result = loop {
+            if let Some(status) = server.try_wait()? {
+                break Err(anyhow::anyhow!(
+                    "{} exited ({status}) before it was ready:\n{}",
+                    self.name,
+                    std::fs::read_to_string(log).unwrap_or_default()
+                ));
+            }
+            if http(&self.addr, &ready).is_ok_and(|(status, _)| status == 200) {
+                break self.setup.as_ref().map_or(Ok(()), |request| {
+                    let (status, body) = http(&self.addr, request)?;
+                    ensure!(status == 200, "{}: {request:?} answered {status}: {body}", self.name);
+                    Ok(())
+                });
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                break Err(anyhow::anyhow!("{} not ready after 60 s", self.name));
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        if result.is_err() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        result.map(|()| server)
+    }
+}
+
+/// One wrk run of `secs` seconds: the requests/s it measured (every answer a 2xx).
+fn wrk_phase(server: &Server, pinning: &Pinning, pid: &str, secs: u64) -> Result<Sample> {
+    let cpu = cpu_secs(pid)?;
+    let out = server.wrk(pinning, secs).stdin(Stdio::null()).output()?;
+    let cpu = cpu_secs(pid)? - cpu;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "wrk failed on {}: {text}", server.name);
+    ensure!(!text.contains("Non-2xx"), "{} answered errors under wrk:\n{text}", server.name);
+    let rps = text.lines().find_map(|l| l.strip_prefix("Requests/sec:")?.trim().parse().ok());
+    // "  41234 requests in 3.00s, 12.34MB read"
+    let requests = text.lines().find_map(|l| l.trim().split_once(" requests in ")?.0.parse().ok());
+    match (rps, requests) {
+        (Some(rps), Some(requests)) => Ok(Sample::new(rps, requests, cpu)),
+        _ => bail!("no Requests/sec or request count in wrk's output:\n{text}"),
+    }
+}
+
+/// What one traced phase's report says of the governor: the calibrated hit cost, each sampled
+/// family's mean duty cycle, and the probe hits per second of each counter.
+fn governor_summary(report: &Value) -> Value {
+    let governor = &report["governor"];
+    let duration = f(&report["duration_secs"]);
+    let mut duty = json!({});
+    for family in governor["sampled"].as_array().into_iter().flatten() {
+        if let Some(name) = family["family"].as_str() {
+            duty[name] = family["mean_duty_cycle"].clone();
+        }
+    }
+    let mut hits = json!({});
+    for (name, count) in report["counts"].as_object().into_iter().flatten() {
+        if let (false, Some(count)) =
+            (["alloc_bytes", "lost_events"].contains(&name.as_str()), count.as_f64())
+        {
+            hits[name] = json!(count / duration);
+        }
+    }
+    json!({"hit_cost_ns": governor["hit_cost_ns"], "duty_cycles": duty, "hits_per_sec": hits})
+}
+
+/// The median, key by key, of objects of numbers (a key missing from some is the median of
+/// those that have it).
+fn median_by_key(objects: &[&Value]) -> Value {
+    let mut keys: Vec<&String> =
+        objects.iter().filter_map(|o| o.as_object()).flat_map(|o| o.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = json!({});
+    for key in keys {
+        let mut values: Vec<f64> = objects.iter().filter_map(|o| o[key].as_f64()).collect();
+        out[key] = json!(median(&mut values));
+    }
+    out
+}
+
+/// Medians over a configuration's phases of [`governor_summary`].
+fn median_summary(summaries: &[Value]) -> Value {
+    let field = |name: &str| summaries.iter().map(|s| &s[name]).collect::<Vec<_>>();
+    let mut hit_cost: Vec<f64> =
+        summaries.iter().filter_map(|s| s["hit_cost_ns"].as_f64()).collect();
+    json!({
+        "hit_cost_ns": median(&mut hit_cost),
+        "duty_cycles": median_by_key(&field("duty_cycles")),
+        "hits_per_sec": median_by_key(&field("hits_per_sec")),
+    })
+}
+
+/// One server's A/B/A phases under wrk: untraced, then each of [`SERVER_CONFIGS`], `reps`
+/// times interleaved; a traced phase starts 1 s after its probes are live, under load.
+fn server_phases(ctx: &Ctx, server: &Server, reps: usize, secs: u64) -> Result<Value> {
+    let pinning = Pinning::new();
+    let (log, report) = (server.dir.join("server.log"), server.dir.join("report.json"));
+    let tracer_log = server.dir.join("tracer.log");
+    let mut child = server.start(&pinning, &log)?;
+    let pid = child.id().to_string();
+    let names = SERVER_CONFIGS.map(|(name, ..)| name);
+    let mut summaries: Vec<Vec<Value>> = vec![Vec::new(); names.len()];
+    let phases = wrk_phase(server, &pinning, &pid, 1).and_then(|_warm_up| {
+        Phases::run(
+            &server.name,
+            reps,
+            &names,
+            || wrk_phase(server, &pinning, &pid, secs),
+            |index| {
+                let flags = SERVER_CONFIGS[index].2;
+                let mut tracer =
+                    attach_deferprobe(ctx, &pinning, &pid, flags, &report, &tracer_log)?;
+                let sample = wrk_phase(server, &pinning, &pid, 1)
+                    .and_then(|_settle| wrk_phase(server, &pinning, &pid, secs));
+                interrupt(&mut tracer)?;
+                let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+                summaries[index].push(governor_summary(&full));
+                sample
+            },
+        )
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let phases = phases?;
+    let mut results = phases.rows(&names);
+    for (index, (name, _, _, goal)) in SERVER_CONFIGS.iter().enumerate() {
+        let loss = f(&results[*name]["loss_points"]);
+        results[*name]["goal_points"] = json!(goal);
+        results[*name]["met"] = json!(loss <= *goal);
+        results[*name]["governor"] = median_summary(&summaries[index]);
+        results[*name]["governor_phases"] = json!(summaries[index]);
+    }
+    let wrk = format!("{:?}", server.wrk(&pinning, secs)).replace('"', "");
+    Ok(json!({
+        "server": server.name,
+        "command": format!("{} {}", server.binary.display(), server.args.join(" ")),
+        "load": server.what,
+        "wrk": wrk,
+        "results": results,
+    }))
+}
+
+/// Section 8: Debian's prometheus, etcd and hugo, and benchsvc built with Debian's Go 1.19 and
+/// with `release`, each under wrk in A/B/A phases of `secs` seconds (see [`server_phases`]).
+fn servers(ctx: &Ctx, svc: &Path, release: &str, reps: usize, secs: u64) -> Result<Value> {
+    super::install_debian_programs()?;
+    let (debian_release, debian_go) = DEBIAN_GO;
+    if !Path::new(debian_go).exists() {
+        apt_install(&[&format!("golang-{debian_release}-go")])?;
+    }
+    let svc_debian = build_go_with(Path::new(debian_go), debian_release, "benchsvc", &ctx.out)?;
+    let root = std::env::temp_dir().join(format!("xtask-bench-servers-{}", std::process::id()));
+    let mut rows = Vec::new();
+    let result = (|| -> Result<()> {
+        let dir = |name: &str| -> Result<PathBuf> {
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir)?;
+            Ok(dir)
+        };
+        let servers = [
+            Server::prometheus(&dir("prometheus")?)?,
+            Server::etcd(&dir("etcd")?)?,
+            Server::hugo(&dir("hugo")?)?,
+            Server::benchsvc(&dir("benchsvc-debian")?, &svc_debian, debian_release)?,
+            Server::benchsvc(&dir("benchsvc")?, svc, release)?,
+        ];
+        for server in &servers {
+            eprintln!("[bench]   {}", server.name);
+            rows.push(server_phases(ctx, server, reps, secs)?);
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&root);
+    result?;
+    Ok(json!({
+        "reps": reps,
+        "secs": secs,
+        "pinning": Pinning::new().describe(),
+        "servers": rows,
     }))
 }
 
@@ -1330,8 +1854,111 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
             goal(median <= f(&row["goal_ms"]))
         );
     }
+    if !r["servers"].is_null() {
+        render_servers(&mut s, &r["servers"]);
+    }
     let _ = writeln!(s, "\nRaw numbers: target/bench/results.json.\n\n{MARK_END}");
     s
+}
+
+/// Section 8: one table of the losses, one of what the governor did.
+fn render_servers(s: &mut String, sv: &Value) {
+    let servers = sv["servers"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "\n#### 8. Real servers (wrk -t1 -c4 per phase; {} phases of {} s per configuration)\n",
+        sv["reps"], sv["secs"]
+    );
+    let _ = writeln!(
+        s,
+        "CPUs: {}. Requests/s as wrk measured them, median of the untraced phases. Each traced \
+         phase starts 1 s after the probes are live (under load) and lies between two untraced \
+         ones; its loss is against their mean, in points; the median of the phases, each phase's \
+         loss in brackets. Goal: loss ≤ P + 0.5 at `--max-overhead P`, ≤ 5 with `--probes \
+         defers` (at the default budget, 5). CPU loss: the same from the server's CPU time per \
+         request (/proc/PID/stat user + system, where the uprobe traps are charged), 100 × (1 − \
+         untraced / traced): the throughput lost at equal CPU time, whatever share of its CPU \
+         other processes take; it still moves with the CPU's speed.\n",
+        sv["pinning"].as_str().unwrap_or("not recorded")
+    );
+    let mut header = "| server | load | untraced requests/s, CPU µs/request |".to_owned();
+    for (_, label, ..) in SERVER_CONFIGS {
+        let _ = write!(header, " {label}: loss (phases); CPU loss (phases); goal |");
+    }
+    let _ = writeln!(s, "{header}\n|---|---|---|{}", "---|".repeat(SERVER_CONFIGS.len()));
+    let each = |losses: &Value| {
+        let losses = losses.as_array().into_iter().flatten();
+        losses.map(|l| format!("{:.1}", f(l))).collect::<Vec<_>>().join(", ")
+    };
+    for server in servers {
+        let results = &server["results"];
+        let mut row = format!(
+            "| {} | {} | {:.0}, {:.1} |",
+            server["server"].as_str().unwrap_or("?"),
+            server["load"].as_str().unwrap_or("?"),
+            f(&results["untraced"]["requests_per_sec"]),
+            f(&results["untraced"]["cpu_us_per_request"]),
+        );
+        for (name, ..) in SERVER_CONFIGS {
+            let config = &results[name];
+            let _ = write!(
+                row,
+                " {:.1} ({}); {:.1} ({}); ≤ {}: {} |",
+                f(&config["loss_points"]),
+                each(&config["losses"]),
+                f(&config["cpu_loss_points"]),
+                each(&config["cpu_losses"]),
+                config["goal_points"],
+                goal(config["met"].as_bool().unwrap_or(false))
+            );
+        }
+        let _ = writeln!(s, "{row}");
+    }
+    let _ = writeln!(
+        s,
+        "\nFrom deferprobe's reports (medians over the phases): the calibrated `governor.hit_cost_ns`, \
+         the mean duty cycle of each sampled family (a family not listed was always on), and probe \
+         hits per second of each counter (counts / duration_secs); their estimated cost, hits/s × \
+         hit cost, in % of a CPU.\n\n\
+         | server | configuration | hit cost (ns) | duty cycles | hits/s | est. % of a CPU |\n\
+         |---|---|---|---|---|---|"
+    );
+    let entries = |object: &Value, format: fn(f64) -> String| {
+        let text = object
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k} {}", format(f(v))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if text.is_empty() { "—".to_owned() } else { text }
+    };
+    for server in servers {
+        for (name, label, ..) in SERVER_CONFIGS {
+            let governor = &server["results"][name]["governor"];
+            let hit_cost = f(&governor["hit_cost_ns"]);
+            let hits: f64 =
+                governor["hits_per_sec"].as_object().into_iter().flatten().map(|(_, v)| f(v)).sum();
+            let _ = writeln!(
+                s,
+                "| {} | {label} | {hit_cost:.0} | {} | {} | {:.1} |",
+                server["server"].as_str().unwrap_or("?"),
+                entries(&governor["duty_cycles"], |v| format!("{v:.3}")),
+                entries(&governor["hits_per_sec"], |v| format!("{v:.0}")),
+                hits * hit_cost / 1e7,
+            );
+        }
+    }
+    let _ = writeln!(s, "\nCommands:\n\n```sh");
+    for server in servers {
+        let _ = writeln!(
+            s,
+            "{}\n{}",
+            server["command"].as_str().unwrap_or(""),
+            server["wrk"].as_str().unwrap_or("")
+        );
+    }
+    let _ = writeln!(s, "```\n");
 }
 
 fn write_benchmarks_md(path: &Path, generated: &str) -> Result<()> {

@@ -74,6 +74,12 @@ enum Task {
         calls: u64,
         #[arg(long, default_value_t = 5)]
         service_secs: u64,
+        /// Phases of each configuration per server in the `servers` section.
+        #[arg(long, default_value_t = 3)]
+        server_reps: usize,
+        /// Length of a phase in the `servers` section, in seconds.
+        #[arg(long, default_value_t = 3)]
+        server_secs: u64,
         /// Run only these sections and print their results; BENCHMARKS.md is not rewritten.
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(bench::SECTIONS))]
         only: Vec<String>,
@@ -99,8 +105,9 @@ fn run(task: Task) -> Result<()> {
         Task::TestMatrix { test_args } => matrix::test_matrix(&test_args),
         Task::LayoutTable => layout_table::layout_table(),
         Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
-        Task::Bench { reps, calls, service_secs, only } => {
-            bench::bench(reps, calls, service_secs, &only)
+        Task::Bench { reps, calls, service_secs, server_reps, server_secs, only } => {
+            let servers = bench::ServerPhases { reps: server_reps, secs: server_secs };
+            bench::bench(reps, calls, service_secs, servers, &only)
         }
     }
 }
