@@ -1,0 +1,53 @@
+//! The maps and the global configuration the probes share with userspace.
+
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+};
+use deferprobe_common::{
+    Counters, EVENT_RING_BYTES, GOROUTINE_IDS_CAPACITY, KNOWN_MAPS_CAPACITY, KnownMap, ProbeConfig,
+    RECENT_MAP_SLOTS, RecentMap,
+};
+
+/// Runtime struct offsets, written by userspace before load.
+#[unsafe(no_mangle)]
+pub(crate) static PROBE_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::ZERO);
+
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+/// Maps written while tracing (key: map pointer): each is announced to userspace once (where it
+/// was first written), and its writes are counted. Bounded: least recently written maps are
+/// evicted.
+#[map]
+pub(crate) static KNOWN_MAPS: LruHashMap<u64, KnownMap> =
+    LruHashMap::with_max_entries(KNOWN_MAPS_CAPACITY, 0);
+
+/// Goroutine ids by g (R14), so that defer probes need not read `g.goid` on every hit. A g
+/// changes goroutine only through `runtime.goexit1` (the runtime hands out a new goid when it
+/// reuses the g), whose probe removes it; bounded, least recently used first out. Used only
+/// while [`GOROUTINE_ID_CACHE`] says goexit1 is attached; entries of an earlier generation are
+/// ignored (their goroutine may have ended unseen).
+#[map]
+pub(crate) static GOROUTINE_IDS: LruHashMap<u64, CachedGoroutineId> =
+    LruHashMap::with_max_entries(GOROUTINE_IDS_CAPACITY, 0);
+
+/// The generation of [`GOROUTINE_IDS`] in use, 0 while the cache is off. Userspace turns the
+/// cache on (a new generation) after attaching goexit1, and off before detaching it.
+#[map]
+pub(crate) static GOROUTINE_ID_CACHE: Array<u64> = Array::with_max_entries(1, 0);
+
+#[derive(Clone, Copy)]
+pub(crate) struct CachedGoroutineId {
+    pub(crate) goid: u64,
+    pub(crate) generation: u64,
+}
+
+/// Per-CPU cache of recently written maps in front of `KNOWN_MAPS` (see `on_mapassign`).
+#[map]
+pub(crate) static RECENT_MAPS: PerCpuArray<RecentMap> =
+    PerCpuArray::with_max_entries(RECENT_MAP_SLOTS, 0);
+
+#[map]
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
