@@ -10,6 +10,7 @@ pub mod aggregator;
 pub mod binary;
 pub mod cli;
 pub mod error;
+pub mod estimate;
 pub mod findings;
 pub mod governor;
 pub mod inspect;

@@ -317,8 +317,14 @@ pub struct SamplingReport {
     pub mean_duty_cycle: f64,
     /// Calls seen while attached (what `counts` shows).
     pub observed_calls: u64,
-    /// Calls scaled up by the duty cycle: an estimate, not a count.
+    /// Calls scaled up by the duty cycle, detached spans bridged by the rates measured on
+    /// either side (see `estimate.rs`): an estimate, not a count.
     pub estimated_calls: u64,
+    /// One standard deviation of `estimated_calls`.
+    pub estimated_calls_error: u64,
+    /// The estimate extrapolates a rate over a span no measurement closes (longer than a tenth
+    /// of the trace), or rests on no measurement: a note says so.
+    pub estimate_weak: bool,
     /// For allocations: bytes scaled up the same way.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimated_bytes: Option<u64>,
@@ -614,6 +620,8 @@ mod tests {
                     mean_duty_cycle: 0.25,
                     observed_calls: 1000,
                     estimated_calls: 4000,
+                    estimated_calls_error: 110,
+                    estimate_weak: false,
                     estimated_bytes: Some(123_456),
                 }],
                 defer_probes_percent: 1.5,

@@ -386,11 +386,20 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     for sampled in &traced.governor.sampled {
         notes.push(format!(
             "{} probes were sampled to stay under --max-overhead {}% (duty cycle {:.0}% on \
-             average): their counts cover only the sampled windows; governor.sampled has scaled \
-             estimates{}",
+             average): their counts cover only the sampled windows; estimate {} ± {} calls \
+             (1σ){}{}",
             sampled.family.name(),
             traced.governor.max_overhead_percent,
             sampled.mean_duty_cycle * 100.0,
+            sampled.estimated_calls,
+            sampled.estimated_calls_error,
+            match sampled.estimate_weak {
+                true => {
+                    ", a weak one: it holds the last rate measured over a long span no later \
+                     window measured"
+                }
+                false => "",
+            },
             match sampled.family {
                 SampledFamily::MapWrites => {
                     ", and maps written outside the windows can't be recognised as captures"
@@ -402,7 +411,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             }
         ));
     }
-    if traced.governor.defers_over_budget_secs > 0.0 {
+    // Under half a second over budget is a rounding of one check, not a finding.
+    if traced.governor.defers_over_budget_secs >= 0.5 {
         notes.push(format!(
             "for {:.0}s the defer probes alone cost more than --max-overhead {}% (they always \
              stay on; {:.1}% of a CPU on average over the trace): the budget was exceeded",

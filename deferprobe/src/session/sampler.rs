@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     error::Result,
+    estimate::FamilyEstimate,
     governor::{
         Governor, MIN_OBSERVATION_SECS, Observation, SAMPLED_FAMILIES, SampledFamily,
         planned_hit_ns,
@@ -71,8 +72,8 @@ pub(super) struct FamilyStats {
     seconds: f64,
     observed: u64,
     observed_bytes: f64,
-    /// Calls: those seen, scaled up by the duty cycle, plus while detached the latest rate.
-    estimated: f64,
+    /// Calls: those seen, scaled up by the duty cycle, and detached spans bridged.
+    estimate: FamilyEstimate,
 }
 
 impl Default for FamilyStats {
@@ -84,7 +85,7 @@ impl Default for FamilyStats {
             seconds: 0.0,
             observed: 0,
             observed_bytes: 0.0,
-            estimated: 0.0,
+            estimate: FamilyEstimate::default(),
         }
     }
 }
@@ -339,11 +340,7 @@ impl Sampler {
             stats.duty_seconds += fraction * seconds;
             stats.observed += sampled_hits[index];
             stats.observed_bytes += bytes[index];
-            stats.estimated += match fraction > 0.0 {
-                true => sampled_hits[index] as f64 / fraction,
-                // Detached: at the rate last seen.
-                false => self.governor.rate(SampledFamily::ALL[index]).unwrap_or(0.0) * seconds,
-            };
+            stats.estimate.tick(seconds, fraction, sampled_hits[index]);
         }
         let defer_hits = defer_hits(&delta);
         let required_hits = self.governor.required_hits(&sampled_hits);
@@ -367,6 +364,7 @@ impl Sampler {
     }
 
     pub(super) fn report(&self) -> GovernorReport {
+        let estimate = |stats: &FamilyStats| stats.estimate.estimate();
         let sampled = SampledFamily::ALL
             .into_iter()
             .zip(self.stats)
@@ -380,11 +378,13 @@ impl Sampler {
                     1.0
                 },
                 observed_calls: stats.observed,
-                estimated_calls: stats.estimated.round() as u64,
+                estimated_calls: estimate(&stats).calls.round() as u64,
+                estimated_calls_error: estimate(&stats).error.round() as u64,
+                estimate_weak: estimate(&stats).weak,
                 // At the mean size of the allocations seen.
                 estimated_bytes: (family == SampledFamily::Allocations).then(|| {
-                    (stats.observed_bytes / stats.observed.max(1) as f64 * stats.estimated).round()
-                        as u64
+                    let mean_size = stats.observed_bytes / stats.observed.max(1) as f64;
+                    (mean_size * estimate(&stats).calls).round() as u64
                 }),
             })
             .collect();

@@ -1,0 +1,202 @@
+//! Scaling a sampled probe family's hits up to the whole trace, with how uncertain that is.
+//!
+//! While a family is attached for a fraction `f` of a tick and sees `n` hits, the tick's calls
+//! are estimated as `n / f`; as hits arrive like a Poisson process, that estimate's variance is
+//! about `n (1 − f) / f²`. While it is detached (duty 0), nothing is seen: a detached span is
+//! bridged by the mean of the rates measured on either side of it (the governor's refresh
+//! windows measure again every few ticks), with the half-difference of those rates as its
+//! uncertainty. Only windows of at least [`MIN_RATE_WINDOW_SECS`] attached measure a rate: the
+//! first milliseconds of a trace (often a start-up burst) are counted, never extrapolated. A span still open when tracing ends can only carry the last rate measured: the
+//! estimate is then weak, and says so. Pure: the governor's sampler feeds it tick by tick.
+
+/// The shortest time attached in a tick for its hits to stand for a rate (the governor's
+/// refresh windows are 50 ms).
+pub const MIN_RATE_WINDOW_SECS: f64 = 0.05;
+
+/// One family's estimate, built tick by tick.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FamilyEstimate {
+    /// Calls estimated in ticks where the family was attached, and their variance.
+    sampled: f64,
+    sampled_variance: f64,
+    /// Calls estimated in closed detached spans, and their variance.
+    bridged: f64,
+    bridged_variance: f64,
+    /// The rate (calls per second) measured in the last tick with the family attached for at
+    /// least [`MIN_RATE_WINDOW_SECS`].
+    last_rate: Option<f64>,
+    /// Hits and attached seconds of the windows in a row since the last rate, too short
+    /// together to stand for one yet.
+    pool_hits: f64,
+    pool_seconds: f64,
+    /// The rate of such windows before the open span: only for it, if no later window
+    /// measures one.
+    short_rate: Option<f64>,
+    /// Seconds of the detached span since then.
+    open_gap: f64,
+    /// Seconds traced, and seconds not covered by a measured rate on both sides.
+    seconds: f64,
+}
+
+/// A family's estimate over the whole trace.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    pub calls: f64,
+    /// One standard deviation, in calls.
+    pub error: f64,
+    /// Whether the estimate rests on extrapolating a rate over a span no measurement closes
+    /// (longer than a tenth of the trace), or on nothing at all.
+    pub weak: bool,
+}
+
+impl FamilyEstimate {
+    /// One tick of `seconds`, the family attached for `fraction` of it, seeing `hits`.
+    pub fn tick(&mut self, seconds: f64, fraction: f64, hits: u64) {
+        self.seconds += seconds;
+        if fraction <= 0.0 || seconds <= 0.0 {
+            if self.pool_seconds > 0.0 {
+                self.short_rate = Some(self.pool_hits / self.pool_seconds);
+                (self.pool_hits, self.pool_seconds) = (0.0, 0.0);
+            }
+            self.open_gap += seconds;
+            return;
+        }
+        let fraction = fraction.min(1.0);
+        let hits = hits as f64;
+        self.sampled += hits / fraction;
+        self.sampled_variance += hits * (1.0 - fraction) / (fraction * fraction);
+        // Short windows are pooled until together they stand for a rate: a detached span
+        // around them waits for it.
+        self.pool_hits += hits;
+        self.pool_seconds += fraction * seconds;
+        if self.pool_seconds < MIN_RATE_WINDOW_SECS {
+            return;
+        }
+        let rate = self.pool_hits / self.pool_seconds;
+        (self.pool_hits, self.pool_seconds, self.short_rate) = (0.0, 0.0, None);
+        if self.open_gap > 0.0 {
+            let before = self.last_rate.unwrap_or(rate);
+            self.bridged += (before + rate) / 2.0 * self.open_gap;
+            let spread = (rate - before).abs() / 2.0 * self.open_gap;
+            self.bridged_variance += spread * spread;
+            self.open_gap = 0.0;
+        }
+        self.last_rate = Some(rate);
+    }
+
+    /// The estimate so far: an open detached span carries the last rate (that of a short
+    /// window when no longer one measured any), with all of it as its uncertainty.
+    pub fn estimate(&self) -> Estimate {
+        let open = self.last_rate.or(self.short_rate).unwrap_or(0.0) * self.open_gap;
+        let variance = self.sampled_variance + self.bridged_variance + open * open;
+        Estimate {
+            calls: self.sampled + self.bridged + open,
+            error: variance.sqrt(),
+            weak: self.last_rate.is_none() || self.open_gap > self.seconds / 10.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn within(estimate: &Estimate, exact: f64, tolerance: f64) -> bool {
+        (estimate.calls - exact).abs() <= tolerance * exact
+    }
+
+    #[test]
+    fn fully_attached_is_exact() {
+        let mut family = FamilyEstimate::default();
+        for _ in 0..10 {
+            family.tick(1.0, 1.0, 1000);
+        }
+        assert_eq!(family.estimate(), Estimate { calls: 10_000.0, error: 0.0, weak: false });
+    }
+
+    #[test]
+    fn windows_scale_up_with_a_poisson_error() {
+        let mut family = FamilyEstimate::default();
+        for _ in 0..10 {
+            family.tick(1.0, 0.25, 250);
+        }
+        let estimate = family.estimate();
+        assert_eq!(estimate.calls, 10_000.0);
+        // sqrt(10 × 250 × 0.75 / 0.0625) ≈ 173
+        assert!((estimate.error - 173.2).abs() < 0.1, "{estimate:?}");
+        assert!(!estimate.weak);
+    }
+
+    /// A start-up burst in the first 20 ms, detached at once, then a steady phase: the burst
+    /// is counted, and the detached span is bridged by the next window's rate, not the burst's.
+    /// (Holding the burst's rate over the span, as before, was off by 34×.)
+    #[test]
+    fn a_start_up_burst_is_counted_not_extrapolated() {
+        let mut family = FamilyEstimate::default();
+        family.tick(0.02, 1.0, 2_000); // 100,000/s for 20 ms
+        for _ in 0..4 {
+            family.tick(1.0, 0.0, 0); // detached: 4 s at 1,000/s really
+        }
+        family.tick(1.0, 0.05, 50); // a refresh window: 1,000/s
+        for _ in 0..5 {
+            family.tick(1.0, 1.0, 1_000);
+        }
+        let exact = 2_000.0 + 4_000.0 + 1_000.0 + 5_000.0;
+        let estimate = family.estimate();
+        assert!(within(&estimate, exact, 0.01), "{estimate:?}");
+        assert!(!estimate.weak);
+        let held = 2_000.0 + 100_000.0 * 4.0 + 1_000.0 + 5_000.0;
+        assert!(held / exact > 30.0);
+    }
+
+    /// A rate that changes while detached: bridged by the mean of both sides, with half their
+    /// difference over the span as its error.
+    #[test]
+    fn a_rate_change_while_detached_is_bridged_with_its_error() {
+        let mut family = FamilyEstimate::default();
+        family.tick(1.0, 1.0, 2_000);
+        for _ in 0..2 {
+            family.tick(1.0, 0.0, 0);
+        }
+        family.tick(1.0, 1.0, 1_000);
+        let estimate = family.estimate();
+        assert_eq!(estimate.calls, 2_000.0 + 3_000.0 + 1_000.0);
+        assert_eq!(estimate.error, 1_000.0);
+    }
+
+    #[test]
+    fn steady_windows_after_a_burst_are_within_a_quarter() {
+        let mut family = FamilyEstimate::default();
+        family.tick(0.02, 1.0, 2_000);
+        for _ in 0..30 {
+            family.tick(1.0, 0.1, 100);
+        }
+        let estimate = family.estimate();
+        assert!(within(&estimate, 32_000.0, 0.25), "{estimate:?}");
+    }
+
+    #[test]
+    fn an_open_span_at_the_end_is_weak() {
+        let mut family = FamilyEstimate::default();
+        family.tick(1.0, 1.0, 1_000);
+        for _ in 0..5 {
+            family.tick(1.0, 0.0, 0);
+        }
+        let estimate = family.estimate();
+        assert_eq!(estimate.calls, 6_000.0);
+        assert!(estimate.weak && estimate.error >= 5_000.0, "{estimate:?}");
+        assert!(FamilyEstimate::default().estimate().weak);
+        // Only a 20 ms window before a span that lasts: that rate, weak, all of it uncertain.
+        let mut family = FamilyEstimate::default();
+        family.tick(0.02, 1.0, 20);
+        family.tick(0.2, 0.005, 0); // attached for 1 ms, nothing seen
+        family.tick(3.78, 0.0, 0);
+        let estimate = family.estimate();
+        let rate = 20.0 / 0.021;
+        assert!(
+            estimate.weak && (estimate.calls - (20.0 + rate * 3.78)).abs() < 1e-6,
+            "{estimate:?}"
+        );
+        assert!(estimate.error > 3_590.0, "{estimate:?}");
+    }
+}
