@@ -227,6 +227,11 @@ impl Governor {
         self.hit_ns
     }
 
+    /// Keeps the budget on `hit_ns` from now on (the measured real cost of a hit).
+    pub fn set_hit_ns(&mut self, hit_ns: f64) {
+        self.hit_ns = hit_ns.max(1.0);
+    }
+
     /// Whether the always-on defer probes alone cost more than the budget at the last tick
     /// (then every sampled family is detached, and still the budget is not kept).
     pub fn defers_over_budget(&self) -> bool {

@@ -9,6 +9,7 @@
 pub mod aggregator;
 pub mod binary;
 pub mod cli;
+pub mod cost;
 pub mod error;
 pub mod estimate;
 pub mod findings;

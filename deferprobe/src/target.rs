@@ -515,6 +515,23 @@ pub fn module_mapping_start(pid: u32, file: &Path) -> Option<u64> {
     mappings.iter().find(|m| m.path.trim_end_matches(" (deleted)") == path).map(|m| m.start)
 }
 
+/// The CPU time each thread of `pid` has used, in ns (/proc/PID/task/TID/schedstat: the
+/// scheduler's own account, to the nanosecond, uprobe traps included), by thread id. None if
+/// the process is gone.
+pub fn thread_cpu_times(pid: u32) -> Option<Vec<(u32, u64)>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut times: Vec<(u32, u64)> = tasks
+        .filter_map(|task| {
+            let task = task.ok()?;
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let schedstat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            Some((tid, schedstat.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect();
+    times.sort_unstable();
+    (!times.is_empty()).then_some(times)
+}
+
 /// How a process ended, as a shell reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitStatus {

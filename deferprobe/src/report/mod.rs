@@ -297,9 +297,17 @@ pub struct GovernorReport {
     pub max_overhead_percent: f64,
     /// What one probe hit costs on this machine, measured at start (null if it couldn't be).
     pub hit_cost_ns: Option<u64>,
-    /// What the governor counts a hit as costing: the calibrated cost (or a fallback) with
-    /// headroom for what a hit costs a busy program beyond it.
+    /// What the governor counted a hit as costing at the end: the measured real cost (plus its
+    /// error) once it was solid, else the calibrated cost (or a fallback) with headroom for
+    /// what a hit costs a busy program beyond it.
     pub planned_hit_cost_ns: u64,
+    /// What a hit really cost the target (its CPU time against its hits, between sampling
+    /// windows and the rest of each tick: see `cost.rs`), one figure for every family (every
+    /// probe sits on an emulated instruction); null until enough ticks had windows.
+    pub measured_hit_cost_ns: Option<u64>,
+    /// One standard error of `measured_hit_cost_ns`, and the ticks it was measured over.
+    pub measured_hit_cost_error_ns: Option<u64>,
+    pub measured_ticks: usize,
     pub sampled: Vec<SamplingReport>,
     /// What the always-on defer probes cost, in percent of one CPU (their hits × the
     /// planned cost per hit, over the whole trace).
@@ -614,6 +622,9 @@ mod tests {
                 max_overhead_percent: 5.0,
                 hit_cost_ns: Some(20_000),
                 planned_hit_cost_ns: 30_000,
+                measured_hit_cost_ns: None,
+                measured_hit_cost_error_ns: None,
+                measured_ticks: 0,
                 sampled: vec![SamplingReport {
                     family: crate::governor::SampledFamily::Allocations,
                     min_duty_cycle: 0.1,

@@ -14,6 +14,7 @@ use deferprobe_common::{Counter, Counters};
 use tracing::{debug, info, warn};
 
 use crate::{
+    cost::{Mark, Measured, RealCost},
     error::Result,
     estimate::FamilyEstimate,
     governor::{
@@ -21,6 +22,8 @@ use crate::{
         planned_hit_ns,
     },
     report::{GovernorReport, SamplingReport},
+    state::monotonic_ns,
+    target,
     tracer::{AttachMode, Tracer},
 };
 
@@ -62,6 +65,18 @@ pub(super) struct Sampler {
     defers_over_budget_secs: f64,
     /// Whether some goroutine had heap defers pending at a budget check since the last tick.
     exits_needed: bool,
+    /// The target, whose CPU time the real cost of a hit is measured against.
+    pid: u32,
+    /// The real cost of a hit ([`RealCost`]): marks at the start of the current tick and at
+    /// the end of its window; a tick whose families changed in between (a budget check
+    /// detached one) is not compared.
+    cost: RealCost,
+    tick_mark: Option<Mark>,
+    window_mark: Option<Mark>,
+    tick_disturbed: bool,
+    measured: Option<Measured>,
+    /// The target's threads at the last mark, sorted.
+    threads: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -94,7 +109,7 @@ impl Sampler {
     /// Per-hit cost if calibration failed: what a uprobe hit costs on a slow virtual machine.
     const FALLBACK_HIT_COST: Duration = Duration::from_micros(20);
 
-    pub(super) fn new(tracer: &Tracer, max_overhead_percent: f64) -> Result<Sampler> {
+    pub(super) fn new(tracer: &Tracer, max_overhead_percent: f64, pid: u32) -> Result<Sampler> {
         let windows = tracer.mode() == AttachMode::Multi;
         let hit_cost = tracer.hit_cost();
         match hit_cost {
@@ -131,12 +146,20 @@ impl Sampler {
             defer_probe_ns: 0.0,
             defers_over_budget_secs: 0.0,
             exits_needed: false,
+            pid,
+            cost: RealCost::default(),
+            tick_mark: None,
+            window_mark: None,
+            tick_disturbed: false,
+            measured: None,
+            threads: Vec::new(),
         })
     }
 
     /// One governor tick: account for the tick that ended, decide, and open the next tick's
     /// windows. Returns when the windows close (None if nothing is sampled).
     pub(super) fn tick(&mut self, tracer: &mut Tracer) -> Result<Option<tokio::time::Instant>> {
+        self.measure(tracer)?;
         // A whole tick with no heap defer pending: goroutine exits release nothing, and may be
         // sampled again.
         let exits = SampledFamily::GoroutineExits;
@@ -202,6 +225,7 @@ impl Sampler {
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
             let duty = self.governor.duty(family);
             if duty < self.planned[index] {
+                self.tick_disturbed = true;
                 self.plan(index, duty);
                 self.set_family(tracer, index, false)?;
             }
@@ -353,8 +377,57 @@ impl Sampler {
         Ok(observation)
     }
 
+    /// The target's CPU time and the probes' hits now (None if the target is gone). A thread
+    /// that exited since the last mark takes its CPU time with it: the tick is then not
+    /// compared.
+    fn mark(&mut self, tracer: &Tracer) -> Result<Option<Mark>> {
+        let counters = tracer.counters()?;
+        let total = |counter: Counter| counters.get(counter);
+        let hits = defer_hits(&total) + sampled_hits(&total).iter().sum::<u64>();
+        let Some(threads) = target::thread_cpu_times(self.pid) else { return Ok(None) };
+        let tids: Vec<u32> = threads.iter().map(|(tid, _)| *tid).collect();
+        if self.threads.iter().any(|tid| tids.binary_search(tid).is_err()) {
+            self.tick_disturbed = true;
+        }
+        self.threads = tids;
+        let cpu_ns = threads.iter().map(|(_, ns)| ns).sum();
+        Ok(Some(Mark { at_ns: monotonic_ns(), cpu_ns, hits }))
+    }
+
+    /// At a tick: compares the tick that ended (its window, then the rest) into the real cost
+    /// of a hit; once that figure is solid, the budget is kept on it (plus its error).
+    fn measure(&mut self, tracer: &Tracer) -> Result<()> {
+        let now = self.mark(tracer)?;
+        if let (Some(start), Some(window_end), Some(end)) = (self.tick_mark, self.window_mark, now)
+            && !self.tick_disturbed
+        {
+            self.cost.tick(start, window_end, end);
+            self.measured = self.cost.measured();
+            if let Some(measured) = self.measured.filter(Measured::is_solid) {
+                let was = self.governor.hit_ns();
+                let budget_ns = measured.ns_per_hit + measured.error_ns;
+                self.governor.set_hit_ns(budget_ns);
+                if (budget_ns - was).abs() > was / 4.0 {
+                    info!(
+                        ns_per_hit = measured.ns_per_hit.round(),
+                        error_ns = measured.error_ns.round(),
+                        ticks = measured.ticks,
+                        budget_hit_ns = budget_ns.round(),
+                        "measured what a probe hit really costs the target: the budget is kept \
+                         on it"
+                    );
+                }
+            }
+        }
+        self.tick_mark = now;
+        self.window_mark = None;
+        self.tick_disturbed = false;
+        Ok(())
+    }
+
     /// Ends the sampling windows: detaches every family below full duty.
     pub(super) fn close_windows(&mut self, tracer: &mut Tracer) -> Result<()> {
+        self.window_mark = self.mark(tracer)?;
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
             if self.governor.duty(family) < 1.0 {
                 self.set_family(tracer, index, false)?;
@@ -392,6 +465,9 @@ impl Sampler {
             max_overhead_percent: self.max_overhead_percent,
             hit_cost_ns: self.hit_cost_ns,
             planned_hit_cost_ns: self.governor.hit_ns().round() as u64,
+            measured_hit_cost_ns: self.measured.map(|m| m.ns_per_hit.max(0.0).round() as u64),
+            measured_hit_cost_error_ns: self.measured.map(|m| m.error_ns.round() as u64),
+            measured_ticks: self.measured.map_or(0, |m| m.ticks),
             sampled,
             defer_probes_percent: match self.seconds > 0.0 {
                 true => self.defer_probe_ns / self.seconds / 1e7,

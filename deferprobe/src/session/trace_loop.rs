@@ -148,7 +148,7 @@ pub(super) async fn trace(
     let deadline = sleep(args.duration.unwrap_or(Duration::MAX / 4));
     tokio::pin!(deadline);
 
-    let mut sampler = Sampler::new(tracer, args.max_overhead)?;
+    let mut sampler = Sampler::new(tracer, args.max_overhead, context.pid)?;
     // The first decision comes early, so that a busy program does not run a whole tick with
     // every probe on before the budget applies.
     let mut governor_tick =
