@@ -4,7 +4,8 @@
 //!
 //! 1. Per-hit cost: tests/go/benchhits (defer / map / alloc workloads, the program times its
 //!    own loop) untraced, under bpftrace counting the same runtime functions, and under
-//!    `deferprobe run -- CMD`; interleaved repetitions, medians.
+//!    `deferprobe run -- CMD`; built with the default Go release and with Debian's Go 1.19
+//!    (issue 13: the cost per hit by release); interleaved repetitions, medians.
 //! 2. Kernel-side work per hit: `kernel.bpf_stats_enabled=1` and `bpftool prog show` (run_time_ns
 //!    / run_cnt) of every program of each tracer, read while the probes are still attached.
 //! 3. Aggregator throughput and 5. memory: deferprobe/benches/aggregator.rs.
@@ -102,6 +103,11 @@ pub fn bench(
         .contains("--max-overhead"),
     };
     let hits = build_go(&release, "benchhits", &out)?;
+    // Per-hit cost by release: the default one, and Debian's Go 1.19 (issue 13).
+    let hits_by_release = [
+        (release.clone(), hits.clone()),
+        (DEBIAN_GO.0.to_owned(), build_go_debian("benchhits", &out)?),
+    ];
     let svc = build_go(&release, "benchsvc", &out)?;
     let big = build_big(&release, &out)?;
 
@@ -114,7 +120,7 @@ pub fn bench(
     }
     if wanted("per-hit") {
         eprintln!("[bench] per-hit cost");
-        results["per_hit"] = per_hit(&ctx, &hits, calls)?;
+        results["per_hit"] = per_hit(&ctx, &hits_by_release, calls)?;
     }
     if wanted("kernel") {
         eprintln!("[bench] kernel-side work per hit (bpf_stats)");
@@ -185,6 +191,15 @@ fn install_packages() -> Result<()> {
 
 fn build_go(release: &str, program: &str, out: &Path) -> Result<PathBuf> {
     build_go_with(&go_binary(release), release, program, out)
+}
+
+/// tests/go/<program> built with Debian's Go ([`DEBIAN_GO`], installed if missing).
+fn build_go_debian(program: &str, out: &Path) -> Result<PathBuf> {
+    let (release, go) = DEBIAN_GO;
+    if !Path::new(go).exists() {
+        apt_install(&[&format!("golang-{release}-go")])?;
+    }
+    build_go_with(Path::new(go), release, program, out)
 }
 
 /// tests/go/<program> built with the `go` command of `release` into out/<program>-go<release>.
@@ -279,9 +294,8 @@ fn environment(release: &str) -> Result<Value> {
 /// What one run of benchhits printed, plus the tracer's view.
 struct Run {
     result: Value,
-    /// The tracer's pid, while it ran.
+    /// Everything on stdout (bpftrace's counts follow the result line).
     stdout: String,
-    stderr: String,
 }
 
 /// Runs `cmd` (a tracer wrapping benchhits, or benchhits itself), reading stdout line by line;
@@ -313,7 +327,7 @@ fn run_hits(mut cmd: Command, mut on_result: impl FnMut(u32) -> Result<()>) -> R
     ensure!(status.success(), "{cmd:?} failed ({status}):\n{stdout}\n{stderr}");
     let result =
         result.with_context(|| format!("no result line from {cmd:?}:\n{stdout}\n{stderr}"))?;
-    Ok(Run { result, stdout, stderr })
+    Ok(Run { result, stdout })
 }
 
 /// Count-only bpftrace probes on `functions` (entry uprobes; `bpftrace -p PID` scopes them).
@@ -436,60 +450,120 @@ fn untraced_and_bpftrace(
     Ok((untraced, traced, bpftrace_hits(&run.stdout)))
 }
 
-fn per_hit(ctx: &Ctx, hits: &Path, calls: u64) -> Result<Value> {
-    let mut rows = Vec::new();
-    for workload in workloads(ctx, hits)? {
-        let script_path = ctx.out.join(format!("count-{}.bt", workload.name));
-        std::fs::write(&script_path, bpftrace_script(hits, &workload.functions))?;
-        let report = ctx.out.join("per-hit-report.json");
-        let args = hits_args(workload.name, calls, "0s");
-        let command_line = format!("{} {}", hits.display(), args.join(" "));
-        let (mut base, mut bt, mut dp) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut bt_hits, mut dp_hits) = (0u64, 0u64);
-        let mut dp_counts = Value::Null;
-        for rep in 0..ctx.reps {
-            eprintln!("[bench]   {} rep {}/{}", workload.name, rep + 1, ctx.reps);
-            let (untraced_ns, bpftrace_ns, hits_seen) =
-                untraced_and_bpftrace(hits, &args, &script_path, &command_line)?;
-            base.push(untraced_ns);
-            bt.push(bpftrace_ns);
-            bt_hits = hits_seen;
+/// One workload of the per-hit section on one Go release: its command lines and samples.
+struct PerHitCase {
+    release: String,
+    hits: PathBuf,
+    workload: Workload,
+    script: PathBuf,
+    args: Vec<String>,
+    command_line: String,
+    samples: [Vec<f64>; 3],
+    bpftrace_hits: u64,
+    counts: Value,
+}
 
-            let mut cmd = deferprobe_run(ctx, &report);
-            cmd.arg("--").arg(hits).args(&args);
-            let run = run_hits(cmd, |_| Ok(()))?;
-            dp.push(run.result["ns_per_call"].as_f64().unwrap_or(0.0));
-            dp_counts = deferprobe_counts(&report)?;
-            dp_hits = counted_hits(&dp_counts);
-            let _ = run.stderr;
+/// Per-hit cost of each workload on each `(release, benchhits)` of `builds` (the first the
+/// default release): for each workload, the repetitions interleave untraced, bpftrace and
+/// deferprobe runs of every release, so that the ratios between releases come from one run.
+fn per_hit(ctx: &Ctx, builds: &[(String, PathBuf)], calls: u64) -> Result<Value> {
+    let mut by_workload: Vec<Vec<PerHitCase>> = Vec::new();
+    for (release, hits) in builds {
+        for (i, workload) in workloads(ctx, hits)?.into_iter().enumerate() {
+            let script = ctx.out.join(format!("count-{}-go{release}.bt", workload.name));
+            std::fs::write(&script, bpftrace_script(hits, &workload.functions))?;
+            let args = hits_args(workload.name, calls, "0s");
+            let command_line = format!("{} {}", hits.display(), args.join(" "));
+            if by_workload.len() <= i {
+                by_workload.push(Vec::new());
+            }
+            by_workload[i].push(PerHitCase {
+                release: release.clone(),
+                hits: hits.clone(),
+                workload,
+                script,
+                args,
+                command_line,
+                samples: Default::default(),
+                bpftrace_hits: 0,
+                counts: Value::Null,
+            });
         }
-        let base_ns = median(&mut base);
-        let bt_ns = median(&mut bt);
-        let dp_ns = median(&mut dp);
-        let calls_total = (calls + 100) as f64; // + benchhits' untimed warm-up calls
-        rows.push(json!({
-            "workload": workload.name,
-            "bpftrace_functions": workload.functions,
-            "calls": calls,
-            "untraced_ns_per_call": base_ns,
-            "bpftrace_ns_per_call": bt_ns,
-            "deferprobe_ns_per_call": dp_ns,
-            "bpftrace_added_ns_per_call": bt_ns - base_ns,
-            "deferprobe_added_ns_per_call": dp_ns - base_ns,
-            "ratio": (dp_ns - base_ns) / (bt_ns - base_ns),
-            "bpftrace_hits_per_call": bt_hits as f64 / calls_total,
-            "deferprobe_counted_per_call": dp_hits as f64 / calls_total,
-            "deferprobe_counts": dp_counts,
-            "samples": {"untraced": base, "bpftrace": bt, "deferprobe": dp},
-            "command_untraced": command_line,
-            "command_bpftrace": format!("bpftrace {} -c '{command_line}'", script_path.display()),
-            "command_deferprobe": format!("{} run --interval 1h --report R.json{} -- {command_line}", ctx.deferprobe.display(), if ctx.governor { " --max-overhead 1000" } else { "" }),
-        }));
+    }
+    let report = ctx.out.join("per-hit-report.json");
+    let mut rows = Vec::new();
+    for cases in &mut by_workload {
+        for rep in 0..ctx.reps {
+            for case in cases.iter_mut() {
+                eprintln!(
+                    "[bench]   {} (Go {}) rep {}/{}",
+                    case.workload.name,
+                    case.release,
+                    rep + 1,
+                    ctx.reps
+                );
+                let (untraced_ns, bpftrace_ns, hits_seen) = untraced_and_bpftrace(
+                    &case.hits,
+                    &case.args,
+                    &case.script,
+                    &case.command_line,
+                )?;
+                case.samples[0].push(untraced_ns);
+                case.samples[1].push(bpftrace_ns);
+                case.bpftrace_hits = hits_seen;
+
+                let mut cmd = deferprobe_run(ctx, &report);
+                cmd.arg("--").arg(&case.hits).args(&case.args);
+                let run = run_hits(cmd, |_| Ok(()))?;
+                case.samples[2].push(run.result["ns_per_call"].as_f64().unwrap_or(0.0));
+                case.counts = deferprobe_counts(&report)?;
+            }
+        }
+        let mut default_ns_per_hit = None;
+        for case in cases.iter_mut() {
+            let [base, bt, dp] = &mut case.samples;
+            let (base_ns, bt_ns, dp_ns) = (median(base), median(bt), median(dp));
+            let calls_total = (calls + 100) as f64; // + benchhits' untimed warm-up calls
+            let hits_per_call = case.bpftrace_hits as f64 / calls_total;
+            let ns_per_hit = (dp_ns - base_ns) / hits_per_call;
+            // Against the default release (the first build), measured in the same run.
+            let release_ratio = match default_ns_per_hit {
+                None => {
+                    default_ns_per_hit = Some(ns_per_hit);
+                    Value::Null
+                }
+                Some(default) => json!(ns_per_hit / default),
+            };
+            let command_line = &case.command_line;
+            rows.push(json!({
+                "workload": case.workload.name,
+                "go": case.release,
+                "bpftrace_functions": case.workload.functions,
+                "calls": calls,
+                "untraced_ns_per_call": base_ns,
+                "bpftrace_ns_per_call": bt_ns,
+                "deferprobe_ns_per_call": dp_ns,
+                "bpftrace_added_ns_per_call": bt_ns - base_ns,
+                "deferprobe_added_ns_per_call": dp_ns - base_ns,
+                "ratio": (dp_ns - base_ns) / (bt_ns - base_ns),
+                "bpftrace_hits_per_call": hits_per_call,
+                "deferprobe_ns_per_hit": ns_per_hit,
+                "release_ratio": release_ratio,
+                "deferprobe_counted_per_call": counted_hits(&case.counts) as f64 / calls_total,
+                "deferprobe_counts": case.counts,
+                "samples": {"untraced": base, "bpftrace": bt, "deferprobe": dp},
+                "command_untraced": command_line,
+                "command_bpftrace": format!("bpftrace {} -c '{command_line}'", case.script.display()),
+                "command_deferprobe": format!("{} run --interval 1h --report R.json{} -- {command_line}", ctx.deferprobe.display(), if ctx.governor { " --max-overhead 1000" } else { "" }),
+            }));
+        }
     }
     // Reference: bpftrace's cost per hit on an instruction the kernel emulates (deferprocStack
-    // starts with PUSHQ BP), where deferprobe's probes sit (after the stack check, also PUSHQ
-    // BP, or on CALLs, also emulated), rather than on the CMPQ of a function's entry, which the
-    // kernel single-steps.
+    // starts with PUSHQ BP), as are the instructions deferprobe's probes sit on (the stack
+    // check's JBE, or CALLs), rather than the CMPQ of a function's entry, which the kernel
+    // single-steps. On the default release only: before Go 1.21 no function starts with
+    // PUSHQ BP.
+    let (release, hits) = &builds[0];
     let script_path = ctx.out.join("count-stack.bt");
     std::fs::write(&script_path, bpftrace_script(hits, &["runtime.deferprocStack".to_owned()]))?;
     let args = hits_args("stack", calls, "0s");
@@ -506,12 +580,12 @@ fn per_hit(ctx: &Ctx, hits: &Path, calls: u64) -> Result<Value> {
     let hits_per_call = bt_hits as f64 / (calls + 100) as f64;
     let push_ns_per_hit = (median(&mut bt) - median(&mut base)) / hits_per_call;
     for row in &mut rows {
-        let per_hit = f(&row["deferprobe_added_ns_per_call"]) / f(&row["bpftrace_hits_per_call"]);
         row["bpftrace_push_ns_per_hit"] = json!(push_ns_per_hit);
-        row["placement_matched_ratio"] = json!(per_hit / push_ns_per_hit);
+        row["placement_matched_ratio"] = json!(f(&row["deferprobe_ns_per_hit"]) / push_ns_per_hit);
     }
     rows.push(json!({
         "workload": "stack (reference)",
+        "go": release,
         "bpftrace_functions": ["runtime.deferprocStack"],
         "bpftrace_hits_per_call": hits_per_call,
         "bpftrace_push_ns_per_hit": push_ns_per_hit,
@@ -1505,11 +1579,8 @@ fn server_phases(ctx: &Ctx, server: &Server, reps: usize, secs: u64) -> Result<V
 /// with `release`, each under wrk in A/B/A phases of `secs` seconds (see [`server_phases`]).
 fn servers(ctx: &Ctx, svc: &Path, release: &str, reps: usize, secs: u64) -> Result<Value> {
     super::install_debian_programs()?;
-    let (debian_release, debian_go) = DEBIAN_GO;
-    if !Path::new(debian_go).exists() {
-        apt_install(&[&format!("golang-{debian_release}-go")])?;
-    }
-    let svc_debian = build_go_with(Path::new(debian_go), debian_release, "benchsvc", &ctx.out)?;
+    let svc_debian = build_go_debian("benchsvc", &ctx.out)?;
+    let debian_release = DEBIAN_GO.0;
     let root = std::env::temp_dir().join(format!("xtask-bench-servers-{}", std::process::id()));
     let mut rows = Vec::new();
     let result = (|| -> Result<()> {
@@ -1587,9 +1658,9 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
     );
     let _ = writeln!(
         s,
-        "| workload | hits/call (bpftrace) | untraced ns/call | bpftrace +ns/call | deferprobe +ns/call | ratio (goal ≤ 1.10) | deferprobe +ns/hit | bpftrace +ns/hit | placement-matched ratio |"
+        "| workload | Go | hits/call (bpftrace) | untraced ns/call | bpftrace +ns/call | deferprobe +ns/call | ratio (goal ≤ 1.10) | deferprobe +ns/hit | bpftrace +ns/hit | placement-matched ratio |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     let mut reference = None;
     for row in r["per_hit"].as_array().into_iter().flatten() {
         if row["deferprobe_added_ns_per_call"].is_null() {
@@ -1600,19 +1671,21 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
         let ratio = f(&row["ratio"]);
         let _ = writeln!(
             s,
-            "| {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} ({}) | {:.0} | {:.0} | {:.2} |",
+            "| {} | {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} ({}) | {:.0} | {:.0} | {:.2} |",
             row["workload"].as_str().unwrap_or("?"),
+            row["go"].as_str().unwrap_or("?"),
             hpc,
             f(&row["untraced_ns_per_call"]),
             f(&row["bpftrace_added_ns_per_call"]),
             f(&row["deferprobe_added_ns_per_call"]),
             ratio,
             goal(ratio <= 1.10),
-            f(&row["deferprobe_added_ns_per_call"]) / hpc,
+            f(&row["deferprobe_ns_per_hit"]),
             f(&row["bpftrace_added_ns_per_call"]) / hpc,
             f(&row["placement_matched_ratio"]),
         );
     }
+    render_per_hit_by_release(&mut s, &r["per_hit"]);
     if let Some(row) = reference {
         let _ = writeln!(
             s,
@@ -1620,8 +1693,8 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
              instruction the kernel emulates ({:.0} ns, measured on `runtime.deferprocStack`, whose first \
              instruction is `PUSHQ BP`, with `benchhits -workload stack`: {:.2} hits/call). bpftrace \
              attaches at function entry, a `CMPQ SP, 0x10(R14)` the kernel must single-step; deferprobe \
-             attaches after the stack check, on `PUSHQ BP`, and on the `CALL`s of deferproc and \
-             deferreturn, which the kernel emulates.",
+             attaches to the stack check's `JBE` (counting only fall-throughs) and to the `CALL`s \
+             of deferproc and deferreturn, which the kernel emulates on every Go release.",
             f(&row["bpftrace_push_ns_per_hit"]),
             f(&row["bpftrace_hits_per_call"])
         );
@@ -1638,8 +1711,9 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
     {
         let _ = writeln!(
             s,
-            "- {}: {:.2} counted events/call; counts {}",
+            "- {} (Go {}): {:.2} counted events/call; counts {}",
             row["workload"].as_str().unwrap_or("?"),
+            row["go"].as_str().unwrap_or("?"),
             f(&row["deferprobe_counted_per_call"]),
             row["deferprobe_counts"]
         );
@@ -1861,6 +1935,38 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
     s
 }
 
+/// Issue 13's goal: deferprobe's added ns per hit on each other release (Go 1.19) within 1.5×
+/// of the default release's, for map writes and allocations; other workloads for reference.
+fn render_per_hit_by_release(s: &mut String, per_hit: &Value) {
+    let rows = per_hit.as_array().map(Vec::as_slice).unwrap_or_default();
+    let default = rows.first().and_then(|row| row["go"].as_str()).unwrap_or("?");
+    let _ = writeln!(
+        s,
+        "\nPer-hit cost by release (issue 13): deferprobe's added ns per hit (traced − untraced ns \
+         per call, ÷ bpftrace's hits per call), each release's repetitions interleaved with the \
+         others'; ratio against Go {default}. Goal: ≤ 1.5× for map writes and allocations.\n\n\
+         | workload | Go | untraced ns/call | deferprobe +ns/hit | ratio to Go {default} | goal ≤ 1.5× |\n\
+         |---|---|---|---|---|---|"
+    );
+    for row in rows.iter().filter(|row| !row["deferprobe_ns_per_hit"].is_null()) {
+        let workload = row["workload"].as_str().unwrap_or("?");
+        let (ratio, verdict) = match row["release_ratio"].as_f64() {
+            None => ("—".to_owned(), "—"),
+            Some(ratio) if ["map", "alloc"].contains(&workload) => {
+                (format!("{ratio:.2}"), goal(ratio <= 1.5))
+            }
+            Some(ratio) => (format!("{ratio:.2}"), "—"),
+        };
+        let _ = writeln!(
+            s,
+            "| {workload} | {} | {:.0} | {:.0} | {ratio} | {verdict} |",
+            row["go"].as_str().unwrap_or("?"),
+            f(&row["untraced_ns_per_call"]),
+            f(&row["deferprobe_ns_per_hit"]),
+        );
+    }
+}
+
 /// Section 8: one table of the losses, one of what the governor did.
 fn render_servers(s: &mut String, sv: &Value) {
     let servers = sv["servers"].as_array().map(Vec::as_slice).unwrap_or_default();
@@ -1980,7 +2086,26 @@ fn write_benchmarks_md(path: &Path, generated: &str) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::cpu_list;
+    use serde_json::json;
+
+    use super::{cpu_list, render_per_hit_by_release};
+
+    #[test]
+    fn per_hit_by_release() {
+        let rows = json!([
+            {"workload": "map", "go": "1.27.3", "untraced_ns_per_call": 100.0, "deferprobe_ns_per_hit": 800.0, "release_ratio": null},
+            {"workload": "map", "go": "1.19", "untraced_ns_per_call": 120.0, "deferprobe_ns_per_hit": 1300.0, "release_ratio": 1.625},
+            {"workload": "defer", "go": "1.19", "untraced_ns_per_call": 170.0, "deferprobe_ns_per_hit": 900.0, "release_ratio": 1.1},
+            {"workload": "stack (reference)", "go": "1.27.3"},
+        ]);
+        let mut s = String::new();
+        render_per_hit_by_release(&mut s, &rows);
+        assert!(s.contains("ratio to Go 1.27.3"), "{s}");
+        assert!(s.contains("| map | 1.27.3 | 100 | 800 | — | — |"), "{s}");
+        assert!(s.contains("| map | 1.19 | 120 | 1300 | 1.62 | **missed** |"), "{s}");
+        assert!(s.contains("| defer | 1.19 | 170 | 900 | 1.10 | — |"), "{s}");
+        assert!(!s.contains("stack"), "{s}");
+    }
 
     #[test]
     fn cpu_lists() {
