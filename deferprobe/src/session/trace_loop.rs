@@ -235,10 +235,12 @@ pub(super) async fn trace(
             _ = &mut idle_check, if !idle_checked => {
                 idle_checked = true;
                 let idle = frames.take_idle();
-                match or_exited(tracer.disarm_frames(&idle), exited)? {
-                    None => break EndReason::TargetExited,
-                    Some(0) => {}
-                    Some(probes) => info!(
+                match or_exited(tracer.disarm_frames(&idle), exited) {
+                    Ok(None) => break EndReason::TargetExited,
+                    // Left on: they cost what they did, and release nothing.
+                    Err(err) => warn!(%err, "deferreturn probes could not go off"),
+                    Ok(Some(0)) => {}
+                    Ok(Some(probes)) => info!(
                         functions = idle.len(),
                         probes,
                         "deferreturn probes off in the functions that had no heap defer pending \
@@ -362,7 +364,7 @@ pub(super) fn or_exited<T>(result: Result<T>, exited: &ExitWatch) -> Result<Opti
 
 /// Attaches the deferreturn probes of the functions holding `sites` (runtime return addresses
 /// of defer sites with a record pending) whose probes went off. None when that failed because
-/// the target exited.
+/// the target exited; another failure is logged, and tried again at the next heap defer.
 fn arm(
     tracer: &mut Tracer,
     frames: &mut FrameArming,
@@ -373,13 +375,20 @@ fn arm(
     if needed.is_empty() {
         return Ok(Some(()));
     }
-    let armed = or_exited(tracer.arm_frames(&needed), exited);
-    if !matches!(armed, Ok(Some(_))) {
-        frames.not_armed(&needed);
+    match or_exited(tracer.arm_frames(&needed), exited) {
+        Ok(Some(probes)) => {
+            debug!(functions = needed.len(), probes, "deferreturn probes back on");
+            Ok(Some(()))
+        }
+        Ok(None) => Ok(None),
+        // Their records are still released by the next snapshot; asked again at the next
+        // heap defer.
+        Err(err) => {
+            warn!(%err, functions = needed.len(), "deferreturn probes could not go back on");
+            frames.not_armed(&needed);
+            Ok(Some(()))
+        }
     }
-    Ok(armed?.map(|probes| {
-        debug!(functions = needed.len(), probes, "deferreturn probes back on");
-    }))
 }
 
 /// The defer sites of the registrations in `batch`.
