@@ -123,13 +123,7 @@ impl Tracer {
             if points.is_empty() {
                 continue;
             }
-            let name = program_name(program.name(), mode);
-            let uprobe: &mut UProbe = ebpf
-                .program_mut(&name)
-                .ok_or_else(|| Error::internal(format!("no eBPF program {name}")))?
-                .try_into()
-                .map_err(|err| bpf_error(program.name(), &err))?;
-            uprobe.load().map_err(|err| bpf_error(&format!("loading {}", program.name()), &err))?;
+            loaded_program(&mut ebpf, program, mode)?;
             // deferreturn's probes are switched per function ([`Tracer::arm_frames`]).
             if program != ProbeProgram::DeferReturn {
                 offsets.insert(program, points);

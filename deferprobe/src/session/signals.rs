@@ -131,6 +131,10 @@ impl CommandStop {
         CommandStop { cause: None, killed: None, kill_after }
     }
 
+    pub fn kill_after(&self) -> Duration {
+        self.kill_after
+    }
+
     /// Whether `--duration` ended the trace, and deferprobe stopped the command.
     pub fn stopped_at_duration(&self) -> bool {
         self.cause == Some(StopCause::Duration)

@@ -412,7 +412,11 @@ pub(super) async fn stop_command(
     signals: &Signals,
     stop: &mut CommandStop,
 ) {
-    let grace = stop.on_duration(pid);
+    // Already stopping on a signal: its grace goes on.
+    let grace = match stop.awaiting_exit() {
+        true => stop.kill_after(),
+        false => stop.on_duration(pid),
+    };
     let kill_deadline = sleep(grace);
     tokio::pin!(kill_deadline);
     loop {
