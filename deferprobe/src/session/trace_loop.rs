@@ -413,9 +413,9 @@ pub(super) async fn stop_command(
     stop: &mut CommandStop,
 ) {
     // Already stopping on a signal: its grace goes on.
-    let grace = match stop.awaiting_exit() {
-        true => stop.kill_after(),
-        false => stop.on_duration(pid),
+    let grace = match stop.cause {
+        Some(_) => stop.kill_after(),
+        None => stop.on_duration(pid),
     };
     let kill_deadline = sleep(grace);
     tokio::pin!(kill_deadline);
