@@ -9,9 +9,9 @@
 //! first milliseconds of a trace (often a start-up burst) are counted, never extrapolated. A span still open when tracing ends can only carry the last rate measured: the
 //! estimate is then weak, and says so. Pure: the governor's sampler feeds it tick by tick.
 
-/// The shortest time attached in a tick for its hits to stand for a rate (the governor's
-/// refresh windows are 50 ms).
-pub const MIN_RATE_WINDOW_SECS: f64 = 0.05;
+/// The shortest time attached in a tick for its hits to stand for a rate: the governor's
+/// refresh windows (2 % of a 1 s tick). Its first decision comes after half a second.
+pub const MIN_RATE_WINDOW_SECS: f64 = 0.02;
 
 /// One family's estimate, built tick by tick.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -127,13 +127,13 @@ mod tests {
         assert!(!estimate.weak);
     }
 
-    /// A start-up burst in the first 20 ms, detached at once, then a steady phase: the burst
+    /// A start-up burst in the first 10 ms, detached at once, then a steady phase: the burst
     /// is counted, and the detached span is bridged by the next window's rate, not the burst's.
     /// (Holding the burst's rate over the span, as before, was off by 34×.)
     #[test]
     fn a_start_up_burst_is_counted_not_extrapolated() {
         let mut family = FamilyEstimate::default();
-        family.tick(0.02, 1.0, 2_000); // 100,000/s for 20 ms
+        family.tick(0.01, 1.0, 1_000); // 100,000/s for 10 ms
         for _ in 0..4 {
             family.tick(1.0, 0.0, 0); // detached: 4 s at 1,000/s really
         }
@@ -141,11 +141,11 @@ mod tests {
         for _ in 0..5 {
             family.tick(1.0, 1.0, 1_000);
         }
-        let exact = 2_000.0 + 4_000.0 + 1_000.0 + 5_000.0;
+        let exact = 1_000.0 + 4_000.0 + 1_000.0 + 5_000.0;
         let estimate = family.estimate();
         assert!(within(&estimate, exact, 0.01), "{estimate:?}");
         assert!(!estimate.weak);
-        let held = 2_000.0 + 100_000.0 * 4.0 + 1_000.0 + 5_000.0;
+        let held = 1_000.0 + 100_000.0 * 4.0 + 1_000.0 + 5_000.0;
         assert!(held / exact > 30.0);
     }
 
@@ -167,12 +167,12 @@ mod tests {
     #[test]
     fn steady_windows_after_a_burst_are_within_a_quarter() {
         let mut family = FamilyEstimate::default();
-        family.tick(0.02, 1.0, 2_000);
+        family.tick(0.01, 1.0, 1_000);
         for _ in 0..30 {
             family.tick(1.0, 0.1, 100);
         }
         let estimate = family.estimate();
-        assert!(within(&estimate, 32_000.0, 0.25), "{estimate:?}");
+        assert!(within(&estimate, 31_000.0, 0.25), "{estimate:?}");
     }
 
     #[test]
@@ -186,13 +186,13 @@ mod tests {
         assert_eq!(estimate.calls, 6_000.0);
         assert!(estimate.weak && estimate.error >= 5_000.0, "{estimate:?}");
         assert!(FamilyEstimate::default().estimate().weak);
-        // Only a 20 ms window before a span that lasts: that rate, weak, all of it uncertain.
+        // Only a 10 ms window before a span that lasts: that rate, weak, all of it uncertain.
         let mut family = FamilyEstimate::default();
-        family.tick(0.02, 1.0, 20);
+        family.tick(0.01, 1.0, 20);
         family.tick(0.2, 0.005, 0); // attached for 1 ms, nothing seen
         family.tick(3.78, 0.0, 0);
         let estimate = family.estimate();
-        let rate = 20.0 / 0.021;
+        let rate = 20.0 / 0.011;
         assert!(
             estimate.weak && (estimate.calls - (20.0 + rate * 3.78)).abs() < 1e-6,
             "{estimate:?}"

@@ -8,7 +8,10 @@
 //! logs counts every `--interval`, and stops on the duration, SIGINT/SIGTERM or the target's
 //! exit. Then it writes the report.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use deferprobe_common::{Counter, Counters};
 use tracing::{debug, info, warn};
@@ -29,11 +32,15 @@ use crate::{
 
 /// How often the governor re-evaluates, and the period its sampling windows divide.
 pub(super) const GOVERNOR_TICK: Duration = Duration::from_secs(1);
-/// The first decision: every family is attached until then.
-pub(super) const FIRST_GOVERNOR_TICK: Duration = Duration::from_millis(20);
-/// Between ticks, the cost of the last this-long is checked; over budget, the governor decides
-/// at once (degrading fast, raising only at the regular ticks).
+/// The first decision: every family is attached until then. Its observation is a
+/// [`BUDGET_WINDOW`]: a start-up burst of a few milliseconds decides nothing on its own.
+pub(super) const FIRST_GOVERNOR_TICK: Duration = BUDGET_WINDOW;
+/// Between ticks, every this-long, the cost of the last [`BUDGET_WINDOW`] is checked; over
+/// budget, the governor decides at once (degrading fast, raising only at the regular ticks).
 pub(super) const BUDGET_CHECK_EVERY: Duration = Duration::from_millis(20);
+/// What the budget is kept over between ticks: the probes' cost over this long must exceed it
+/// (a burst shorter than this, such as a program's start-up, is absorbed by the rest).
+pub(super) const BUDGET_WINDOW: Duration = Duration::from_millis(500);
 
 /// Applies the governor's duty cycles to the tracer (a family with duty d is attached for the
 /// first d of each tick) and keeps what the report needs to present sampled counts as
@@ -77,6 +84,8 @@ pub(super) struct Sampler {
     measured: Option<Measured>,
     /// The target's threads at the last mark, sorted.
     threads: Vec<u32>,
+    /// Since the last decision, each budget check's (seconds, hits as planned).
+    recent_checks: VecDeque<(f64, f64)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -153,6 +162,7 @@ impl Sampler {
             tick_disturbed: false,
             measured: None,
             threads: Vec::new(),
+            recent_checks: VecDeque::new(),
         })
     }
 
@@ -160,6 +170,8 @@ impl Sampler {
     /// windows. Returns when the windows close (None if nothing is sampled).
     pub(super) fn tick(&mut self, tracer: &mut Tracer) -> Result<Option<tokio::time::Instant>> {
         self.measure(tracer)?;
+        // The duties change: what budget checks saw before says nothing of what follows.
+        self.recent_checks.clear();
         // A whole tick with no heap defer pending: goroutine exits release nothing, and may be
         // sampled again.
         let exits = SampledFamily::GoroutineExits;
@@ -218,10 +230,25 @@ impl Sampler {
                 hits += family_hits as f64 * self.planned[index];
             }
         }
-        if hits / seconds * self.governor.hit_ns() / 1e7 <= self.max_overhead_percent {
+        // The cost over the last BUDGET_WINDOW of checks, since the last decision.
+        self.recent_checks.push_back((seconds, hits));
+        let window = BUDGET_WINDOW.as_secs_f64();
+        while self.recent_checks.len() > 1
+            && self.recent_checks.iter().skip(1).map(|(s, _)| s).sum::<f64>() >= window
+        {
+            self.recent_checks.pop_front();
+        }
+        let (seconds, hits) = self
+            .recent_checks
+            .iter()
+            .fold((0.0, 0.0), |(seconds, hits), (s, h)| (seconds + s, hits + h));
+        if seconds < window
+            || hits / seconds * self.governor.hit_ns() / 1e7 <= self.max_overhead_percent
+        {
             return Ok(());
         }
         self.decide(tracer)?;
+        self.recent_checks.clear();
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
             let duty = self.governor.duty(family);
             if duty < self.planned[index] {
