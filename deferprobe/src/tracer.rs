@@ -70,7 +70,7 @@ pub struct Tracer {
     on: std::collections::HashSet<ProbeProgram>,
     /// Other Go modules of the process (plugins), probed with their own plans.
     modules: Vec<ModuleProbes>,
-    hit_cost: Option<Duration>,
+    calibration: Option<Calibration>,
     events: RingBuf<MapData>,
     counters: PerCpuArray<MapData, Counters>,
     known_maps: HashMap<MapData, u64, KnownMap>,
@@ -131,7 +131,7 @@ impl Tracer {
         }
         let attached = offsets.values().map(Vec::len).sum::<usize>()
             + frames.values().map(Vec::len).sum::<usize>();
-        let hit_cost = calibrate(&mut ebpf, mode);
+        let calibration = calibrate(&mut ebpf, mode);
 
         let events = take_map(&mut ebpf, "EVENTS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
@@ -149,7 +149,7 @@ impl Tracer {
             frame_links: StdHashMap::new(),
             on: Default::default(),
             modules: Vec::new(),
-            hit_cost,
+            calibration,
             events,
             counters,
             known_maps,
@@ -263,7 +263,12 @@ impl Tracer {
 
     /// What one probe hit costs on this machine, measured at load (None if it couldn't be).
     pub fn hit_cost(&self) -> Option<Duration> {
-        self.hit_cost
+        self.calibration.map(|c| c.hit_cost())
+    }
+
+    /// What a hit costs per instruction class, measured at load.
+    pub fn calibration(&self) -> Option<Calibration> {
+        self.calibration
     }
 
     /// Number of attach points in the plan (one per probed function).
@@ -436,9 +441,10 @@ fn program_name(base: &str, mode: AttachMode) -> String {
 // the probe finds it in /proc/self/exe's symbol table. It starts with `push rbp`, like the
 // instructions the real probes sit on (just after a Go function's stack check): the kernel
 // emulates that instruction instead of single-stepping it, and the cost measured is theirs.
-// The calibration target starts like a Go function whose probe sits on its stack check's JBE
-// (what most probes sit on): a JBE that falls through (TEST clears CF, RSP is not zero), probed
-// with the fall-through cookie, so the kernel program's flags check runs as it does there.
+// The calibration target holds one instruction of each class the probe plan uses, so that
+// a hit on each is timed: a JBE like a Go function's stack check, falling through (TEST clears
+// CF, RSP is not zero), probed with the fall-through cookie so the kernel program's flags check
+// runs as it does there; and a CALL, like the `CALL runtime.deferproc` / `deferreturn` sites.
 std::arch::global_asm!(
     ".globl deferprobe_calibration_target",
     ".type deferprobe_calibration_target, @function",
@@ -448,10 +454,15 @@ std::arch::global_asm!(
     "1:",
     "push rbp",
     "mov rbp, rsp",
-    "lea rax, [rdi + 1]",
+    "call deferprobe_calibration_leaf",
     "pop rbp",
     "ret",
     ".size deferprobe_calibration_target, . - deferprobe_calibration_target",
+    ".type deferprobe_calibration_leaf, @function",
+    "deferprobe_calibration_leaf:",
+    "lea rax, [rdi + 1]",
+    "ret",
+    ".size deferprobe_calibration_leaf, . - deferprobe_calibration_leaf",
 );
 
 unsafe extern "C" {
@@ -490,26 +501,45 @@ fn time_cold_calls(calls: u64, work: &mut [u8]) -> Duration {
     elapsed
 }
 
-/// Measures the cost of one uprobe hit here: the calibration target timed without and with the
-/// (empty) calibration probe on it, in this process, each call after other work has taken the
-/// caches (see [`time_cold_calls`]). None if it can't be attached (e.g. a stripped deferprobe
-/// binary).
-fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Duration> {
-    const CALLS: u64 = 200;
+/// What one uprobe hit costs here, per instruction class the plan uses (JBE, CALL): the most
+/// expensive (what the governor plans with), and each. None if it can't be measured (e.g. a
+/// stripped deferprobe binary).
+fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Calibration> {
     let name = program_name("calibrate", mode);
     let uprobe: &mut UProbe = ebpf.program_mut(&name)?.try_into().ok()?;
     uprobe.load().ok()?;
+    let jbe = calibrate_at(uprobe, CALIBRATION_JBE_OFFSET, Some(COOKIE_FALLS_THROUGH))?;
+    let call = calibrate_at(uprobe, CALIBRATION_CALL_OFFSET, None)?;
+    Some(Calibration { jbe, call })
+}
+
+/// One hit's cost per instruction class (see [`calibrate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Calibration {
+    pub jbe: Duration,
+    pub call: Duration,
+}
+
+impl Calibration {
+    /// The dearer class: what a hit is planned to cost.
+    pub fn hit_cost(&self) -> Duration {
+        self.jbe.max(self.call)
+    }
+}
+
+/// The cost of one hit of the (empty) calibration program on the calibration target at
+/// `offset`: the target timed without and with it, in this process, each call after other
+/// work has taken the caches (see [`time_cold_calls`]).
+fn calibrate_at(uprobe: &mut UProbe, offset: u64, cookie: Option<u64>) -> Option<Duration> {
+    const CALLS: u64 = 200;
     let mut work = vec![0u8; CALIBRATION_WORK_BYTES];
     let plain_before = time_cold_calls(CALLS, &mut work);
     let pid = NonZeroU32::new(std::process::id())?;
-    let jbe = UProbeAttachPoint {
-        location: UProbeAttachLocation::SymbolOffset(
-            "deferprobe_calibration_target",
-            CALIBRATION_JBE_OFFSET,
-        ),
-        cookie: Some(COOKIE_FALLS_THROUGH),
+    let point = UProbeAttachPoint {
+        location: UProbeAttachLocation::SymbolOffset("deferprobe_calibration_target", offset),
+        cookie,
     };
-    let link = uprobe.attach([jbe], "/proc/self/exe", UProbeScope::OneProcess(pid)).ok()?;
+    let link = uprobe.attach([point], "/proc/self/exe", UProbeScope::OneProcess(pid)).ok()?;
     time_calls(20); // the first hits set up the process's uprobe area
     let probed = time_cold_calls(CALLS, &mut work);
     let hot = time_calls(CALLS);
@@ -518,6 +548,7 @@ fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Duration> {
     let plain = (plain_before + plain_after).as_nanos() as f64 / (2 * CALLS) as f64;
     let cold = probed.as_nanos() as f64 / CALLS as f64 - plain;
     tracing::debug!(
+        offset,
         cold_hit_ns = cold,
         hot_hit_ns = hot.as_nanos() as f64 / CALLS as f64,
         "calibration"
@@ -525,8 +556,10 @@ fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Duration> {
     Some(Duration::from_nanos(cold.max(1.0) as u64))
 }
 
-/// The calibration target's JBE, after `test rsp, rsp` (3 bytes).
+/// The calibration target's JBE, after `test rsp, rsp` (3 bytes), and its CALL, after the JBE
+/// (2), `push rbp` (1) and `mov rbp, rsp` (3).
 const CALIBRATION_JBE_OFFSET: u64 = 3;
+const CALIBRATION_CALL_OFFSET: u64 = 9;
 
 /// What the calibration touches between two calls: about an L2 cache.
 const CALIBRATION_WORK_BYTES: usize = 512 * 1024;

@@ -295,8 +295,11 @@ impl ProfiledAllocations {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct GovernorReport {
     pub max_overhead_percent: f64,
-    /// What one probe hit costs on this machine, measured at start (null if it couldn't be).
+    /// What one probe hit costs on this machine, measured at start (null if it couldn't be):
+    /// the dearer of the instruction classes the plan uses, each in `calibrated_ns`.
     pub hit_cost_ns: Option<u64>,
+    /// The calibrated cost of a hit per instruction class (`jbe`, `call`).
+    pub calibrated_ns: Option<BTreeMap<&'static str, u64>>,
     /// What the governor counted a hit as costing at the end: the measured real cost (plus its
     /// error) once it was solid, else the calibrated cost (or a fallback) with headroom for
     /// what a hit costs a busy program beyond it.
@@ -621,6 +624,7 @@ mod tests {
             governor: GovernorReport {
                 max_overhead_percent: 5.0,
                 hit_cost_ns: Some(20_000),
+                calibrated_ns: None,
                 planned_hit_cost_ns: 30_000,
                 measured_hit_cost_ns: None,
                 measured_hit_cost_error_ns: None,

@@ -63,6 +63,7 @@ pub(super) struct Sampler {
     stats: [FamilyStats; SAMPLED_FAMILIES],
     max_overhead_percent: f64,
     hit_cost_ns: Option<u64>,
+    calibrated_ns: Option<std::collections::BTreeMap<&'static str, u64>>,
     /// Regular ticks so far (refresh windows of detached families come every few).
     ticks: u64,
     /// Seconds traced, and the probe time the always-on defer probes took in them (ns).
@@ -121,10 +122,15 @@ impl Sampler {
     pub(super) fn new(tracer: &Tracer, max_overhead_percent: f64, pid: u32) -> Result<Sampler> {
         let windows = tracer.mode() == AttachMode::Multi;
         let hit_cost = tracer.hit_cost();
-        match hit_cost {
-            Some(cost) => {
-                info!(hit_cost_ns = cost.as_nanos() as u64, max_overhead_percent, "calibrated")
-            }
+        let calibration = tracer.calibration();
+        match calibration {
+            Some(calibration) => info!(
+                hit_cost_ns = calibration.hit_cost().as_nanos() as u64,
+                jbe_ns = calibration.jbe.as_nanos() as u64,
+                call_ns = calibration.call.as_nanos() as u64,
+                max_overhead_percent,
+                "calibrated"
+            ),
             None => warn!(
                 assumed_hit_cost_ns = Self::FALLBACK_HIT_COST.as_nanos() as u64,
                 "could not calibrate the cost of a probe hit"
@@ -150,6 +156,11 @@ impl Sampler {
             stats: [FamilyStats::default(); SAMPLED_FAMILIES],
             max_overhead_percent,
             hit_cost_ns: hit_cost.map(|c| c.as_nanos() as u64),
+            calibrated_ns: calibration.map(|c| {
+                [("jbe", c.jbe), ("call", c.call)]
+                    .map(|(class, cost)| (class, cost.as_nanos() as u64))
+                    .into()
+            }),
             ticks: 0,
             seconds: 0.0,
             defer_probe_ns: 0.0,
@@ -491,6 +502,7 @@ impl Sampler {
         GovernorReport {
             max_overhead_percent: self.max_overhead_percent,
             hit_cost_ns: self.hit_cost_ns,
+            calibrated_ns: self.calibrated_ns.clone(),
             planned_hit_cost_ns: self.governor.hit_ns().round() as u64,
             measured_hit_cost_ns: self.measured.map(|m| m.ns_per_hit.max(0.0).round() as u64),
             measured_hit_cost_error_ns: self.measured.map(|m| m.error_ns.round() as u64),
