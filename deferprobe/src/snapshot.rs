@@ -183,14 +183,7 @@ impl SnapshotReport {
             "  read      {} goroutines ({} alive) in {:.1} ms, target not stopped",
             s.goroutines_read, s.goroutines_alive, s.read_ms
         );
-        let p = &self.pending;
-        let _ = writeln!(
-            out,
-            "\npending heap defers: {} in {} goroutine(s), capturing {} map(s)",
-            p.heap_defers,
-            p.goroutines,
-            p.captured_maps.unwrap_or(0)
-        );
+        report::write_pending(&mut out, &self.pending);
         report::write_findings(&mut out, &self.findings);
         if !self.sites.is_empty() {
             let _ = writeln!(out, "\n{:<68}{:>10}", "defer site", "pending");

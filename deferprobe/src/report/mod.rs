@@ -7,7 +7,7 @@ mod correlate;
 mod text;
 
 pub use correlate::{Lookups, correlate};
-pub use text::{site_name, truncate, write_findings, write_more_sites, write_notes};
+pub use text::{site_name, truncate, write_findings, write_more_sites, write_notes, write_pending};
 
 use std::collections::BTreeMap;
 

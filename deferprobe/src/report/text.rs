@@ -138,14 +138,7 @@ impl Report {
                 human_bytes(profiled.estimated_bytes)
             );
         }
-        let p = &self.pending;
-        let _ = writeln!(
-            out,
-            "\npending heap defers: {} in {} goroutine(s), capturing {} map(s)",
-            p.heap_defers,
-            p.goroutines,
-            p.captured_maps.map_or_else(|| "unknown".to_owned(), |n| n.to_string())
-        );
+        write_pending(&mut out, &self.pending);
         write_findings(&mut out, &self.findings);
         if !self.sites.is_empty() {
             // "before": already pending when tracing started; "lost": pending, registration
@@ -183,6 +176,18 @@ impl Report {
 }
 
 /// The notes section of a text report: each note a list item, wrapped at 78 columns.
+/// The pending line of a report: records, goroutines, and the maps they capture ("unknown"
+/// when what closures capture could not be read).
+pub fn write_pending(out: &mut String, pending: &PendingReport) {
+    let _ = writeln!(
+        out,
+        "\npending heap defers: {} in {} goroutine(s), capturing {} map(s)",
+        pending.heap_defers,
+        pending.goroutines,
+        pending.captured_maps.map_or_else(|| "unknown".to_owned(), |n| n.to_string())
+    );
+}
+
 pub fn write_notes(out: &mut String, notes: &[String]) {
     if notes.is_empty() {
         return;

@@ -76,8 +76,8 @@ pub(super) struct Sampler {
     /// The target, whose CPU time the real cost of a hit is measured against.
     pid: u32,
     /// The real cost of a hit ([`RealCost`]): marks at the start of the current tick and at
-    /// the end of its window; a tick whose families changed in between (a budget check
-    /// detached one) is not compared.
+    /// the end of its window, taken only in ticks with a window; a tick whose families changed
+    /// in between (a budget check detached one) is not compared.
     cost: RealCost,
     tick_mark: Option<Mark>,
     window_mark: Option<Mark>,
@@ -201,6 +201,13 @@ impl Sampler {
                 window = Some(tokio::time::Instant::now() + GOVERNOR_TICK.mul_f64(duty));
             }
         }
+        // Only a tick with a window is compared into the real cost: only it is marked, once
+        // its families are attached (a thread set from an older mark says nothing of it).
+        self.tick_mark = match window {
+            Some(_) => self.mark(tracer)?,
+            None => None,
+        };
+        self.tick_disturbed = false;
         Ok(window)
     }
 
@@ -435,8 +442,11 @@ impl Sampler {
     /// At a tick: compares the tick that ended (its window, then the rest) into the real cost
     /// of a hit; once that figure is solid, the budget is kept on it (plus its error).
     fn measure(&mut self, tracer: &Tracer) -> Result<()> {
-        let now = self.mark(tracer)?;
-        if let (Some(start), Some(window_end), Some(end)) = (self.tick_mark, self.window_mark, now)
+        let (Some(start), Some(window_end)) = (self.tick_mark.take(), self.window_mark.take())
+        else {
+            return Ok(());
+        };
+        if let Some(end) = self.mark(tracer)?
             && !self.tick_disturbed
         {
             self.cost.tick(start, window_end, end);
@@ -457,9 +467,6 @@ impl Sampler {
                 }
             }
         }
-        self.tick_mark = now;
-        self.window_mark = None;
-        self.tick_disturbed = false;
         Ok(())
     }
 
