@@ -495,15 +495,9 @@ impl Aggregator {
             match snapshot.goroutines.iter_mut().find(|g| g.header.goid == *goid) {
                 Some(goroutine) => goroutine.records.extend(added),
                 None => snapshot.goroutines.push(PendingGoroutine {
-                    header: GoroutineHeader {
-                        g: state.g,
-                        goid: *goid,
-                        status: 0,
-                        stack_lo: 0,
-                        stack_hi: 0,
-                        defers: 0,
-                    },
+                    header: GoroutineHeader { g: state.g, goid: *goid, ..Default::default() },
                     records: added,
+                    stack: None,
                 }),
             }
         }
@@ -891,10 +885,10 @@ mod tests {
                     g: 0xc000_1000 + goid,
                     goid,
                     status: 4,
-                    stack_lo: 0,
-                    stack_hi: 0,
                     defers: 1,
+                    ..Default::default()
                 },
+                stack: None,
                 records: records
                     .iter()
                     .map(|&(closure, sp)| PendingRecord {

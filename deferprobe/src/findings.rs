@@ -603,9 +603,9 @@ mod tests {
 
     fn sections(records: Vec<PendingRecord>, min_pending: u64) -> PendingSections {
         let header =
-            GoroutineHeader { g: 0xc000, goid: 7, status: 4, stack_lo: 0, stack_hi: 0, defers: 1 };
+            GoroutineHeader { g: 0xc000, goid: 7, status: 4, defers: 1, ..Default::default() };
         let snapshot = Snapshot {
-            goroutines: vec![PendingGoroutine { header, records }],
+            goroutines: vec![PendingGoroutine { header, records, stack: None }],
             ..Snapshot::default()
         };
         let location = |_: u64| Location {
@@ -703,9 +703,9 @@ mod tests {
         in_plugin.site = 0x7f00_0000_1005;
         let records = vec![in_plugin.clone(), in_plugin, record(0x200, vec![])];
         let header =
-            GoroutineHeader { g: 0xc000, goid: 7, status: 4, stack_lo: 0, stack_hi: 0, defers: 1 };
+            GoroutineHeader { g: 0xc000, goid: 7, status: 4, defers: 1, ..Default::default() };
         let snapshot = Snapshot {
-            goroutines: vec![PendingGoroutine { header, records }],
+            goroutines: vec![PendingGoroutine { header, records, stack: None }],
             ..Snapshot::default()
         };
         let location =

@@ -1,5 +1,5 @@
-//! Offsets of the Go runtime structures deferprobe reads (`runtime.g`, `runtime.m`,
-//! `runtime._defer`), and the built-in table of them per Go release for binaries without DWARF.
+//! Offsets of the Go runtime structures deferprobe reads (`runtime.g` with its `sched` gobuf,
+//! `runtime.m`, `runtime._defer`), and the built-in table of them per Go release for binaries without DWARF.
 //!
 //! DWARF, when the binary has it, wins over the table (see `binary::dwarf`); the table is what
 //! stripped binaries get. A release missing from the table is refused, never guessed.
@@ -43,6 +43,16 @@ pub struct RuntimeLayout {
     pub defer_rangefunc: Option<u64>,
     pub defer_head: Option<u64>,
     pub defer_size: u64,
+    /// `g.sched.sp` / `.pc` / `.bp`: where a goroutine that is not running resumes (saved when
+    /// it parked, was preempted or entered a syscall), as offsets into the g.
+    pub g_sched_sp: u64,
+    pub g_sched_pc: u64,
+    pub g_sched_bp: u64,
+    /// `g.syscallsp` / `syscallpc`: the frame that entered the syscall, while `_Gsyscall`;
+    /// Go 1.23+ also keeps its frame pointer, `syscallbp` (before, `sched.bp` is stale then).
+    pub g_syscall_sp: u64,
+    pub g_syscall_pc: u64,
+    pub g_syscall_bp: Option<u64>,
 }
 
 /// Where a [`RuntimeLayout`] came from.
@@ -53,9 +63,35 @@ pub enum LayoutSource {
     ReleaseTable,
 }
 
-const fn layout(g_goid: u64, m_curg: u64, defer_link: u64, defer_size: u64) -> RuntimeLayout {
+/// The goroutine parts of a row: whether `gobuf` still has `ret` (dropped in Go 1.25) and
+/// whether `g` has `syscallbp` (added in Go 1.23): each moved `g.goid` by 8 bytes.
+#[derive(Clone, Copy)]
+enum Gobuf {
+    /// `sp, pc, g, ctxt, ret, lr, bp` (56 bytes); no `g.syscallbp`.
+    WithRet,
+    /// The same, and `g.syscallbp` after `syscallpc`.
+    WithRetAndSyscallBp,
+    /// `sp, pc, g, ctxt, lr, bp` (48 bytes), and `g.syscallbp`.
+    WithoutRet,
+}
+
+/// `g.sched`: after `stack` (16 bytes), `stackguard0`, `stackguard1`, `_panic`, `_defer`, `m`.
+const G_SCHED: u64 = 56;
+
+const fn layout(
+    g_goid: u64,
+    m_curg: u64,
+    defer_link: u64,
+    defer_size: u64,
+    gobuf: Gobuf,
+) -> RuntimeLayout {
     // 1.22 put `rangefunc` (a byte) after `heap` and `head` after `link`, and shrank _defer.
     let rangefunc = defer_size == 48;
+    let (gobuf_bp, gobuf_size) = match gobuf {
+        Gobuf::WithRet | Gobuf::WithRetAndSyscallBp => (48, 56),
+        Gobuf::WithoutRet => (40, 48),
+    };
+    let syscall_sp = G_SCHED + gobuf_size;
     RuntimeLayout {
         g_defer: 40,
         g_m: 48,
@@ -70,6 +106,15 @@ const fn layout(g_goid: u64, m_curg: u64, defer_link: u64, defer_size: u64) -> R
         defer_rangefunc: if rangefunc { Some(1) } else { None },
         defer_head: if rangefunc { Some(40) } else { None },
         defer_size,
+        g_sched_sp: G_SCHED,
+        g_sched_pc: G_SCHED + 8,
+        g_sched_bp: G_SCHED + gobuf_bp,
+        g_syscall_sp: syscall_sp,
+        g_syscall_pc: syscall_sp + 8,
+        g_syscall_bp: match gobuf {
+            Gobuf::WithRet => None,
+            Gobuf::WithRetAndSyscallBp | Gobuf::WithoutRet => Some(syscall_sp + 16),
+        },
     }
 }
 
@@ -84,15 +129,15 @@ const fn layout(g_goid: u64, m_curg: u64, defer_link: u64, defer_size: u64) -> R
 /// was read from the machine code of a go1.20.7 binary instead (`deferproc`, `deferreturn`,
 /// `newdefer` and `newproc1` use exactly these offsets, and `new(_defer)` is 72 bytes).
 pub const RELEASE_TABLE: &[(GoRelease, RuntimeLayout)] = &[
-    (GoRelease::new(1, 19), layout(152, 192, 40, 72)),
-    (GoRelease::new(1, 20), layout(152, 192, 40, 72)),
-    (GoRelease::new(1, 21), layout(152, 192, 40, 72)),
-    (GoRelease::new(1, 22), layout(152, 192, 32, 48)),
-    (GoRelease::new(1, 23), layout(160, 192, 32, 48)),
-    (GoRelease::new(1, 24), layout(160, 192, 32, 48)),
-    (GoRelease::new(1, 25), layout(152, 184, 32, 48)),
-    (GoRelease::new(1, 26), layout(152, 184, 32, 48)),
-    (GoRelease::new(1, 27), layout(152, 184, 32, 48)),
+    (GoRelease::new(1, 19), layout(152, 192, 40, 72, Gobuf::WithRet)),
+    (GoRelease::new(1, 20), layout(152, 192, 40, 72, Gobuf::WithRet)),
+    (GoRelease::new(1, 21), layout(152, 192, 40, 72, Gobuf::WithRet)),
+    (GoRelease::new(1, 22), layout(152, 192, 32, 48, Gobuf::WithRet)),
+    (GoRelease::new(1, 23), layout(160, 192, 32, 48, Gobuf::WithRetAndSyscallBp)),
+    (GoRelease::new(1, 24), layout(160, 192, 32, 48, Gobuf::WithRetAndSyscallBp)),
+    (GoRelease::new(1, 25), layout(152, 184, 32, 48, Gobuf::WithoutRet)),
+    (GoRelease::new(1, 26), layout(152, 184, 32, 48, Gobuf::WithoutRet)),
+    (GoRelease::new(1, 27), layout(152, 184, 32, 48, Gobuf::WithoutRet)),
 ];
 
 /// The built-in layout for `release`, if the table has it.

@@ -67,6 +67,8 @@ pub struct RuntimeReader<'m, 'b> {
     pub memory: ProcessMemory,
     /// Runtime address − ELF virtual address ([`target::load_bias`]).
     pub bias: u64,
+    /// Also read the call stacks of the goroutines holding pending records (`--pprof`).
+    pub stacks: bool,
 }
 
 impl<'m, 'b> RuntimeReader<'m, 'b> {
@@ -85,7 +87,12 @@ impl<'m, 'b> RuntimeReader<'m, 'b> {
                 _ => Error::internal(format!("cannot read the memory of pid {pid}: {err}")),
             });
         }
-        Ok(RuntimeReader { model, memory, bias })
+        Ok(RuntimeReader { model, memory, bias, stacks: false })
+    }
+
+    /// Snapshots also read the call stacks of the goroutines holding pending records.
+    pub fn with_stacks(self, stacks: bool) -> Self {
+        RuntimeReader { stacks, ..self }
     }
 
     /// What [`Snapshot::take`] needs besides memory.
@@ -100,6 +107,7 @@ impl<'m, 'b> RuntimeReader<'m, 'b> {
             closures: &model.closures,
             bias: self.bias,
             maps: model.maps,
+            stacks: self.stacks,
         }
     }
 

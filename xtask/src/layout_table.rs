@@ -21,8 +21,9 @@ use super::{cargo, go_binary, go_releases, workspace_root};
 /// Debian's Go 1.19 (golang-1.19-go).
 const DEBIAN_GO_119: &str = "/usr/lib/go-1.19/bin/go";
 
-/// The fields of deferprobe's `RuntimeLayout`, in the order of the printed columns.
-const FIELDS: [(&str, &str); 9] = [
+/// The fields of deferprobe's `RuntimeLayout`, in the order of the printed columns (a field
+/// a release lacks, such as `g.syscallbp` before Go 1.23, prints as `-`).
+const FIELDS: [(&str, &str); 15] = [
     ("g_defer", "g._defer"),
     ("g_m", "g.m"),
     ("g_goid", "g.goid"),
@@ -32,6 +33,12 @@ const FIELDS: [(&str, &str); 9] = [
     ("defer_fn", "_defer.fn"),
     ("defer_link", "_defer.link"),
     ("defer_size", "sizeof(_defer)"),
+    ("g_sched_sp", "g.sched.sp"),
+    ("g_sched_pc", "g.sched.pc"),
+    ("g_sched_bp", "g.sched.bp"),
+    ("g_syscall_sp", "g.syscallsp"),
+    ("g_syscall_pc", "g.syscallpc"),
+    ("g_syscall_bp", "g.syscallbp"),
 ];
 
 const PROBE_GO_MOD: &str = "module layoutprobe\n\ngo 1.19\n";
@@ -54,8 +61,8 @@ func main() { loopDefers(3) }
 /// One row: the offsets read from DWARF, and the built-in ones for the same release.
 struct Row {
     version: String,
-    from_dwarf: Vec<u64>,
-    built_in: Option<Vec<u64>>,
+    from_dwarf: Vec<Option<u64>>,
+    built_in: Option<Vec<Option<u64>>>,
 }
 
 pub fn layout_table() -> Result<()> {
@@ -93,7 +100,10 @@ pub fn layout_table() -> Result<()> {
         let cells: Vec<String> = FIELDS
             .iter()
             .zip(&row.from_dwarf)
-            .map(|((_, column), value)| format!("{value:>width$}", width = column.len()))
+            .map(|((_, column), value)| {
+                let value = value.map_or("-".to_owned(), |value| value.to_string());
+                format!("{value:>width$}", width = column.len())
+            })
             .collect();
         let verdict = match &row.built_in {
             Some(built_in) if *built_in == row.from_dwarf => "same".to_owned(),
@@ -216,8 +226,12 @@ fn read_row(deferprobe: &Path, binary: &Path) -> Result<((u64, u64), Row)> {
     );
     let number = |value: &Value, key: &str| value[key].as_u64().with_context(|| what(key));
     let release = (number(&plan["release"], "major")?, number(&plan["release"], "minor")?);
-    let layout = |value: &Value| -> Result<Vec<u64>> {
-        FIELDS.iter().map(|(field, _)| number(value, field)).collect()
+    let layout = |value: &Value| -> Result<Vec<Option<u64>>> {
+        let field = |field: &str| match &value[field] {
+            Value::Null => Ok(None),
+            _ => number(value, field).map(Some),
+        };
+        FIELDS.iter().map(|(name, _)| field(name)).collect()
     };
     let built_in = match &inspection["release_table_layout"] {
         Value::Null => None,

@@ -1,4 +1,5 @@
-//! Offsets of the `runtime.g`, `runtime.m` and `runtime._defer` fields deferprobe reads, from
+//! Offsets of the `runtime.g` (and its `sched`, a `runtime.gobuf`), `runtime.m` and
+//! `runtime._defer` fields deferprobe reads, from
 //! the binary's DWARF (sections possibly compressed). When present they win over
 //! [`crate::layout::RELEASE_TABLE`].
 
@@ -13,7 +14,8 @@ use crate::layout::RuntimeLayout;
 const G: usize = 0;
 const M: usize = 1;
 const DEFER: usize = 2;
-const STRUCTS: [&str; 3] = ["runtime.g", "runtime.m", "runtime._defer"];
+const GOBUF: usize = 3;
+const STRUCTS: [&str; 4] = ["runtime.g", "runtime.m", "runtime._defer", "runtime.gobuf"];
 
 /// A structure type from DWARF: its byte size and (member name, offset) pairs.
 struct Struct {
@@ -72,6 +74,7 @@ pub(super) fn layout_from_sections<T: AsRef<[u8]>>(
             .map(|&(_, offset)| offset)
             .ok_or_else(|| incomplete(format!("{}.{name}", STRUCTS[index])))
     };
+    let sched = member(G, "sched")?;
     Ok(RuntimeLayout {
         g_defer: member(G, "_defer")?,
         g_m: member(G, "m")?,
@@ -88,14 +91,21 @@ pub(super) fn layout_from_sections<T: AsRef<[u8]>>(
         defer_size: described(DEFER)?
             .byte_size
             .ok_or_else(|| incomplete("the size of runtime._defer".to_owned()))?,
+        g_sched_sp: sched + member(GOBUF, "sp")?,
+        g_sched_pc: sched + member(GOBUF, "pc")?,
+        g_sched_bp: sched + member(GOBUF, "bp")?,
+        g_syscall_sp: member(G, "syscallsp")?,
+        g_syscall_pc: member(G, "syscallpc")?,
+        // Go 1.23+.
+        g_syscall_bp: member(G, "syscallbp").ok(),
     })
 }
 
 /// The first structure type named like each of [`STRUCTS`], with its direct members.
 fn find_structs(
     dwarf: &gimli::Dwarf<EndianSlice<'_, LittleEndian>>,
-) -> gimli::Result<[Option<Struct>; 3]> {
-    let mut found: [Option<Struct>; 3] = Default::default();
+) -> gimli::Result<[Option<Struct>; 4]> {
+    let mut found: [Option<Struct>; 4] = Default::default();
     let mut units = dwarf.units();
     while let Some(header) = units.next()? {
         let unit = dwarf.unit(header)?;

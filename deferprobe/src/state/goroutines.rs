@@ -4,7 +4,8 @@
 //! - The goroutines: `allglen`, then `allgptr`, then `allglen` g pointers from it. The runtime
 //!   publishes `allgptr` before `allglen` (`allgadd`), so this order never reads past the array
 //!   (`atomicAllG` in runtime/proc.go does the same).
-//! - A g's header (`stack`, `_defer`, `atomicstatus`, `goid`) in one read per g, batched.
+//! - A g's header (`stack`, `_defer`, `sched`, `syscallsp`/`pc`/`bp`, `atomicstatus`, `goid`)
+//!   in one read per g, batched.
 //! - Its `_defer` chain through `link`. A range-over-func loop (Go 1.22+) puts one record with
 //!   `rangefunc` set and no `fn` on the chain of the frame that owns the loop; the loop body's
 //!   records hang off its `head` list (`deferprocat`) until that frame returns. They are read
@@ -27,10 +28,12 @@ pub const MAX_GOROUTINES: u64 = 1 << 24;
 /// Reads of one goroutine before it is given up as changing under us.
 pub const ATTEMPTS: usize = 3;
 
+pub(super) const G_RUNNING: u32 = 2;
+pub(super) const G_SYSCALL: u32 = 3;
 const G_DEAD: u32 = 6;
 /// Go 1.26+: a dead g kept for an extra M (cgo callbacks); as dead as `_Gdead`.
 const G_DEAD_EXTRA: u32 = 11;
-const G_COPYSTACK: u32 = 8;
+pub(super) const G_COPYSTACK: u32 = 8;
 const G_SCAN: u32 = 0x1000;
 
 /// `badDefer()`: what a range-over-func loop's `head` holds once the loop's frame returned.
@@ -59,7 +62,7 @@ pub fn read_allgs(memory: &impl Memory, at: AllgAddresses) -> Option<Vec<u64>> {
 }
 
 /// The fields of a g a snapshot needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GoroutineHeader {
     pub g: u64,
     pub goid: u64,
@@ -68,6 +71,21 @@ pub struct GoroutineHeader {
     pub stack_hi: u64,
     /// `g._defer`: the newest record, 0 if none.
     pub defers: u64,
+    /// Where it resumes, for reading its call stack ([`super::stacks`]).
+    pub saved: SavedContext,
+}
+
+/// What a g saves of the frame it stopped in: `g.sched` (valid unless it is running) and the
+/// frame that entered a syscall (valid while `_Gsyscall`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SavedContext {
+    pub sched_sp: u64,
+    pub sched_pc: u64,
+    pub sched_bp: u64,
+    pub syscall_sp: u64,
+    pub syscall_pc: u64,
+    /// Go 1.23+: before, the frame pointer of a goroutine in a syscall is not saved.
+    pub syscall_bp: Option<u64>,
 }
 
 impl GoroutineHeader {
@@ -84,12 +102,29 @@ impl GoroutineHeader {
             stack_lo: word(0),
             stack_hi: word(8),
             defers: word(layout.g_defer),
+            saved: SavedContext {
+                sched_sp: word(layout.g_sched_sp),
+                sched_pc: word(layout.g_sched_pc),
+                sched_bp: word(layout.g_sched_bp),
+                syscall_sp: word(layout.g_syscall_sp),
+                syscall_pc: word(layout.g_syscall_pc),
+                syscall_bp: layout.g_syscall_bp.map(word),
+            },
         }
     }
 
     /// Bytes of a g read for its header.
     fn len(layout: &RuntimeLayout) -> usize {
-        (layout.g_goid.max(layout.g_defer).max(layout.g_status) + 8) as usize
+        let words = [layout.g_goid, layout.g_defer, layout.g_status, layout.g_sched_sp];
+        let saved =
+            [layout.g_sched_pc, layout.g_sched_bp, layout.g_syscall_sp, layout.g_syscall_pc];
+        let last = words.into_iter().chain(saved).chain(layout.g_syscall_bp).max().unwrap_or(0);
+        (last + 8) as usize
+    }
+
+    /// `atomicstatus` without the `_Gscan` bit.
+    pub fn state(&self) -> u32 {
+        self.status & !G_SCAN
     }
 
     pub fn dead(&self) -> bool {

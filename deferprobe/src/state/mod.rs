@@ -6,11 +6,13 @@
 pub mod goroutines;
 pub mod memory;
 pub mod objects;
+pub mod stacks;
 
 use crate::{binary::ClosureTypes, layout::RuntimeLayout};
-pub use goroutines::{AllgAddresses, DeferRecord, GoroutineHeader, Torn};
+pub use goroutines::{AllgAddresses, DeferRecord, GoroutineHeader, SavedContext, Torn};
 pub use memory::{Memory, MemoryImage, ProcessMemory, Recording};
 pub use objects::{CapturedValue, MapLayout, Value, capture_kind};
+pub use stacks::{Frame, GoroutineStack, StackEnd, Unwalked};
 
 /// What a snapshot needs to know about the target besides its memory.
 pub struct SnapshotContext<'a, 'b> {
@@ -20,6 +22,8 @@ pub struct SnapshotContext<'a, 'b> {
     /// Runtime address − ELF virtual address (PIE load bias).
     pub bias: u64,
     pub maps: MapLayout,
+    /// Also read the call stack of every goroutine holding pending records (for `--pprof`).
+    pub stacks: bool,
 }
 
 /// What a pending closure captured.
@@ -56,6 +60,9 @@ pub struct PendingGoroutine {
     pub header: GoroutineHeader,
     /// Newest first.
     pub records: Vec<PendingRecord>,
+    /// Its call stack when read, if asked for ([`SnapshotContext::stacks`]); None if not
+    /// (or not known: a goroutine only the events saw since the snapshot).
+    pub stack: Option<GoroutineStack>,
 }
 
 /// Every goroutine's pending heap defers at one moment (as near as reading a running process
@@ -137,7 +144,10 @@ impl Snapshot {
                 .map(|record| pending_record(memory, context, *record))
                 .collect();
             if !records.is_empty() {
-                snapshot.goroutines.push(PendingGoroutine { header: defers.header, records });
+                let header = defers.header;
+                let stack =
+                    context.stacks.then(|| stacks::read_stack(memory, &context.layout, header));
+                snapshot.goroutines.push(PendingGoroutine { header, records, stack });
             }
         }
         snapshot.ended_ns = monotonic_ns();
