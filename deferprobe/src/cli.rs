@@ -44,6 +44,11 @@ pub struct SnapshotArgs {
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
 
+    /// Also write the pending defers as a pprof profile (gzipped profile.proto) to this file,
+    /// with each goroutine's call stack: open it with `go tool pprof FILE`.
+    #[arg(long, value_name = "FILE.pb.gz")]
+    pub pprof: Option<PathBuf>,
+
     /// Report a frame as a defer_accumulation finding from this many pending heap defers.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub min_pending: u64,
@@ -68,6 +73,12 @@ pub struct RunArgs {
     /// Also write the final report as JSON to this file.
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
+
+    /// Also write the pending defers at the end, with each goroutine's call stack, and the
+    /// registrations seen per site, as a pprof profile (gzipped profile.proto) to this file:
+    /// open it with `go tool pprof FILE`. Needs the target's memory (not --counts-only).
+    #[arg(long, value_name = "FILE.pb.gz", conflicts_with = "counts_only")]
+    pub pprof: Option<PathBuf>,
 
     /// Report a frame as a defer_accumulation finding from this many pending heap defers.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]

@@ -213,8 +213,8 @@ pub fn map_bytes_estimate(entries: u64, slot_bytes: u64) -> u64 {
     entries * (slot_bytes + 1) * 8 / 7 + 48
 }
 
-/// An object a capture reaches, for counting it once.
-fn object_of(value: &Value) -> Option<(u64, u64)> {
+/// An object a capture reaches, for counting it once: its address and estimated bytes.
+pub(crate) fn object_of(value: &Value) -> Option<(u64, u64)> {
     match *value {
         Value::Map { map, entries, slot_bytes, .. } if map != 0 => {
             Some((map, map_bytes_estimate(entries.unwrap_or(0), slot_bytes)))

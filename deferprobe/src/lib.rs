@@ -19,6 +19,7 @@ pub mod layout;
 pub mod modules;
 pub mod output;
 pub mod plan;
+pub mod pprof;
 pub mod report;
 pub mod session;
 pub mod snapshot;

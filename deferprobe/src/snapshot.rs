@@ -4,6 +4,8 @@
 //! pending totals, findings, goroutines, sites and notes. [`RuntimeReader`] is the part `run`
 //! shares: everything a snapshot of one process needs, set up once.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use crate::{
@@ -13,7 +15,7 @@ use crate::{
     findings::{self, SnapshotLookups},
     layout::LayoutSource,
     output::{self, OutputFile},
-    plan,
+    plan, pprof,
     report::{
         self, Finding, GoroutineReport, Location, PendingReport, PendingSections, SiteReport,
         SnapshotStats, TargetReport,
@@ -132,6 +134,35 @@ impl<'m, 'b> RuntimeReader<'m, 'b> {
         };
         findings::from_snapshot(snapshot, &lookups, traced)
     }
+
+    /// The gzipped pprof profile of `snapshot` (see [`pprof`]): `locate` names runtime return
+    /// addresses, `module` is the Go module's path as the target maps it, `registered` the
+    /// registrations seen per site under `run`.
+    pub fn profile(
+        &self,
+        snapshot: &Snapshot,
+        locate: &dyn Fn(u64) -> Location,
+        module: &str,
+        registered: Option<&BTreeMap<u64, u64>>,
+        duration_nanos: i64,
+        notes: &[String],
+    ) -> Vec<u8> {
+        let (start, end) = self.model.binary.image_range();
+        let time_nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as i64);
+        pprof::encode(&pprof::ProfileSource {
+            snapshot,
+            defer_record_bytes: self.model.layout.defer_size,
+            locate,
+            module,
+            module_range: (start.wrapping_add(self.bias), end.wrapping_add(self.bias)),
+            registered,
+            time_nanos,
+            duration_nanos,
+            notes,
+        })
+    }
 }
 
 /// Notes every report built from a snapshot carries.
@@ -210,10 +241,13 @@ impl SnapshotReport {
 pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
     let report_file =
         args.report.as_deref().map(|path| OutputFile::check("--report", path)).transpose()?;
+    let pprof_file =
+        args.pprof.as_deref().map(|path| OutputFile::check("--pprof", path)).transpose()?;
     let mut target = Target::running(args.pid)?;
     let binary = target.open_binary()?;
     let model = RuntimeModel::new(&binary)?;
-    let reader = RuntimeReader::new(&model, target.pid, target::load_bias(&binary, target.pid))?;
+    let bias = target::load_bias(&binary, target.pid);
+    let reader = RuntimeReader::new(&model, target.pid, bias)?.with_stacks(pprof_file.is_some());
     let snapshot = reader.take()?;
     let sections = reader.sections(&snapshot, args.min_pending, None);
     let mut notes = target.notes.clone();
@@ -250,6 +284,14 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
         true => json.clone(),
         false => report.to_text(),
     };
-    output::deliver(&text, report_file.as_ref().map(|file| (file, json.as_str())))?;
+    // The profile first: a failing stdout never costs it.
+    let profile = pprof_file.map(|file| {
+        let locate = |pc: u64| Location::of_return_address(&binary, pc.wrapping_sub(bias));
+        let module = report.target.go_module.as_deref().unwrap_or(&report.target.exe);
+        let read_ns = snapshot.ended_ns.saturating_sub(snapshot.started_ns) as i64;
+        file.write(&reader.profile(&snapshot, &locate, module, None, read_ns, &report.notes))
+    });
+    let delivered = output::deliver(&text, report_file.as_ref().map(|file| (file, json.as_str())));
+    profile.unwrap_or(Ok(())).and(delivered)?;
     Ok(0)
 }
