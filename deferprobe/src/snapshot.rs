@@ -4,8 +4,6 @@
 //! pending totals, findings, goroutines, sites and notes. [`RuntimeReader`] is the part `run`
 //! shares: everything a snapshot of one process needs, set up once.
 
-use std::collections::BTreeMap;
-
 use serde::Serialize;
 
 use crate::{
@@ -134,35 +132,6 @@ impl<'m, 'b> RuntimeReader<'m, 'b> {
         };
         findings::from_snapshot(snapshot, &lookups, traced)
     }
-
-    /// The gzipped pprof profile of `snapshot` (see [`pprof`]): `locate` names runtime return
-    /// addresses, `module` is the Go module's path as the target maps it, `registered` the
-    /// registrations seen per site under `run`.
-    pub fn profile(
-        &self,
-        snapshot: &Snapshot,
-        locate: &dyn Fn(u64) -> Location,
-        module: &str,
-        registered: Option<&BTreeMap<u64, u64>>,
-        duration_nanos: i64,
-        notes: &[String],
-    ) -> Vec<u8> {
-        let (start, end) = self.model.binary.image_range();
-        let time_nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_nanos() as i64);
-        pprof::encode(&pprof::ProfileSource {
-            snapshot,
-            defer_record_bytes: self.model.layout.defer_size,
-            locate,
-            module,
-            module_range: (start.wrapping_add(self.bias), end.wrapping_add(self.bias)),
-            registered,
-            time_nanos,
-            duration_nanos,
-            notes,
-        })
-    }
 }
 
 /// Notes every report built from a snapshot carries.
@@ -287,9 +256,17 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
     // The profile first: a failing stdout never costs it.
     let profile = pprof_file.map(|file| {
         let locate = |pc: u64| Location::of_return_address(&binary, pc.wrapping_sub(bias));
-        let module = report.target.go_module.as_deref().unwrap_or(&report.target.exe);
-        let read_ns = snapshot.ended_ns.saturating_sub(snapshot.started_ns) as i64;
-        file.write(&reader.profile(&snapshot, &locate, module, None, read_ns, &report.notes))
+        file.write(&pprof::encode(&pprof::ProfileSource {
+            snapshot: &snapshot,
+            defer_record_bytes: model.layout.defer_size,
+            locate: &locate,
+            module: report.target.go_module.as_deref().unwrap_or(&report.target.exe),
+            module_range: pprof::module_range(&binary, bias),
+            registered: None,
+            time_nanos: pprof::now_nanos(),
+            duration_nanos: snapshot.ended_ns.saturating_sub(snapshot.started_ns) as i64,
+            notes: &report.notes,
+        }))
     });
     let delivered = output::deliver(&text, report_file.as_ref().map(|file| (file, json.as_str())));
     profile.unwrap_or(Ok(())).and(delivered)?;

@@ -23,6 +23,7 @@ pub use proto::Profile;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::{
+    binary::GoBinary,
     findings,
     report::Location,
     state::{Captures, GoroutineStack, PendingGoroutine, PendingRecord, Snapshot, StackEnd},
@@ -104,6 +105,18 @@ pub fn build(source: &ProfileSource<'_>) -> Profile {
 /// The gzipped profile of `source`.
 pub fn encode(source: &ProfileSource<'_>) -> Vec<u8> {
     build(source).to_gzipped_bytes().expect("gzip into memory cannot fail")
+}
+
+/// The runtime address range of `binary`'s image, loaded with `bias`.
+pub fn module_range(binary: &GoBinary, bias: u64) -> (u64, u64) {
+    let (start, end) = binary.image_range();
+    (start.wrapping_add(bias), end.wrapping_add(bias))
+}
+
+/// Wall-clock ns since the epoch (a profile's `time_nanos`).
+pub fn now_nanos() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |since| since.as_nanos() as i64)
 }
 
 /// (kind, type) of each variable the record's closure captured, sorted.

@@ -3,7 +3,7 @@
 //! governor ticks through [`sampler`], signals, the target's exit), then assembles and writes
 //! the report.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tracing::{info, warn};
 
@@ -39,6 +39,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // An unwritable --report fails now, not after the whole trace.
     let report_file =
         args.report.as_deref().map(|path| OutputFile::check("--report", path)).transpose()?;
+    let pprof_file =
+        args.pprof.as_deref().map(|path| OutputFile::check("--pprof", path)).transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -126,7 +128,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // A target whose memory can't be read is refused (naming the capability).
     let reader = match &model {
         Some(model) => match RuntimeReader::new(model, target.pid, bias) {
-            Ok(reader) => Some(reader),
+            Ok(reader) => Some(reader.with_stacks(pprof_file.is_some())),
             Err(err) if err.kind == ErrorKind::Permission && !target::has_exited(target.pid) => {
                 return Err(err);
             }
@@ -452,8 +454,36 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         sites: correlation.sites,
         notes,
     };
+    // The profile first: a failing stdout never costs it.
+    let profile = pprof_file.map(|file| {
+        let no_snapshot = crate::state::Snapshot::default();
+        let (snapshot, mut notes) = match (&traced.snapshot, &reader) {
+            (Some((snapshot, _)), Some(_)) => (snapshot, Vec::new()),
+            _ => (&no_snapshot, vec![PPROF_WITHOUT_STATE.to_owned()]),
+        };
+        notes.extend(report.notes.iter().cloned());
+        let registered: BTreeMap<u64, u64> =
+            traced.aggregator.sites().map(|(pc, totals)| (pc, totals.registered)).collect();
+        let locate = |pc: u64| match modules.module_pc(pc) {
+            Some(module) => module.location,
+            None => Location::of_return_address(&binary, pc.wrapping_sub(bias)),
+        };
+        file.write(&crate::pprof::encode(&crate::pprof::ProfileSource {
+            snapshot,
+            defer_record_bytes: plan.layout.defer_size,
+            locate: &locate,
+            module: target.go_module.as_deref().unwrap_or(&target.exe_name),
+            module_range: crate::pprof::module_range(&binary, bias),
+            registered: Some(&registered),
+            time_nanos: crate::pprof::now_nanos(),
+            duration_nanos: traced.duration.as_nanos() as i64,
+            notes: &notes,
+        }))
+    });
     let json = report.to_json() + "\n";
-    output::deliver(&report.to_text(), report_file.as_ref().map(|file| (file, json.as_str())))?;
+    let delivered =
+        output::deliver(&report.to_text(), report_file.as_ref().map(|file| (file, json.as_str())));
+    profile.unwrap_or(Ok(())).and(delivered)?;
     // A command deferprobe stopped at --duration: tracing did what was asked (the command's
     // code is in the report). Otherwise the command's own code, as if it ran alone.
     Ok(match stop.stopped_at_duration() {
@@ -461,6 +491,10 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         false => exit_code.unwrap_or(0),
     })
 }
+
+/// The `--pprof` profile's first comment when the runtime's state could not be read.
+const PPROF_WITHOUT_STATE: &str = "the runtime's state was not read (see the notes): pending \
+     defers are unknown, not zero, and this profile has only the registrations seen per site";
 
 /// Write counts of `maps` (runtime addresses), from the kernel's known-maps set.
 fn captured_map_writes(tracer: &Tracer, maps: HashSet<u64>) -> HashMap<u64, u64> {
