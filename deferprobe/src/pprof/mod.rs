@@ -344,3 +344,236 @@ impl<'s> Builder<'s> {
         vec![proto::Line { function_id: id, line: named.line.map_or(0, i64::from), column: 0 }]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{
+        CapturedValue, DeferRecord, Frame, GoroutineHeader, PendingGoroutine, Unwalked, Value,
+    };
+
+    /// Functions of the test's pcs: (pc, function, line).
+    const CODE: [(u64, &str, u32); 7] = [
+        (0x40_1105, "runtime.gopark", 400),
+        (0x40_2005, "main.accumulate", 30),
+        (0x40_2105, "main.accumulate", 35),
+        (0x40_3105, "main.ingest", 50),
+        (0x40_4005, "main.hold-range1", 70),
+        (0x40_5105, "main.hold", 66),
+        (0x40_0001, "runtime.goexit", 1700),
+    ];
+
+    fn locate(pc: u64) -> Location {
+        match CODE.iter().find(|(at, _, _)| *at == pc) {
+            Some((_, function, line)) => Location {
+                function: Some((*function).to_owned()),
+                file: Some("/src/main.go".into()),
+                line: Some(*line),
+            },
+            None => Location::default(),
+        }
+    }
+
+    fn map(map: u64, entries: u64) -> CapturedValue {
+        CapturedValue {
+            name: "X0".into(),
+            kind: "map",
+            type_name: "map[string]int".into(),
+            value: Value::Map { map, by_reference: false, entries: Some(entries), slot_bytes: 24 },
+        }
+    }
+
+    fn record(sp: u64, site: u64, captures: Captures) -> PendingRecord {
+        PendingRecord {
+            record: DeferRecord {
+                address: 0,
+                closure: 0,
+                sp,
+                pc: site,
+                heap: true,
+                in_range_loop: false,
+            },
+            site,
+            code: Some(0x40_6000),
+            closure_bytes: 16,
+            captures,
+        }
+    }
+
+    fn goroutine(
+        goid: u64,
+        records: Vec<PendingRecord>,
+        stack: GoroutineStack,
+    ) -> PendingGoroutine {
+        let header = GoroutineHeader { goid, status: 4, ..GoroutineHeader::default() };
+        PendingGoroutine { header, records, stack: Some(stack) }
+    }
+
+    fn walked(frames: &[(u64, u64)]) -> GoroutineStack {
+        let frames = frames.iter().map(|&(pc, sp)| Frame { pc, sp }).collect();
+        GoroutineStack::Walked { frames, end: StackEnd::Complete }
+    }
+
+    /// Each sample's stack as function names, leaf first, and its values and labels.
+    fn samples(profile: &Profile) -> Vec<(Vec<String>, Vec<i64>, Vec<(String, String)>)> {
+        let function = |id: u64| {
+            let location = profile.location.iter().find(|l| l.id == id).unwrap();
+            let line = location.line.first().map_or("?".to_owned(), |line| {
+                let f = profile.function.iter().find(|f| f.id == line.function_id).unwrap();
+                format!("{}:{}", profile.string(f.name), line.line)
+            });
+            line
+        };
+        profile
+            .sample
+            .iter()
+            .map(|s| {
+                let stack = s.location_id.iter().map(|&id| function(id)).collect();
+                let labels = s
+                    .label
+                    .iter()
+                    .map(|l| (profile.string(l.key).to_owned(), profile.string(l.str).to_owned()))
+                    .collect();
+                (stack, s.value.clone(), labels)
+            })
+            .collect()
+    }
+
+    fn label<'a>(labels: &'a [(String, String)], key: &str) -> Vec<&'a str> {
+        labels.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
+    }
+
+    /// A profile decodes back (prost) to exactly what was pending: stacks from the frame
+    /// owning the records, leaf the defer site; shared objects' bytes counted once; goroutines
+    /// whose stack is unknown get the defer site alone, labelled why; registrations per site.
+    #[test]
+    fn decodes_back_to_the_snapshot_with_stacks_labels_and_registrations() {
+        let caller_chain = [(0x40_1105, 0x100), (0x40_2105, 0x200), (0x40_3105, 0x300)];
+        let goexit = (0x40_0001, 0x400);
+        let snapshot = Snapshot {
+            goroutines: vec![
+                goroutine(
+                    7,
+                    vec![
+                        record(0x200, 0x40_2005, Captures::Values(vec![map(0xa, 3)])),
+                        record(0x200, 0x40_2005, Captures::Values(vec![map(0xb, 5)])),
+                    ],
+                    walked(&[caller_chain[0], caller_chain[1], caller_chain[2], goexit]),
+                ),
+                goroutine(
+                    8,
+                    vec![record(0x200, 0x40_2005, Captures::Values(vec![map(0xa, 3)]))],
+                    GoroutineStack::Unwalked(Unwalked::Running),
+                ),
+                goroutine(
+                    9,
+                    vec![record(0x500, 0x40_4005, Captures::Nothing)],
+                    walked(&[(0x40_1105, 0x100), (0x40_5105, 0x500), goexit]),
+                ),
+            ],
+            ..Snapshot::default()
+        };
+        let registered = BTreeMap::from([(0x40_2005, 5), (0x40_4005, 0)]);
+        let notes = vec!["a note of the report".to_owned()];
+        let source = ProfileSource {
+            snapshot: &snapshot,
+            defer_record_bytes: 48,
+            locate: &locate,
+            module: "/srv/app",
+            module_range: (0x40_0000, 0x50_0000),
+            registered: Some(&registered),
+            time_nanos: 1,
+            duration_nanos: 2,
+            notes: &notes,
+        };
+        let profile = Profile::from_gzipped_bytes(&encode(&source)).unwrap();
+        assert_eq!(profile, build(&source), "what was written decodes back the same");
+
+        let types: Vec<String> = profile
+            .sample_type
+            .iter()
+            .map(|t| format!("{}/{}", profile.string(t.r#type), profile.string(t.unit)))
+            .collect();
+        assert_eq!(types, ["pending_defers/count", "retained_space/bytes", "registered/count"]);
+        assert_eq!(profile.string(profile.default_sample_type), "pending_defers");
+        let comments: Vec<&str> = profile.comment.iter().map(|&c| profile.string(c)).collect();
+        assert!(comments.iter().any(|c| c.contains("retained_space/bytes is an estimate")));
+        assert!(comments.contains(&"a note of the report"));
+        assert_eq!(profile.mapping.len(), 1);
+        assert_eq!(profile.string(profile.mapping[0].filename), "/srv/app");
+
+        let samples = samples(&profile);
+        let find = |goid: &str| {
+            samples
+                .iter()
+                .find(|(_, _, labels)| label(labels, "goroutine") == [goid])
+                .unwrap_or_else(|| panic!("no sample of goroutine {goid}: {samples:?}"))
+        };
+        let map_a = findings::map_bytes_estimate(3, 24);
+        let map_b = findings::map_bytes_estimate(5, 24);
+        // Goroutine 7: gopark and the owner's own frame give way to the defer site.
+        let (stack, values, labels) = find("7");
+        assert_eq!(stack, &["main.accumulate:30", "main.ingest:50", "runtime.goexit:1700"]);
+        assert_eq!(values, &[2, 2 * (48 + 16) as i64 + (map_a + map_b) as i64, 0]);
+        assert_eq!(label(labels, "capture_kind"), ["map"]);
+        assert_eq!(label(labels, "captured_type"), ["map[string]int"]);
+        assert_eq!(label(labels, "stack"), [STACK_WALKED]);
+        // Goroutine 8 runs: the defer site only, and map 0xa already counted by 7.
+        let (stack, values, labels) = find("8");
+        assert_eq!(stack, &["main.accumulate:30"]);
+        assert_eq!(values, &[1, 48 + 16, 0]);
+        assert_eq!(
+            label(labels, "stack"),
+            ["defer site only: goroutine running: its saved stack is stale"]
+        );
+        // Goroutine 9: a range-over-func body's site, then the frame whose loop it is.
+        let (stack, values, labels) = find("9");
+        assert_eq!(stack, &["main.hold-range1:70", "main.hold:66", "runtime.goexit:1700"]);
+        assert_eq!(values, &[1, 48 + 16, 0]);
+        assert_eq!(label(labels, "capture_kind"), ["none"]);
+        // Registrations: per site, no stack, none for a site that registered nothing.
+        let registrations: Vec<_> = samples.iter().filter(|(_, v, _)| v[2] > 0).collect();
+        assert_eq!(registrations.len(), 1);
+        assert_eq!(registrations[0].0, ["main.accumulate:30"]);
+        assert_eq!(registrations[0].1, [0, 0, 5]);
+        assert!(label(&registrations[0].2, "goroutine").is_empty());
+        let total: i64 = profile.sample.iter().map(|s| s.value[0]).sum();
+        assert_eq!(total, 4);
+    }
+
+    /// A record no walked frame owns (its frame was not found on the stack) keeps the defer
+    /// site alone, and says so; `snapshot` profiles have two sample types.
+    #[test]
+    fn a_record_without_an_owning_frame_is_the_defer_site_only() {
+        let snapshot = Snapshot {
+            goroutines: vec![goroutine(
+                7,
+                vec![record(0x900, 0x40_2005, Captures::Unknown("why"))],
+                walked(&[(0x40_1105, 0x100), (0x40_2105, 0x200)]),
+            )],
+            ..Snapshot::default()
+        };
+        let source = ProfileSource {
+            snapshot: &snapshot,
+            defer_record_bytes: 48,
+            locate: &locate,
+            module: "/srv/app",
+            module_range: (0x40_0000, 0x50_0000),
+            registered: None,
+            time_nanos: 0,
+            duration_nanos: 0,
+            notes: &[],
+        };
+        let profile = build(&source);
+        assert_eq!(profile.sample_type.len(), 2);
+        let samples = samples(&profile);
+        let (stack, values, labels) = &samples[0];
+        assert_eq!(stack, &["main.accumulate:30"]);
+        assert_eq!(values, &[1, 48 + 16]);
+        assert_eq!(
+            label(labels, "stack"),
+            ["defer site only: no frame of the goroutine's stack owns the record"]
+        );
+        assert_eq!(label(labels, "capture_kind"), ["unknown"]);
+    }
+}

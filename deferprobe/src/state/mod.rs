@@ -311,12 +311,21 @@ mod tests {
         path: &std::path::Path,
         check: impl FnOnce(&RuntimeReader<'_, '_>, Snapshot, MemoryImage, &serde_json::Value),
     ) {
+        with_captured_image_of(path, false, check)
+    }
+
+    /// The same, reading the goroutines' stacks too if `stacks`.
+    fn with_captured_image_of(
+        path: &std::path::Path,
+        stacks: bool,
+        check: impl FnOnce(&RuntimeReader<'_, '_>, Snapshot, MemoryImage, &serde_json::Value),
+    ) {
         let pending = Pending::start(path);
         let binary = GoBinary::open(path).unwrap();
         let model = RuntimeModel::new(&binary).unwrap();
         let pid = pending.child.id();
         let reader = RuntimeReader::new(&model, pid, crate::target::load_bias(&binary, pid));
-        let reader = reader.unwrap();
+        let reader = reader.unwrap().with_stacks(stacks);
         let recording = Recording::new(&reader.memory);
         let live = take(&reader, &recording);
         check(&reader, live, recording.into_image(), &pending.truth);
@@ -384,6 +393,58 @@ mod tests {
                         });
                         assert_eq!(entries, Some(None), "{what}");
                     }
+                });
+            }
+        }
+    }
+
+    /// Every holding goroutine's stack, read from its saved context and frame pointers, has a
+    /// frame owning each of its records, in the function of the truth's defer statement (for a
+    /// range-over-func body, the function whose loop it is), and ends in runtime.goexit; the
+    /// captured image decodes the same stacks.
+    #[test]
+    fn stacks_lead_from_the_owning_frame_to_goexit_in_captured_images() {
+        for toolchain in testbin::toolchains() {
+            for variant in [Variant::Plain, Variant::Stripped] {
+                let path = testbin::build(&toolchain, Program::Pending, variant);
+                let what = format!("go{} {variant:?}", toolchain.version);
+                with_captured_image_of(&path, true, |reader, live, image, truth| {
+                    let binary = reader.model.binary;
+                    let function = |pc: u64| {
+                        let location = binary.source_location(pc.wrapping_sub(reader.bias) - 1);
+                        location.map(|location| location.function)
+                    };
+                    for goroutine in &live.goroutines {
+                        let goid = goroutine.header.goid;
+                        let site = truth["sites"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .find(|s| s["goid"] == goid && s["pending"].as_u64() > Some(0))
+                            .unwrap_or_else(|| panic!("{what}: goroutine {goid} not in truth"));
+                        let expected = site["function"].as_str().unwrap();
+                        let stack = goroutine.stack.as_ref().expect("stacks were asked for");
+                        let GoroutineStack::Walked { frames, end } = stack else {
+                            panic!("{what}: goroutine {goid}: {stack:?}")
+                        };
+                        assert_eq!(*end, StackEnd::Complete, "{what}: goroutine {goid}");
+                        let outermost = function(frames.last().unwrap().pc);
+                        assert_eq!(outermost.as_deref(), Some("runtime.goexit"), "{what}");
+                        for record in &goroutine.records {
+                            let owner = stack.from_frame(record.record.sp).unwrap_or_else(|| {
+                                panic!("{what}: goroutine {goid}: no frame at sp {record:?}")
+                            });
+                            let owner = function(owner[0].pc).unwrap();
+                            assert!(
+                                expected == owner || expected.starts_with(&format!("{owner}-")),
+                                "{what}: goroutine {goid}: {owner} holds a record of {expected}"
+                            );
+                        }
+                    }
+                    let mut replayed = take(reader, &image);
+                    replayed.started_ns = live.started_ns;
+                    replayed.ended_ns = live.ended_ns;
+                    assert_eq!(replayed, live, "{what}: the image decodes differently");
                 });
             }
         }
