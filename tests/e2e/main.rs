@@ -16,6 +16,7 @@ mod governor;
 mod idle_probes;
 mod matrix;
 mod placement;
+mod pprof;
 mod runtime_state;
 mod safety;
 mod support;
