@@ -60,7 +60,7 @@ fn raw_samples(raw: &str) -> Vec<RawSample> {
         let Some(id) = words.first().and_then(|w| w.strip_suffix(':')) else { continue };
         let line_number = words
             .get(4)
-            .and_then(|place| place.rsplitn(3, ':').nth(1))
+            .and_then(|place| place.rsplit(':').nth(1))
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         let function = words.get(3).map_or("?", |w| w).to_owned();

@@ -414,15 +414,35 @@ mod tests {
         GoroutineStack::Walked { frames, end: StackEnd::Complete }
     }
 
-    /// Each sample's stack as function names, leaf first, and its values and labels.
-    fn samples(profile: &Profile) -> Vec<(Vec<String>, Vec<i64>, Vec<(String, String)>)> {
+    /// A profile of `snapshot` from the test's binary, `/srv/app` at 0x400000.
+    fn source_of<'a>(
+        snapshot: &'a Snapshot,
+        registered: Option<&'a BTreeMap<u64, u64>>,
+        notes: &'a [String],
+    ) -> ProfileSource<'a> {
+        ProfileSource {
+            snapshot,
+            defer_record_bytes: 48,
+            locate: &locate,
+            module: "/srv/app",
+            module_range: (0x40_0000, 0x50_0000),
+            registered,
+            time_nanos: 1,
+            duration_nanos: 2,
+            notes,
+        }
+    }
+
+    /// A decoded sample: its stack as `function:line`, leaf first; its values; its labels.
+    type Decoded = (Vec<String>, Vec<i64>, Vec<(String, String)>);
+
+    fn samples(profile: &Profile) -> Vec<Decoded> {
         let function = |id: u64| {
             let location = profile.location.iter().find(|l| l.id == id).unwrap();
-            let line = location.line.first().map_or("?".to_owned(), |line| {
+            location.line.first().map_or("?".to_owned(), |line| {
                 let f = profile.function.iter().find(|f| f.id == line.function_id).unwrap();
                 format!("{}:{}", profile.string(f.name), line.line)
-            });
-            line
+            })
         };
         profile
             .sample
@@ -475,17 +495,7 @@ mod tests {
         };
         let registered = BTreeMap::from([(0x40_2005, 5), (0x40_4005, 0)]);
         let notes = vec!["a note of the report".to_owned()];
-        let source = ProfileSource {
-            snapshot: &snapshot,
-            defer_record_bytes: 48,
-            locate: &locate,
-            module: "/srv/app",
-            module_range: (0x40_0000, 0x50_0000),
-            registered: Some(&registered),
-            time_nanos: 1,
-            duration_nanos: 2,
-            notes: &notes,
-        };
+        let source = source_of(&snapshot, Some(&registered), &notes);
         let profile = Profile::from_gzipped_bytes(&encode(&source)).unwrap();
         assert_eq!(profile, build(&source), "what was written decodes back the same");
 
@@ -553,17 +563,7 @@ mod tests {
             )],
             ..Snapshot::default()
         };
-        let source = ProfileSource {
-            snapshot: &snapshot,
-            defer_record_bytes: 48,
-            locate: &locate,
-            module: "/srv/app",
-            module_range: (0x40_0000, 0x50_0000),
-            registered: None,
-            time_nanos: 0,
-            duration_nanos: 0,
-            notes: &[],
-        };
+        let source = source_of(&snapshot, None, &[]);
         let profile = build(&source);
         assert_eq!(profile.sample_type.len(), 2);
         let samples = samples(&profile);
