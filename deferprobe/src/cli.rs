@@ -1,6 +1,10 @@
 //! Command-line interface (clap): subcommands, flags and their validation.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::{SocketAddr, ToSocketAddrs as _},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use deferprobe_common::EVENT_RING_BYTES;
@@ -70,7 +74,8 @@ pub struct RunArgs {
     #[arg(long, default_value = "5s", allow_hyphen_values = true, value_parser = parse_interval)]
     pub interval: Duration,
 
-    /// Also write the final report as JSON to this file.
+    /// Also write the final report as JSON to this file. Interim reports (SIGUSR1,
+    /// --report-every) go next to it, with the time in their name (FILE.20260102T030405Z.json).
     #[arg(long, value_name = "FILE.json")]
     pub report: Option<PathBuf>,
 
@@ -79,6 +84,26 @@ pub struct RunArgs {
     /// open it with `go tool pprof FILE`. Needs the target's memory (not --counts-only).
     #[arg(long, value_name = "FILE.pb.gz", conflicts_with = "counts_only")]
     pub pprof: Option<PathBuf>,
+
+    /// Also write an interim report every D while tracing goes on, as SIGUSR1 does: text on
+    /// stderr, or JSON next to --report with the time in its name. At least 1s.
+    #[arg(long, value_name = "D", allow_hyphen_values = true, value_parser = parse_report_every)]
+    pub report_every: Option<Duration>,
+
+    /// Serve Prometheus metrics of the trace at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464
+    /// or 0.0.0.0:9464), refreshed every --interval. Bound before anything is attached.
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// With --metrics-addr: the defer sites with the most pending defers that get series of
+    /// their own; the others are summed as site="other".
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u32).range(1..=1000)
+    )]
+    pub metrics_sites: u32,
 
     /// Report a frame as a defer_accumulation finding from this many pending heap defers.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
@@ -222,6 +247,32 @@ fn parse_interval(value: &str) -> Result<Duration, String> {
     }
 }
 
+/// Shortest `--report-every`: each one reads the target's memory and writes a report.
+const MIN_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+fn parse_report_every(value: &str) -> Result<Duration, String> {
+    let every = parse_positive_duration(value)?;
+    match every < MIN_REPORT_EVERY {
+        true => Err(format!(
+            "must be at least {} (each report reads the target's memory)",
+            humantime::format_duration(MIN_REPORT_EVERY)
+        )),
+        false => Ok(every),
+    }
+}
+
+/// `HOST:PORT`: an IP address (`127.0.0.1:9464`, `[::]:9464`) or a host name this machine
+/// resolves (`localhost:9464`), and a port.
+fn parse_metrics_addr(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = value.parse() {
+        return Ok(address);
+    }
+    let not_an_address =
+        || format!("`{value}` is not an address like 127.0.0.1:9464, [::]:9464 or localhost:9464");
+    let mut resolved = value.to_socket_addrs().map_err(|_| not_an_address())?;
+    resolved.next().ok_or_else(not_an_address)
+}
+
 fn parse_positive_duration(value: &str) -> Result<Duration, String> {
     if value.trim_start().starts_with('-') {
         return Err("must be longer than zero".into());
@@ -256,7 +307,31 @@ mod tests {
         assert_eq!(run.ring_buffer_kib, 4096);
         assert_eq!(run.ring_buffer_bytes(), EVENT_RING_BYTES);
         assert_eq!(run.probes, ProbeFamily::ALL);
+        assert_eq!((run.metrics_addr, run.metrics_sites, run.report_every), (None, 20, None));
         assert!(run.command.is_empty());
+    }
+
+    #[test]
+    fn run_with_metrics_and_reports_on_demand() {
+        let cli = parse(&[
+            "run",
+            "--pid",
+            "42",
+            "--metrics-addr",
+            "[::1]:9464",
+            "--metrics-sites",
+            "5",
+            "--report-every",
+            "1m",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.metrics_addr, Some("[::1]:9464".parse().unwrap()));
+        assert_eq!(run.metrics_sites, 5);
+        assert_eq!(run.report_every, Some(Duration::from_secs(60)));
+        let cli = parse(&["run", "--pid", "1", "--metrics-addr", "localhost:9464"]).unwrap();
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.metrics_addr.map(|a| (a.ip().is_loopback(), a.port())), Some((true, 9464)));
     }
 
     #[test]
@@ -307,6 +382,12 @@ mod tests {
             &["run", "--pid", "1", "--ring-buffer-kib", "4MiB"],
             &["run", "--pid", "1", "--probes", "defers,maps"],
             &["run", "--pid", "1", "--probes", ""],
+            &["run", "--pid", "1", "--metrics-addr", "9464"],
+            &["run", "--pid", "1", "--metrics-addr", "127.0.0.1"],
+            &["run", "--pid", "1", "--metrics-addr", "127.0.0.1:99999"],
+            &["run", "--pid", "1", "--metrics-sites", "0"],
+            &["run", "--pid", "1", "--report-every", "500ms"],
+            &["run", "--pid", "1", "--report-every", "0s"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(err.exit_code(), 2, "{args:?}"); // clap's; main.rs makes it 64

@@ -545,6 +545,7 @@ pub fn from_snapshot(
                 pending_unprobed: unseen.unprobed,
                 released: totals.map(|(_, released)| released),
                 pending,
+                est_bytes: Some(captures.retained.est_bytes(lookups.defer_record_bytes)),
                 captures: captures.summaries(),
             }
         })

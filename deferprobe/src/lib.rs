@@ -16,6 +16,7 @@ pub mod findings;
 pub mod governor;
 pub mod inspect;
 pub mod layout;
+pub mod metrics;
 pub mod modules;
 pub mod output;
 pub mod plan;

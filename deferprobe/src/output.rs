@@ -68,6 +68,25 @@ impl OutputFile {
         &self.path
     }
 
+    /// The output for a report of this kind written at `stamp` (a time): `FILE.STAMP.EXT`
+    /// beside this one (`report.json` → `report.20261202T013000Z.json`), `-2`, `-3`, … added
+    /// while such a file exists; checked like [`OutputFile::check`]. A FIFO or a device is
+    /// itself: it has no name to put a time in.
+    pub fn with_time(&self, stamp: &str) -> Result<OutputFile> {
+        if self.special {
+            return Ok(self.clone());
+        }
+        let stem = self.path.file_stem().unwrap_or_default().to_string_lossy();
+        let extension = self.path.extension().map(|e| format!(".{}", e.to_string_lossy()));
+        let extension = extension.unwrap_or_default();
+        let named = |n: u32| {
+            let suffix = if n == 1 { String::new() } else { format!("-{n}") };
+            self.path.with_file_name(format!("{stem}.{stamp}{suffix}{extension}"))
+        };
+        let path = (1..).map(named).find(|path| !path.exists()).unwrap_or_else(|| named(1));
+        OutputFile::check(self.flag, &path)
+    }
+
     /// Writes `bytes` whole: a regular file through a temporary file in the same directory,
     /// renamed over it, so a full disk leaves an error and no truncated report.
     pub fn write(&self, bytes: &[u8]) -> Result<()> {
@@ -146,6 +165,23 @@ mod tests {
         let err = full.write(b"x").unwrap_err();
         assert_eq!(err.kind, ErrorKind::Output);
         assert!(err.to_string().starts_with("--report /dev/full: writing failed"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_timed_output_goes_beside_with_the_time_in_its_name() {
+        let dir = std::env::temp_dir().join(format!("deferprobe-timed-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = OutputFile::check("--report", &dir.join("report.json")).unwrap();
+        let first = file.with_time("20261202T013000Z").unwrap();
+        assert_eq!(first.path(), dir.join("report.20261202T013000Z.json"));
+        first.write(b"{}").unwrap();
+        let second = file.with_time("20261202T013000Z").unwrap();
+        assert_eq!(second.path(), dir.join("report.20261202T013000Z-2.json"));
+        let bare = OutputFile::check("--report", &dir.join("report")).unwrap();
+        assert_eq!(bare.with_time("T").unwrap().path(), dir.join("report.T"));
+        let null = OutputFile::check("--report", Path::new("/dev/null")).unwrap();
+        assert_eq!(null.with_time("T").unwrap().path(), Path::new("/dev/null"));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

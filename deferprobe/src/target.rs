@@ -421,12 +421,13 @@ unsafe fn child_after_fork(fds: ChildFds, path: &CString, argv: &[*const libc::c
         // Rust ignores SIGPIPE in deferprobe; the command gets the default back, as from a
         // shell. Other dispositions and the signal mask are as deferprobe inherited them.
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        // deferprobe blocks SIGINT and SIGTERM to read them from a signalfd; the command
-        // handles them as usual.
+        // deferprobe blocks SIGINT, SIGTERM and SIGUSR1 to read them from a signalfd; the
+        // command handles them as usual.
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
         libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         // Only the parent may hold these: the gate must read EOF when the parent lets go.
         libc::close(fds.gate_parent_end);

@@ -139,6 +139,7 @@ pub fn correlate(aggregator: &Aggregator, lookups: &Lookups) -> PendingSections 
                 pending_unprobed: if unprobed { totals.adopted } else { 0 },
                 released: Some(totals.released),
                 pending: totals.pending(),
+                est_bytes: None,
                 captures: Vec::new(),
             }
         })

@@ -26,8 +26,12 @@ pub struct Report {
     pub schema_version: u32,
     pub target: TargetReport,
     pub duration_secs: f64,
-    /// Why tracing stopped: "duration", "signal" or "target_exited".
-    pub ended_by: EndReason,
+    /// Why tracing stopped: "duration", "signal" or "target_exited"; null in an interim report
+    /// (tracing goes on).
+    pub ended_by: Option<EndReason>,
+    /// Only in a report written while tracing goes on (SIGUSR1, `--report-every`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub interim: Option<InterimReport>,
     pub counts: ReportedCounts,
     /// `counts.lost_events` by cause.
     pub lost: LostEvents,
@@ -86,6 +90,23 @@ pub struct TargetReport {
     /// Exit status of a command started with `run -- CMD` (the code, or 128 + signal).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+}
+
+/// What asked for a report while tracing goes on, and when it was written.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InterimReport {
+    pub cause: InterimCause,
+    /// UTC, RFC 3339 to the second (the time in the report file's name).
+    pub written_at: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterimCause {
+    /// SIGUSR1.
+    Signal,
+    /// `--report-every`.
+    ReportEvery,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -409,6 +430,9 @@ pub struct SiteReport {
     pub pending_unprobed: u64,
     pub released: Option<u64>,
     pub pending: u64,
+    /// Estimate of what the site's pending records keep alive, as for findings (objects shared
+    /// with other sites counted in each); null when only events could be read.
+    pub est_bytes: Option<u64>,
     /// What the site's pending closures capture (from the runtime's state; empty when only
     /// events could be read).
     pub captures: Vec<crate::findings::CaptureSummary>,
@@ -510,7 +534,7 @@ impl Report {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::text::{human_bytes, wrap};
     use super::*;
     use crate::aggregator::Event;
@@ -595,7 +619,7 @@ mod tests {
         assert_eq!(c.pending.heap_defers, 15);
     }
 
-    fn sample() -> Report {
+    pub(crate) fn sample() -> Report {
         let agg = leaky_aggregator(20);
         let c = correlate(&agg, &lookups(&location));
         let mut counters = Counters::ZERO;
@@ -611,7 +635,8 @@ mod tests {
                 exit_code: None,
             },
             duration_secs: 1.5,
-            ended_by: EndReason::Duration,
+            ended_by: Some(EndReason::Duration),
+            interim: None,
             counts: Counts::from_counters(&counters, &LostEvents::new(&counters, 1, 0))
                 .reported(&ProbeFamily::ALL, AllocationMode::All),
             lost: LostEvents::new(&counters, 1, 0),

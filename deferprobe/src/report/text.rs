@@ -69,11 +69,17 @@ impl Report {
         let mut out = String::new();
         let t = &self.target;
         let ended = match self.ended_by {
-            EndReason::Duration => "duration reached",
-            EndReason::Signal => "interrupted",
-            EndReason::TargetExited => "target exited",
+            Some(EndReason::Duration) => "duration reached",
+            Some(EndReason::Signal) => "interrupted",
+            Some(EndReason::TargetExited) => "target exited",
+            None => "still tracing",
         };
-        let _ = writeln!(out, "deferprobe report");
+        match &self.interim {
+            Some(interim) => {
+                _ = writeln!(out, "deferprobe interim report ({} UTC)", interim.written_at)
+            }
+            None => _ = writeln!(out, "deferprobe report"),
+        }
         let _ = writeln!(out, "  target    pid {} ({})", t.pid, t.go_version);
         let _ = writeln!(out, "  exe       {}", truncate(&t.exe, 68));
         if let Some(module) = &t.go_module {

@@ -1,9 +1,9 @@
 //! `deferprobe run`: the thin runtime shell around the pure parts. It finds or starts the
 //! target, attaches the probe plan, runs the trace loop ([`trace_loop`]: ring buffer, snapshots,
-//! governor ticks through [`sampler`], signals, the target's exit), then assembles and writes
-//! the report.
+//! governor ticks through [`sampler`], signals, the target's exit, reports [`on_demand`]), then
+//! has the report [`assemble`]d and writes it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 
 use tracing::{info, warn};
 
@@ -11,25 +11,25 @@ use crate::{
     binary::MemoryProfiling,
     cli::RunArgs,
     error::{Error, ErrorKind, Result},
-    findings,
-    governor::SampledFamily,
+    metrics::{TraceMetrics, server::MetricsListener},
     output::{self, OutputFile},
     plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
-    report::{
-        self, AllocationsReport, Counts, EndReason, Location, Lookups, LostEvents, ProbesReport,
-        ProfiledAllocations, RateSource, Report, SnapshotStats, TargetReport,
-    },
+    report::{EndReason, Location},
     snapshot::{RuntimeModel, RuntimeReader},
     state::memory::{Memory as _, ProcessMemory},
     target::{self, GatedChild, Target},
     tracer::Tracer,
 };
 
+mod assemble;
 mod frames;
+mod on_demand;
 mod sampler;
 mod signals;
 mod trace_loop;
 
+use assemble::{Live, Reporter};
+use on_demand::OnDemand;
 use signals::{CommandStop, Signals};
 use trace_loop::{ExitWatch, TraceContext, stop_command, trace};
 
@@ -41,6 +41,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         args.report.as_deref().map(|path| OutputFile::check("--report", path)).transpose()?;
     let pprof_file =
         args.pprof.as_deref().map(|path| OutputFile::check("--pprof", path)).transpose()?;
+    // So does an address the metrics can't be served at.
+    let metrics_listener = args.metrics_addr.map(MetricsListener::bind).transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -160,6 +162,23 @@ pub fn run(args: &RunArgs) -> Result<i32> {
              --alloc-mode profiled would see no allocation; use --alloc-mode all"
         )));
     }
+    let reporter = Reporter {
+        binary: &binary,
+        plan: &plan,
+        target: &target,
+        args,
+        reader: reader.as_ref(),
+        state_error,
+        bias,
+        started_command,
+        memory_profiling,
+        profiled,
+    };
+    let metrics = metrics_listener.map(|listener| {
+        let metrics = TraceMetrics::new(args.metrics_sites as usize);
+        listener.serve(metrics.registry()).map(|()| metrics)
+    });
+    let on_demand = OnDemand { report_file, metrics: metrics.transpose()? };
     let context = TraceContext {
         pid: target.pid,
         bias,
@@ -177,6 +196,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             started_command,
         )
         .into(),
+        reporter: &reporter,
+        on_demand: &on_demand,
     };
     let mut stop = CommandStop::new(args.kill_after);
     let traced = runtime.block_on(trace(
@@ -189,17 +210,13 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         &context,
     ))?;
     let exited_during_attach = tracer.exited_during_attach();
-    let modules = context.modules.into_inner();
-    let module_pc = |pc: u64| modules.module_pc(pc);
     // How often each captured map was written while traced, from the kernel's known-maps set:
     // read before the tracer detaches.
-    let from_snapshot = traced.snapshot.is_some() && reader.is_some();
-    let map_writes = match (&traced.snapshot, from_snapshot) {
-        (Some((snapshot, _)), true) => {
-            captured_map_writes(&tracer, snapshot.captured_map_addresses())
-        }
-        _ => HashMap::new(),
-    };
+    let map_writes = assemble::snapshot_map_writes(
+        &tracer,
+        traced.snapshot.as_ref().map(|(snapshot, _)| snapshot),
+        reader.as_ref(),
+    );
     drop(tracer); // detach before anything else
 
     // --duration ended the trace of a command: it is stopped (it must not outlive deferprobe
@@ -211,249 +228,27 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         true => Some(target::wait_child(target.pid)?.shell_code()),
         false => None,
     };
-    let location = |pc: u64| Location::of_return_address(&binary, pc);
-    let map_writes = |map: u64| map_writes.get(&map).copied();
-    let lookups = Lookups {
-        bias,
-        location: &location,
+    let modules = context.modules.borrow();
+    let report = reporter.report(&Live {
+        aggregator: &traced.aggregator,
+        counters: &traced.counters,
+        snapshot: traced.snapshot.as_ref().map(|(snapshot, current)| (snapshot, *current)),
+        governor: traced.governor.clone(),
+        ended_by: Some(traced.ended_by),
+        interim: None,
+        duration: traced.duration,
         now_ns: traced.ended_ns,
-        min_pending: args.min_pending,
-        module_pc: &module_pc,
-    };
-    // The runtime's own state wins: pending records, what their closures hold, and sites. The
-    // events alone (`correlate`) only when it could not be read.
-    let mut snapshot_notes = Vec::new();
-    let mut correlation =
-        if let (Some((snapshot, after_tracing)), Some(reader)) = (&traced.snapshot, &reader) {
-            let registered: HashMap<(u64, u64), u64> = traced
-                .aggregator
-                .pending_by_goroutine()
-                .flat_map(|(goid, records)| {
-                    records
-                        .iter()
-                        .filter(|r| !r.adopted)
-                        .map(move |r| ((r.closure, goid), r.registered_ns))
-                })
-                .collect();
-            let registered_ns = |closure: u64, goid: u64| registered.get(&(closure, goid)).copied();
-            let events = findings::Traced {
-                registered_ns: &registered_ns,
-                sites: traced
-                    .aggregator
-                    .sites()
-                    .map(|(pc, totals)| (pc, (totals.registered, totals.released)))
-                    .collect(),
-                goroutine_sites: snapshot
-                    .goroutines
-                    .iter()
-                    .flat_map(|g| {
-                        let goid = g.header.goid;
-                        let sites = traced.aggregator.goroutine_sites(goid);
-                        sites.map(move |(pc, t)| ((goid, pc), (t.registered, t.released)))
-                    })
-                    .collect(),
-                map_first_written: &|map| traced.aggregator.map(map).map(|m| m.first_pc),
-                map_writes: &map_writes,
-                now_ns: traced.ended_ns,
-                module_pc: &module_pc,
-            };
-            let sections = reader.sections(snapshot, args.min_pending, Some(&events));
-            snapshot_notes = crate::snapshot::snapshot_notes(snapshot, &sections);
-            if !after_tracing {
-                snapshot_notes.push(format!(
-                "the target exited: pending defers are the last snapshot of the runtime's state, \
-                 taken {:.1}s before, less the records whose frames returned or goroutines \
-                 exited since, plus the records registered since",
-                traced.ended_ns.saturating_sub(snapshot.ended_ns) as f64 / 1e9
-            ));
-            }
-            sections
-        } else {
-            report::correlate(&traced.aggregator, &lookups)
-        };
-    // Probes were attached before the program's first instruction: what no registration seen
-    // accounts for is a lost event, never "pending before trace".
-    if started_command {
-        findings::unseen_registrations_were_lost(&mut correlation);
-    }
-    let events = traced.aggregator.events();
-    let lost = LostEvents::new(&traced.counters, events.undecodable, events.without_goid);
-    let counts = Counts::from_counters(&traced.counters, &lost);
-    let allocations = AllocationsReport {
-        mode: plan.allocations,
-        profiled: profiled.then(|| {
-            let (rate, source) = match (traced.memprofile_rate, memory_profiling) {
-                (Some(rate), _) => (rate, RateSource::Target),
-                (None, MemoryProfiling::Enabled { initial_rate, .. }) => {
-                    (initial_rate, RateSource::Binary)
-                }
-                (None, _) => (report::GO_DEFAULT_MEMPROFILE_RATE, RateSource::GoDefault),
-            };
-            ProfiledAllocations::unsample(traced.aggregator.sampled_allocations(), rate, source)
-        }),
-    };
-    let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
-    notes.extend(target.notes.iter().cloned());
-    notes.extend(plan.layout_note.clone());
-    if let Some(thread) = target.thread {
-        notes.push(format!(
-            "--pid {thread} is a thread of process {}: the process was traced",
-            target.pid
-        ));
-    }
-    if exited_during_attach {
-        notes.push(
-            "the target exited while deferprobe was attaching its probes: counts cover the \
-             moment some of them were attached, and the runtime's state was not read"
-                .into(),
-        );
-    }
-    if let Some(code) = exit_code
-        && let Some(note) = stop.note(&format_args!("exit code {code}"))
-    {
-        notes.push(note);
-    }
-    notes.extend(snapshot_notes);
-    if let Some(err) = &state_error {
-        notes.push(format!(
-            "the runtime's state was not read ({err}): pending defers, findings and sites come \
-             from the events alone, so records pending before tracing started are not counted \
-             and what closures capture is unknown"
-        ));
-    }
-    let pending_before_trace = correlation.pending.before_trace;
-    if pending_before_trace > 0 {
-        notes.push(format!(
-            "{} heap defer records were already pending in the runtime when tracing started \
-             (\"pending at attach\", found in the goroutines' _defer chains): their age is \
-             unknown (at least the trace's){}",
-            pending_before_trace,
-            match reader.is_some() {
-                true => "",
-                false => ", and so are the maps they capture",
-            }
-        ));
-    }
-    notes.extend(modules.notes());
-    if correlation.pending.unprobed > 0 {
-        notes.push(format!(
-            "{} pending heap defer records at sites in Go plugins were registered while the \
-             plugin's code was not probed (pending_unprobed): they are not in counts.deferproc \
-             nor in their sites' registered, and are neither pending before tracing started \
-             nor lost events",
-            correlation.pending.unprobed
-        ));
-    }
-    if correlation.pending.registration_lost > 0 {
-        notes.push(findings::registration_lost_note(
-            correlation.pending.registration_lost,
-            &lost,
-            args.ring_buffer_kib,
-        ));
-    }
-    notes.extend(findings::panic_notes(traced.aggregator.panicked()));
-    if traced.frames_idled > 0 {
-        notes.push(format!(
-            "deferreturn probes went off after {}s in {} that had no heap defer pending (each \
-             return of such a function calls runtime.deferreturn, which releases nothing); {} \
-             got them back at a heap defer, within about 50 ms: returns in between are not in \
-             counts.deferreturn, and their records were released at the next snapshot",
-            frames::IDLE_AFTER.as_secs(),
-            match traced.frames_idled {
-                1 => "1 function".to_owned(),
-                n => format!("{n} functions"),
-            },
-            traced.frames_rearmed
-        ));
-    }
-    if traced.reconciled.released + traced.reconciled.moved > 0 {
-        notes.push(format!(
-            "the runtime's _defer chains corrected the event-based state: {} records run without \
-             a deferreturn seen (panic, recover, Goexit, or while their function's deferreturn \
-             probes were off), {} frames moved by stack growth",
-            traced.reconciled.released, traced.reconciled.moved
-        ));
-    }
-    if !from_snapshot {
-        notes.extend(findings::capture_notes(&correlation));
-    }
-    if !plan.families.contains(&ProbeFamily::Defers) {
-        notes.push(
-            "defers were not probed (--probes): pending defers, findings and sites cover only \
-             records read from the goroutines' _defer chains, with no registrations or releases \
-             seen"
-                .into(),
-        );
-    }
-    for sampled in &traced.governor.sampled {
-        notes.push(format!(
-            "{} probes were sampled to stay under --max-overhead {}% (duty cycle {:.0}% on \
-             average): their counts cover only the sampled windows; estimate {} ± {} calls \
-             (1σ){}{}",
-            sampled.family.name(),
-            traced.governor.max_overhead_percent,
-            sampled.mean_duty_cycle * 100.0,
-            sampled.estimated_calls,
-            sampled.estimated_calls_error,
-            match sampled.estimate_weak {
-                true => {
-                    ", a weak one: it holds the last rate measured over a long span no later \
-                     window measured"
-                }
-                false => "",
-            },
-            match sampled.family {
-                SampledFamily::MapWrites => {
-                    ", and maps written outside the windows can't be recognised as captures"
-                }
-                SampledFamily::GoroutineExits => {
-                    " (while no heap defer was pending, when there was no record for them to release)"
-                }
-                SampledFamily::StackDefers | SampledFamily::Allocations => "",
-            }
-        ));
-    }
-    // Under half a second over budget is a rounding of one check, not a finding.
-    if traced.governor.defers_over_budget_secs >= 0.5 {
-        notes.push(format!(
-            "for {:.0}s the defer probes alone cost more than --max-overhead {}% (they always \
-             stay on; {:.1}% of a CPU on average over the trace): the budget was exceeded",
-            traced.governor.defers_over_budget_secs,
-            traced.governor.max_overhead_percent,
-            traced.governor.defer_probes_percent
-        ));
-    }
-    let report = Report {
-        schema_version: report::SCHEMA_VERSION,
-        target: TargetReport {
-            pid: target.pid,
-            exe: target.exe_name.clone(),
-            go_module: target.go_module.clone(),
-            go_version: plan.go_version.clone(),
-            exit_code,
-        },
-        duration_secs: traced.duration.as_secs_f64(),
-        ended_by: traced.ended_by,
-        counts: counts.reported(&plan.families, plan.allocations),
-        lost,
-        probes: ProbesReport {
-            attached: traced.attached,
-            families: plan.families.clone(),
-            layout_source: plan.layout_source,
-        },
-        allocations,
-        governor: traced.governor,
-        snapshot: traced
-            .snapshot
-            .as_ref()
-            .filter(|_| reader.is_some())
-            .map(|(snapshot, _)| SnapshotStats::of(snapshot)),
-        pending: correlation.pending,
-        findings: correlation.findings,
-        goroutines: correlation.goroutines,
-        sites: correlation.sites,
-        notes,
-    };
+        attached: traced.attached,
+        reconciled: traced.reconciled,
+        memprofile_rate: traced.memprofile_rate,
+        frames_idled: traced.frames_idled,
+        frames_rearmed: traced.frames_rearmed,
+        map_writes: &map_writes,
+        modules: &modules,
+        exit_code,
+        stop_note: exit_code.and_then(|code| stop.note(&format_args!("exit code {code}"))),
+        exited_during_attach,
+    });
     // The profile first: a failing stdout never costs it.
     let profile = pprof_file.map(|file| {
         let no_snapshot = crate::state::Snapshot::default();
@@ -481,8 +276,9 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         }))
     });
     let json = report.to_json() + "\n";
+    let report_file = on_demand.report_file.as_ref();
     let delivered =
-        output::deliver(&report.to_text(), report_file.as_ref().map(|file| (file, json.as_str())));
+        output::deliver(&report.to_text(), report_file.map(|file| (file, json.as_str())));
     profile.unwrap_or(Ok(())).and(delivered)?;
     // A command deferprobe stopped at --duration: tracing did what was asked (the command's
     // code is in the report). Otherwise the command's own code, as if it ran alone.
@@ -495,47 +291,6 @@ pub fn run(args: &RunArgs) -> Result<i32> {
 /// The `--pprof` profile's first comment when the runtime's state could not be read.
 const PPROF_WITHOUT_STATE: &str = "the runtime's state was not read (see the notes): pending \
      defers are unknown, not zero, and this profile has only the registrations seen per site";
-
-/// Write counts of `maps` (runtime addresses), from the kernel's known-maps set.
-fn captured_map_writes(tracer: &Tracer, maps: HashSet<u64>) -> HashMap<u64, u64> {
-    maps.into_iter().filter_map(|map| Some((map, tracer.map_writes(map)?))).collect()
-}
-
-/// `exit_code` is the command's, when deferprobe started the target.
-fn notes(
-    lost: &LostEvents,
-    ended_by: EndReason,
-    exit_code: Option<i32>,
-    ring_kib: u32,
-) -> Vec<String> {
-    let mut notes = Vec::new();
-    if exit_code.is_none() {
-        notes.push(
-            "counts cover only what the target did while the probes were attached".to_owned(),
-        );
-    }
-    if ended_by == EndReason::TargetExited {
-        notes.push(match exit_code {
-            Some(code) => format!("the target exited while being traced (exit code {code})"),
-            None => "the target exited while being traced".to_owned(),
-        });
-    }
-    if lost.total() > 0 {
-        notes.push(format!(
-            "{} events were lost or incomplete ({}): counts are exact, pending defers, sites and \
-             captures may be incomplete",
-            lost.total(),
-            lost.causes().join(", ")
-        ));
-    }
-    if lost.ring_buffer_full > 0 {
-        notes.push(format!(
-            "the {} KiB ring buffer overflowed: a larger --ring-buffer-kib keeps more events",
-            ring_kib
-        ));
-    }
-    notes
-}
 
 /// Loading tracing programs and attaching uprobes needs CAP_SYS_ADMIN, or CAP_BPF and
 /// CAP_PERFMON, in the effective set: root normally has them, but a root whose capabilities

@@ -481,6 +481,11 @@ impl Sampler {
         Ok(())
     }
 
+    /// Each sampled family's duty cycle now (1: always attached).
+    pub(super) fn duty_cycles(&self) -> [(SampledFamily, f64); SAMPLED_FAMILIES] {
+        SampledFamily::ALL.map(|family| (family, self.governor.duty(family)))
+    }
+
     pub(super) fn report(&self) -> GovernorReport {
         let estimate = |stats: &FamilyStats| stats.estimate.estimate();
         let sampled = SampledFamily::ALL

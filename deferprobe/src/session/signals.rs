@@ -1,5 +1,5 @@
-//! The signals that end a trace (SIGINT, SIGTERM), read from a signalfd so that deferprobe
-//! knows who sent each: a terminal's Ctrl-C reaches the whole foreground process group, a
+//! The signals that end a trace (SIGINT, SIGTERM) and the one that asks for a report while it
+//! goes on (SIGUSR1), read from a signalfd so that deferprobe knows who sent each: a terminal's Ctrl-C reaches the whole foreground process group, a
 //! `-- CMD` command included, so only signals sent to deferprobe alone are forwarded to it.
 //! And what happens to a command when tracing ends: [`CommandStop`], the escalation from a
 //! forwarded signal to SIGKILL after `--kill-after`.
@@ -15,8 +15,9 @@ use tracing::{info, warn};
 
 use crate::error::{Error, Result};
 
-/// The signals that end tracing.
-const HANDLED: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
+/// The signals that end tracing, and SIGUSR1 (an interim report). A command deferprobe
+/// starts unblocks them before it execs ([`crate::target::GatedChild`]).
+pub const HANDLED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1];
 
 /// `si_code` of a signal the kernel sent (a terminal's Ctrl-C), not a process's kill(2).
 const SI_KERNEL: i32 = 0x80;
@@ -34,15 +35,20 @@ impl Arrived {
     pub fn name(self) -> &'static str {
         signal_name(self.signal)
     }
+
+    /// SIGUSR1: a report is asked for, tracing goes on.
+    pub fn asks_for_a_report(self) -> bool {
+        self.signal == libc::SIGUSR1
+    }
 }
 
-/// SIGINT and SIGTERM, blocked in every thread and read from a signalfd.
+/// SIGINT, SIGTERM and SIGUSR1, blocked in every thread and read from a signalfd.
 pub struct Signals {
     fd: AsyncFd<OwnedFd>,
 }
 
 impl Signals {
-    /// Blocks SIGINT and SIGTERM in this thread (and so in every thread started after: call it
+    /// Blocks [`HANDLED`] in this thread (and so in every thread started after: call it
     /// before any) and opens a signalfd for them. Needs a tokio runtime context. A forked
     /// command unblocks them before exec ([`crate::target::GatedChild`]).
     pub fn install() -> Result<Signals> {
@@ -57,7 +63,7 @@ impl Signals {
                 libc::sigaddset(&mut set, signal);
             }
             if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-                return Err(error("blocking SIGINT and SIGTERM"));
+                return Err(error("blocking SIGINT, SIGTERM and SIGUSR1"));
             }
             let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
             if fd < 0 {
@@ -96,6 +102,7 @@ pub fn signal_name(signal: libc::c_int) -> &'static str {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
         libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
         _ => "a signal",
     }
 }

@@ -1,6 +1,7 @@
 //! The tokio loop of `run`: drains the ring buffer on a short timer into the [`Aggregator`],
-//! takes snapshots of the runtime's state and logs counts every `--interval`, runs the governor's
-//! ticks, and stops on the duration, a signal or the target's exit.
+//! takes snapshots of the runtime's state and logs counts (and refreshes the metrics) every
+//! `--interval`, runs the governor's ticks, writes interim reports (SIGUSR1, `--report-every`),
+//! and stops on the duration, a signal or the target's exit.
 
 //! `deferprobe run`: the thin runtime shell around the pure parts. It finds or starts the
 //! target, attaches the probe plan, then runs one tokio loop that drains the ring buffer on a
@@ -9,6 +10,7 @@
 //! exit. Then it writes the report.
 
 use std::{
+    borrow::Cow,
     collections::HashMap,
     os::fd::{AsRawFd as _, OwnedFd},
     time::{Duration, Instant},
@@ -21,7 +23,9 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use super::assemble::{self, Live, Reporter};
 use super::frames::{FrameArming, IDLE_AFTER};
+use super::on_demand::{self, OnDemand};
 use super::sampler::{BUDGET_CHECK_EVERY, FIRST_GOVERNOR_TICK, GOVERNOR_TICK, Sampler};
 use super::signals::{CommandStop, Signals};
 use crate::{
@@ -30,7 +34,7 @@ use crate::{
     error::{Error, ErrorKind, Result},
     layout::RuntimeLayout,
     plan::ProbePlan,
-    report::{Counts, EndReason, GovernorReport, LostEvents},
+    report::{Counts, EndReason, GovernorReport, InterimCause, InterimReport, LostEvents, Report},
     snapshot::RuntimeReader,
     state::memory::{Memory as _, ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
     state::{Snapshot, monotonic_ns},
@@ -103,6 +107,10 @@ pub(super) struct TraceContext<'a> {
     /// Go plugins found in the target: looked for before the loop and every `--interval`,
     /// each probed when found.
     pub(super) modules: std::cell::RefCell<crate::modules::Modules>,
+    /// Makes the reports, interim and final.
+    pub(super) reporter: &'a Reporter<'a>,
+    /// Where interim reports and the metrics go.
+    pub(super) on_demand: &'a OnDemand,
 }
 
 /// What the trace loop produced.
@@ -201,12 +209,16 @@ pub(super) async fn trace(
     let mut last_logged = Counts::default();
     let mut batch = Vec::new();
     let mut memprofile_rate = None;
-    let mut read_memprofile_rate = || {
-        if let Some(rate) = context.memprofile_rate.and_then(|at| context.memory.read_u64(at)) {
-            memprofile_rate = Some(rate);
-        }
-    };
     context.modules.borrow_mut().poll(tracer);
+    let every = args.report_every.unwrap_or(Duration::MAX / 4);
+    let mut report_tick = interval_at(tokio::time::Instant::now() + every, every);
+    report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Reports while tracing goes on, made after the select that asked for them: the metrics'
+    // (the first right away, then every --interval, with `snapshot_current` saying whether
+    // that interval's snapshot could be taken), and interim ones.
+    let mut publish = context.on_demand.publishes_metrics();
+    let mut snapshot_current = true;
+    let mut interim = None;
     let ended_by = loop {
         tokio::select! {
             _ = drain_tick.tick() => {
@@ -214,7 +226,7 @@ pub(super) async fn trace(
                 if arm(tracer, &mut frames, registered_sites(&batch), exited)?.is_none() {
                     break EndReason::TargetExited;
                 }
-                read_memprofile_rate();
+                read_memprofile_rate(context, &mut memprofile_rate);
             }
             _ = budget_check.tick() => {
                 // Load that rises between ticks is answered now, not at the next tick.
@@ -260,7 +272,9 @@ pub(super) async fn trace(
                 drain(tracer, &mut aggregator, &mut batch);
                 let mut armed = arm(tracer, &mut frames, registered_sites(&batch), exited)?;
                 reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
-                if let Some(taken) = take_snapshot(&mut aggregator) {
+                let taken = take_snapshot(&mut aggregator);
+                snapshot_current = taken.is_some();
+                if let Some(taken) = taken {
                     snapshot = Some(taken);
                 }
                 // Registered since, pending in the runtime, and pending before the trace as
@@ -281,8 +295,13 @@ pub(super) async fn trace(
                 let counts = Counts::from_counters(&counters, &lost);
                 log_counts(&counts, &lost, &last_logged, &aggregator, snapshot.as_ref(), context);
                 last_logged = counts;
+                publish = context.on_demand.publishes_metrics();
+            }
+            _ = report_tick.tick(), if args.report_every.is_some() => {
+                interim = Some(InterimCause::ReportEvery);
             }
             arrived = signals.recv() => match child {
+                _ if arrived.asks_for_a_report() => interim = Some(InterimCause::Signal),
                 Some(pid) => {
                     if let Some(grace) = stop.on_signal(pid, arrived) {
                         kill_deadline.as_mut().reset(tokio::time::Instant::now() + grace);
@@ -298,10 +317,43 @@ pub(super) async fn trace(
             _ = exited.exited() => break EndReason::TargetExited,
             _ = &mut deadline => break EndReason::Duration,
         }
+        if let Some(cause) = interim.take() {
+            // Every event so far, and the runtime's state now, read for this report only: the
+            // loop's own snapshots and reconciliations go on as they were.
+            drain(tracer, &mut aggregator, &mut batch);
+            let fresh = context.reader.and_then(|reader| reader.take().ok());
+            let so_far = SoFar {
+                aggregator: &aggregator,
+                snapshot: match fresh {
+                    Some(fresh) => Some((Cow::Owned(fresh), true)),
+                    None => so_far_snapshot(&aggregator, snapshot.as_ref(), false),
+                },
+                sampler: &sampler,
+                frames: &frames,
+                reconciled,
+                memprofile_rate,
+                started,
+            };
+            let report = report_so_far(tracer, &so_far, context, Some(on_demand::interim(cause)))?;
+            context.on_demand.write(&report);
+        }
+        if std::mem::take(&mut publish) {
+            let so_far = SoFar {
+                aggregator: &aggregator,
+                snapshot: so_far_snapshot(&aggregator, snapshot.as_ref(), snapshot_current),
+                sampler: &sampler,
+                frames: &frames,
+                reconciled,
+                memprofile_rate,
+                started,
+            };
+            let report = report_so_far(tracer, &so_far, context, None)?;
+            context.on_demand.publish(report, sampler.duty_cycles());
+        }
     };
     // The probes fired synchronously in the target: everything is in the buffer by now.
     drain(tracer, &mut aggregator, &mut batch);
-    read_memprofile_rate();
+    read_memprofile_rate(context, &mut memprofile_rate);
     let mut final_snapshot = false;
     if ended_by != EndReason::TargetExited {
         // Twice: a record is released only when two looks in a row miss it.
@@ -348,6 +400,77 @@ pub(super) async fn trace(
             sampler.report()
         },
     })
+}
+
+/// The trace's state so far, for a report while tracing goes on.
+struct SoFar<'a> {
+    aggregator: &'a Aggregator,
+    /// The snapshot to report, and whether it is current (see [`Live::snapshot`]).
+    snapshot: Option<(Cow<'a, Snapshot>, bool)>,
+    sampler: &'a Sampler,
+    frames: &'a FrameArming,
+    reconciled: Reconciled,
+    memprofile_rate: Option<u64>,
+    started: Instant,
+}
+
+/// The snapshot a report so far shows: `last` if it is `current`, else `last` brought up to
+/// now with the events seen since it was taken.
+fn so_far_snapshot<'a>(
+    aggregator: &Aggregator,
+    last: Option<&'a Snapshot>,
+    current: bool,
+) -> Option<(Cow<'a, Snapshot>, bool)> {
+    let last = last?;
+    Some(match current {
+        true => (Cow::Borrowed(last), true),
+        false => {
+            let since = last.started_ns.saturating_sub(LINK_GRACE.as_nanos() as u64);
+            (Cow::Owned(aggregator.at_exit(last, since)), false)
+        }
+    })
+}
+
+/// The report of the trace so far (`interim`: to be written; None: for the metrics). Reads
+/// the counters and the known-maps set, changes nothing.
+fn report_so_far(
+    tracer: &Tracer,
+    so_far: &SoFar<'_>,
+    context: &TraceContext<'_>,
+    interim: Option<InterimReport>,
+) -> Result<Report> {
+    let counters = tracer.counters()?;
+    let snapshot = so_far.snapshot.as_ref().map(|(snapshot, current)| (&**snapshot, *current));
+    let map_writes =
+        assemble::snapshot_map_writes(tracer, snapshot.map(|(s, _)| s), context.reader);
+    let modules = context.modules.borrow();
+    Ok(context.reporter.report(&Live {
+        aggregator: so_far.aggregator,
+        counters: &counters,
+        snapshot,
+        governor: so_far.sampler.report(),
+        ended_by: None,
+        interim,
+        duration: so_far.started.elapsed(),
+        now_ns: monotonic_ns(),
+        attached: tracer.attached(),
+        reconciled: so_far.reconciled,
+        memprofile_rate: so_far.memprofile_rate,
+        frames_idled: so_far.frames.idled,
+        frames_rearmed: so_far.frames.rearmed,
+        map_writes: &map_writes,
+        modules: &modules,
+        exit_code: None,
+        stop_note: None,
+        exited_during_attach: false,
+    }))
+}
+
+/// Reads `runtime.MemProfileRate` from the target (`--alloc-mode profiled`), into `rate`.
+fn read_memprofile_rate(context: &TraceContext<'_>, rate: &mut Option<u64>) {
+    if let Some(read) = context.memprofile_rate.and_then(|at| context.memory.read_u64(at)) {
+        *rate = Some(read);
+    }
 }
 
 /// What attaching or detaching probes gave, or None when it failed because the target has
@@ -422,7 +545,10 @@ pub(super) async fn stop_command(
     loop {
         tokio::select! {
             _ = exited.exited() => return,
-            arrived = signals.recv() => { stop.on_signal(pid, arrived); }
+            // SIGUSR1 is no reason to stop the command harder.
+            arrived = signals.recv() => if !arrived.asks_for_a_report() {
+                stop.on_signal(pid, arrived);
+            },
             _ = &mut kill_deadline, if stop.awaiting_exit() => stop.on_grace_end(pid),
         }
     }
