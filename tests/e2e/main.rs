@@ -15,6 +15,7 @@ mod endings;
 mod governor;
 mod idle_probes;
 mod matrix;
+mod metrics;
 mod placement;
 mod pprof;
 mod runtime_state;
