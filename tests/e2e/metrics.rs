@@ -190,6 +190,10 @@ fn prometheus_scrapes_exact_counts_and_pending_defers() {
         heap_defers,
     );
     assert_eq!(deferproc["metric"]["family"], "defers", "{deferproc}");
+    prometheus.wait_for_value(
+        r#"deferprobe_calls_total{call="deferreturn"}"#,
+        truth_u64(&truth, "heap_defer_frame_returns"),
+    );
     let pending_site = site_label(&truth["pending_site"]);
     let released_site = site_label(&truth["released_site"]);
     prometheus
@@ -283,6 +287,20 @@ fn assert_interim(report: &Value, truth: &Value, cause: &str) {
         .unwrap_or_else(|| panic!("no pending site in {report}"));
     assert_eq!(site["pending"], truth["pending_defers"], "{report}");
     assert_eq!(site["registered"], truth["pending_defers"], "{report}");
+    assert_released(report, truth);
+}
+
+/// The released site's registrations and releases, and the deferreturn calls, are exact.
+fn assert_released(report: &Value, truth: &Value) {
+    assert_eq!(report["counts"]["deferreturn"], truth["heap_defer_frame_returns"], "{report}");
+    let site = report["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["line"] == truth["released_site"]["line"])
+        .unwrap_or_else(|| panic!("no released site in {report}"));
+    assert_eq!((&site["registered"], &site["released"]), (&truth["released"], &truth["released"]));
+    assert_eq!(site["pending"], 0, "{report}");
 }
 
 /// SIGUSR1 writes an interim JSON report next to --report, named with the time, while the
@@ -330,6 +348,7 @@ fn sigusr1_writes_interim_reports_and_the_final_one_is_unaffected() {
     assert!(report.get("interim").is_none(), "{report}");
     assert_eq!(report["counts"]["deferproc"], last["heap_defers"], "{report}");
     assert_eq!(report["pending"]["heap_defers"], last["pending_defers"], "{report}");
+    assert_released(&report, last);
     assert!(stdout.starts_with("deferprobe report\n"), "{stdout}");
     workload.end();
 }
@@ -382,5 +401,69 @@ fn report_every_writes_interim_text_reports_periodically() {
     let stdout: Vec<String> = stdout.lines().map(str::to_owned).collect();
     assert_eq!(last_text_report(&stdout, "deferprobe report"), (35, 15), "{stdout:?}");
     assert!(stdout.iter().any(|l| l.contains("interrupted")), "{stdout:?}");
+    workload.end();
+}
+
+/// The capabilities deploy/daemonset.yaml adds (its `add:` list).
+fn daemonset_capabilities() -> Vec<String> {
+    let path = workspace_root().join("deploy/daemonset.yaml");
+    let manifest = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = manifest.lines().map(str::trim).collect();
+    let add = lines.iter().position(|l| *l == "add:").expect("an add: list of capabilities");
+    lines[add + 1..]
+        .iter()
+        .map_while(|l| l.strip_prefix("- "))
+        .map(|cap| cap.split_whitespace().next().unwrap().to_ascii_lowercase())
+        .collect()
+}
+
+/// deferprobe with only the capabilities `caps` (as root, as in the DaemonSet's container):
+/// `run --pid` on the phases program for a moment, with metrics and interim reports. Its exit
+/// code and stderr.
+fn run_with_only(caps: &[String], pid: u32, report: &Path) -> (i32, String) {
+    let bounding: String = caps.iter().map(|cap| format!(",+{cap}")).collect();
+    let output = Command::new("setpriv")
+        .arg(format!("--bounding-set=-all{bounding}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_deferprobe"))
+        .args(["run", "--pid", &pid.to_string(), "--duration", "1500ms", "--interval", "500ms"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--report-every", "1s", "--report"])
+        .arg(report)
+        .output()
+        .expect("setpriv (util-linux) runs deferprobe with a reduced capability set");
+    (output.status.code().unwrap_or(-1), text(&output).1)
+}
+
+/// What deploy/daemonset.yaml grants is enough, and each capability in it is needed: without
+/// any one of them deferprobe is refused, naming it (exit code 77).
+#[test]
+fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
+    require_root();
+    let caps = daemonset_capabilities();
+    assert_eq!(caps, ["bpf", "perfmon", "sys_ptrace"]);
+    let mut workload = Workload::start_with_args(&phases(), &[]);
+    let truth = workload.work_json();
+    let report = report_path("metrics-capabilities");
+    let (code, stderr) = run_with_only(&caps, workload.pid(), &report);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("serving metrics"), "{stderr}");
+    assert!(stderr.contains("interim report written"), "{stderr}");
+    let json = read_json(&report);
+    assert_eq!(json["pending"]["heap_defers"], truth["pending_defers"], "{json}");
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|cap| *cap != missing).cloned().collect();
+        let (code, stderr) = run_with_only(&fewer, workload.pid(), &report);
+        assert_eq!(code, EXIT_PERMISSION, "without {missing}: {stderr}");
+        let name = format!("CAP_{}", missing.to_ascii_uppercase());
+        assert!(stderr.contains(&name), "without {missing}: {stderr}");
+    }
+    // The interim reports beside the final one.
+    let stem = report.file_stem().unwrap().to_str().unwrap().to_owned();
+    for entry in std::fs::read_dir(report.parent().unwrap()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap().to_str().unwrap().starts_with(&format!("{stem}.")) {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
     workload.end();
 }

@@ -222,8 +222,7 @@ pub(super) async fn trace(
     let ended_by = loop {
         tokio::select! {
             _ = drain_tick.tick() => {
-                drain(tracer, &mut aggregator, &mut batch);
-                if arm(tracer, &mut frames, registered_sites(&batch), exited)?.is_none() {
+                if drain_and_arm(tracer, &mut aggregator, &mut batch, &mut frames, exited)?.is_none() {
                     break EndReason::TargetExited;
                 }
                 read_memprofile_rate(context, &mut memprofile_rate);
@@ -269,8 +268,8 @@ pub(super) async fn trace(
             }
             _ = log_tick.tick() => {
                 context.modules.borrow_mut().poll(tracer);
-                drain(tracer, &mut aggregator, &mut batch);
-                let mut armed = arm(tracer, &mut frames, registered_sites(&batch), exited)?;
+                let mut armed =
+                    drain_and_arm(tracer, &mut aggregator, &mut batch, &mut frames, exited)?;
                 reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
                 let taken = take_snapshot(&mut aggregator);
                 snapshot_current = taken.is_some();
@@ -320,7 +319,9 @@ pub(super) async fn trace(
         if let Some(cause) = interim.take() {
             // Every event so far, and the runtime's state now, read for this report only: the
             // loop's own snapshots and reconciliations go on as they were.
-            drain(tracer, &mut aggregator, &mut batch);
+            if drain_and_arm(tracer, &mut aggregator, &mut batch, &mut frames, exited)?.is_none() {
+                break EndReason::TargetExited;
+            }
             let fresh = context.reader.and_then(|reader| reader.take().ok());
             let so_far = SoFar {
                 aggregator: &aggregator,
@@ -552,6 +553,19 @@ pub(super) async fn stop_command(
             _ = &mut kill_deadline, if stop.awaiting_exit() => stop.on_grace_end(pid),
         }
     }
+}
+
+/// [`drain`]s, then puts the deferreturn probes back on in the functions of the heap defers
+/// registered since (None: the target exited).
+fn drain_and_arm(
+    tracer: &mut Tracer,
+    aggregator: &mut Aggregator,
+    batch: &mut Vec<Event>,
+    frames: &mut FrameArming,
+    exited: &ExitWatch,
+) -> Result<Option<()>> {
+    drain(tracer, aggregator, batch);
+    arm(tracer, frames, registered_sites(batch), exited)
 }
 
 /// Moves every waiting event into the aggregator, in ring-buffer order.

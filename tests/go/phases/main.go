@@ -8,8 +8,10 @@
 //	                   returns, releasing them
 //
 // After each phase it prints its ground truth so far as one JSON line: heap_defers (every
-// registration), pending_defers (still pending), the phase, and the function, file and line of
-// each of the two defer statements. It exits when stdin closes, the records still pending.
+// registration), pending_defers (still pending), heap_defer_frame_returns (returns of frames
+// owning heap defer records, each through one runtime.deferreturn: one per phase), released
+// (records run), the phase, and the function, file and line of each of the two defer
+// statements. It exits when stdin closes, the records still pending.
 //
 //	-released N   heap defers registered and released per phase (10)
 package main
@@ -32,6 +34,8 @@ type site struct {
 type truth struct {
 	HeapDefers    int    `json:"heap_defers"`
 	PendingDefers int    `json:"pending_defers"`
+	FrameReturns  int    `json:"heap_defer_frame_returns"`
+	Released      int    `json:"released"`
 	Phase         int    `json:"phase"`
 	PendingSite   site   `json:"pending_site"`
 	ReleasedSite  site   `json:"released_site"`
@@ -83,6 +87,8 @@ func main() {
 		release(*released, &t.ReleasedSite)
 		t.HeapDefers += pending + *released
 		t.PendingDefers += pending
+		t.FrameReturns++
+		t.Released += *released
 		protocol.Print(t)
 		if !stdin.WaitForLine() {
 			return
