@@ -237,27 +237,22 @@ fn parse_percent(value: &str) -> Result<f64, String> {
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 fn parse_interval(value: &str) -> Result<Duration, String> {
-    let interval = parse_positive_duration(value)?;
-    match interval < MIN_INTERVAL {
-        true => Err(format!(
-            "must be at least {} (each interval logs a line and reads the target's memory)",
-            humantime::format_duration(MIN_INTERVAL)
-        )),
-        false => Ok(interval),
-    }
+    parse_at_least(value, MIN_INTERVAL, "each interval logs a line and reads the target's memory")
 }
 
 /// Shortest `--report-every`: each one reads the target's memory and writes a report.
 const MIN_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 fn parse_report_every(value: &str) -> Result<Duration, String> {
-    let every = parse_positive_duration(value)?;
-    match every < MIN_REPORT_EVERY {
-        true => Err(format!(
-            "must be at least {} (each report reads the target's memory)",
-            humantime::format_duration(MIN_REPORT_EVERY)
-        )),
-        false => Ok(every),
+    parse_at_least(value, MIN_REPORT_EVERY, "each report reads the target's memory")
+}
+
+/// A duration of at least `min`, refused saying `why` it can't be shorter.
+fn parse_at_least(value: &str, min: Duration, why: &str) -> Result<Duration, String> {
+    let duration = parse_positive_duration(value)?;
+    match duration < min {
+        true => Err(format!("must be at least {} ({why})", humantime::format_duration(min))),
+        false => Ok(duration),
     }
 }
 

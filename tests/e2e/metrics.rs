@@ -272,6 +272,14 @@ fn interim_paths(stderr: &[String]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The report's site of the ground truth's `site`.
+fn site_of<'r>(report: &'r Value, site: &Value) -> &'r Value {
+    let sites = report["sites"].as_array().unwrap();
+    let found =
+        sites.iter().find(|s| s["function"] == site["function"] && s["line"] == site["line"]);
+    found.unwrap_or_else(|| panic!("no site {site} in {report}"))
+}
+
 /// Checks an interim report against the program's truth at that moment.
 fn assert_interim(report: &Value, truth: &Value, cause: &str) {
     assert_eq!(report["ended_by"], Value::Null, "{report}");
@@ -279,12 +287,7 @@ fn assert_interim(report: &Value, truth: &Value, cause: &str) {
     assert_eq!(report["counts"]["deferproc"], truth["heap_defers"], "{report}");
     assert_eq!(report["pending"]["heap_defers"], truth["pending_defers"], "{report}");
     assert_eq!(report["pending"]["captured_maps"], truth["pending_defers"], "{report}");
-    let site = report["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["line"] == truth["pending_site"]["line"])
-        .unwrap_or_else(|| panic!("no pending site in {report}"));
+    let site = site_of(report, &truth["pending_site"]);
     assert_eq!(site["pending"], truth["pending_defers"], "{report}");
     assert_eq!(site["registered"], truth["pending_defers"], "{report}");
     assert_released(report, truth);
@@ -293,12 +296,7 @@ fn assert_interim(report: &Value, truth: &Value, cause: &str) {
 /// The released site's registrations and releases, and the deferreturn calls, are exact.
 fn assert_released(report: &Value, truth: &Value) {
     assert_eq!(report["counts"]["deferreturn"], truth["heap_defer_frame_returns"], "{report}");
-    let site = report["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["line"] == truth["released_site"]["line"])
-        .unwrap_or_else(|| panic!("no released site in {report}"));
+    let site = site_of(report, &truth["released_site"]);
     assert_eq!((&site["registered"], &site["released"]), (&truth["released"], &truth["released"]));
     assert_eq!(site["pending"], 0, "{report}");
 }
