@@ -4,7 +4,8 @@
 //! Pipeline: [`binary`] analyses the target executable → [`plan`] decides every probe →
 //! [`tracer`] loads and attaches the eBPF programs (to the executable, and to the Go plugins
 //! [`modules`] finds in the target) → [`session`] drains the ring buffer and the
-//! per-CPU counters on timers → [`aggregator`] (pure) turns events into state → [`report`].
+//! per-CPU counters on timers → [`aggregator`] (pure) turns events into state → [`report`],
+//! at the end and while tracing goes on (interim reports, [`metrics`] for Prometheus).
 
 pub mod aggregator;
 pub mod binary;
