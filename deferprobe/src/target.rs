@@ -540,6 +540,14 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
+    /// From a wait status, as waitpid(2) returns it.
+    pub fn from_wait(status: i32) -> ExitStatus {
+        match libc::WIFSIGNALED(status) {
+            true => ExitStatus::Signal(libc::WTERMSIG(status)),
+            false => ExitStatus::Code(libc::WEXITSTATUS(status)),
+        }
+    }
+
     /// The exit code a shell would give: the code, or 128 + signal.
     pub fn shell_code(self) -> i32 {
         match self {
@@ -572,11 +580,7 @@ pub fn wait_child(pid: u32) -> Result<ExitStatus> {
     if rc < 0 {
         return Err(Error::internal(format!("waitpid: {}", std::io::Error::last_os_error())));
     }
-    Ok(if libc::WIFSIGNALED(status) {
-        ExitStatus::Signal(libc::WTERMSIG(status))
-    } else {
-        ExitStatus::Code(libc::WEXITSTATUS(status))
-    })
+    Ok(ExitStatus::from_wait(status))
 }
 
 #[cfg(test)]
