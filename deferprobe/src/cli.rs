@@ -54,7 +54,7 @@ pub struct SnapshotArgs {
     pub min_pending: u64,
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 #[command(group = clap::ArgGroup::new("target").required(true).args(["pid", "command"]))]
 pub struct RunArgs {
     /// Process id of the running Go program to attach to.
@@ -141,6 +141,12 @@ pub struct RunArgs {
     /// Format of the log lines on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// With `-- CMD`: also trace the Go programs the command starts, directly or through its
+    /// children (`go test`, a shell script), each from its first instruction, in a report
+    /// section of its own. Programs that are not Go are listed and skipped.
+    #[arg(long, requires = "command")]
+    pub follow: bool,
 
     /// Command to start with probes attached before its first instruction (after `--`).
     #[arg(last = true, value_name = "CMD")]
@@ -307,6 +313,7 @@ mod tests {
             &["run", "--pid", "1", "--ring-buffer-kib", "4MiB"],
             &["run", "--pid", "1", "--probes", "defers,maps"],
             &["run", "--pid", "1", "--probes", ""],
+            &["run", "--pid", "1", "--follow"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(err.exit_code(), 2, "{args:?}"); // clap's; main.rs makes it 64

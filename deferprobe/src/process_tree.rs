@@ -183,9 +183,13 @@ fn decode(bytes: &[u8]) -> Option<TreeEvent> {
 /// Where `task_struct` keeps `pid`, `tgid` and `exit_code` in the running kernel, from its BTF.
 fn task_offsets(btf_path: &Path) -> Result<TreeConfig> {
     let missing = |what: String| {
-        Error::kernel(format!("the kernel's BTF ({}) {what}: can't follow processes", btf_path.display()))
+        Error::kernel(format!(
+            "the kernel's BTF ({}) {what}: can't follow processes",
+            btf_path.display()
+        ))
     };
-    let btf = btf::Btf::from_file(btf_path).map_err(|err| missing(format!("is unreadable ({err})")))?;
+    let btf =
+        btf::Btf::from_file(btf_path).map_err(|err| missing(format!("is unreadable ({err})")))?;
     let task = btf
         .get_type_by_name("task_struct")
         .map_err(|_| missing("has no struct task_struct".into()))?;

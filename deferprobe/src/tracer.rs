@@ -31,7 +31,8 @@ use crate::{
 };
 
 /// The compiled deferprobe-ebpf object, built by build.rs.
-pub(crate) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/deferprobe"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/deferprobe"));
 
 /// The probes of a Go module other than the executable (a plugin: a separate ELF file with its
 /// own copy of the runtime's functions, which its code calls directly).
@@ -132,7 +133,9 @@ impl Tracer {
         }
         let attached = offsets.values().map(Vec::len).sum::<usize>()
             + frames.values().map(Vec::len).sum::<usize>();
-        let calibration = calibrate(&mut ebpf, mode);
+        // Once per deferprobe process: the tracers of a `--follow`ed tree share it (each
+        // would otherwise cost the program it traces, stopped meanwhile, a calibration).
+        let calibration = *CALIBRATION.get_or_init(|| calibrate(&mut ebpf, mode));
 
         let events = take_map(&mut ebpf, "EVENTS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
@@ -513,6 +516,9 @@ fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Calibration> {
     let call = calibrate_at(uprobe, CALIBRATION_CALL_OFFSET, None)?;
     Some(Calibration { jbe, call })
 }
+
+/// The calibration of the first tracer of this process.
+static CALIBRATION: std::sync::OnceLock<Option<Calibration>> = std::sync::OnceLock::new();
 
 /// One hit's cost per instruction class (see [`calibrate`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

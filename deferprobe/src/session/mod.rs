@@ -15,9 +15,10 @@ use crate::{
     governor::SampledFamily,
     output::{self, OutputFile},
     plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
+    process_tree::ProcessTree,
     report::{
-        self, AllocationsReport, Counts, EndReason, Location, Lookups, LostEvents, ProbesReport,
-        ProfiledAllocations, RateSource, Report, SnapshotStats, TargetReport,
+        self, AllocationsReport, ChildrenReport, Counts, EndReason, Location, Lookups, LostEvents,
+        ProbesReport, ProfiledAllocations, RateSource, Report, SnapshotStats, TargetReport,
     },
     snapshot::{RuntimeModel, RuntimeReader},
     state::memory::{Memory as _, ProcessMemory},
@@ -25,13 +26,14 @@ use crate::{
     tracer::Tracer,
 };
 
+mod follow;
 mod frames;
 mod sampler;
 mod signals;
 mod trace_loop;
 
 use signals::{CommandStop, Signals};
-use trace_loop::{ExitWatch, TraceContext, stop_command, trace};
+use trace_loop::{ExitWatch, StopRequest, TraceContext, TraceControl, stop_command, trace};
 
 /// Runs `deferprobe run`; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32> {
@@ -41,17 +43,86 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         args.report.as_deref().map(|path| OutputFile::check("--report", path)).transpose()?;
     let pprof_file =
         args.pprof.as_deref().map(|path| OutputFile::check("--pprof", path)).transpose()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| Error::internal(format!("starting the tokio runtime: {err}")))?;
+    let runtime = new_runtime()?;
     // Catch SIGINT / SIGTERM from now on: one arriving while probes are being attached still
     // ends tracing cleanly, with a report.
     let _runtime_context = runtime.enter();
     let signals = Signals::install()?;
+    if args.follow {
+        return follow::run(args, &runtime, &signals, report_file.as_ref());
+    }
+    // The processes the target starts are counted (and not traced: that is --follow's job).
+    let mut tree = match ProcessTree::load(false) {
+        Ok(tree) => Some(tree),
+        Err(err) => {
+            warn!(%err, "the processes the target starts can't be counted");
+            None
+        }
+    };
+    let outcome =
+        trace_process(args, Launch::Own { signals: &signals, tree: tree.as_mut() }, &runtime)?;
+    // The profile first: a failing stdout never costs it.
+    let profile = match (&pprof_file, &outcome.profile) {
+        (Some(file), Some(profile)) => file.write(profile),
+        _ => Ok(()),
+    };
+    let json = outcome.report.to_json() + "\n";
+    let delivered = output::deliver(
+        &outcome.report.to_text(),
+        report_file.as_ref().map(|file| (file, json.as_str())),
+    );
+    profile.and(delivered)?;
+    Ok(outcome.code)
+}
 
-    let started_command = !args.command.is_empty();
-    let mut running = args.pid.map(Target::running).transpose()?;
+fn new_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| Error::internal(format!("starting the tokio runtime: {err}")))
+}
+
+/// How the process [`trace_process`] traces is started, and what ends its trace.
+enum Launch<'a> {
+    /// `--pid` or `-- CMD`: the target deferprobe was given. A signal ends the trace of a
+    /// `--pid` target, and is forwarded to a command. `tree` (when it could be loaded) counts
+    /// the processes the target starts, which are not traced.
+    Own { signals: &'a Signals, tree: Option<&'a mut ProcessTree> },
+    /// A process of a `--follow`ed tree that exec'd a program, `stopped` at its exec (before
+    /// its first instruction) unless the stop failed: released (SIGCONT) once its probes are
+    /// attached, traced until it exits or `stop` is requested.
+    Followed { pid: u32, stopped: bool, stop: &'a StopRequest, release: &'a dyn Fn() },
+}
+
+/// A traced process's report (and `--pprof` profile), and the code `run` exits with for it.
+struct Outcome {
+    report: Report,
+    profile: Option<Vec<u8>>,
+    code: i32,
+}
+
+/// Finds or starts the process `launch` says, attaches the probe plan, traces it and builds
+/// its report.
+fn trace_process(
+    args: &RunArgs,
+    launch: Launch<'_>,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Outcome> {
+    let (signals, mut tree, followed) = match launch {
+        Launch::Own { signals, tree } => (Some(signals), tree, None),
+        Launch::Followed { pid, stopped, stop, release } => {
+            (None, None, Some((pid, stopped, stop, release)))
+        }
+    };
+    // Whether deferprobe started the target (and waits for it, forwards signals to it).
+    let started_command = followed.is_none() && !args.command.is_empty();
+    // Whether the probes were attached before the target's first instruction.
+    let from_first_instruction =
+        started_command || followed.is_some_and(|(_, stopped, ..)| stopped);
+    let mut running = match followed {
+        Some((pid, ..)) => Some(Target::running(pid)?),
+        None => args.pid.map(Target::running).transpose()?,
+    };
     if let Some(Target { pid, thread: Some(thread), .. }) = &running {
         info!(thread, pid, "--pid {thread} is a thread of process {pid}: tracing the process");
     }
@@ -117,8 +188,19 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             });
         }
     };
+    let counted = tree.as_mut().map(|tree| match &gated {
+        Some(child) => tree.add_command(child.target.pid, true),
+        None => tree.add_process(target.pid),
+    });
+    if let Some(Err(err)) = counted {
+        warn!(%err, "the processes the target starts can't be counted");
+        tree = None;
+    }
     if let Some(child) = gated {
         child.release()?;
+    }
+    if let Some((.., release)) = followed {
+        release();
     }
     // Runtime address − ELF virtual address, for naming the PCs the probes report.
     let bias = target::load_bias(&binary, target.pid);
@@ -128,7 +210,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // A target whose memory can't be read is refused (naming the capability).
     let reader = match &model {
         Some(model) => match RuntimeReader::new(model, target.pid, bias) {
-            Ok(reader) => Some(reader.with_stacks(pprof_file.is_some())),
+            Ok(reader) => Some(reader.with_stacks(args.pprof.is_some())),
             Err(err) if err.kind == ErrorKind::Permission && !target::has_exited(target.pid) => {
                 return Err(err);
             }
@@ -152,7 +234,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         }
         _ => None,
     };
-    if let (Some(at), Some(pid)) = (memprofile_rate, args.pid)
+    if let (Some(at), Some(pid), None) = (memprofile_rate, args.pid, followed)
         && memory.read_u64(at) == Some(0)
     {
         return Err(Error::unsupported(format!(
@@ -174,20 +256,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             target.pid,
             &target.exe,
             PlanOptions { families: plan.families.clone(), allocations: plan.allocations },
-            started_command,
+            from_first_instruction,
         )
         .into(),
+        from_first_instruction,
     };
     let mut stop = CommandStop::new(args.kill_after);
-    let traced = runtime.block_on(trace(
-        &mut tracer,
-        &exit_watch,
-        &signals,
-        &mut stop,
-        args,
-        child,
-        &context,
-    ))?;
+    let control = TraceControl { signals, child, stop: followed.map(|(_, _, stop, _)| stop) };
+    let traced =
+        runtime.block_on(trace(&mut tracer, &exit_watch, &mut stop, args, &control, &context))?;
     let exited_during_attach = tracer.exited_during_attach();
     let modules = context.modules.into_inner();
     let module_pc = |pc: u64| modules.module_pc(pc);
@@ -204,8 +281,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
 
     // --duration ended the trace of a command: it is stopped (it must not outlive deferprobe
     // untraced), and its end is reported.
-    if let (Some(pid), EndReason::Duration) = (child, traced.ended_by) {
-        runtime.block_on(stop_command(pid, &exit_watch, &signals, &mut stop));
+    if let (Some(pid), EndReason::Duration, Some(signals)) = (child, traced.ended_by, signals) {
+        runtime.block_on(stop_command(pid, &exit_watch, signals, &mut stop));
     }
     let exit_code = match started_command {
         true => Some(target::wait_child(target.pid)?.shell_code()),
@@ -273,7 +350,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         };
     // Probes were attached before the program's first instruction: what no registration seen
     // accounts for is a lost event, never "pending before trace".
-    if started_command {
+    if from_first_instruction {
         findings::unseen_registrations_were_lost(&mut correlation);
     }
     let events = traced.aggregator.events();
@@ -292,8 +369,23 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             ProfiledAllocations::unsample(traced.aggregator.sampled_allocations(), rate, source)
         }),
     };
-    let mut notes = notes(&lost, traced.ended_by, exit_code, args.ring_buffer_kib);
+    let mut notes =
+        notes(&lost, traced.ended_by, exit_code, from_first_instruction, args.ring_buffer_kib);
     notes.extend(target.notes.iter().cloned());
+    let (children, children_note) = match followed {
+        Some((_, stopped, ..)) => {
+            if !stopped {
+                notes.push(
+                    "the process could not be stopped at its exec (pid 1 of a pid namespace \
+                     can't be signalled so): it was traced from when its probes were attached"
+                        .into(),
+                );
+            }
+            (None, None)
+        }
+        None => untraced_children(tree.as_deref()),
+    };
+    notes.extend(children_note);
     notes.extend(plan.layout_note.clone());
     if let Some(thread) = target.thread {
         notes.push(format!(
@@ -431,6 +523,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             go_module: target.go_module.clone(),
             go_version: plan.go_version.clone(),
             exit_code,
+            namespace: target::namespaces(target.pid, &target.exe_name),
         },
         duration_secs: traced.duration.as_secs_f64(),
         ended_by: traced.ended_by,
@@ -452,10 +545,11 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         findings: correlation.findings,
         goroutines: correlation.goroutines,
         sites: correlation.sites,
+        children,
         notes,
     };
-    // The profile first: a failing stdout never costs it.
-    let profile = pprof_file.map(|file| {
+    // `--pprof`: the profile, written by `run` before the report.
+    let profile = args.pprof.is_some().then(|| {
         let no_snapshot = crate::state::Snapshot::default();
         let (snapshot, mut notes) = match (&traced.snapshot, &reader) {
             (Some((snapshot, _)), Some(_)) => (snapshot, Vec::new()),
@@ -468,7 +562,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             Some(module) => module.location,
             None => Location::of_return_address(&binary, pc.wrapping_sub(bias)),
         };
-        file.write(&crate::pprof::encode(&crate::pprof::ProfileSource {
+        crate::pprof::encode(&crate::pprof::ProfileSource {
             snapshot,
             defer_record_bytes: plan.layout.defer_size,
             locate: &locate,
@@ -478,18 +572,38 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             time_nanos: crate::pprof::now_nanos(),
             duration_nanos: traced.duration.as_nanos() as i64,
             notes: &notes,
-        }))
+        })
     });
-    let json = report.to_json() + "\n";
-    let delivered =
-        output::deliver(&report.to_text(), report_file.as_ref().map(|file| (file, json.as_str())));
-    profile.unwrap_or(Ok(())).and(delivered)?;
     // A command deferprobe stopped at --duration: tracing did what was asked (the command's
     // code is in the report). Otherwise the command's own code, as if it ran alone.
-    Ok(match stop.stopped_at_duration() {
+    let code = match stop.stopped_at_duration() {
         true => 0,
         false => exit_code.unwrap_or(0),
-    })
+    };
+    Ok(Outcome { report, profile, code })
+}
+
+/// What the report says of the processes an untraced tree started (`children`), and its note.
+fn untraced_children(tree: Option<&ProcessTree>) -> (Option<ChildrenReport>, Option<String>) {
+    let Some(tree) = tree else {
+        let note = "the processes the target started were not counted (the process-tree \
+                    programs could not be loaded): any it started were not traced";
+        return (None, Some(note.to_owned()));
+    };
+    let counts = tree.counts();
+    let children = ChildrenReport {
+        processes_started: counts.processes_started,
+        programs_executed: counts.programs_executed,
+        traced: false,
+    };
+    let note = (counts.processes_started + counts.programs_executed > 0).then(|| {
+        format!(
+            "the target started {} processes ({} programs executed) that were not traced: \
+             run --follow -- CMD traces the Go programs among them",
+            counts.processes_started, counts.programs_executed
+        )
+    });
+    (Some(children), note)
 }
 
 /// The `--pprof` profile's first comment when the runtime's state could not be read.
@@ -506,10 +620,11 @@ fn notes(
     lost: &LostEvents,
     ended_by: EndReason,
     exit_code: Option<i32>,
+    from_first_instruction: bool,
     ring_kib: u32,
 ) -> Vec<String> {
     let mut notes = Vec::new();
-    if exit_code.is_none() {
+    if !from_first_instruction {
         notes.push(
             "counts cover only what the target did while the probes were attached".to_owned(),
         );
