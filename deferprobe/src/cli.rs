@@ -145,7 +145,7 @@ pub struct RunArgs {
     /// With `-- CMD`: also trace the Go programs the command starts, directly or through its
     /// children (`go test`, a shell script), each from its first instruction, in a report
     /// section of its own. Programs that are not Go are listed and skipped.
-    #[arg(long, requires = "command")]
+    #[arg(long, requires = "command", conflicts_with = "pid")]
     pub follow: bool,
 
     /// Command to start with probes attached before its first instruction (after `--`).

@@ -44,6 +44,9 @@ pub struct Target {
     pub go_module: Option<String>,
     /// What the report should say about how the Go module was chosen.
     pub notes: Vec<String>,
+    /// Its own namespaces, when it is in a container (read when it was found: they are gone
+    /// with it).
+    pub namespace: Option<Namespaces>,
 }
 
 /// Linux's PF_KTHREAD task flag (/proc/PID/stat field 9).
@@ -131,7 +134,8 @@ impl Target {
             }
             Err(err) => return Err(Error::no_target(format!("reading /proc/{pid}/exe: {err}"))),
         };
-        Ok(Target { pid, exe, exe_name, thread, go_module: None, notes: Vec::new() })
+        let namespace = namespaces(pid, &exe_name);
+        Ok(Target { pid, exe, exe_name, thread, go_module: None, notes: Vec::new(), namespace })
     }
 
     /// `err`, or "the target exited" if it has: for failures while setting up, before anything
@@ -419,6 +423,7 @@ impl GatedChild {
                 thread: None,
                 go_module: None,
                 notes: Vec::new(),
+                namespace: None,
             },
             gate: File::from(gate_write),
             exec_status: File::from(status_read),

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     cli::RunArgs,
-    error::{ErrorKind, Result},
+    error::{Error, ErrorKind, Result},
     output::{self, OutputFile},
     process_tree::{ProcessTree, TreeEvent},
     report::{
@@ -43,8 +43,9 @@ pub(super) fn run(
     signals: &Signals,
     report_file: Option<&OutputFile>,
 ) -> Result<i32> {
+    let program = args.command.first().ok_or_else(|| Error::usage("--follow needs -- CMD"))?;
     let mut tree = ProcessTree::load(true)?;
-    let exe = target::resolve_program(&args.command[0])?;
+    let exe = target::resolve_program(program)?;
     let child = GatedChild::spawn(&exe, &args.command)?;
     let command = child.target.pid;
     // Its exec is stopped and reported like any other: the command itself is traced as one

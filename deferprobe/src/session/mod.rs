@@ -523,7 +523,7 @@ fn trace_process(
             go_module: target.go_module.clone(),
             go_version: plan.go_version.clone(),
             exit_code,
-            namespace: target::namespaces(target.pid, &target.exe_name),
+            namespace: target.namespace.clone(),
         },
         duration_secs: traced.duration.as_secs_f64(),
         ended_by: traced.ended_by,
