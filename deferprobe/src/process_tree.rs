@@ -55,8 +55,8 @@ pub struct ProcessTree {
 impl ProcessTree {
     /// Loads and attaches the programs; with `stop_at_exec` (`--follow`) every exec in the
     /// tree is stopped for userspace to attach first. Needs a tokio runtime context.
-    pub fn load(stop_at_exec: bool) -> Result<ProcessTree> {
-        let offsets = task_offsets(Path::new(BTF_PATH))?;
+    pub fn load(stop_at_exec: bool, offsets: TaskOffsets) -> Result<ProcessTree> {
+        let offsets = offsets.get()?;
         let config = TreeConfig { stop_at_exec: stop_at_exec.into(), ..offsets };
         let mut loader = EbpfLoader::new();
         loader.override_global("TREE_CONFIG", &config, true);
@@ -160,6 +160,21 @@ impl ProcessTree {
     }
 }
 
+/// The running kernel's `task_struct` offsets, read from its BTF on a thread of their own:
+/// parsing the BTF takes a few hundred milliseconds, which started first run alongside the
+/// analysis of the target's binary.
+pub struct TaskOffsets(std::thread::JoinHandle<Result<TreeConfig>>);
+
+impl TaskOffsets {
+    pub fn read() -> TaskOffsets {
+        TaskOffsets(std::thread::spawn(|| task_offsets(Path::new(BTF_PATH))))
+    }
+
+    fn get(self) -> Result<TreeConfig> {
+        self.0.join().unwrap_or_else(|_| Err(Error::internal("reading the kernel's BTF panicked")))
+    }
+}
+
 /// One record of the tree's ring buffer.
 fn decode(bytes: &[u8]) -> Option<TreeEvent> {
     if bytes.len() < std::mem::size_of::<ProcessEvent>() {
@@ -233,7 +248,7 @@ mod tests {
         assert_eq!(unsafe { libc::geteuid() }, 0, "this test loads eBPF programs: run as root");
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let _context = runtime.enter();
-        let mut tree = ProcessTree::load(true).unwrap();
+        let mut tree = ProcessTree::load(true, TaskOffsets::read()).unwrap();
         let sh = crate::target::resolve_program("sh").unwrap();
         let script = "/bin/true; exit 3".to_owned();
         let child =

@@ -19,28 +19,11 @@ fn truths_by_pid(stdout: &str) -> HashMap<u64, Value> {
         .collect()
 }
 
-/// `deferprobe run --follow --report FILE FLAGS -- CMD…` run with `env`, in `dir`.
+/// `deferprobe run --follow --report FILE -- CMD…` run with `env`, in `dir`.
 fn follow(name: &str, dir: &Path, env: &[(&str, String)], cmd: &[&str]) -> Traced {
-    let report_file = report_path(name);
-    let _ = std::fs::remove_file(&report_file);
-    let output = deferprobe()
-        .current_dir(dir)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .args(["run", "--follow", "--interval", "1s"])
-        .args(ALL_PROBES_ON)
-        .arg("--report")
-        .arg(&report_file)
-        .arg("--")
-        .args(cmd)
-        .output()
-        .expect("start deferprobe");
-    let (stdout, stderr) = text(&output);
-    let code = output.status.code().expect("deferprobe killed by a signal");
-    assert!(
-        report_file.exists(),
-        "deferprobe run --follow -- {cmd:?} exited with {code} and wrote no report:\n{stderr}{stdout}"
-    );
-    Traced { code, stdout, stderr, report: read_json(&report_file) }
+    let mut deferprobe = deferprobe();
+    deferprobe.current_dir(dir).envs(env.iter().map(|(k, v)| (k, v)));
+    trace_in(name, deferprobe, &["--follow"], cmd)
 }
 
 fn processes(report: &Value) -> &Vec<Value> {

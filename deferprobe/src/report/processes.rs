@@ -100,13 +100,12 @@ impl FollowReport {
         let traced = self.processes.iter().filter(|p| p.status == ProcessStatus::Traced).count();
         let _ = writeln!(
             out,
-            "\nprograms executed: {} ({traced} traced)\n  {:<8}{:<8}{:<6}{:<20}{}",
+            "\nprograms executed: {} ({traced} traced)\n  {:<8}{:<8}{:<6}{:<20}program",
             self.processes.len(),
             "pid",
             "ppid",
             "exit",
             "",
-            "program"
         );
         for process in &self.processes {
             let exit = process.exit_code.map_or_else(|| "-".to_owned(), |code| code.to_string());

@@ -28,7 +28,7 @@ use crate::{
     cli::RunArgs,
     error::{Error, ErrorKind, Result},
     output::{self, OutputFile},
-    process_tree::{ProcessTree, TreeEvent},
+    process_tree::{ProcessTree, TaskOffsets, TreeEvent},
     report::{
         ChildrenReport, CommandReport, EndReason, FollowReport, ProcessReport, ProcessStatus,
         SCHEMA_VERSION,
@@ -41,10 +41,11 @@ pub(super) fn run(
     args: &RunArgs,
     runtime: &tokio::runtime::Runtime,
     signals: &Signals,
+    task_offsets: TaskOffsets,
     report_file: Option<&OutputFile>,
 ) -> Result<i32> {
     let program = args.command.first().ok_or_else(|| Error::usage("--follow needs -- CMD"))?;
-    let mut tree = ProcessTree::load(true)?;
+    let mut tree = ProcessTree::load(true, task_offsets)?;
     let exe = target::resolve_program(program)?;
     let child = GatedChild::spawn(&exe, &args.command)?;
     let command = child.target.pid;

@@ -15,7 +15,7 @@ use crate::{
     governor::SampledFamily,
     output::{self, OutputFile},
     plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
-    process_tree::ProcessTree,
+    process_tree::{ProcessTree, TaskOffsets},
     report::{
         self, AllocationsReport, ChildrenReport, Counts, EndReason, Location, Lookups, LostEvents,
         ProbesReport, ProfiledAllocations, RateSource, Report, SnapshotStats, TargetReport,
@@ -48,19 +48,12 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // ends tracing cleanly, with a report.
     let _runtime_context = runtime.enter();
     let signals = Signals::install()?;
+    // After the signals are blocked: a thread started before would get them.
+    let task_offsets = TaskOffsets::read();
     if args.follow {
-        return follow::run(args, &runtime, &signals, report_file.as_ref());
+        return follow::run(args, &runtime, &signals, task_offsets, report_file.as_ref());
     }
-    // The processes the target starts are counted (and not traced: that is --follow's job).
-    let mut tree = match ProcessTree::load(false) {
-        Ok(tree) => Some(tree),
-        Err(err) => {
-            warn!(%err, "the processes the target starts can't be counted");
-            None
-        }
-    };
-    let outcome =
-        trace_process(args, Launch::Own { signals: &signals, tree: tree.as_mut() }, &runtime)?;
+    let outcome = trace_process(args, Launch::Own { signals: &signals, task_offsets }, &runtime)?;
     // The profile first: a failing stdout never costs it.
     let profile = match (&pprof_file, &outcome.profile) {
         (Some(file), Some(profile)) => file.write(profile),
@@ -85,9 +78,10 @@ fn new_runtime() -> Result<tokio::runtime::Runtime> {
 /// How the process [`trace_process`] traces is started, and what ends its trace.
 enum Launch<'a> {
     /// `--pid` or `-- CMD`: the target deferprobe was given. A signal ends the trace of a
-    /// `--pid` target, and is forwarded to a command. `tree` (when it could be loaded) counts
-    /// the processes the target starts, which are not traced.
-    Own { signals: &'a Signals, tree: Option<&'a mut ProcessTree> },
+    /// `--pid` target, and is forwarded to a command. The process-tree programs (loaded with
+    /// `task_offsets` once the target is found) count the processes it starts, which are not
+    /// traced.
+    Own { signals: &'a Signals, task_offsets: TaskOffsets },
     /// A process of a `--follow`ed tree that exec'd a program, `stopped` at its exec (before
     /// its first instruction) unless the stop failed: released (SIGCONT) once its probes are
     /// attached, traced until it exits or `stop` is requested.
@@ -108,8 +102,8 @@ fn trace_process(
     launch: Launch<'_>,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<Outcome> {
-    let (signals, mut tree, followed) = match launch {
-        Launch::Own { signals, tree } => (Some(signals), tree, None),
+    let (signals, task_offsets, followed) = match launch {
+        Launch::Own { signals, task_offsets } => (Some(signals), Some(task_offsets), None),
         Launch::Followed { pid, stopped, stop, release } => {
             (None, None, Some((pid, stopped, stop, release)))
         }
@@ -188,14 +182,23 @@ fn trace_process(
             });
         }
     };
-    let counted = tree.as_mut().map(|tree| match &gated {
-        Some(child) => tree.add_command(child.target.pid, true),
-        None => tree.add_process(target.pid),
+    // The processes the target starts are counted (and not traced: that is --follow's job).
+    let tree = task_offsets.map(|offsets| {
+        let mut tree = ProcessTree::load(false, offsets)?;
+        match &gated {
+            Some(child) => tree.add_command(child.target.pid, true),
+            None => tree.add_process(target.pid),
+        }
+        .map(|()| tree)
     });
-    if let Some(Err(err)) = counted {
-        warn!(%err, "the processes the target starts can't be counted");
-        tree = None;
-    }
+    let tree = match tree {
+        Some(Err(err)) => {
+            warn!(%err, "the processes the target starts can't be counted");
+            None
+        }
+        Some(Ok(tree)) => Some(tree),
+        None => None,
+    };
     if let Some(child) = gated {
         child.release()?;
     }
@@ -383,7 +386,7 @@ fn trace_process(
             }
             (None, None)
         }
-        None => untraced_children(tree.as_deref()),
+        None => untraced_children(tree.as_ref()),
     };
     notes.extend(children_note);
     notes.extend(plan.layout_note.clone());
