@@ -275,6 +275,80 @@ pub struct GoroutinePanicked {
     pub header: EventHeader,
 }
 
+/// Where the kernel's `struct task_struct` keeps what the process-tree programs read, in bytes
+/// (from the running kernel's BTF, /sys/kernel/btf/vmlinux), and what they do at an exec.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TreeConfig {
+    /// `task_struct.pid` (the thread id) and `task_struct.tgid` (the process id).
+    pub task_pid: u64,
+    pub task_tgid: u64,
+    /// `task_struct.exit_code`: the wait status, set before `sched_process_exit` fires.
+    pub task_exit_code: u64,
+    /// Non-zero with `run --follow`: a descendant that execs a program is stopped (SIGSTOP)
+    /// before its first instruction, so userspace can attach its probes first.
+    pub stop_at_exec: u64,
+}
+
+impl TreeConfig {
+    pub const ZERO: TreeConfig =
+        TreeConfig { task_pid: 0, task_tgid: 0, task_exit_code: 0, stop_at_exec: 0 };
+}
+
+/// Capacity of the in-kernel set of the traced command's tasks (threads of every descendant
+/// process), keyed by thread id.
+pub const PROCESS_TREE_CAPACITY: u32 = 1 << 16;
+
+/// Flag of an entry of the process-tree set: the task's next exec is deferprobe's own
+/// (`run -- CMD` starting the command, probes already attached); it is neither stopped nor
+/// reported.
+pub const TREE_EXEC_IS_OURS: u32 = 1;
+
+/// Index of a process-tree counter (an array of `u64`, not per CPU: forks and execs are rare).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreeCounter {
+    /// New processes (not threads) forked by the tree's tasks.
+    ProcessesStarted = 0,
+    /// Programs the tree's processes exec'd (deferprobe's own exec of the command left out).
+    ProgramsExecuted,
+    /// Execs whose SIGSTOP could not be sent (`bpf_send_signal` failed, e.g. for pid 1 of a
+    /// pid namespace): traced from when userspace attached.
+    StopsFailed,
+    /// Tasks not added because the set was full: their children are not followed.
+    TreeFull,
+}
+
+impl TreeCounter {
+    pub const COUNT: u32 = TreeCounter::TreeFull as u32 + 1;
+}
+
+/// Kind of a [`ProcessEvent`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessEventKind {
+    /// A process of the tree exec'd a program.
+    Exec = 1,
+    /// The main thread of a process of the tree exited.
+    Exit = 2,
+}
+
+/// What the process-tree programs tell userspace (their own small ring buffer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessEvent {
+    /// A [`ProcessEventKind`] value.
+    pub kind: u32,
+    /// The process (thread group) id, in the initial pid namespace.
+    pub pid: u32,
+    /// Exec: what sending SIGSTOP returned (0: stopped before its first instruction; a
+    /// negative errno; 1 when no stop was asked). Exit: the wait status (`task_struct.exit_code`).
+    pub status: i32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ProcessEvent>().is_multiple_of(8));
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain #[repr(C)] integers with no padding holes.
@@ -282,4 +356,5 @@ mod user {
     unsafe impl aya::Pod for super::ProbeConfig {}
     unsafe impl aya::Pod for super::KnownMap {}
     unsafe impl aya::Pod for super::RecentMap {}
+    unsafe impl aya::Pod for super::TreeConfig {}
 }

@@ -26,14 +26,16 @@ mod maps;
 mod probes;
 
 use aya_ebpf::{
-    EbpfContext as _, helpers::generated::bpf_get_attach_cookie, macros::uprobe,
-    programs::ProbeContext,
+    EbpfContext as _,
+    helpers::generated::bpf_get_attach_cookie,
+    macros::{raw_tracepoint, uprobe},
+    programs::{ProbeContext, RawTracePointContext},
 };
 use deferprobe_common::{COOKIE_FALLS_THROUGH, JBE_TAKEN_FLAGS};
 
 use crate::{
     context::regs,
-    probes::{allocations::*, defers::*, goroutines::*, map_writes::*},
+    probes::{allocations::*, defers::*, goroutines::*, map_writes::*, processes::*},
 };
 
 /// A probe on a stack check's `JBE` (attach cookie [`COOKIE_FALLS_THROUGH`]) whose branch will
@@ -89,6 +91,22 @@ entry_points! {
     goexit1, goexit1_multi => on_goexit1;
     fatalpanic, fatalpanic_multi => on_fatalpanic;
     profilealloc, profilealloc_multi => on_profilealloc;
+}
+
+// The traced command's process tree (`run -- CMD`): raw tracepoints, which need no tracefs.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn process_fork(ctx: RawTracePointContext) -> i32 {
+    on_process_fork(&ctx) as i32
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn process_exec(ctx: RawTracePointContext) -> i32 {
+    on_process_exec(&ctx) as i32
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn process_exit(ctx: RawTracePointContext) -> i32 {
+    on_process_exit(&ctx) as i32
 }
 
 #[cfg(not(test))]

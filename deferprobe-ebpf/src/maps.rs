@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     Global,
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use deferprobe_common::{
-    Counters, EVENT_RING_BYTES, GOROUTINE_IDS_CAPACITY, KNOWN_MAPS_CAPACITY, KnownMap, ProbeConfig,
-    RECENT_MAP_SLOTS, RecentMap,
+    Counters, EVENT_RING_BYTES, GOROUTINE_IDS_CAPACITY, KNOWN_MAPS_CAPACITY, KnownMap,
+    PROCESS_TREE_CAPACITY, ProbeConfig, RECENT_MAP_SLOTS, RecentMap, TreeConfig, TreeCounter,
 };
 
 /// Runtime struct offsets, written by userspace before load.
@@ -51,3 +52,24 @@ pub(crate) static RECENT_MAPS: PerCpuArray<RecentMap> =
 
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
+
+/// The process-tree programs' configuration (task_struct offsets, stop at exec), written by
+/// userspace before load.
+#[unsafe(no_mangle)]
+pub(crate) static TREE_CONFIG: Global<TreeConfig> = Global::new(TreeConfig::ZERO);
+
+/// The tasks (by thread id) of the traced command's process tree: the command, and every
+/// thread and process its tasks fork, until they exit. Values: `TREE_EXEC_IS_OURS` flags.
+/// Not preallocated: only the tree tracer's copy of the object holds more than a few tasks.
+#[map]
+pub(crate) static PROCESS_TREE: HashMap<u32, u32> =
+    HashMap::with_max_entries(PROCESS_TREE_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// The process-tree counters, indexed by `TreeCounter`.
+#[map]
+pub(crate) static TREE_COUNTERS: Array<u64> = Array::with_max_entries(TreeCounter::COUNT, 0);
+
+/// Execs and exits of the tree's processes, for userspace (which is woken for each: they are
+/// rare, and a stopped process waits for it).
+#[map]
+pub(crate) static TREE_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);

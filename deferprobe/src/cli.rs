@@ -58,7 +58,7 @@ pub struct SnapshotArgs {
     pub min_pending: u64,
 }
 
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 #[command(group = clap::ArgGroup::new("target").required(true).args(["pid", "command"]))]
 pub struct RunArgs {
     /// Process id of the running Go program to attach to.
@@ -166,6 +166,14 @@ pub struct RunArgs {
     /// Format of the log lines on stderr.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// With `-- CMD`: also trace the Go programs the command starts, directly or through its
+    /// children (`go test`, a shell script), each from its first instruction, in a report
+    /// section of its own. Programs that are not Go are listed and skipped. Not with
+    /// --metrics-addr or --report-every (a followed tree has no interim reports yet); SIGUSR1
+    /// is forwarded to the command.
+    #[arg(long, requires = "command", conflicts_with_all = ["pid", "metrics_addr", "report_every"])]
+    pub follow: bool,
 
     /// Command to start with probes attached before its first instruction (after `--`).
     #[arg(last = true, value_name = "CMD")]
@@ -383,6 +391,9 @@ mod tests {
             &["run", "--pid", "1", "--metrics-sites", "0"],
             &["run", "--pid", "1", "--report-every", "500ms"],
             &["run", "--pid", "1", "--report-every", "0s"],
+            &["run", "--pid", "1", "--follow"],
+            &["run", "--follow", "--metrics-addr", "127.0.0.1:9464", "--", "prog"],
+            &["run", "--follow", "--report-every", "1m", "--", "prog"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(err.exit_code(), 2, "{args:?}"); // clap's; main.rs makes it 64

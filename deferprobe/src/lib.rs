@@ -22,6 +22,7 @@ pub mod modules;
 pub mod output;
 pub mod plan;
 pub mod pprof;
+pub mod process_tree;
 pub mod report;
 pub mod session;
 pub mod snapshot;

@@ -239,6 +239,7 @@ pub fn snapshot(args: &SnapshotArgs) -> Result<i32> {
             go_module: target.go_module.clone(),
             go_version: binary.build_info().version.clone(),
             exit_code: None,
+            namespace: target.namespace.clone(),
         },
         snapshot: SnapshotStats::of(&snapshot),
         layout_source: model.layout_source,

@@ -44,6 +44,9 @@ pub struct Target {
     pub go_module: Option<String>,
     /// What the report should say about how the Go module was chosen.
     pub notes: Vec<String>,
+    /// Its own namespaces, when it is in a container (read when it was found: they are gone
+    /// with it).
+    pub namespace: Option<Namespaces>,
 }
 
 /// Linux's PF_KTHREAD task flag (/proc/PID/stat field 9).
@@ -131,7 +134,8 @@ impl Target {
             }
             Err(err) => return Err(Error::no_target(format!("reading /proc/{pid}/exe: {err}"))),
         };
-        Ok(Target { pid, exe, exe_name, thread, go_module: None, notes: Vec::new() })
+        let namespace = namespaces(pid, &exe_name);
+        Ok(Target { pid, exe, exe_name, thread, go_module: None, notes: Vec::new(), namespace })
     }
 
     /// `err`, or "the target exited" if it has: for failures while setting up, before anything
@@ -298,6 +302,59 @@ fn parse_mapping(line: &str) -> Option<Mapping> {
     })
 }
 
+/// The parent of `pid` (/proc/PID/stat field 4), None if it is gone.
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The command line of `pid` (/proc/PID/cmdline), empty if it is gone.
+pub fn command_line(pid: u32) -> Vec<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    cmdline
+        .split(|&byte| byte == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect()
+}
+
+/// Where a process lives when its namespaces are not deferprobe's (a container).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Namespaces {
+    /// Its pid in each pid namespace it is in, from deferprobe's (the host's) to its own
+    /// (`NSpid` in /proc/PID/status).
+    pub pids: Vec<u32>,
+    /// In a pid namespace of its own, or a mount namespace of its own.
+    pub own_pid_namespace: bool,
+    pub own_mount_namespace: bool,
+    /// Where deferprobe reads its executable: the executable's path in the process's own
+    /// mount namespace, seen through `/proc/PID/root` (the probes go on the same inode).
+    pub exe_from_here: Option<String>,
+}
+
+/// `pid`'s namespaces, when its pid or mount namespace is not deferprobe's; None when both
+/// are (or it is gone).
+pub fn namespaces(pid: u32, exe_name: &str) -> Option<Namespaces> {
+    let namespace = |of: &str, kind: &str| std::fs::read_link(format!("/proc/{of}/ns/{kind}")).ok();
+    let differs = |kind: &str| {
+        let theirs = namespace(&pid.to_string(), kind);
+        theirs.is_some() && theirs != namespace("self", kind)
+    };
+    let (own_pid_namespace, own_mount_namespace) = (differs("pid"), differs("mnt"));
+    if !own_pid_namespace && !own_mount_namespace {
+        return None;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let pids = status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))
+        .map(|pids| pids.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .unwrap_or_default();
+    let exe_from_here = (own_mount_namespace && exe_name.starts_with('/'))
+        .then(|| format!("/proc/{pid}/root{}", exe_name.trim_end_matches(" (deleted)")));
+    Some(Namespaces { pids, own_pid_namespace, own_mount_namespace, exe_from_here })
+}
+
 /// What reading another process's executable and memory needs, for one who lacks it.
 pub fn ptrace_advice() -> &'static str {
     // SAFETY: geteuid has no preconditions.
@@ -366,6 +423,7 @@ impl GatedChild {
                 thread: None,
                 go_module: None,
                 notes: Vec::new(),
+                namespace: None,
             },
             gate: File::from(gate_write),
             exec_status: File::from(status_read),
@@ -541,6 +599,14 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
+    /// From a wait status, as waitpid(2) returns it.
+    pub fn from_wait(status: i32) -> ExitStatus {
+        match libc::WIFSIGNALED(status) {
+            true => ExitStatus::Signal(libc::WTERMSIG(status)),
+            false => ExitStatus::Code(libc::WEXITSTATUS(status)),
+        }
+    }
+
     /// The exit code a shell would give: the code, or 128 + signal.
     pub fn shell_code(self) -> i32 {
         match self {
@@ -573,11 +639,7 @@ pub fn wait_child(pid: u32) -> Result<ExitStatus> {
     if rc < 0 {
         return Err(Error::internal(format!("waitpid: {}", std::io::Error::last_os_error())));
     }
-    Ok(if libc::WIFSIGNALED(status) {
-        ExitStatus::Signal(libc::WTERMSIG(status))
-    } else {
-        ExitStatus::Code(libc::WEXITSTATUS(status))
-    })
+    Ok(ExitStatus::from_wait(status))
 }
 
 #[cfg(test)]
@@ -622,6 +684,16 @@ mod tests {
             .map(|m| m.start)
             .min();
         assert_eq!(Some(start), lowest);
+    }
+
+    #[test]
+    fn reads_proc() {
+        let me = std::process::id();
+        // SAFETY: getppid has no preconditions.
+        assert_eq!(parent_pid(me), Some(unsafe { libc::getppid() } as u32));
+        assert_eq!(command_line(me), std::env::args().collect::<Vec<_>>());
+        assert_eq!(namespaces(me, "/x"), None, "deferprobe's own namespaces are not another's");
+        assert_eq!((parent_pid(i32::MAX as u32), command_line(i32::MAX as u32)), (None, vec![]));
     }
 
     #[test]

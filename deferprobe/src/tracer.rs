@@ -31,7 +31,8 @@ use crate::{
 };
 
 /// The compiled deferprobe-ebpf object, built by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/deferprobe"));
+pub(crate) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/deferprobe"));
 
 /// The probes of a Go module other than the executable (a plugin: a separate ELF file with its
 /// own copy of the runtime's functions, which its code calls directly).
@@ -97,11 +98,12 @@ impl Tracer {
             ));
         }
         let config = probe_config(plan);
-        let mut ebpf = EbpfLoader::new()
-            .override_global("PROBE_CONFIG", &config, true)
-            .map_max_entries("EVENTS", ring_bytes)
-            .load(EBPF_OBJECT)
-            .map_err(|err| bpf_error("loading the eBPF programs", &err))?;
+        let mut loader = EbpfLoader::new();
+        loader.override_global("PROBE_CONFIG", &config, true).map_max_entries("EVENTS", ring_bytes);
+        // The process tree has a copy of the object of its own (crate::process_tree).
+        small_maps(&mut loader, &["PROCESS_TREE", "TREE_EVENTS"]);
+        let mut ebpf =
+            loader.load(EBPF_OBJECT).map_err(|err| bpf_error("loading the eBPF programs", &err))?;
 
         let pid = NonZeroU32::new(pid).ok_or_else(|| Error::usage("pid 0 is not a process"))?;
         // Go programs are multi-threaded: a multi-uprobe link must filter by process, not by
@@ -131,7 +133,9 @@ impl Tracer {
         }
         let attached = offsets.values().map(Vec::len).sum::<usize>()
             + frames.values().map(Vec::len).sum::<usize>();
-        let calibration = calibrate(&mut ebpf, mode);
+        // Once per deferprobe process: the tracers of a `--follow`ed tree share it (each
+        // would otherwise cost the program it traces, stopped meanwhile, a calibration).
+        let calibration = *CALIBRATION.get_or_init(|| calibrate(&mut ebpf, mode));
 
         let events = take_map(&mut ebpf, "EVENTS")?;
         let counters = take_map(&mut ebpf, "COUNTERS")?;
@@ -513,6 +517,9 @@ fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Calibration> {
     Some(Calibration { jbe, call })
 }
 
+/// The calibration of the first tracer of this process.
+static CALIBRATION: std::sync::OnceLock<Option<Calibration>> = std::sync::OnceLock::new();
+
 /// One hit's cost per instruction class (see [`calibrate`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Calibration {
@@ -584,7 +591,7 @@ fn check_kernel_features() -> Result<()> {
 }
 
 /// Where the kernel exposes its BTF.
-const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 /// The kernel error (exit code 5) naming every required feature the probes found missing.
 pub fn missing_kernel_features(btf: bool, ring_buffer: bool) -> Result<()> {
@@ -601,6 +608,19 @@ pub fn missing_kernel_features(btf: bool, ring_buffer: bool) -> Result<()> {
         return Ok(());
     }
     Err(Error::kernel(format!("kernel lacks {}", missing.join(" and "))))
+}
+
+/// Makes the maps `names` of the object about to be loaded as small as the kernel allows: a
+/// copy of the object that doesn't use them (the probes' or the process tree's).
+pub(crate) fn small_maps<'a>(loader: &mut EbpfLoader<'a>, names: &[&'a str]) {
+    for name in names {
+        // Ring buffers: one page; hash maps: a few entries (LRU maps keep some per CPU).
+        let entries = match *name {
+            "EVENTS" | "TREE_EVENTS" => 4096,
+            _ => 256,
+        };
+        loader.map_max_entries(name, entries);
+    }
 }
 
 /// Maps an aya error to one line of the right kind: permission problems are the common case.
@@ -626,7 +646,7 @@ fn attach_cookie(probe: &crate::plan::PlannedProbe) -> u64 {
     }
 }
 
-fn bpf_error(what: &str, err: &dyn std::error::Error) -> Error {
+pub(crate) fn bpf_error(what: &str, err: &dyn std::error::Error) -> Error {
     let mut message = format!("{what}: {err}");
     let mut source = err.source();
     while let Some(cause) = source {

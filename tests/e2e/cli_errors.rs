@@ -21,6 +21,17 @@ fn usage_errors_exit_64() {
     assert_fails(&["run", "--pid", "1", "--log-format", "xml"], EXIT_USAGE, "xml");
     assert_fails(&["run", "--pid", "1", "--frobnicate"], EXIT_USAGE, "--frobnicate");
     assert_fails(&["frobnicate"], EXIT_USAGE, "frobnicate");
+    // A followed tree has no metrics or interim reports (yet).
+    assert_fails(
+        &["run", "--follow", "--metrics-addr", "127.0.0.1:0", "--", "true"],
+        EXIT_USAGE,
+        "'--follow' cannot be used with '--metrics-addr",
+    );
+    assert_fails(
+        &["run", "--report-every", "1m", "--follow", "--", "true"],
+        EXIT_USAGE,
+        "'--report-every <D>' cannot be used with '--follow'",
+    );
 }
 
 #[test]

@@ -6,12 +6,14 @@
 mod bad_input;
 mod c_shared;
 mod cli_errors;
+mod containers;
 mod correlation;
 mod counts;
 mod defer_sites;
 mod demo;
 mod edges;
 mod endings;
+mod follow;
 mod governor;
 mod idle_probes;
 mod matrix;

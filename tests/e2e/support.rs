@@ -134,25 +134,32 @@ pub fn trace_command(name: &str, program: &Path, args: &[&str]) -> Traced {
 
 /// [`trace_command`] with more `deferprobe run` flags.
 pub fn trace_command_with(name: &str, flags: &[&str], program: &Path, args: &[&str]) -> Traced {
+    let mut command: Vec<&str> = vec![program.to_str().expect("UTF-8 path")];
+    command.extend(args);
+    trace_in(name, deferprobe(), flags, &command)
+}
+
+/// `deferprobe run --interval 1s FLAGS --report FILE -- COMMAND…`, with `deferprobe`'s
+/// environment and directory. Panics, with deferprobe's output, if it wrote no report.
+pub fn trace_in(name: &str, mut deferprobe: Command, flags: &[&str], command: &[&str]) -> Traced {
     let report_file = report_path(name);
     let _ = std::fs::remove_file(&report_file);
-    let output = deferprobe()
+    let output = deferprobe
         .args(["run", "--interval", "1s"])
         .args(ALL_PROBES_ON)
         .args(flags)
         .arg("--report")
         .arg(&report_file)
         .arg("--")
-        .arg(program)
-        .args(args)
+        .args(command)
         .output()
         .expect("start deferprobe");
     let (stdout, stderr) = text(&output);
     let code = output.status.code().expect("deferprobe killed by a signal");
     assert!(
         report_file.exists(),
-        "deferprobe run -- {} exited with {code} and wrote no report:\n{stderr}{stdout}",
-        program.display()
+        "deferprobe run {flags:?} -- {command:?} exited with {code} and wrote no report:\n\
+         {stderr}{stdout}"
     );
     Traced { code, stdout, stderr, report: read_json(&report_file) }
 }

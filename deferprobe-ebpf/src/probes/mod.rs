@@ -5,3 +5,4 @@ pub(crate) mod allocations;
 pub(crate) mod defers;
 pub(crate) mod goroutines;
 pub(crate) mod map_writes;
+pub(crate) mod processes;

@@ -4,9 +4,11 @@
 //! events alone, when the runtime's state can't be read.
 
 mod correlate;
+mod processes;
 mod text;
 
 pub use correlate::{Lookups, correlate};
+pub use processes::{CommandReport, FollowReport, ProcessReport, ProcessStatus};
 pub use text::{site_name, truncate, write_findings, write_more_sites, write_notes, write_pending};
 
 use std::collections::BTreeMap;
@@ -50,7 +52,23 @@ pub struct Report {
     pub goroutines: Vec<GoroutineReport>,
     /// Every heap defer site seen while tracing, most pending first.
     pub sites: Vec<SiteReport>,
+    /// The processes the target started, which were not traced (`run` without `--follow`);
+    /// absent from `snapshot`, and from each process of a `--follow` report. Null when they
+    /// could not be counted (a note says why).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub children: Option<ChildrenReport>,
     pub notes: Vec<String>,
+}
+
+/// The processes a traced process started (forked), counted by the process-tree programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct ChildrenReport {
+    /// New processes (threads left out) forked by the target or its descendants.
+    pub processes_started: u64,
+    /// Programs those processes exec'd.
+    pub programs_executed: u64,
+    /// Always false here: `run --follow` traces them, each in a section of its own.
+    pub traced: bool,
 }
 
 /// How a snapshot of the runtime's state went.
@@ -90,6 +108,11 @@ pub struct TargetReport {
     /// Exit status of a command started with `run -- CMD` (the code, or 128 + signal).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// The process's own pid and mount namespaces, when they are not deferprobe's (a
+    /// container): its pids there, and where its executable was read (`exe` is its path in
+    /// its own mount namespace).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<crate::target::Namespaces>,
 }
 
 /// What asked for a report while tracing goes on, and when it was written.
@@ -115,6 +138,11 @@ pub enum EndReason {
     Duration,
     Signal,
     TargetExited,
+    /// `--follow`: the process exec'd another program (traced in a section of its own).
+    Exec,
+    /// `--follow`: the command deferprobe started exited, and this process of its tree
+    /// (still running) was no longer traced.
+    CommandExited,
 }
 
 /// Exact counts from the per-CPU counters.
@@ -633,6 +661,7 @@ pub(crate) mod tests {
                 go_module: None,
                 go_version: "go1.27.3".into(),
                 exit_code: None,
+                namespace: None,
             },
             duration_secs: 1.5,
             ended_by: Some(EndReason::Duration),
@@ -672,6 +701,7 @@ pub(crate) mod tests {
             findings: c.findings,
             goroutines: c.goroutines,
             sites: c.sites,
+            children: None,
             notes: vec![
                 "a note long enough to need wrapping in an eighty column terminal, \
                          which is what the text report promises to fit in"

@@ -72,6 +72,8 @@ impl Report {
             Some(EndReason::Duration) => "duration reached",
             Some(EndReason::Signal) => "interrupted",
             Some(EndReason::TargetExited) => "target exited",
+            Some(EndReason::Exec) => "exec'd another program",
+            Some(EndReason::CommandExited) => "the command exited",
             None => "still tracing",
         };
         match &self.interim {
@@ -85,6 +87,7 @@ impl Report {
         if let Some(module) = &t.go_module {
             let _ = writeln!(out, "  go module {}", truncate(module, 68));
         }
+        write_namespace(&mut out, t.namespace.as_ref());
         let _ = writeln!(out, "  traced    {:.1}s, {ended}", self.duration_secs);
         if let Some(code) = t.exit_code {
             let _ = writeln!(out, "  exit code {code}");
@@ -178,6 +181,21 @@ impl Report {
         }
         write_notes(&mut out, &self.notes);
         out
+    }
+}
+
+/// The header lines of a target in namespaces of its own (a container).
+pub fn write_namespace(out: &mut String, namespace: Option<&crate::target::Namespaces>) {
+    let Some(namespace) = namespace else { return };
+    let pids: Vec<String> = namespace.pids.iter().map(u32::to_string).collect();
+    let own: Vec<&str> =
+        [(namespace.own_pid_namespace, "pid"), (namespace.own_mount_namespace, "mount")]
+            .into_iter()
+            .filter_map(|(own, kind)| own.then_some(kind))
+            .collect();
+    let _ = writeln!(out, "  namespace own {}; pids {}", own.join(" and "), pids.join(" / "));
+    if let Some(path) = &namespace.exe_from_here {
+        let _ = writeln!(out, "  read at   {}", truncate(path, 68));
     }
 }
 

@@ -16,10 +16,11 @@ use crate::{
     governor::SampledFamily,
     modules::Modules,
     plan::{ProbeFamily, ProbePlan},
+    process_tree::ProcessTree,
     report::{
-        self, AllocationsReport, Counts, EndReason, GovernorReport, InterimReport, Location,
-        Lookups, LostEvents, ProbesReport, ProfiledAllocations, RateSource, Report, SnapshotStats,
-        TargetReport,
+        self, AllocationsReport, ChildrenReport, Counts, EndReason, GovernorReport, InterimReport,
+        Location, Lookups, LostEvents, ProbesReport, ProfiledAllocations, RateSource, Report,
+        SnapshotStats, TargetReport,
     },
     snapshot::RuntimeReader,
     state::Snapshot,
@@ -40,11 +41,24 @@ pub(super) struct Reporter<'a> {
     pub(super) state_error: Option<String>,
     /// Runtime address − ELF virtual address of the executable.
     pub(super) bias: u64,
-    /// deferprobe started the target (`-- CMD`).
-    pub(super) started_command: bool,
+    /// The probes were attached before the target's first instruction (`-- CMD`, or a
+    /// `--follow`ed process stopped at its exec).
+    pub(super) from_first_instruction: bool,
+    /// What the report says of the processes the target started.
+    pub(super) children: Children<'a>,
     pub(super) memory_profiling: MemoryProfiling,
     /// `--alloc-mode profiled` with allocations probed.
     pub(super) profiled: bool,
+}
+
+/// The processes the target started, as a report tells them.
+pub(super) enum Children<'a> {
+    /// The target deferprobe was given (`--pid`, `-- CMD`): the processes it starts are counted
+    /// by the process-tree programs (None: they could not be loaded), and not traced.
+    Counted(Option<&'a ProcessTree>),
+    /// A process of a `--follow`ed tree (the follow report lists the tree), `stopped` at its
+    /// exec unless the stop failed.
+    Followed { stopped: bool },
 }
 
 /// The trace's state a report is made from, at its end or while it goes on.
@@ -149,7 +163,7 @@ impl Reporter<'_> {
         };
         // Probes were attached before the program's first instruction: what no registration
         // seen accounts for is a lost event, never "pending before trace".
-        if self.started_command {
+        if self.from_first_instruction {
             findings::unseen_registrations_were_lost(&mut correlation);
         }
         let events = aggregator.events();
@@ -176,8 +190,31 @@ impl Reporter<'_> {
                     .to_owned(),
             );
         }
-        notes.extend(end_notes(&lost, live.ended_by, live.exit_code, args.ring_buffer_kib));
+        notes.extend(end_notes(
+            &lost,
+            live.ended_by,
+            live.exit_code,
+            self.from_first_instruction,
+            args.ring_buffer_kib,
+        ));
         notes.extend(target.notes.iter().cloned());
+        let children = match self.children {
+            Children::Followed { stopped } => {
+                if !stopped {
+                    notes.push(
+                        "the process could not be stopped at its exec (pid 1 of a pid namespace \
+                         can't be signalled so): it was traced from when its probes were attached"
+                            .into(),
+                    );
+                }
+                None
+            }
+            Children::Counted(tree) => {
+                let (children, note) = untraced_children(tree);
+                notes.extend(note);
+                children
+            }
+        };
         notes.extend(plan.layout_note.clone());
         if let Some(thread) = target.thread {
             notes.push(format!(
@@ -275,6 +312,7 @@ impl Reporter<'_> {
                 go_module: target.go_module.clone(),
                 go_version: plan.go_version.clone(),
                 exit_code: live.exit_code,
+                namespace: target.namespace.clone(),
             },
             duration_secs: live.duration.as_secs_f64(),
             ended_by: live.ended_by,
@@ -296,9 +334,33 @@ impl Reporter<'_> {
             findings: correlation.findings,
             goroutines: correlation.goroutines,
             sites: correlation.sites,
+            children,
             notes,
         }
     }
+}
+
+/// What the report says of the processes an untraced tree started (`children`), and its note.
+fn untraced_children(tree: Option<&ProcessTree>) -> (Option<ChildrenReport>, Option<String>) {
+    let Some(tree) = tree else {
+        let note = "the processes the target started were not counted (the process-tree \
+                    programs could not be loaded): any it started were not traced";
+        return (None, Some(note.to_owned()));
+    };
+    let counts = tree.counts();
+    let children = ChildrenReport {
+        processes_started: counts.processes_started,
+        programs_executed: counts.programs_executed,
+        traced: false,
+    };
+    let note = (counts.processes_started + counts.programs_executed > 0).then(|| {
+        format!(
+            "the target started {} processes ({} programs executed) that were not traced: \
+             run --follow -- CMD traces the Go programs among them",
+            counts.processes_started, counts.programs_executed
+        )
+    });
+    (Some(children), note)
 }
 
 /// Write counts of `maps` (runtime addresses), from the kernel's known-maps set.
@@ -368,10 +430,11 @@ fn end_notes(
     lost: &LostEvents,
     ended_by: Option<EndReason>,
     exit_code: Option<i32>,
+    from_first_instruction: bool,
     ring_kib: u32,
 ) -> Vec<String> {
     let mut notes = Vec::new();
-    if exit_code.is_none() {
+    if !from_first_instruction {
         notes.push(
             "counts cover only what the target did while the probes were attached".to_owned(),
         );

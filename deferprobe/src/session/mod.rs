@@ -1,7 +1,8 @@
 //! `deferprobe run`: the thin runtime shell around the pure parts. It finds or starts the
 //! target, attaches the probe plan, runs the trace loop ([`trace_loop`]: ring buffer, snapshots,
 //! governor ticks through [`sampler`], signals, the target's exit, reports [`on_demand`]), then
-//! has the report [`assemble`]d and writes it.
+//! has the report [`assemble`]d and writes it. `run --follow` does that for each program of a
+//! command's process tree ([`follow`]).
 
 use std::collections::BTreeMap;
 
@@ -14,7 +15,8 @@ use crate::{
     metrics::{TraceMetrics, server::MetricsListener},
     output::{self, OutputFile},
     plan::{AllocationMode, PlanOptions, ProbeFamily, ProbePlan},
-    report::{EndReason, Location},
+    process_tree::{ProcessTree, TaskOffsets},
+    report::{EndReason, Location, Report},
     snapshot::{RuntimeModel, RuntimeReader},
     state::memory::{Memory as _, ProcessMemory},
     target::{self, GatedChild, Target},
@@ -22,16 +24,17 @@ use crate::{
 };
 
 mod assemble;
+mod follow;
 mod frames;
 mod on_demand;
 mod sampler;
 mod signals;
 mod trace_loop;
 
-use assemble::{Live, Reporter};
+use assemble::{Children, Live, Reporter};
 use on_demand::OnDemand;
 use signals::{CommandStop, Signals};
-use trace_loop::{ExitWatch, TraceContext, stop_command, trace};
+use trace_loop::{ExitWatch, StopRequest, TraceContext, TraceControl, stop_command, trace};
 
 /// Runs `deferprobe run`; returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<i32> {
@@ -42,18 +45,91 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     let pprof_file =
         args.pprof.as_deref().map(|path| OutputFile::check("--pprof", path)).transpose()?;
     // So does an address the metrics can't be served at.
-    let metrics_listener = args.metrics_addr.map(MetricsListener::bind).transpose()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|err| Error::internal(format!("starting the tokio runtime: {err}")))?;
+    let metrics = args.metrics_addr.map(MetricsListener::bind).transpose()?;
+    let runtime = new_runtime()?;
     // Catch SIGINT / SIGTERM from now on: one arriving while probes are being attached still
     // ends tracing cleanly, with a report.
     let _runtime_context = runtime.enter();
     let signals = Signals::install()?;
+    // After the signals are blocked: a thread started before would get them.
+    let task_offsets = TaskOffsets::read();
+    if args.follow {
+        return follow::run(args, &runtime, &signals, task_offsets, report_file.as_ref());
+    }
+    let launch =
+        Launch::Own { signals: &signals, task_offsets, report_file: report_file.as_ref(), metrics };
+    let outcome = trace_process(args, launch, &runtime)?;
+    // The profile first: a failing stdout never costs it.
+    let profile = match (&pprof_file, &outcome.profile) {
+        (Some(file), Some(profile)) => file.write(profile),
+        _ => Ok(()),
+    };
+    let json = outcome.report.to_json() + "\n";
+    let delivered = output::deliver(
+        &outcome.report.to_text(),
+        report_file.as_ref().map(|file| (file, json.as_str())),
+    );
+    profile.and(delivered)?;
+    Ok(outcome.code)
+}
 
-    let started_command = !args.command.is_empty();
-    let mut running = args.pid.map(Target::running).transpose()?;
+fn new_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| Error::internal(format!("starting the tokio runtime: {err}")))
+}
+
+/// How the process [`trace_process`] traces is started, and what ends its trace.
+enum Launch<'a> {
+    /// `--pid` or `-- CMD`: the target deferprobe was given. A signal ends the trace of a
+    /// `--pid` target, and is forwarded to a command; SIGUSR1 asks for an interim report
+    /// (JSON next to `report_file`, if any). The process-tree programs (loaded with
+    /// `task_offsets` once the target is found) count the processes it starts, which are not
+    /// traced. `metrics` (`--metrics-addr`) serves the metrics once the probes are attached.
+    Own {
+        signals: &'a Signals,
+        task_offsets: TaskOffsets,
+        report_file: Option<&'a OutputFile>,
+        metrics: Option<MetricsListener>,
+    },
+    /// A process of a `--follow`ed tree that exec'd a program, `stopped` at its exec (before
+    /// its first instruction) unless the stop failed: released (SIGCONT) once its probes are
+    /// attached, traced until it exits or `stop` is requested. No interim reports, no metrics.
+    Followed { pid: u32, stopped: bool, stop: &'a StopRequest, release: &'a dyn Fn() },
+}
+
+/// A traced process's report (and `--pprof` profile), and the code `run` exits with for it.
+struct Outcome {
+    report: Report,
+    profile: Option<Vec<u8>>,
+    code: i32,
+}
+
+/// Finds or starts the process `launch` says, attaches the probe plan, traces it and builds
+/// its report.
+fn trace_process(
+    args: &RunArgs,
+    launch: Launch<'_>,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<Outcome> {
+    let (signals, task_offsets, report_file, metrics_listener, followed) = match launch {
+        Launch::Own { signals, task_offsets, report_file, metrics } => {
+            (Some(signals), Some(task_offsets), report_file, metrics, None)
+        }
+        Launch::Followed { pid, stopped, stop, release } => {
+            (None, None, None, None, Some((pid, stopped, stop, release)))
+        }
+    };
+    // Whether deferprobe started the target (and waits for it, forwards signals to it).
+    let started_command = followed.is_none() && !args.command.is_empty();
+    // Whether the probes were attached before the target's first instruction.
+    let from_first_instruction =
+        started_command || followed.is_some_and(|(_, stopped, ..)| stopped);
+    let mut running = match followed {
+        Some((pid, ..)) => Some(Target::running(pid)?),
+        None => args.pid.map(Target::running).transpose()?,
+    };
     if let Some(Target { pid, thread: Some(thread), .. }) = &running {
         info!(thread, pid, "--pid {thread} is a thread of process {pid}: tracing the process");
     }
@@ -119,8 +195,28 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             });
         }
     };
+    // The processes the target starts are counted (and not traced: that is --follow's job).
+    let tree = task_offsets.map(|offsets| {
+        let mut tree = ProcessTree::load(false, offsets)?;
+        match &gated {
+            Some(child) => tree.add_command(child.target.pid, true),
+            None => tree.add_process(target.pid),
+        }
+        .map(|()| tree)
+    });
+    let tree = match tree {
+        Some(Err(err)) => {
+            warn!(%err, "the processes the target starts can't be counted");
+            None
+        }
+        Some(Ok(tree)) => Some(tree),
+        None => None,
+    };
     if let Some(child) = gated {
         child.release()?;
+    }
+    if let Some((.., release)) = followed {
+        release();
     }
     // Runtime address − ELF virtual address, for naming the PCs the probes report.
     let bias = target::load_bias(&binary, target.pid);
@@ -130,7 +226,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     // A target whose memory can't be read is refused (naming the capability).
     let reader = match &model {
         Some(model) => match RuntimeReader::new(model, target.pid, bias) {
-            Ok(reader) => Some(reader.with_stacks(pprof_file.is_some())),
+            Ok(reader) => Some(reader.with_stacks(args.pprof.is_some())),
             Err(err) if err.kind == ErrorKind::Permission && !target::has_exited(target.pid) => {
                 return Err(err);
             }
@@ -154,7 +250,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         }
         _ => None,
     };
-    if let (Some(at), Some(pid)) = (memprofile_rate, args.pid)
+    if let (Some(at), Some(pid), None) = (memprofile_rate, args.pid, followed)
         && memory.read_u64(at) == Some(0)
     {
         return Err(Error::unsupported(format!(
@@ -170,7 +266,11 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         reader: reader.as_ref(),
         state_error,
         bias,
-        started_command,
+        from_first_instruction,
+        children: match followed {
+            Some((_, stopped, ..)) => Children::Followed { stopped },
+            None => Children::Counted(tree.as_ref()),
+        },
         memory_profiling,
         profiled,
     };
@@ -193,22 +293,17 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             target.pid,
             &target.exe,
             PlanOptions { families: plan.families.clone(), allocations: plan.allocations },
-            started_command,
+            from_first_instruction,
         )
         .into(),
         reporter: &reporter,
         on_demand: &on_demand,
+        from_first_instruction,
     };
     let mut stop = CommandStop::new(args.kill_after);
-    let traced = runtime.block_on(trace(
-        &mut tracer,
-        &exit_watch,
-        &signals,
-        &mut stop,
-        args,
-        child,
-        &context,
-    ))?;
+    let control = TraceControl { signals, child, stop: followed.map(|(_, _, stop, _)| stop) };
+    let traced =
+        runtime.block_on(trace(&mut tracer, &exit_watch, &mut stop, args, &control, &context))?;
     let exited_during_attach = tracer.exited_during_attach();
     // How often each captured map was written while traced, from the kernel's known-maps set:
     // read before the tracer detaches.
@@ -221,8 +316,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
 
     // --duration ended the trace of a command: it is stopped (it must not outlive deferprobe
     // untraced), and its end is reported.
-    if let (Some(pid), EndReason::Duration) = (child, traced.ended_by) {
-        runtime.block_on(stop_command(pid, &exit_watch, &signals, &mut stop));
+    if let (Some(pid), EndReason::Duration, Some(signals)) = (child, traced.ended_by, signals) {
+        runtime.block_on(stop_command(pid, &exit_watch, signals, &mut stop));
     }
     let exit_code = match started_command {
         true => Some(target::wait_child(target.pid)?.shell_code()),
@@ -249,8 +344,8 @@ pub fn run(args: &RunArgs) -> Result<i32> {
         stop_note: exit_code.and_then(|code| stop.note(&format_args!("exit code {code}"))),
         exited_during_attach,
     });
-    // The profile first: a failing stdout never costs it.
-    let profile = pprof_file.map(|file| {
+    // `--pprof`: the profile, written by `run` before the report.
+    let profile = args.pprof.is_some().then(|| {
         let no_snapshot = crate::state::Snapshot::default();
         let (snapshot, mut notes) = match (&traced.snapshot, &reader) {
             (Some((snapshot, _)), Some(_)) => (snapshot, Vec::new()),
@@ -263,7 +358,7 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             Some(module) => module.location,
             None => Location::of_return_address(&binary, pc.wrapping_sub(bias)),
         };
-        file.write(&crate::pprof::encode(&crate::pprof::ProfileSource {
+        crate::pprof::encode(&crate::pprof::ProfileSource {
             snapshot,
             defer_record_bytes: plan.layout.defer_size,
             locate: &locate,
@@ -273,19 +368,15 @@ pub fn run(args: &RunArgs) -> Result<i32> {
             time_nanos: crate::pprof::now_nanos(),
             duration_nanos: traced.duration.as_nanos() as i64,
             notes: &notes,
-        }))
+        })
     });
-    let json = report.to_json() + "\n";
-    let report_file = on_demand.report_file.as_ref();
-    let delivered =
-        output::deliver(&report.to_text(), report_file.map(|file| (file, json.as_str())));
-    profile.unwrap_or(Ok(())).and(delivered)?;
     // A command deferprobe stopped at --duration: tracing did what was asked (the command's
     // code is in the report). Otherwise the command's own code, as if it ran alone.
-    Ok(match stop.stopped_at_duration() {
+    let code = match stop.stopped_at_duration() {
         true => 0,
         false => exit_code.unwrap_or(0),
-    })
+    };
+    Ok(Outcome { report, profile, code })
 }
 
 /// The `--pprof` profile's first comment when the runtime's state could not be read.

@@ -15,13 +15,13 @@ use crate::{
 };
 
 /// Where reports made while tracing goes on go.
-pub(super) struct OnDemand {
+pub(super) struct OnDemand<'a> {
     /// `--report`: interim JSON reports go next to it.
-    pub(super) report_file: Option<OutputFile>,
+    pub(super) report_file: Option<&'a OutputFile>,
     pub(super) metrics: Option<Arc<TraceMetrics>>,
 }
 
-impl OnDemand {
+impl OnDemand<'_> {
     /// Whether the metrics want a report every `--interval`.
     pub(super) fn publishes_metrics(&self) -> bool {
         self.metrics.is_some()
@@ -41,7 +41,7 @@ impl OnDemand {
             InterimCause::Signal => "SIGUSR1",
             InterimCause::ReportEvery => "--report-every",
         };
-        let Some(report_file) = &self.report_file else {
+        let Some(report_file) = self.report_file else {
             let mut stderr = std::io::stderr().lock();
             let text = format!("\n{}\n", report.to_text());
             let _ = stderr.write_all(text.as_bytes()).and_then(|()| stderr.flush());

@@ -246,6 +246,20 @@ impl Killed {
     }
 }
 
+/// Passes `arrived` on to command `pid` (unless it got it from the terminal too) without
+/// stopping it: SIGUSR1 under `--follow`, which makes no interim reports.
+pub fn pass_on(pid: u32, arrived: Arrived) {
+    if !arrived.to_group {
+        send(pid, arrived.signal);
+    }
+    info!(
+        signal = arrived.name(),
+        pid,
+        forwarded = !arrived.to_group,
+        "signal passed on to the command (--follow makes no interim reports)"
+    );
+}
+
 fn send(pid: u32, signal: libc::c_int) {
     // SAFETY: plain kill(2) on our own child (not yet reaped, so the pid is still its).
     unsafe { libc::kill(pid as libc::pid_t, signal) };

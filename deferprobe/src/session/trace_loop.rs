@@ -1,13 +1,8 @@
 //! The tokio loop of `run`: drains the ring buffer on a short timer into the [`Aggregator`],
-//! takes snapshots of the runtime's state and logs counts (and refreshes the metrics) every
-//! `--interval`, runs the governor's ticks, writes interim reports (SIGUSR1, `--report-every`),
-//! and stops on the duration, a signal or the target's exit.
-
-//! `deferprobe run`: the thin runtime shell around the pure parts. It finds or starts the
-//! target, attaches the probe plan, then runs one tokio loop that drains the ring buffer on a
-//! short timer into the [`Aggregator`], reconciles it with the runtime's `_defer` chains and
-//! logs counts every `--interval`, and stops on the duration, SIGINT/SIGTERM or the target's
-//! exit. Then it writes the report.
+//! reconciles it with the runtime's `_defer` chains, takes snapshots of the runtime's state and
+//! logs counts (and refreshes the metrics) every `--interval`, runs the governor's ticks,
+//! writes interim reports (SIGUSR1, `--report-every`), and stops on the duration, a signal, the
+//! target's exit or (a `--follow`ed process) a [`StopRequest`].
 
 use std::{
     borrow::Cow,
@@ -110,7 +105,62 @@ pub(super) struct TraceContext<'a> {
     /// Makes the reports, interim and final.
     pub(super) reporter: &'a Reporter<'a>,
     /// Where interim reports and the metrics go.
-    pub(super) on_demand: &'a OnDemand,
+    pub(super) on_demand: &'a OnDemand<'a>,
+    /// The probes were attached before the target's first instruction: nothing was pending
+    /// before, and the first snapshot comes at the first interval.
+    pub(super) from_first_instruction: bool,
+}
+
+/// What ends a trace besides the duration and the target's exit.
+pub(super) struct TraceControl<'a> {
+    /// SIGINT / SIGTERM: they end the trace of a `--pid` target, and are forwarded to `child`;
+    /// SIGUSR1 asks for an interim report. None for a `--follow`ed process (the command gets
+    /// them).
+    pub(super) signals: Option<&'a Signals>,
+    /// Set when deferprobe started the target: a signal then starts stopping it, and tracing
+    /// lasts until it exits.
+    pub(super) child: Option<u32>,
+    /// A `--follow`ed process: its trace ends when the follower asks.
+    pub(super) stop: Option<&'a StopRequest>,
+}
+
+/// The follower's request that a process's trace end, and why.
+#[derive(Default)]
+pub(super) struct StopRequest {
+    reason: std::sync::Mutex<Option<EndReason>>,
+    notify: tokio::sync::Notify,
+}
+
+impl StopRequest {
+    /// Asks the trace to end (the first reason given stays). Any thread may ask.
+    pub(super) fn request(&self, reason: EndReason) {
+        self.reason.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(reason);
+        self.notify.notify_one();
+    }
+
+    /// Returns once the trace is asked to end.
+    async fn requested(&self) -> EndReason {
+        loop {
+            if let Some(reason) = *self.reason.lock().unwrap_or_else(|e| e.into_inner()) {
+                return reason;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+async fn requested(stop: Option<&StopRequest>) -> EndReason {
+    match stop {
+        Some(stop) => stop.requested().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn signal(signals: Option<&Signals>) -> super::signals::Arrived {
+    match signals {
+        Some(signals) => signals.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What the trace loop produced.
@@ -135,17 +185,16 @@ pub(super) struct Traced {
     pub(super) frames_rearmed: usize,
 }
 
-/// The loop. `child` is set when deferprobe started the target: a signal then starts stopping
-/// it (`stop`), and tracing lasts until it exits.
+/// The loop. A signal starts stopping the command deferprobe started (`stop`).
 pub(super) async fn trace(
     tracer: &mut Tracer,
     exited: &ExitWatch,
-    signals: &Signals,
     stop: &mut CommandStop,
     args: &RunArgs,
-    child: Option<u32>,
+    control: &TraceControl<'_>,
     context: &TraceContext<'_>,
 ) -> Result<Traced> {
+    let child = control.child;
     let started = Instant::now();
     let kill_deadline = sleep(Duration::MAX / 4);
     tokio::pin!(kill_deadline);
@@ -181,9 +230,9 @@ pub(super) async fn trace(
     };
     // A program deferprobe started has nothing pending before its first instruction: its
     // first snapshot comes at the first interval.
-    let mut snapshot = match child {
-        Some(_) => None,
-        None => take_snapshot(&mut aggregator),
+    let mut snapshot = match context.from_first_instruction {
+        true => None,
+        false => take_snapshot(&mut aggregator),
     };
     // Which functions keep their deferreturn probes: those with a heap defer pending.
     let mut frames = FrameArming::new(context.plan, context.bias);
@@ -299,7 +348,7 @@ pub(super) async fn trace(
             _ = report_tick.tick(), if args.report_every.is_some() => {
                 interim = Some(InterimCause::ReportEvery);
             }
-            arrived = signals.recv() => match child {
+            arrived = signal(control.signals) => match child {
                 _ if arrived.asks_for_a_report() => interim = Some(InterimCause::Signal),
                 Some(pid) => {
                     if let Some(grace) = stop.on_signal(pid, arrived) {
@@ -315,6 +364,7 @@ pub(super) async fn trace(
             }
             _ = exited.exited() => break EndReason::TargetExited,
             _ = &mut deadline => break EndReason::Duration,
+            reason = requested(control.stop) => break reason,
         }
         if let Some(cause) = interim.take() {
             // Every event so far, and the runtime's state now, read for this report only: the
@@ -356,7 +406,9 @@ pub(super) async fn trace(
     drain(tracer, &mut aggregator, &mut batch);
     read_memprofile_rate(context, &mut memprofile_rate);
     let mut final_snapshot = false;
-    if ended_by != EndReason::TargetExited {
+    // A process that exec'd another program is gone as much as one that exited: its memory
+    // is the new program's.
+    if !matches!(ended_by, EndReason::TargetExited | EndReason::Exec) {
         // Twice: a record is released only when two looks in a row miss it.
         reconciled += reconcile(tracer, &mut aggregator, &mut batch, context);
         tokio::time::sleep(FINAL_RECHECK).await;
