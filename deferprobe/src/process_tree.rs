@@ -160,9 +160,8 @@ impl ProcessTree {
     }
 }
 
-/// The running kernel's `task_struct` offsets, read from its BTF on a thread of their own:
-/// parsing the BTF takes a few hundred milliseconds, which started first run alongside the
-/// analysis of the target's binary.
+/// The running kernel's `task_struct` offsets, read from its BTF on a thread of their own,
+/// alongside the analysis of the target's binary.
 pub struct TaskOffsets(std::thread::JoinHandle<Result<TreeConfig>>);
 
 impl TaskOffsets {
@@ -203,19 +202,13 @@ fn task_offsets(btf_path: &Path) -> Result<TreeConfig> {
             btf_path.display()
         ))
     };
-    let btf =
-        btf::Btf::from_file(btf_path).map_err(|err| missing(format!("is unreadable ({err})")))?;
-    let task = btf
-        .get_type_by_name("task_struct")
-        .map_err(|_| missing("has no struct task_struct".into()))?;
-    let btf::Type::Struct(task) = &task.base_type else {
-        return Err(missing("has a task_struct that is not a struct".into()));
-    };
+    let data = std::fs::read(btf_path).map_err(|err| missing(format!("is unreadable ({err})")))?;
+    let members = struct_members(&data, "task_struct").map_err(missing)?;
     let offset = |name: &str| {
-        task.members
+        members
             .iter()
-            .find(|member| member.name.as_deref() == Some(name) && member.offset % 8 == 0)
-            .map(|member| u64::from(member.offset / 8))
+            .find(|(member, bits)| *member == name && bits % 8 == 0)
+            .map(|(_, bits)| u64::from(bits / 8))
             .ok_or_else(|| missing(format!("has no task_struct.{name}")))
     };
     Ok(TreeConfig {
@@ -224,6 +217,80 @@ fn task_offsets(btf_path: &Path) -> Result<TreeConfig> {
         task_exit_code: offset("exit_code")?,
         stop_at_exec: 0,
     })
+}
+
+/// BTF's magic number, in the first two bytes (in the writer's byte order: the kernel's).
+const BTF_MAGIC: u16 = 0xeb9f;
+/// `BTF_KIND_STRUCT`.
+const BTF_KIND_STRUCT: u32 = 4;
+
+/// The members (name, offset in bits) of the first struct named `name` in the raw BTF `data`
+/// (Documentation/bpf/btf.rst: a header, the types, the strings). The types are walked in
+/// place, nothing of the others kept: parsing all of the kernel's (tens of thousands) took
+/// 85 MB. Err says what is wrong with `data`, as "is …" / "has …".
+fn struct_members<'d>(
+    data: &'d [u8],
+    name: &str,
+) -> std::result::Result<Vec<(&'d str, u32)>, String> {
+    let unreadable = |why: &str| format!("is unreadable ({why})");
+    let word = |bytes: &[u8], at: usize| {
+        bytes.get(at..at + 4).map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if data.get(..2) != Some(&BTF_MAGIC.to_ne_bytes()[..]) {
+        return Err(unreadable("not BTF in this machine's byte order"));
+    }
+    let header =
+        |at: usize| word(data, at).map(|w| w as usize).ok_or_else(|| unreadable("truncated"));
+    let (header_len, type_off, type_len, str_off, str_len) =
+        (header(4)?, header(8)?, header(12)?, header(16)?, header(20)?);
+    let section = |off: usize, len: usize| {
+        let start = header_len.checked_add(off)?;
+        data.get(start..start.checked_add(len)?)
+    };
+    let types = section(type_off, type_len).ok_or_else(|| unreadable("truncated"))?;
+    let strings = section(str_off, str_len).ok_or_else(|| unreadable("truncated"))?;
+    let string = |off: u32| {
+        let tail = strings.get(off as usize..)?;
+        std::str::from_utf8(&tail[..tail.iter().position(|&b| b == 0)?]).ok()
+    };
+    let mut at = 0;
+    // Each type: name_off, info (vlen in bits 0-15, kind in 24-28, kind_flag in 31), size or
+    // type; then what its kind adds.
+    while let (Some(name_off), Some(info)) = (word(types, at), word(types, at + 4)) {
+        let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+        let extra = match kind {
+            // INT, VAR, DECL_TAG: one u32.
+            1 | 14 | 17 => 4,
+            // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG: nothing.
+            2 | 7..=12 | 16 | 18 => 0,
+            // ARRAY: btf_array.
+            3 => 12,
+            // STRUCT, UNION (btf_member), DATASEC (btf_var_secinfo), ENUM64 (btf_enum64).
+            4 | 5 | 15 | 19 => 12 * vlen,
+            // ENUM (btf_enum), FUNC_PROTO (btf_param).
+            6 | 13 => 8 * vlen,
+            _ => return Err(unreadable(&format!("BTF kind {kind} unknown to deferprobe"))),
+        };
+        let body = types.get(at + 12..at + 12 + extra).ok_or_else(|| unreadable("truncated"))?;
+        if kind == BTF_KIND_STRUCT && string(name_off) == Some(name) {
+            // btf_member: name_off, type, offset (with kind_flag: bit offset in bits 0-23,
+            // bitfield size in 24-31).
+            let bit_offset = |offset: u32| match info >> 31 {
+                1 => offset & 0x00ff_ffff,
+                _ => offset,
+            };
+            let (members, _) = body.as_chunks::<12>();
+            return Ok(members
+                .iter()
+                .map(|member| {
+                    let name = word(member, 0).and_then(string).unwrap_or("");
+                    (name, bit_offset(word(member, 8).unwrap_or(0)))
+                })
+                .collect());
+        }
+        at += 12 + extra;
+    }
+    Err(format!("has no struct {name}"))
 }
 
 #[cfg(test)]
@@ -238,6 +305,39 @@ mod tests {
         assert!(offsets.task_exit_code > 0);
         let err = task_offsets(Path::new("/nonexistent")).unwrap_err();
         assert!(err.to_string().contains("can't follow processes"), "{err}");
+    }
+
+    /// A BTF blob made here: an int, a union named like the struct, then the struct, whose
+    /// members use kind_flag (bit offsets in the low 24 bits).
+    #[test]
+    fn struct_members_from_raw_btf() {
+        let strings = b"\0int\0task_struct\0pid\0tgid\0flags\0";
+        let (int, task, pid, tgid, flags) = (1u32, 5, 17, 21, 26);
+        let types: [&[u32]; 3] = [
+            // int: INT, size 4, encoding.
+            &[int, 1 << 24, 4, 32],
+            // A union named task_struct (not the struct), one member.
+            &[task, 5 << 24 | 1, 4, pid, 1, 0],
+            // struct task_struct, kind_flag, 3 members: pid at byte 8, tgid at byte 12, a
+            // 3-bit bitfield at bit 132.
+            &[task, 1 << 31 | 4 << 24 | 3, 24, pid, 1, 64, tgid, 1, 96, flags, 1, 3 << 24 | 132],
+        ];
+        let types: Vec<u8> = types.concat().iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let mut data = Vec::new();
+        data.extend(BTF_MAGIC.to_ne_bytes());
+        data.extend([1, 0]);
+        for word in [24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            data.extend(word.to_ne_bytes());
+        }
+        data.extend(&types);
+        data.extend(strings);
+        let members = struct_members(&data, "task_struct").unwrap();
+        assert_eq!(members, [("pid", 64), ("tgid", 96), ("flags", 132)]);
+        assert_eq!(struct_members(&data, "mm_struct").unwrap_err(), "has no struct mm_struct");
+        let truncated = struct_members(&data[..data.len() - strings.len() - 4], "task_struct");
+        assert_eq!(truncated.unwrap_err(), "is unreadable (truncated)");
+        let not_btf = struct_members(b"\x7fELF and more than a header's bytes", "task_struct");
+        assert!(not_btf.unwrap_err().starts_with("is unreadable (not BTF"));
     }
 
     /// Real programs on this kernel (needs root): a shell deferprobe starts, and the program it
