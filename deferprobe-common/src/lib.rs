@@ -15,6 +15,28 @@ pub const GOROUTINE_IDS_CAPACITY: u32 = 1 << 14;
 /// Capacity of the in-kernel LRU set of maps seen by mapassign.
 pub const KNOWN_MAPS_CAPACITY: u32 = 1 << 16;
 
+/// The counting gates of the probe families userspace samples in windows (indexes of the
+/// `GATES` array map, 1 = open): a family's probes count and report a hit only while its gate
+/// is open. Userspace opens a gate once the family's probes are attached and closes it before
+/// detaching them: breakpoints outlive a detach by milliseconds (the kernel removes them after
+/// an RCU grace period), and hits there would count against no attached time.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    GoroutineExits = 0,
+    StackDefers,
+    Allocations,
+    MapWrites,
+}
+
+/// Number of [`Gate`]s.
+pub const GATES: u32 = Gate::MapWrites as u32 + 1;
+
+impl Gate {
+    pub const ALL: [Gate; GATES as usize] =
+        [Gate::GoroutineExits, Gate::StackDefers, Gate::Allocations, Gate::MapWrites];
+}
+
 /// Index of one per-CPU counter in [`Counters::values`].
 ///
 /// Counters are exact: every probe hit bumps its counter before anything can fail, so they stay

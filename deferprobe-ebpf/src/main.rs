@@ -31,10 +31,11 @@ use aya_ebpf::{
     macros::{raw_tracepoint, uprobe},
     programs::{ProbeContext, RawTracePointContext},
 };
-use deferprobe_common::{COOKIE_FALLS_THROUGH, JBE_TAKEN_FLAGS};
+use deferprobe_common::{COOKIE_FALLS_THROUGH, Gate, JBE_TAKEN_FLAGS};
 
 use crate::{
     context::regs,
+    maps::GATES,
     probes::{allocations::*, defers::*, goroutines::*, map_writes::*, processes::*},
 };
 
@@ -48,15 +49,22 @@ fn goes_to_morestack(ctx: &ProbeContext) -> bool {
     cookie & COOKIE_FALLS_THROUGH != 0 && regs(ctx).eflags & JBE_TAKEN_FLAGS != 0
 }
 
+/// A sampled family's probe while userspace has its counting gate closed (the family is being
+/// detached): the hit is neither counted nor reported.
+#[inline(always)]
+fn gate_closed(gate: Option<Gate>) -> bool {
+    gate.is_some_and(|gate| GATES.get(gate as u32).copied().unwrap_or(0) == 0)
+}
+
 // Every program exists twice: as a classic uprobe (one perf event per attach point, any
 // kernel >= 5.8) and as a multi-uprobe (one link for all points of a program: attaching and,
 // above all, detaching are far faster). Userspace picks the multi form when the kernel
 // supports process-scoped multi-uprobes.
 macro_rules! entry_points {
-    ($($single:ident, $multi:ident => $handler:ident;)*) => {$(
+    ($($single:ident, $multi:ident => $handler:ident, $gate:expr;)*) => {$(
         #[uprobe]
         pub fn $single(ctx: ProbeContext) -> u32 {
-            if goes_to_morestack(&ctx) {
+            if goes_to_morestack(&ctx) || gate_closed($gate) {
                 return 0;
             }
             $handler(&ctx)
@@ -64,7 +72,7 @@ macro_rules! entry_points {
 
         #[uprobe(multi)]
         pub fn $multi(ctx: ProbeContext) -> u32 {
-            if goes_to_morestack(&ctx) {
+            if goes_to_morestack(&ctx) || gate_closed($gate) {
                 return 0;
             }
             $handler(&ctx)
@@ -80,17 +88,17 @@ fn on_calibrate(_ctx: &ProbeContext) -> u32 {
 }
 
 entry_points! {
-    calibrate, calibrate_multi => on_calibrate;
-    mapassign, mapassign_multi => on_mapassign;
-    deferproc, deferproc_multi => on_deferproc_call;
-    deferprocat, deferprocat_multi => on_deferprocat;
-    deferproc_stack, deferproc_stack_multi => on_deferproc_stack;
-    deferreturn, deferreturn_multi => on_deferreturn;
-    mallocgc, mallocgc_multi => on_mallocgc;
-    mallocgc_size_class, mallocgc_size_class_multi => on_mallocgc_size_class;
-    goexit1, goexit1_multi => on_goexit1;
-    fatalpanic, fatalpanic_multi => on_fatalpanic;
-    profilealloc, profilealloc_multi => on_profilealloc;
+    calibrate, calibrate_multi => on_calibrate, None;
+    mapassign, mapassign_multi => on_mapassign, Some(Gate::MapWrites);
+    deferproc, deferproc_multi => on_deferproc_call, None;
+    deferprocat, deferprocat_multi => on_deferprocat, None;
+    deferproc_stack, deferproc_stack_multi => on_deferproc_stack, Some(Gate::StackDefers);
+    deferreturn, deferreturn_multi => on_deferreturn, None;
+    mallocgc, mallocgc_multi => on_mallocgc, Some(Gate::Allocations);
+    mallocgc_size_class, mallocgc_size_class_multi => on_mallocgc_size_class, Some(Gate::Allocations);
+    goexit1, goexit1_multi => on_goexit1, Some(Gate::GoroutineExits);
+    fatalpanic, fatalpanic_multi => on_fatalpanic, None;
+    profilealloc, profilealloc_multi => on_profilealloc, Some(Gate::Allocations);
 }
 
 // The traced command's process tree (`run -- CMD`): raw tracepoints, which need no tracefs.

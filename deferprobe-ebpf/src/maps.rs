@@ -7,8 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use deferprobe_common::{
-    Counters, EVENT_RING_BYTES, GOROUTINE_IDS_CAPACITY, KNOWN_MAPS_CAPACITY, KnownMap,
-    PROCESS_TREE_CAPACITY, ProbeConfig, RECENT_MAP_SLOTS, RecentMap, TreeConfig, TreeCounter,
+    Counters, EVENT_RING_BYTES, GATES as GATE_COUNT, GOROUTINE_IDS_CAPACITY, KNOWN_MAPS_CAPACITY,
+    KnownMap, PROCESS_TREE_CAPACITY, ProbeConfig, RECENT_MAP_SLOTS, RecentMap, TreeConfig,
+    TreeCounter,
 };
 
 /// Runtime struct offsets, written by userspace before load.
@@ -17,6 +18,10 @@ pub(crate) static PROBE_CONFIG: Global<ProbeConfig> = Global::new(ProbeConfig::Z
 
 #[map]
 pub(crate) static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+/// The sampled families' counting gates, by [`deferprobe_common::Gate`] (1 = open).
+#[map]
+pub(crate) static GATES: Array<u32> = Array::with_max_entries(GATE_COUNT, 0);
 
 /// Maps written while tracing (key: map pointer): each is announced to userspace once (where it
 /// was first written), and its writes are counted. Bounded: least recently written maps are

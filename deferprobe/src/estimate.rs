@@ -1,17 +1,20 @@
 //! Scaling a sampled probe family's hits up to the whole trace, with how uncertain that is.
 //!
 //! While a family is attached for a fraction `f` of a tick and sees `n` hits, the tick's calls
-//! are estimated as `n / f`; as hits arrive like a Poisson process, that estimate's variance is
-//! about `n (1 − f) / f²`. While it is detached (duty 0), nothing is seen: a detached span is
+//! are estimated as `n / f`. Were hits to arrive one by one like a Poisson process, that
+//! estimate's variance would be about `n (1 − f) / f²`; programs make their calls in clumps
+//! (a request's, a batch's), so the sampler also gives the variance its windows show (see
+//! [`slice_variance`]), and the larger of the two is kept. While it is detached (duty 0), nothing is seen: a detached span is
 //! bridged by the mean of the rates measured on either side of it (the governor's refresh
 //! windows measure again every few ticks), with the half-difference of those rates as its
 //! uncertainty. Only windows of at least [`MIN_RATE_WINDOW_SECS`] attached measure a rate: the
 //! first milliseconds of a trace (often a start-up burst) are counted, never extrapolated. A span still open when tracing ends can only carry the last rate measured: the
 //! estimate is then weak, and says so. Pure: the governor's sampler feeds it tick by tick.
 
-/// The shortest time attached in a tick for its hits to stand for a rate: the governor's
-/// refresh windows (2 % of a 1 s tick). Its first decision comes after half a second.
-pub const MIN_RATE_WINDOW_SECS: f64 = 0.02;
+/// The shortest time attached in a tick for its hits to stand for a rate: most of one of the
+/// governor's refresh windows (2 % of a 1 s tick; the timers that open and close its slices
+/// may shorten it a little). Its first decision comes after half a second.
+pub const MIN_RATE_WINDOW_SECS: f64 = 0.015;
 
 /// One family's estimate, built tick by tick.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -23,12 +26,16 @@ pub struct FamilyEstimate {
     bridged: f64,
     bridged_variance: f64,
     /// The rate (calls per second) measured in the last tick with the family attached for at
-    /// least [`MIN_RATE_WINDOW_SECS`].
+    /// least [`MIN_RATE_WINDOW_SECS`], and its variance.
     last_rate: Option<f64>,
+    last_rate_variance: f64,
     /// Hits and attached seconds of the windows in a row since the last rate, too short
     /// together to stand for one yet.
     pool_hits: f64,
     pool_seconds: f64,
+    /// The variance of those windows' scaled-up calls, and the seconds they stand for.
+    pool_variance: f64,
+    pool_span: f64,
     /// The rate of such windows before the open span: only for it, if no later window
     /// measures one.
     short_rate: Option<f64>,
@@ -52,6 +59,18 @@ pub struct Estimate {
 impl FamilyEstimate {
     /// One tick of `seconds`, the family attached for `fraction` of it, seeing `hits`.
     pub fn tick(&mut self, seconds: f64, fraction: f64, hits: u64) {
+        self.tick_with_variance(seconds, fraction, hits, None);
+    }
+
+    /// [`FamilyEstimate::tick`], with the variance of the tick's estimate as its windows
+    /// showed it (see [`slice_variance`]), if known.
+    pub fn tick_with_variance(
+        &mut self,
+        seconds: f64,
+        fraction: f64,
+        hits: u64,
+        windows_variance: Option<f64>,
+    ) {
         self.seconds += seconds;
         if fraction <= 0.0 || seconds <= 0.0 {
             if self.pool_seconds > 0.0 {
@@ -64,24 +83,38 @@ impl FamilyEstimate {
         let fraction = fraction.min(1.0);
         let hits = hits as f64;
         self.sampled += hits / fraction;
-        self.sampled_variance += hits * (1.0 - fraction) / (fraction * fraction);
+        let poisson = hits * (1.0 - fraction) / (fraction * fraction);
+        let variance = windows_variance.map_or(poisson, |v| v.max(poisson));
+        self.sampled_variance += variance;
         // Short windows are pooled until together they stand for a rate: a detached span
         // around them waits for it.
         self.pool_hits += hits;
         self.pool_seconds += fraction * seconds;
+        self.pool_variance += variance;
+        self.pool_span += seconds;
         if self.pool_seconds < MIN_RATE_WINDOW_SECS {
             return;
         }
         let rate = self.pool_hits / self.pool_seconds;
+        let rate_variance = self.pool_variance / (self.pool_span * self.pool_span);
         (self.pool_hits, self.pool_seconds, self.short_rate) = (0.0, 0.0, None);
+        (self.pool_variance, self.pool_span) = (0.0, 0.0);
         if self.open_gap > 0.0 {
-            let before = self.last_rate.unwrap_or(rate);
+            let (before, before_variance) = match self.last_rate {
+                Some(before) => (before, self.last_rate_variance),
+                None => (rate, rate_variance),
+            };
             self.bridged += (before + rate) / 2.0 * self.open_gap;
+            // The rates' own uncertainty, and how far apart they are (the span's calls may
+            // have followed either).
             let spread = (rate - before).abs() / 2.0 * self.open_gap;
-            self.bridged_variance += spread * spread;
+            let gap = self.open_gap * self.open_gap;
+            self.bridged_variance +=
+                spread * spread + (before_variance + rate_variance) / 4.0 * gap;
             self.open_gap = 0.0;
         }
         self.last_rate = Some(rate);
+        self.last_rate_variance = rate_variance;
     }
 
     /// The estimate so far: an open detached span carries the last rate (that of a short
@@ -97,12 +130,51 @@ impl FamilyEstimate {
     }
 }
 
+/// The variance of a tick's estimate from its windows, one per slice: `windows` holds each
+/// window's hits and its share of its slice. Each window scaled up to its slice is a draw of
+/// the slice's calls; their scatter, times the number of slices, less the share of the tick
+/// seen (a tick seen whole is exact), is the variance of their sum. None with fewer than two
+/// windows.
+pub fn slice_variance(windows: &[(u64, f64)]) -> Option<f64> {
+    let scaled: Vec<f64> = windows
+        .iter()
+        .filter(|(_, share)| *share > 0.0)
+        .map(|(hits, share)| *hits as f64 / share)
+        .collect();
+    let m = scaled.len();
+    if m < 2 {
+        return None;
+    }
+    let mean = scaled.iter().sum::<f64>() / m as f64;
+    let scatter = scaled.iter().map(|e| (e - mean) * (e - mean)).sum::<f64>() / (m - 1) as f64;
+    let seen = windows.iter().map(|(_, share)| share.min(1.0)).sum::<f64>() / m as f64;
+    Some(m as f64 * scatter * (1.0 - seen))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn within(estimate: &Estimate, exact: f64, tolerance: f64) -> bool {
         (estimate.calls - exact).abs() <= tolerance * exact
+    }
+
+    /// Calls in clumps of 400 every 10 ms, seen in 20–30 ms windows of 200 ms slices: the
+    /// windows' scatter says far more than Poisson would.
+    #[test]
+    fn clumped_calls_carry_their_scatter() {
+        let windows = [(800, 0.1), (1200, 0.1), (800, 0.1), (800, 0.1), (1200, 0.1)];
+        let variance = slice_variance(&windows).unwrap();
+        // Scaled: 8000, 12000, 8000, 8000, 12000 → mean 9600, sample variance 4.8 M, × 5 × 0.9.
+        assert!((variance - 21.6e6).abs() < 1.0, "{variance}");
+        let mut family = FamilyEstimate::default();
+        family.tick_with_variance(1.0, 0.1, 4800, Some(variance));
+        let poisson = 4800.0 * 0.9 / 0.01;
+        assert!(variance > 40.0 * poisson);
+        assert_eq!(family.estimate().error, variance.sqrt());
+        // Whole slices seen: exact, whatever the scatter; one window says nothing.
+        assert_eq!(slice_variance(&[(10, 1.0), (30, 1.0)]), Some(0.0));
+        assert_eq!(slice_variance(&[(10, 0.5)]), None);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! writes. Rates are corrected for the slow-down the probes themselves caused while they were
 //! measured, and observations too short to trust decide nothing.
 
+use deferprobe_common::Gate;
 use serde::Serialize;
 
 use crate::plan::ProbeProgram;
@@ -54,6 +55,16 @@ impl SampledFamily {
         }
     }
 
+    /// Its probes' counting gate in the kernel.
+    pub fn gate(self) -> Gate {
+        match self {
+            SampledFamily::GoroutineExits => Gate::GoroutineExits,
+            SampledFamily::StackDefers => Gate::StackDefers,
+            SampledFamily::Allocations => Gate::Allocations,
+            SampledFamily::MapWrites => Gate::MapWrites,
+        }
+    }
+
     /// As in the report: `goroutine_exits`, `stack_defers`, `allocations`, `map_writes`.
     pub fn name(self) -> &'static str {
         match self {
@@ -73,13 +84,22 @@ impl SampledFamily {
 /// Duty cycles are chosen from these steps (fewer changes, less flapping).
 const STEPS: [f64; 8] = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0];
 
-/// A detached family (duty 0) is attached for one window of [`REFRESH_DUTY`] every this many
-/// ticks, so that its hit rate, and with it the decision, stays current.
+/// A detached family (duty 0) is attached at [`REFRESH_DUTY`] in refresh ticks, so that its
+/// hit rate, and with it the decision, stays current: in the tick it is detached and the next
+/// two, then the 4th and 8th, then every this many ticks. The first ones catch the end of
+/// what detached it (a start-up burst is often over within the second), and keep its
+/// estimate measured there.
 pub const REFRESH_EVERY_TICKS: u64 = 10;
 
+/// Whether a family detached `ticks` ticks ago (0: in this tick) has a refresh window now.
+fn is_refresh_tick(ticks: u64) -> bool {
+    matches!(ticks, 0..=2 | 4 | 8) || ticks.is_multiple_of(REFRESH_EVERY_TICKS)
+}
+
 /// The duty cycle of a refresh window: 20 ms of a 1-second tick is thousands of hits in a busy
-/// program, enough to measure a rate. What refresh windows cost is budgeted (a detached family
-/// still takes `REFRESH_DUTY / REFRESH_EVERY_TICKS` of its full cost).
+/// program, enough to measure a rate. What refresh windows cost is budgeted over the long run
+/// (a detached family still takes `REFRESH_DUTY / REFRESH_EVERY_TICKS` of its full cost); the
+/// first ones after a detach take `REFRESH_DUTY` each.
 pub const REFRESH_DUTY: f64 = 0.02;
 
 /// The governor plans with this multiple of the calibrated cost of a hit. Calibration times
@@ -119,8 +139,13 @@ pub struct Governor {
     /// What the governor counts one probe hit as costing (the calibrated cost with
     /// [`HIT_COST_HEADROOM`]).
     hit_ns: f64,
+    /// What a hit of each sampled family counts as costing, once measured on its own (else
+    /// `hit_ns`).
+    family_hit_ns: [Option<f64>; SAMPLED_FAMILIES],
     /// Current duty cycle per sampled family (1 = always attached).
     duty: [f64; SAMPLED_FAMILIES],
+    /// Ticks each family has been detached for (None: attached, at some duty).
+    detached_ticks: [Option<u64>; SAMPLED_FAMILIES],
     /// Families that must stay attached from now on (see [`Governor::require`]).
     required: [bool; SAMPLED_FAMILIES],
     /// Latest hits-per-second estimate per sampled family (None until observed).
@@ -165,6 +190,8 @@ impl Governor {
         Governor {
             budget_ns_per_s: max_overhead_percent / 100.0 * 1e9,
             hit_ns,
+            family_hit_ns: [None; SAMPLED_FAMILIES],
+            detached_ticks: [None; SAMPLED_FAMILIES],
             duty: [1.0; SAMPLED_FAMILIES],
             required: [false; SAMPLED_FAMILIES],
             rate: [None; SAMPLED_FAMILIES],
@@ -207,13 +234,16 @@ impl Governor {
             .sum()
     }
 
-    /// The duty cycle to attach `family` at during tick number `tick`: its duty cycle, except
-    /// that a detached family gets a refresh window every [`REFRESH_EVERY_TICKS`].
-    pub fn duty_for_tick(&self, family: SampledFamily, tick: u64) -> f64 {
+    /// The duty cycle to attach `family` at during the tick that starts now (called once per
+    /// tick): its duty cycle, except that a detached family gets refresh windows (see
+    /// [`REFRESH_EVERY_TICKS`]).
+    pub fn duty_for_tick(&mut self, family: SampledFamily) -> f64 {
         let duty = self.duty(family);
-        match duty == 0.0 && self.windows && tick.is_multiple_of(REFRESH_EVERY_TICKS) {
-            true => REFRESH_DUTY,
-            false => duty,
+        let detached = &mut self.detached_ticks[family.index()];
+        *detached = (duty == 0.0).then(|| detached.map_or(0, |ticks| ticks + 1));
+        match *detached {
+            Some(ticks) if self.windows && is_refresh_tick(ticks) => REFRESH_DUTY,
+            _ => duty,
         }
     }
 
@@ -230,6 +260,16 @@ impl Governor {
     /// Keeps the budget on `hit_ns` from now on (the measured real cost of a hit).
     pub fn set_hit_ns(&mut self, hit_ns: f64) {
         self.hit_ns = hit_ns.max(1.0);
+    }
+
+    /// What a hit of `family` counts as costing: its own measured cost, or [`Self::hit_ns`].
+    pub fn family_hit_ns(&self, family: SampledFamily) -> f64 {
+        self.family_hit_ns[family.index()].unwrap_or(self.hit_ns)
+    }
+
+    /// Prices `family`'s hits at their own measured cost from now on (None: as every hit).
+    pub fn set_family_hit_ns(&mut self, family: SampledFamily, hit_ns: Option<f64>) {
+        self.family_hit_ns[family.index()] = hit_ns.map(|ns| ns.max(1.0));
     }
 
     /// Whether the always-on defer probes alone cost more than the budget at the last tick
@@ -273,7 +313,10 @@ impl Governor {
                     Some(hits / (duty * observation.seconds) * unslowed(share));
             }
         }
-        let cost = |family: SampledFamily| self.rate[family.index()].unwrap_or(0.0) * self.hit_ns;
+        let (rate, family_hit_ns, hit_ns) = (self.rate, self.family_hit_ns, self.hit_ns);
+        let cost = |family: SampledFamily| {
+            rate[family.index()].unwrap_or(0.0) * family_hit_ns[family.index()].unwrap_or(hit_ns)
+        };
         let required = |family: SampledFamily| self.required[family.index()];
         let defer_cost = observation.defer_hits as f64 / observation.seconds
             * unslowed(tick_share)
@@ -484,19 +527,20 @@ mod tests {
         assert!(governor.defers_over_budget());
     }
 
-    /// A detached family gets a window of the smallest duty cycle every few ticks; what it
-    /// sees there decides whether it comes back.
+    /// A detached family gets refresh windows in the tick it is detached and the next few,
+    /// then every few ticks; what it sees there decides whether it comes back.
     #[test]
     fn detached_families_are_refreshed() {
         let mut governor = Governor::new(5.0, HIT_NS, 0.05, true);
         governor.observe(&tick(&governor, 2070, 2880, 50));
         assert_eq!(governor.duty(SampledFamily::Allocations), 0.0);
-        let refresh = |governor: &Governor, tick: u64| {
-            governor.duty_for_tick(SampledFamily::Allocations, tick)
-        };
-        assert_eq!(refresh(&governor, 1), 0.0);
-        assert_eq!(refresh(&governor, REFRESH_EVERY_TICKS), REFRESH_DUTY);
-        assert_eq!(governor.duty_for_tick(SampledFamily::MapWrites, REFRESH_EVERY_TICKS), 1.0);
+        let refreshes: Vec<bool> = (0..=20)
+            .map(|_| governor.duty_for_tick(SampledFamily::Allocations) == REFRESH_DUTY)
+            .collect();
+        let refresh_ticks: Vec<usize> =
+            refreshes.iter().enumerate().filter(|(_, r)| **r).map(|(tick, _)| tick).collect();
+        assert_eq!(refresh_ticks, [0, 1, 2, 4, 8, 10, 20]);
+        assert_eq!(governor.duty_for_tick(SampledFamily::MapWrites), 1.0);
         // In the refresh window (5% of a second) the program made 5 allocations: 100/s, and
         // the defers calmed down: allocations fit again.
         let observation =

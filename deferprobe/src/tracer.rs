@@ -21,7 +21,7 @@ use aya::{
     sys::{UProbeMultiFeature, is_uprobe_multi_supported},
 };
 use deferprobe_common::{
-    COOKIE_FALLS_THROUGH, Counters, KnownMap, ProbeConfig, RecentMap, recent_map_slot,
+    COOKIE_FALLS_THROUGH, Counters, Gate, KnownMap, ProbeConfig, RecentMap, recent_map_slot,
 };
 
 use crate::{
@@ -79,6 +79,8 @@ pub struct Tracer {
     /// The kernel's goroutine-id cache switch: its generation, 0 while off; and the number of
     /// generations so far.
     goroutine_id_cache: Array<MapData, u64>,
+    /// The sampled families' counting gates, by [`Gate`].
+    gates: Array<MapData, u32>,
     goroutine_id_generation: u64,
     goroutine_id_generations: u64,
     attached: usize,
@@ -142,6 +144,7 @@ impl Tracer {
         let known_maps = take_map(&mut ebpf, "KNOWN_MAPS")?;
         let recent_maps = take_map(&mut ebpf, "RECENT_MAPS")?;
         let goroutine_id_cache = take_map(&mut ebpf, "GOROUTINE_ID_CACHE")?;
+        let gates = take_map(&mut ebpf, "GATES")?;
         let mut tracer = Tracer {
             ebpf,
             mode,
@@ -159,6 +162,7 @@ impl Tracer {
             known_maps,
             recent_maps,
             goroutine_id_cache,
+            gates,
             goroutine_id_generation: 0,
             goroutine_id_generations: 0,
             attached,
@@ -178,8 +182,19 @@ impl Tracer {
             }
             tracer.exited_during_attach = true;
         }
+        for gate in Gate::ALL {
+            tracer.set_gate(gate, true)?;
+        }
         tracer.set_goroutine_id_cache(true)?;
         Ok(tracer)
+    }
+
+    /// Opens or closes a sampled family's counting gate (see [`Gate`]): open it once its
+    /// probes are attached, close it before detaching them.
+    pub fn set_gate(&mut self, gate: Gate, open: bool) -> Result<()> {
+        self.gates
+            .set(gate as u32, &u32::from(open), 0)
+            .map_err(|err| bpf_error("switching a counting gate", &err))
     }
 
     /// Turns the kernel's goroutine-id cache on (a new generation: ids cached before are
@@ -487,9 +502,10 @@ fn time_calls(calls: u64) -> Duration {
 
 /// Times `calls` calls of the calibration target, each after touching every cache line of
 /// `work`: a hit in a real program comes between other work that has taken the caches, which
-/// makes it cost more than in a tight loop.
+/// makes it cost more than in a tight loop. Returns the median call: on a busy machine a few
+/// calls are preempted, and would weigh milliseconds in a mean.
 fn time_cold_calls(calls: u64, work: &mut [u8]) -> Duration {
-    let mut elapsed = Duration::ZERO;
+    let mut times = Vec::with_capacity(calls as usize);
     let mut value = 0;
     for _ in 0..calls {
         for line in work.chunks_mut(64) {
@@ -499,10 +515,11 @@ fn time_cold_calls(calls: u64, work: &mut [u8]) -> Duration {
         let started = Instant::now();
         // SAFETY: a leaf function of ours that only adds 1 (see the assembly above).
         value = unsafe { deferprobe_calibration_target(std::hint::black_box(value)) };
-        elapsed += started.elapsed();
+        times.push(started.elapsed());
     }
     std::hint::black_box(value);
-    elapsed
+    times.sort();
+    times.get(times.len() / 2).copied().unwrap_or_default()
 }
 
 /// What one uprobe hit costs here, per instruction class the plan uses (JBE, CALL): the most
@@ -535,8 +552,8 @@ impl Calibration {
 }
 
 /// The cost of one hit of the (empty) calibration program on the calibration target at
-/// `offset`: the target timed without and with it, in this process, each call after other
-/// work has taken the caches (see [`time_cold_calls`]).
+/// `offset`: the target's median call timed without and with it, in this process, each call
+/// after other work has taken the caches (see [`time_cold_calls`]).
 fn calibrate_at(uprobe: &mut UProbe, offset: u64, cookie: Option<u64>) -> Option<Duration> {
     const CALLS: u64 = 200;
     let mut work = vec![0u8; CALIBRATION_WORK_BYTES];
@@ -552,8 +569,8 @@ fn calibrate_at(uprobe: &mut UProbe, offset: u64, cookie: Option<u64>) -> Option
     let hot = time_calls(CALLS);
     uprobe.detach(link).ok()?;
     let plain_after = time_cold_calls(CALLS, &mut work);
-    let plain = (plain_before + plain_after).as_nanos() as f64 / (2 * CALLS) as f64;
-    let cold = probed.as_nanos() as f64 / CALLS as f64 - plain;
+    let plain = (plain_before + plain_after).as_nanos() as f64 / 2.0;
+    let cold = probed.as_nanos() as f64 - plain;
     tracing::debug!(
         offset,
         cold_hit_ns = cold,
@@ -700,6 +717,10 @@ mod tests {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT).expect("load the eBPF object");
         let counters: PerCpuArray<MapData, Counters> =
             PerCpuArray::try_from(ebpf.take_map("COUNTERS").unwrap()).unwrap();
+        // deferprocStack's probe counts only while its family's gate is open.
+        let mut gates: Array<MapData, u32> =
+            Array::try_from(ebpf.take_map("GATES").unwrap()).unwrap();
+        gates.set(Gate::StackDefers as u32, &1, 0).unwrap();
         let uprobe: &mut UProbe = ebpf.program_mut("deferproc_stack").unwrap().try_into().unwrap();
         uprobe.load().unwrap();
         let pid = NonZeroU32::new(std::process::id()).unwrap();

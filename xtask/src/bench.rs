@@ -15,6 +15,8 @@
 //! 8. Real servers: Debian's prometheus, etcd and `hugo server` (Go 1.19, stripped), and
 //!    benchsvc built with Debian's Go 1.19 and the default release, each under wrk in A/B/A
 //!    phases at `--max-overhead 5`, `10` and with `--probes defers`.
+//! 9. Estimates of sampled families against exact counts: tests/go/benchphases
+//!    (`bench/estimates.rs`).
 //!
 //! Needs root (uprobes, bpftool). Installs bpftrace, wrk and bpftool with apt-get if missing.
 use std::{
@@ -31,6 +33,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::{Value, json};
 
 use super::{apt_install, cargo, go_binary, go_command, go_releases, install_go, workspace_root};
+
+mod estimates;
 
 /// Generated functions added to benchbig: with the standard library it links, this brings the
 /// binary (with DWARF) over 40 MB.
@@ -50,8 +54,8 @@ struct Ctx {
 }
 
 /// The sections of a run, for `--only`.
-pub const SECTIONS: [&str; 7] =
-    ["aggregator", "per-hit", "kernel", "attach", "service", "snapshot", "servers"];
+pub const SECTIONS: [&str; 8] =
+    ["aggregator", "per-hit", "kernel", "attach", "service", "snapshot", "servers", "estimates"];
 
 /// Phases of the `servers` section: how many of each configuration, and their length.
 pub struct ServerPhases {
@@ -103,13 +107,7 @@ pub fn bench(
         .contains("--max-overhead"),
     };
     let hits = build_go(&release, "benchhits", &out)?;
-    // Per-hit cost by release: the default one, and Debian's Go 1.19 (issue 13).
-    let hits_by_release = [
-        (release.clone(), hits.clone()),
-        (DEBIAN_GO.0.to_owned(), build_go_debian("benchhits", &out)?),
-    ];
     let svc = build_go(&release, "benchsvc", &out)?;
-    let big = build_big(&release, &out)?;
 
     let environment = environment(&release)?;
     eprintln!("[bench] environment: {environment}");
@@ -120,6 +118,11 @@ pub fn bench(
     }
     if wanted("per-hit") {
         eprintln!("[bench] per-hit cost");
+        // By release: the default one, and Debian's Go 1.19 (issue 13).
+        let hits_by_release = [
+            (release.clone(), hits.clone()),
+            (DEBIAN_GO.0.to_owned(), build_go_debian("benchhits", &out)?),
+        ];
         results["per_hit"] = per_hit(&ctx, &hits_by_release, calls)?;
     }
     if wanted("kernel") {
@@ -128,6 +131,7 @@ pub fn bench(
     }
     if wanted("attach") {
         eprintln!("[bench] attach latency");
+        let big = build_big(&release, &out)?;
         results["attach"] = attach_latency(&ctx, &big)?;
     }
     if wanted("service") {
@@ -144,11 +148,21 @@ pub fn bench(
         let ServerPhases { reps, secs } = server_runs;
         results["servers"] = servers(&ctx, &svc, &release, reps, secs)?;
     }
+    if wanted("estimates") {
+        eprintln!("[bench] estimates of sampled families against exact counts");
+        let phases = build_go(&release, "benchphases", &out)?;
+        results["estimates"] = estimates::estimates(&ctx, &phases)?;
+    }
     results["environment"]["fuzz_processes_after"] = json!(fuzz_processes());
     if !only.is_empty() {
         let path = out.join("results-partial.json");
         std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
         println!("{}", serde_json::to_string_pretty(&results)?);
+        if !results["estimates"].is_null() {
+            let mut section = String::new();
+            estimates::render(&mut section, &results["estimates"]);
+            println!("{section}");
+        }
         eprintln!("[bench] --only: wrote {} (BENCHMARKS.md unchanged)", path.display());
         return Ok(());
     }
@@ -1930,6 +1944,9 @@ fn render(r: &Value, ctx: &Ctx, reps: usize, calls: u64, secs: u64) -> String {
     }
     if !r["servers"].is_null() {
         render_servers(&mut s, &r["servers"]);
+    }
+    if !r["estimates"].is_null() {
+        estimates::render(&mut s, &r["estimates"]);
     }
     let _ = writeln!(s, "\nRaw numbers: target/bench/results.json.\n\n{MARK_END}");
     s

@@ -354,10 +354,11 @@ pub struct GovernorReport {
     /// what a hit costs a busy program beyond it.
     pub planned_hit_cost_ns: u64,
     /// What a hit really cost the target (its CPU time against its hits, between sampling
-    /// windows and the rest of each tick: see `cost.rs`), one figure for every family (every
-    /// probe sits on an emulated instruction); null until enough ticks had windows.
+    /// windows and the rest of each tick: see `cost.rs`), every probe alike; null until enough
+    /// ticks had windows. Each sampled family's own figure is in `sampled[]`.
     pub measured_hit_cost_ns: Option<u64>,
-    /// One standard error of `measured_hit_cost_ns`, and the ticks it was measured over.
+    /// One standard error of `measured_hit_cost_ns`, and the segments (at least one per tick
+    /// with a window) it was measured over.
     pub measured_hit_cost_error_ns: Option<u64>,
     pub measured_ticks: usize,
     pub sampled: Vec<SamplingReport>,
@@ -388,6 +389,11 @@ pub struct SamplingReport {
     /// For allocations: bytes scaled up the same way.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimated_bytes: Option<u64>,
+    /// What a hit of this family really cost the target, told apart from the others' by
+    /// when their windows closed (see `cost.rs`), with one standard error; null until enough
+    /// windows, or when its hits moved together with another family's.
+    pub measured_hit_cost_ns: Option<u64>,
+    pub measured_hit_cost_error_ns: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -692,6 +698,8 @@ pub(crate) mod tests {
                     estimated_calls_error: 110,
                     estimate_weak: false,
                     estimated_bytes: Some(123_456),
+                    measured_hit_cost_ns: Some(900),
+                    measured_hit_cost_error_ns: Some(150),
                 }],
                 defer_probes_percent: 1.5,
                 defers_over_budget_secs: 0.0,

@@ -131,6 +131,20 @@ impl Report {
                         .map(|b| format!(", ~{}", human_bytes(b)))
                         .unwrap_or_default()
                 );
+                if let (Some(ns), Some(error)) =
+                    (sampled.measured_hit_cost_ns, sampled.measured_hit_cost_error_ns)
+                {
+                    let _ = writeln!(out, "  {:<12} a hit cost the program {ns} ± {error} ns", "");
+                }
+            }
+            if let (Some(ns), Some(error)) =
+                (self.governor.measured_hit_cost_ns, self.governor.measured_hit_cost_error_ns)
+            {
+                let _ = writeln!(
+                    out,
+                    "  any probe's hit cost the program {ns} ± {error} ns (measured, {} windows)",
+                    self.governor.measured_ticks
+                );
             }
         }
         if let Some(profiled) = &self.allocations.profiled {

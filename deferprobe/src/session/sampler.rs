@@ -17,9 +17,9 @@ use deferprobe_common::{Counter, Counters};
 use tracing::{debug, info, warn};
 
 use crate::{
-    cost::{Mark, Measured, RealCost},
+    cost::{Attached, GROUPS, Mark, Measured, RealCost},
     error::Result,
-    estimate::FamilyEstimate,
+    estimate::{FamilyEstimate, slice_variance},
     governor::{
         Governor, MIN_OBSERVATION_SECS, Observation, SAMPLED_FAMILIES, SampledFamily,
         planned_hit_ns,
@@ -32,6 +32,17 @@ use crate::{
 
 /// How often the governor re-evaluates, and the period its sampling windows divide.
 pub(super) const GOVERNOR_TICK: Duration = Duration::from_secs(1);
+/// A tick is cut into this many slices, and a family at duty d is attached for d of each, at
+/// an offset drawn at random for each slice (the same for every family: their windows open
+/// together, and close at their own duty). Spread over the tick, the windows see a rate that
+/// changes within it (the end of a start-up burst) in proportion, where one window at the
+/// tick's start would extrapolate the burst over the whole tick; at random offsets, they
+/// don't keep in step with a program's own periodic work (a 10 ms batch loop seen always, or
+/// never). An attach or detach takes ~50 µs of deferprobe's time.
+pub(super) const SLICES_PER_TICK: u32 = 5;
+
+/// Windows due this close together change in one go.
+const WINDOW_SLACK: Duration = Duration::from_micros(100);
 /// The first decision: every family is attached until then. Its observation is a
 /// [`BUDGET_WINDOW`]: a start-up burst of a few milliseconds decides nothing on its own.
 pub(super) const FIRST_GOVERNOR_TICK: Duration = BUDGET_WINDOW;
@@ -43,7 +54,8 @@ pub(super) const BUDGET_CHECK_EVERY: Duration = Duration::from_millis(20);
 pub(super) const BUDGET_WINDOW: Duration = Duration::from_millis(500);
 
 /// Applies the governor's duty cycles to the tracer (a family with duty d is attached for the
-/// first d of each tick) and keeps what the report needs to present sampled counts as
+/// first d of each of the tick's [`SLICES_PER_TICK`] slices, its window closing on its own)
+/// and keeps what the report needs to present sampled counts as
 /// estimates.
 pub(super) struct Sampler {
     governor: Governor,
@@ -75,17 +87,30 @@ pub(super) struct Sampler {
     exits_needed: bool,
     /// The target, whose CPU time the real cost of a hit is measured against.
     pid: u32,
+    /// The families sampled in windows this tick, at their duty for it (0: not in windows).
+    windowed: [f64; SAMPLED_FAMILIES],
+    /// When each family's window in the current slice closes (None: no window open).
+    window_ends: [Option<tokio::time::Instant>; SAMPLED_FAMILIES],
+    /// When the current tick started, and the next of its slices with when its windows open
+    /// (None: it was the last).
+    tick_start: tokio::time::Instant,
+    next_slice: Option<(u32, tokio::time::Instant)>,
+    random: fastrand::Rng,
     /// The real cost of a hit ([`RealCost`]): marks at the start of the current tick and at
-    /// the end of its window, taken only in ticks with a window; a tick whose families changed
-    /// in between (a budget check detached one) is not compared.
+    /// every attach and detach of its windows, each with the families attached from it on,
+    /// taken only in ticks with windows; a tick whose families changed otherwise (a budget
+    /// check detached one) is not compared.
     cost: RealCost,
-    tick_mark: Option<Mark>,
-    window_mark: Option<Mark>,
+    tick_marks: Vec<(Mark, Attached)>,
     tick_disturbed: bool,
+    /// For the tick that just ended, each family's estimate variance as its windows showed it
+    /// (None: no windows, or not all of them marked).
+    windows_variance: [Option<f64>; SAMPLED_FAMILIES],
     measured: Option<Measured>,
+    measured_by_family: [Option<Measured>; SAMPLED_FAMILIES],
     /// The target's threads at the last mark, sorted.
     threads: Vec<u32>,
-    /// Since the last decision, each budget check's (seconds, hits as planned).
+    /// Since the last decision, each budget check's (seconds, probe cost in ns as planned).
     recent_checks: VecDeque<(f64, f64)>,
 }
 
@@ -167,18 +192,25 @@ impl Sampler {
             defers_over_budget_secs: 0.0,
             exits_needed: false,
             pid,
+            windowed: [0.0; SAMPLED_FAMILIES],
+            window_ends: [None; SAMPLED_FAMILIES],
+            tick_start: tokio::time::Instant::now(),
+            next_slice: None,
+            random: fastrand::Rng::new(),
             cost: RealCost::default(),
-            tick_mark: None,
-            window_mark: None,
+            tick_marks: Vec::new(),
             tick_disturbed: false,
+            windows_variance: [None; SAMPLED_FAMILIES],
             measured: None,
+            measured_by_family: [None; SAMPLED_FAMILIES],
             threads: Vec::new(),
             recent_checks: VecDeque::new(),
         })
     }
 
     /// One governor tick: account for the tick that ended, decide, and open the next tick's
-    /// windows. Returns when the windows close (None if nothing is sampled).
+    /// first slice of windows. Returns when the first of them closes (None if nothing is
+    /// sampled in windows).
     pub(super) fn tick(&mut self, tracer: &mut Tracer) -> Result<Option<tokio::time::Instant>> {
         self.measure(tracer)?;
         // The duties change: what budget checks saw before says nothing of what follows.
@@ -192,23 +224,57 @@ impl Sampler {
         }
         self.decide(tracer)?;
         self.ticks += 1;
-        let mut window = None;
+        self.tick_start = tokio::time::Instant::now();
+        self.window_ends = [None; SAMPLED_FAMILIES];
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
-            let duty = self.governor.duty_for_tick(family, self.ticks);
+            let duty = self.governor.duty_for_tick(family);
             self.plan(index, duty);
             self.set_family(tracer, index, duty > 0.0)?;
-            if duty > 0.0 && duty < 1.0 && self.windows {
-                window = Some(tokio::time::Instant::now() + GOVERNOR_TICK.mul_f64(duty));
+            self.windowed[index] = match duty > 0.0 && duty < 1.0 && self.windows {
+                true => duty,
+                false => 0.0,
+            };
+        }
+        // Only a tick with windows is compared into the real cost: only it is marked, once
+        // its families are attached (a thread set from an older mark says nothing of it).
+        self.tick_marks.clear();
+        self.tick_disturbed = false;
+        self.next_slice = None;
+        if self.windowed.iter().any(|duty| *duty > 0.0) {
+            // The first slice's windows open now: the families are attached already.
+            self.next_slice = Some((0, self.tick_start));
+            self.open_slice(tracer)?;
+            self.push_mark(tracer)?;
+        }
+        Ok(self.next_window_event())
+    }
+
+    /// Opens the windows of the slice due: attaches each family (if it isn't), whose window
+    /// closes its duty's share of a slice from then (an attach can wait several milliseconds
+    /// for the kernel). Draws when the next slice's open.
+    fn open_slice(&mut self, tracer: &mut Tracer) -> Result<()> {
+        let Some((slice, _)) = self.next_slice else { return Ok(()) };
+        let length = GOVERNOR_TICK / SLICES_PER_TICK;
+        for index in 0..SAMPLED_FAMILIES {
+            if self.windowed[index] > 0.0 {
+                self.set_family(tracer, index, true)?;
+                let opened = tokio::time::Instant::now();
+                self.window_ends[index] = Some(opened + length.mul_f64(self.windowed[index]));
             }
         }
-        // Only a tick with a window is compared into the real cost: only it is marked, once
-        // its families are attached (a thread set from an older mark says nothing of it).
-        self.tick_mark = match window {
-            Some(_) => self.mark(tracer)?,
-            None => None,
-        };
-        self.tick_disturbed = false;
-        Ok(window)
+        let next = slice + 1;
+        self.next_slice = (next < SLICES_PER_TICK).then(|| {
+            let longest = self.windowed.iter().copied().fold(0.0, f64::max);
+            let offset = length.mul_f64((1.0 - longest) * self.random.f64());
+            (next, self.tick_start + length * next + offset)
+        });
+        Ok(())
+    }
+
+    /// When the next window of this tick closes or opens.
+    fn next_window_event(&self) -> Option<tokio::time::Instant> {
+        let next_open = self.next_slice.map(|(_, at)| at);
+        self.window_ends.iter().flatten().copied().chain(next_open).min()
     }
 
     /// Between ticks, every [`BUDGET_CHECK_EVERY`]: when what the probes cost since the last
@@ -242,27 +308,27 @@ impl Sampler {
             return Ok(());
         }
         let delta = |counter: Counter| now.get(counter) - last.get(counter);
-        let mut hits = defer_hits(&delta) as f64;
-        for (index, family_hits) in sampled_hits(&delta).into_iter().enumerate() {
-            if self.attached_since[index].is_some() {
-                hits += family_hits as f64 * self.planned[index];
+        let mut cost_ns = defer_hits(&delta) as f64 * self.governor.hit_ns();
+        for (family, family_hits) in SampledFamily::ALL.into_iter().zip(sampled_hits(&delta)) {
+            if self.attached_since[family.index()].is_some() {
+                cost_ns += family_hits as f64
+                    * self.planned[family.index()]
+                    * self.governor.family_hit_ns(family);
             }
         }
         // The cost over the last BUDGET_WINDOW of checks, since the last decision.
-        self.recent_checks.push_back((seconds, hits));
+        self.recent_checks.push_back((seconds, cost_ns));
         let window = BUDGET_WINDOW.as_secs_f64();
         while self.recent_checks.len() > 1
             && self.recent_checks.iter().skip(1).map(|(s, _)| s).sum::<f64>() >= window
         {
             self.recent_checks.pop_front();
         }
-        let (seconds, hits) = self
+        let (seconds, cost_ns) = self
             .recent_checks
             .iter()
-            .fold((0.0, 0.0), |(seconds, hits), (s, h)| (seconds + s, hits + h));
-        if seconds < window
-            || hits / seconds * self.governor.hit_ns() / 1e7 <= self.max_overhead_percent
-        {
+            .fold((0.0, 0.0), |(seconds, cost), (s, c)| (seconds + s, cost + c));
+        if seconds < window || cost_ns / seconds / 1e7 <= self.max_overhead_percent {
             return Ok(());
         }
         self.decide(tracer)?;
@@ -272,6 +338,7 @@ impl Sampler {
             if duty < self.planned[index] {
                 self.tick_disturbed = true;
                 self.plan(index, duty);
+                (self.window_ends[index], self.windowed[index]) = (None, 0.0);
                 self.set_family(tracer, index, false)?;
             }
         }
@@ -288,6 +355,10 @@ impl Sampler {
         }
         self.governor.require(family);
         info!("a heap defer is pending: goroutine exits are probed, always on, while one is");
+        if std::mem::take(&mut self.windowed[family.index()]) > 0.0 {
+            self.window_ends[family.index()] = None;
+            self.tick_disturbed = true;
+        }
         self.plan(family.index(), 1.0);
         self.set_family(tracer, family.index(), true)
     }
@@ -364,22 +435,28 @@ impl Sampler {
         // goexit1 is what makes the kernel forget cached goroutine ids: the cache is on exactly
         // while it is attached.
         let exits = family == SampledFamily::GoroutineExits;
-        if exits && !attach {
-            tracer.set_goroutine_id_cache(false)?;
+        // The time attached is the time counted: from the gate's opening, once the probes are
+        // on, to its closing, before they go (their breakpoints outlive the detach a while).
+        if !attach {
+            tracer.set_gate(family.gate(), false)?;
+            if let Some(since) = self.attached_since[index].take() {
+                self.attached_secs[index] += since.elapsed().as_secs_f64();
+            }
+            if exits {
+                tracer.set_goroutine_id_cache(false)?;
+            }
         }
         for program in family.programs() {
             tracer.set_attached(*program, attach)?;
         }
-        if exits && attach {
-            tracer.set_goroutine_id_cache(true)?;
-        }
-        match (attach, self.attached_since[index]) {
-            (true, None) => self.attached_since[index] = Some(Instant::now()),
-            (false, Some(since)) => {
-                self.attached_secs[index] += since.elapsed().as_secs_f64();
-                self.attached_since[index] = None;
+        if attach {
+            if exits {
+                tracer.set_goroutine_id_cache(true)?;
             }
-            _ => {}
+            tracer.set_gate(family.gate(), true)?;
+            if self.attached_since[index].is_none() {
+                self.attached_since[index] = Some(Instant::now());
+            }
         }
         Ok(())
     }
@@ -409,7 +486,8 @@ impl Sampler {
             stats.duty_seconds += fraction * seconds;
             stats.observed += sampled_hits[index];
             stats.observed_bytes += bytes[index];
-            stats.estimate.tick(seconds, fraction, sampled_hits[index]);
+            let variance = self.windows_variance[index].take();
+            stats.estimate.tick_with_variance(seconds, fraction, sampled_hits[index], variance);
         }
         let defer_hits = defer_hits(&delta);
         let required_hits = self.governor.required_hits(&sampled_hits);
@@ -428,7 +506,9 @@ impl Sampler {
     fn mark(&mut self, tracer: &Tracer) -> Result<Option<Mark>> {
         let counters = tracer.counters()?;
         let total = |counter: Counter| counters.get(counter);
-        let hits = defer_hits(&total) + sampled_hits(&total).iter().sum::<u64>();
+        let sampled = sampled_hits(&total);
+        let hits: [u64; GROUPS] =
+            std::array::from_fn(|g| if g == 0 { defer_hits(&total) } else { sampled[g - 1] });
         let Some(threads) = target::thread_cpu_times(self.pid) else { return Ok(None) };
         let tids: Vec<u32> = threads.iter().map(|(tid, _)| *tid).collect();
         if self.threads.iter().any(|tid| tids.binary_search(tid).is_err()) {
@@ -439,44 +519,59 @@ impl Sampler {
         Ok(Some(Mark { at_ns: monotonic_ns(), cpu_ns, hits }))
     }
 
-    /// At a tick: compares the tick that ended (its window, then the rest) into the real cost
-    /// of a hit; once that figure is solid, the budget is kept on it (plus its error).
-    fn measure(&mut self, tracer: &Tracer) -> Result<()> {
-        let (Some(start), Some(window_end)) = (self.tick_mark.take(), self.window_mark.take())
-        else {
-            return Ok(());
-        };
-        if let Some(end) = self.mark(tracer)?
-            && !self.tick_disturbed
-        {
-            self.cost.tick(start, window_end, end);
-            self.measured = self.cost.measured();
-            if let Some(measured) = self.measured.filter(Measured::is_solid) {
-                let was = self.governor.hit_ns();
-                let budget_ns = measured.ns_per_hit + measured.error_ns;
-                self.governor.set_hit_ns(budget_ns);
-                if (budget_ns - was).abs() > was / 4.0 {
-                    info!(
-                        ns_per_hit = measured.ns_per_hit.round(),
-                        error_ns = measured.error_ns.round(),
-                        ticks = measured.ticks,
-                        budget_hit_ns = budget_ns.round(),
-                        "measured what a probe hit really costs the target: the budget is kept \
-                         on it"
-                    );
-                }
+    /// Marks the current segment's start into the tick's marks (dropping them if the target's
+    /// threads can't be read).
+    fn push_mark(&mut self, tracer: &Tracer) -> Result<()> {
+        match self.mark(tracer)? {
+            Some(mark) => {
+                let attached = std::array::from_fn(|index| self.attached_since[index].is_some());
+                self.tick_marks.push((mark, attached));
             }
+            None => self.tick_marks.clear(),
         }
         Ok(())
     }
 
-    /// Ends the sampling windows: detaches every family below full duty.
-    pub(super) fn close_windows(&mut self, tracer: &mut Tracer) -> Result<()> {
-        self.window_mark = self.mark(tracer)?;
-        for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
-            if self.governor.duty(family) < 1.0 {
-                self.set_family(tracer, index, false)?;
-            }
+    /// At a tick: compares the tick that ended (its windows, then the rest) into the real cost
+    /// of a hit; once that figure is solid, the budget is kept on it (plus its error), and on
+    /// each family's own figure where that is solid too.
+    fn measure(&mut self, tracer: &Tracer) -> Result<()> {
+        // A window still open (the tick came early) leaves the tick uncompared.
+        let complete = !self.tick_marks.is_empty() && self.next_window_event().is_none();
+        if !complete {
+            return Ok(());
+        }
+        self.push_mark(tracer)?;
+        let marks = std::mem::take(&mut self.tick_marks);
+        if marks.len() < 2 {
+            return Ok(());
+        }
+        // A budget check that detached a family mid-tick left no mark: its windows aren't
+        // known then.
+        if self.tick_disturbed {
+            return Ok(());
+        }
+        self.windows_variance = windows_variance(&marks);
+        self.cost.tick(&marks);
+        self.measured = self.cost.measured();
+        self.measured_by_family = self.cost.by_family();
+        let Some(measured) = self.measured.filter(Measured::is_solid) else { return Ok(()) };
+        let was = self.governor.hit_ns();
+        let budget_ns = measured.ns_per_hit + measured.error_ns;
+        self.governor.set_hit_ns(budget_ns);
+        for family in SampledFamily::ALL {
+            let own = self.measured_by_family[family.index()].filter(Measured::is_solid);
+            self.governor.set_family_hit_ns(family, own.map(|m| m.ns_per_hit + m.error_ns));
+        }
+        if (budget_ns - was).abs() > was / 4.0 {
+            info!(
+                ns_per_hit = measured.ns_per_hit.round(),
+                error_ns = measured.error_ns.round(),
+                ticks = measured.ticks,
+                budget_hit_ns = budget_ns.round(),
+                by_family = ?SampledFamily::ALL.map(|family| self.governor.family_hit_ns(family).round()),
+                "measured what a probe hit really costs the target: the budget is kept on it"
+            );
         }
         Ok(())
     }
@@ -484,6 +579,35 @@ impl Sampler {
     /// Each sampled family's duty cycle now (1: always attached).
     pub(super) fn duty_cycles(&self) -> [(SampledFamily, f64); SAMPLED_FAMILIES] {
         SampledFamily::ALL.map(|family| (family, self.governor.duty(family)))
+    }
+
+    /// Closes the windows that are due (detaching their families), then opens the next slice's
+    /// if it is due (attaching them), marking each change. Returns when the next window closes
+    /// or opens (None: the tick has no more).
+    pub(super) fn advance_windows(
+        &mut self,
+        tracer: &mut Tracer,
+    ) -> Result<Option<tokio::time::Instant>> {
+        let due = tokio::time::Instant::now() + WINDOW_SLACK;
+        let mut closed = false;
+        for index in 0..SAMPLED_FAMILIES {
+            if self.window_ends[index].is_some_and(|end| end <= due) {
+                self.window_ends[index] = None;
+                self.set_family(tracer, index, false)?;
+                closed = true;
+            }
+        }
+        if closed && !self.tick_marks.is_empty() {
+            self.push_mark(tracer)?;
+        }
+        let opens = self.next_slice.map(|(_, at)| at);
+        if self.window_ends.iter().all(Option::is_none) && opens.is_some_and(|at| at <= due) {
+            self.open_slice(tracer)?;
+            if !self.tick_marks.is_empty() {
+                self.push_mark(tracer)?;
+            }
+        }
+        Ok(self.next_window_event())
     }
 
     pub(super) fn report(&self) -> GovernorReport {
@@ -494,6 +618,10 @@ impl Sampler {
             .filter(|(_, stats)| stats.sampled)
             .map(|(family, stats)| SamplingReport {
                 family,
+                measured_hit_cost_ns: self.measured_by_family[family.index()]
+                    .map(|m| m.ns_per_hit.max(0.0).round() as u64),
+                measured_hit_cost_error_ns: self.measured_by_family[family.index()]
+                    .map(|m| m.error_ns.round() as u64),
                 min_duty_cycle: stats.min_duty,
                 mean_duty_cycle: if stats.seconds > 0.0 {
                     stats.duty_seconds / stats.seconds
@@ -527,6 +655,29 @@ impl Sampler {
             defers_over_budget_secs: self.defers_over_budget_secs,
         }
     }
+}
+
+/// Each family's windows in a tick's marks (runs of segments with it attached), as hits and
+/// share of a slice, and the variance they give its estimate ([`slice_variance`]).
+fn windows_variance(marks: &[(Mark, Attached)]) -> [Option<f64>; SAMPLED_FAMILIES] {
+    let slice_ns = (GOVERNOR_TICK / SLICES_PER_TICK).as_nanos() as f64;
+    std::array::from_fn(|family| {
+        let mut windows = Vec::new();
+        let mut open: Option<&Mark> = None;
+        for (mark, attached) in marks {
+            match (open, attached[family]) {
+                (None, true) => open = Some(mark),
+                (Some(start), false) => {
+                    let hits = mark.hits[1 + family].saturating_sub(start.hits[1 + family]);
+                    let share = mark.at_ns.saturating_sub(start.at_ns) as f64 / slice_ns;
+                    windows.push((hits, share));
+                    open = None;
+                }
+                _ => {}
+            }
+        }
+        slice_variance(&windows)
+    })
 }
 
 /// Hits of the probes that always stay on (heap defers, deferreturn); goroutine exits are a

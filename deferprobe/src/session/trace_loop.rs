@@ -310,10 +310,11 @@ pub(super) async fn trace(
                 }
             }
             _ = &mut window_end, if window_open => {
-                if or_exited(sampler.close_windows(tracer), exited)?.is_none() {
-                    break EndReason::TargetExited;
+                match or_exited(sampler.advance_windows(tracer), exited)? {
+                    None => break EndReason::TargetExited,
+                    Some(Some(next)) => window_end.as_mut().reset(next),
+                    Some(None) => window_open = false,
                 }
-                window_open = false;
             }
             _ = log_tick.tick() => {
                 context.modules.borrow_mut().poll(tracer);
