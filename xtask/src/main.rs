@@ -7,6 +7,7 @@
 //! - `test`         everything above, then the whole test suite (what CI runs)
 //! - `test-matrix`  every Go release × build variant of tests/go/matrix.txt, and its e2e tests
 //! - `layout-table` check deferprobe's built-in struct offsets against every toolchain's DWARF
+//! - `cross-build`  deferprobe for linux/arm64 (aarch64-unknown-linux-gnu, static)
 //! - `fuzz`         run the cargo-fuzz targets of fuzz/ (docs/FUZZING.md)
 //! - `bench`        the performance benchmarks of BENCHMARKS.md
 use std::{
@@ -20,6 +21,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cross;
 mod fuzz;
 mod layout_table;
 mod matrix;
@@ -58,6 +60,9 @@ enum Task {
     /// Print the runtime struct offsets every installed Go toolchain's DWARF gives, and fail if
     /// they differ from deferprobe's built-in table (deferprobe/src/layout.rs).
     LayoutTable,
+    /// Build deferprobe for linux/arm64 (aarch64-unknown-linux-gnu, statically linked),
+    /// installing the Rust target and Debian's arm64 cross linker when missing.
+    CrossBuild,
     /// Run the cargo-fuzz targets (fuzz/, docs/FUZZING.md) for a set time each, seeded from the
     /// Go test programs' sections.
     Fuzz {
@@ -104,6 +109,11 @@ fn run(task: Task) -> Result<()> {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::TestMatrix { test_args } => matrix::test_matrix(&test_args),
         Task::LayoutTable => layout_table::layout_table(),
+        Task::CrossBuild => {
+            let binary = cross::cross_build()?;
+            eprintln!("[xtask] built {}", binary.display());
+            Ok(())
+        }
         Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Task::Bench { reps, calls, service_secs, server_reps, server_secs, only } => {
             let servers = bench::ServerPhases { reps: server_reps, secs: server_secs };
