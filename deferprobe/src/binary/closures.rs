@@ -243,6 +243,22 @@ pub enum Deferred {
     Funcval(u64),
 }
 
+impl Deferred {
+    /// What a defer call passes in its closure register: the object just built (when its
+    /// code pointer was stored into it), else a static funcval's address, else unknown.
+    pub(crate) fn passed(
+        object: bool,
+        object_code: Option<u64>,
+        address: Option<u64>,
+    ) -> Option<Deferred> {
+        match (object, object_code, address) {
+            (true, Some(code), _) => Some(Deferred::Code(code)),
+            (false, _, Some(funcval)) => Some(Deferred::Funcval(funcval)),
+            _ => None,
+        }
+    }
+}
+
 /// What one function's code says about its closures.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Built {

@@ -43,15 +43,11 @@ pub(super) fn closures_built(
                 (addresses[r11], object[r11]) = (None, false);
                 continue;
             }
-            if direct && defer_functions.contains(&target) {
-                let closure = match (object[rax], object_code, addresses[rax]) {
-                    (true, Some(code), _) => Some(Deferred::Code(code)),
-                    (false, _, Some(funcval)) => Some(Deferred::Funcval(funcval)),
-                    _ => None,
-                };
-                if let Some(closure) = closure {
-                    found.deferred.insert(instruction.next_ip(), closure);
-                }
+            if direct
+                && defer_functions.contains(&target)
+                && let Some(closure) = Deferred::passed(object[rax], object_code, addresses[rax])
+            {
+                found.deferred.insert(instruction.next_ip(), closure);
             }
             let allocator =
                 direct.then(|| allocators.iter().find(|a| a.address == target)).flatten();

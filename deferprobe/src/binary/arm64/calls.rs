@@ -17,8 +17,8 @@ pub(super) fn direct_calls(
     targets: &[u64],
 ) -> Result<Vec<DirectCall>, BinaryError> {
     let call_len = deferprobe_common::arm64::CALL_LEN;
-    let maybe = code.chunks_exact(4).enumerate().any(|(index, word)| {
-        let word = u32::from_le_bytes(word.try_into().expect("4 bytes"));
+    let maybe = code.as_chunks::<4>().0.iter().enumerate().any(|(index, word)| {
+        let word = u32::from_le_bytes(*word);
         // imm26, in words, sign-extended.
         let offset = i64::from(((word << 6) as i32) >> 6) * 4;
         let at = address + index as u64 * 4;

@@ -47,15 +47,9 @@ pub(super) fn closures_built(
             }
             if let Some(target) = target
                 && defer_functions.contains(&target)
+                && let Some(closure) = Deferred::passed(object[0], object_code, addresses[0])
             {
-                let closure = match (object[0], object_code, addresses[0]) {
-                    (true, Some(code), _) => Some(Deferred::Code(code)),
-                    (false, _, Some(funcval)) => Some(Deferred::Funcval(funcval)),
-                    _ => None,
-                };
-                if let Some(closure) = closure {
-                    found.deferred.insert(instruction.address + 4, closure);
-                }
+                found.deferred.insert(instruction.address + 4, closure);
             }
             let allocator = target.and_then(|t| allocators.iter().find(|a| a.address == t));
             object = [false; 32];

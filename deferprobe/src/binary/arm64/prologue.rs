@@ -122,16 +122,16 @@ fn is_stack_guard_load(instruction: &Decoded) -> bool {
 
 /// `CMP R16, RSP` or `CMP R16, R17`: SUBS into the zero register of SP or R17 minus R16.
 fn is_stack_guard_compare(instruction: &Decoded) -> bool {
-    let minuend = match instruction.operand(1) {
-        Operand::RegisterOrSP(_, SP) => true,
-        Operand::Register(_, FRAME_BOTTOM) | Operand::RegisterOrSP(_, FRAME_BOTTOM) => true,
-        _ => false,
-    };
-    let guard = match instruction.operand(2) {
-        Operand::Register(_, GUARD) => true,
-        Operand::RegShift(_, 0, _, GUARD) => true,
-        _ => false,
-    };
+    let minuend = matches!(
+        instruction.operand(1),
+        Operand::RegisterOrSP(_, SP)
+            | Operand::Register(_, FRAME_BOTTOM)
+            | Operand::RegisterOrSP(_, FRAME_BOTTOM)
+    );
+    let guard = matches!(
+        instruction.operand(2),
+        Operand::Register(_, GUARD) | Operand::RegShift(_, 0, _, GUARD)
+    );
     instruction.opcode() == Opcode::SUBS
         && matches!(instruction.operand(0), Operand::Register(_, 31))
         && minuend
