@@ -251,13 +251,33 @@ pub struct KnownMap {
 /// `morestack` grows the stack and the function starts again, reaching the probe a second time.
 pub const COOKIE_FALLS_THROUGH: u64 = 1;
 
-/// The x86 EFLAGS bits a `JBE` tests: it is taken when CF or ZF is set.
-pub const JBE_TAKEN_FLAGS: u64 = (1 << 0) | (1 << 6);
+/// Per-architecture facts both sides need: what the stack check's conditional branch tests in
+/// the saved flags, and the length of a call instruction (a probe on a `CALL runtime.deferproc`
+/// / `deferreturn` site reports the probed address plus this as the return address).
+pub mod amd64 {
+    /// The EFLAGS bits a `JBE` tests: it is taken when CF or ZF is set.
+    pub const JBE_TAKEN_FLAGS: u64 = (1 << 0) | (1 << 6);
 
-/// Length of the `CALL rel32` instructions the deferreturn probe sits on (it probes the calls
-/// of `runtime.deferreturn` in frames that own heap records, not the function's entry): the
-/// return address is the probed address plus this.
-pub const CALL_REL32_LEN: u64 = 5;
+    /// `CALL rel32`.
+    pub const CALL_LEN: u64 = 5;
+}
+
+/// See [`amd64`].
+pub mod arm64 {
+    /// PSTATE's Z flag. `B.LS` (the stack check's branch to `morestack`) is taken when Z is set
+    /// or C is clear.
+    pub const PSTATE_Z: u64 = 1 << 30;
+    /// PSTATE's C flag.
+    pub const PSTATE_C: u64 = 1 << 29;
+
+    /// `BL imm26`.
+    pub const CALL_LEN: u64 = 4;
+
+    /// Whether a `B.LS` with these saved PSTATE flags is taken.
+    pub const fn bls_taken(pstate: u64) -> bool {
+        pstate & PSTATE_Z != 0 || pstate & PSTATE_C == 0
+    }
+}
 
 /// A frame that owns heap records (SP `caller_sp`, resuming at `caller_pc`) called
 /// `runtime.deferreturn`, which runs its records.

@@ -4,13 +4,14 @@
 //! when the ring buffer is full), then, for defer bookkeeping, writes a compact event to the
 //! ring buffer without waking the reader (userspace drains on a timer).
 //!
-//! Go passes arguments in registers (ABIInternal: RAX, RBX, RCX, RDI, ...; R14 = current g), so
-//! the probes read `pt_regs` fields directly instead of `ctx.arg(n)` (C ABI order).
+//! Go passes arguments in registers (ABIInternal: RAX, RBX, RCX, ... and R14 = current g on
+//! amd64; R0, R1, R2, ... and R28 = g on arm64), so the probes read `pt_regs` through the
+//! per-architecture accessors of `arch.rs` instead of `ctx.arg(n)` (C ABI order).
 //! Probes sit on instructions the kernel emulates (see the probe plan in userspace): a runtime
-//! function's stack-check `JBE`, where RSP still points at the return address and the arguments
-//! are still in registers (a hit there counts only when the branch falls through: see
-//! [`goes_to_morestack`]), and the `CALL runtime.deferproc` / `CALL runtime.deferreturn`
-//! instructions of the frames that own heap records.
+//! function's stack-check branch (`JBE`, `B.LS`), where the return address is still where the
+//! call left it and the arguments are still in registers (a hit there counts only when the
+//! branch falls through: see [`goes_to_morestack`]), and the `CALL`/`BL runtime.deferproc` /
+//! `runtime.deferreturn` instructions of the frames that own heap records.
 //!
 //! Layout: `maps.rs` (what the probes share with userspace), `context.rs` (counters,
 //! registers, reads, events), `probes/` (one file per probe area), and here the programs'
@@ -21,6 +22,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod arch;
 mod context;
 mod maps;
 mod probes;
@@ -31,7 +33,7 @@ use aya_ebpf::{
     macros::{raw_tracepoint, uprobe},
     programs::{ProbeContext, RawTracePointContext},
 };
-use deferprobe_common::{COOKIE_FALLS_THROUGH, Gate, JBE_TAKEN_FLAGS};
+use deferprobe_common::{COOKIE_FALLS_THROUGH, Gate};
 
 use crate::{
     context::regs,
@@ -39,14 +41,14 @@ use crate::{
     probes::{allocations::*, defers::*, goroutines::*, map_writes::*, processes::*},
 };
 
-/// A probe on a stack check's `JBE` (attach cookie [`COOKIE_FALLS_THROUGH`]) whose branch will
-/// be taken: the function calls `morestack` and starts again, so this pass is not a call. The
-/// kernel runs handlers before it emulates the instruction: the flags are the `CMP`'s.
+/// A probe on a stack check's branch (`JBE`, `B.LS`; attach cookie [`COOKIE_FALLS_THROUGH`])
+/// that will be taken: the function calls `morestack` and starts again, so this pass is not a
+/// call. The kernel runs handlers before it emulates the instruction: the flags are the `CMP`'s.
 #[inline(always)]
 fn goes_to_morestack(ctx: &ProbeContext) -> bool {
     // SAFETY: the helper reads the cookie of the link that ran this program.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    cookie & COOKIE_FALLS_THROUGH != 0 && regs(ctx).eflags & JBE_TAKEN_FLAGS != 0
+    cookie & COOKIE_FALLS_THROUGH != 0 && arch::stack_check_taken(regs(ctx))
 }
 
 /// A sampled family's probe while userspace has its counting gate closed (the family is being

@@ -101,7 +101,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
             module_path: info.module_path.as_deref(),
             main_package: info.main_package.as_deref(),
             plan: &plan,
-            release_table_layout: layout::for_release(plan.release),
+            release_table_layout: layout::for_release(plan.arch, plan.release),
             heap_defer_sites: inspected,
             memory_profiling,
         };
@@ -110,6 +110,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
     let mut out = String::new();
     let _ = writeln!(out, "{}", path.display());
     let _ = writeln!(out, "  go release   {}", plan.go_version);
+    let _ = writeln!(out, "  arch         {}", plan.arch);
     if !plan.experiments.is_empty() {
         let _ = writeln!(out, "  experiments  {}", plan.experiments.join(","));
     }
@@ -162,11 +163,15 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
         0 => writeln!(out, "  every probe is on an instruction the kernel emulates"),
         n => writeln!(out, "  *: {n} probes the kernel single-steps (10-20 µs a hit here)"),
     };
-    if plan.probes.iter().any(|probe| probe.count_when == CountWhen::FallsThrough) {
-        let _ = writeln!(out, "  jbe: the stack check's; a hit counts when it falls through");
+    if let Some(check) =
+        plan.probes.iter().find(|probe| probe.count_when == CountWhen::FallsThrough)
+    {
+        let branch = &check.instruction;
+        let _ = writeln!(out, "  {branch}: the stack check's; a hit counts when it falls through");
     }
     for (program, callee) in on_calls {
-        let _ = writeln!(out, "  {program} probes sit on the functions' CALLs of {callee}");
+        let call = plan.arch.call_mnemonic().to_uppercase();
+        let _ = writeln!(out, "  {program} probes sit on the functions' {call}s of {callee}");
     }
     if !plan.absent.is_empty() {
         let _ = writeln!(out, "\nnot in this binary (never called): {}", plan.absent.join(", "));
@@ -175,8 +180,11 @@ pub fn inspect(path: &Path, json: bool) -> Result<String> {
     let mut programs: Vec<_> = plan.probes.iter().map(|p| p.program).collect();
     programs.dedup();
     for program in programs {
-        let registers: Vec<String> =
-            program.registers().iter().map(|(reg, what)| format!("{reg}={what}")).collect();
+        let registers: Vec<String> = program
+            .registers()
+            .iter()
+            .map(|(reg, what)| format!("{}={what}", plan.arch.register_name(*reg)))
+            .collect();
         let _ = writeln!(out, "  {:<20} {}", program.name(), program.reports());
         for (index, register) in registers.iter().enumerate() {
             let label = if index == 0 { "reads" } else { "" };

@@ -6,6 +6,8 @@
 
 use serde::Serialize;
 
+use crate::arch::Arch;
+
 /// A Go release as `major.minor` (the patch level never changes these layouts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct GoRelease {
@@ -118,9 +120,11 @@ const fn layout(
     }
 }
 
-/// Layouts per release, linux/amd64, from each release's DWARF: `cargo xtask layout-table`
-/// builds a probe program with every Go toolchain it finds, prints these rows and fails if they
-/// differ; the unit tests in `binary::dwarf` check the toolchains the tests use.
+/// Layouts per release, from each release's DWARF, the same on linux/amd64 and linux/arm64
+/// (every field before those read is pointer-sized or a fixed-size array on both; `m.tls` has
+/// `tlsSlots` = 6 words on both): `cargo xtask layout-table` builds a probe program with every
+/// Go toolchain it finds for both architectures, prints these rows and fails if they differ;
+/// the unit tests in `binary::dwarf` check the toolchains the tests use, for both.
 ///
 /// Go 1.19 to 1.21 have the older `_defer` (`started`, `heap`, `openDefer` flags, then `sp`,
 /// `pc`, `fn`, `_panic`, `link`, and the open-coded defer fields `fd`, `varp`, `framepc`); 1.22
@@ -140,9 +144,16 @@ pub const RELEASE_TABLE: &[(GoRelease, RuntimeLayout)] = &[
     (GoRelease::new(1, 27), layout(152, 184, 32, 48, Gobuf::WithoutRet)),
 ];
 
-/// The built-in layout for `release`, if the table has it.
-pub fn for_release(release: GoRelease) -> Option<RuntimeLayout> {
-    RELEASE_TABLE.iter().find(|(r, _)| *r == release).map(|(_, layout)| *layout)
+/// The built-in table of `arch`.
+pub fn release_table(arch: Arch) -> &'static [(GoRelease, RuntimeLayout)] {
+    match arch {
+        Arch::Amd64 | Arch::Arm64 => RELEASE_TABLE,
+    }
+}
+
+/// The built-in layout for `release` on `arch`, if the table has it.
+pub fn for_release(arch: Arch, release: GoRelease) -> Option<RuntimeLayout> {
+    release_table(arch).iter().find(|(r, _)| *r == release).map(|(_, layout)| *layout)
 }
 
 #[cfg(test)]
@@ -161,7 +172,9 @@ mod tests {
             RELEASE_TABLE.len(),
             (NEWEST_SUPPORTED.minor - OLDEST_SUPPORTED.minor + 1) as usize
         );
-        assert_eq!(for_release(GoRelease::new(1, 18)), None);
-        assert_eq!(for_release(GoRelease::new(1, 23)).unwrap().g_goid, 160);
+        for arch in Arch::ALL {
+            assert_eq!(for_release(arch, GoRelease::new(1, 18)), None);
+            assert_eq!(for_release(arch, GoRelease::new(1, 23)).unwrap().g_goid, 160);
+        }
     }
 }

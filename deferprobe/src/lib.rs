@@ -8,7 +8,9 @@
 //! at the end and while tracing goes on (interim reports, [`metrics`] for Prometheus).
 
 pub mod aggregator;
+pub mod arch;
 pub mod binary;
+mod calibration_target;
 pub mod cli;
 pub mod cost;
 pub mod error;

@@ -10,10 +10,8 @@
 use serde::Serialize;
 
 use crate::{
-    binary::{
-        FrameCall, Function, GoBinary, HeapDeferFrameCalls,
-        prologue::{self, CountWhen},
-    },
+    arch::{Arch, GoRegister},
+    binary::{FrameCall, Function, GoBinary, HeapDeferFrameCalls, prologue::CountWhen},
     error::{Error, Result},
     layout::{self, GoRelease, LayoutSource, RuntimeLayout},
 };
@@ -169,47 +167,44 @@ impl ProbeProgram {
         }
     }
 
-    /// Registers the program reads, and what they hold (Go ABIInternal, amd64).
-    pub fn registers(self) -> &'static [(&'static str, &'static str)] {
-        const G: (&str, &str) = ("r14", "g (current goroutine)");
-        const RET: (&str, &str) = ("[rsp]", "return address");
-        const CALL_RSP: (&str, &str) = ("rsp", "the calling frame's SP");
+    /// Registers the program reads, by their role in Go's ABIInternal, and what they hold
+    /// ([`crate::arch::Arch::register_name`] names them per architecture).
+    pub fn registers(self) -> &'static [(GoRegister, &'static str)] {
+        const G: (GoRegister, &str) = (GoRegister::G, "g (current goroutine)");
+        const RET: (GoRegister, &str) = (GoRegister::ReturnAddress, "return address");
+        const CALL_SP: (GoRegister, &str) = (GoRegister::Sp, "the calling frame's SP");
+        const CALL_PC: (GoRegister, &str) =
+            (GoRegister::Pc, "the call (+ its length: the return address)");
         match self {
-            ProbeProgram::MapAssign => &[("rax", "map type"), ("rbx", "map")],
-            ProbeProgram::DeferProc => &[
-                ("rax", "closure (*funcval)"),
-                G,
-                CALL_RSP,
-                ("rip", "the CALL (+5: return address)"),
-            ],
-            ProbeProgram::DeferProcAt => &[("rax", "closure (*funcval)"), G, RET],
-            ProbeProgram::DeferProcStack => &[("rax", "*_defer (on the caller's stack)")],
-            ProbeProgram::DeferReturn => &[G, CALL_RSP, ("rip", "the CALL (+5: return address)")],
-            ProbeProgram::Mallocgc => &[("rax", "size"), ("rbx", "*_type")],
-            ProbeProgram::MallocgcSizeClass => &[("rax", "size")],
+            ProbeProgram::MapAssign => {
+                &[(GoRegister::Arg(0), "map type"), (GoRegister::Arg(1), "map"), G, RET]
+            }
+            ProbeProgram::DeferProc => {
+                &[(GoRegister::Arg(0), "closure (*funcval)"), G, CALL_SP, CALL_PC]
+            }
+            ProbeProgram::DeferProcAt => &[(GoRegister::Arg(0), "closure (*funcval)"), G, RET],
+            ProbeProgram::DeferProcStack => {
+                &[(GoRegister::Arg(0), "*_defer (on the caller's stack)")]
+            }
+            ProbeProgram::DeferReturn => &[G, CALL_SP, CALL_PC],
+            ProbeProgram::Mallocgc => {
+                &[(GoRegister::Arg(0), "size"), (GoRegister::Arg(1), "*_type")]
+            }
+            ProbeProgram::MallocgcSizeClass => &[(GoRegister::Arg(0), "size")],
             ProbeProgram::Goexit1 | ProbeProgram::FatalPanic => &[G],
-            ProbeProgram::ProfileAlloc => &[("rcx", "size (rounded to its size class)")],
+            ProbeProgram::ProfileAlloc => {
+                &[(GoRegister::Arg(2), "size (rounded to its size class)")]
+            }
         }
     }
-}
 
-impl ProbeProgram {
-    /// The registers [`ProbeProgram::registers`] names, as the decoder knows them: the probe
-    /// must sit where they still hold what they held at the function's entry (`[rsp]` needs
-    /// RSP unchanged; `rip` is the probe's own address).
-    pub fn read_registers(self) -> Vec<iced_x86::Register> {
-        use iced_x86::Register;
+    /// The registers [`ProbeProgram::registers`] names that the probe's spot must leave as
+    /// they were at the function's entry (the program counter is the probe's own address).
+    pub fn read_registers(self) -> Vec<GoRegister> {
         self.registers()
             .iter()
-            .filter_map(|(name, _)| match *name {
-                "rax" => Some(Register::RAX),
-                "rbx" => Some(Register::RBX),
-                "rcx" => Some(Register::RCX),
-                "rdi" => Some(Register::RDI),
-                "r14" => Some(Register::R14),
-                "rsp" | "[rsp]" => Some(Register::RSP),
-                _ => None,
-            })
+            .map(|(register, _)| *register)
+            .filter(|register| *register != GoRegister::Pc)
             .collect()
     }
 }
@@ -320,6 +315,8 @@ pub struct PlannedProbe {
 /// Everything `run` attaches to one binary, and what `inspect` prints.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProbePlan {
+    /// The processor the binary is built for.
+    pub arch: Arch,
     pub go_version: String,
     pub release: GoRelease,
     pub experiments: Vec<String>,
@@ -412,6 +409,7 @@ impl ProbePlan {
         families.sort();
         families.dedup();
         Ok(ProbePlan {
+            arch: binary.arch(),
             go_version: info.version.clone(),
             release,
             experiments: info.experiments.clone(),
@@ -473,7 +471,7 @@ fn choose_layout(
     release: GoRelease,
     from_dwarf: std::result::Result<Option<RuntimeLayout>, crate::binary::BinaryError>,
 ) -> Result<SupportedLayout> {
-    let table = layout::for_release(release);
+    let table = layout::for_release(binary.arch(), release);
     let version = &binary.build_info().version;
     match (from_dwarf, table) {
         (Ok(Some(layout)), _) => {
@@ -508,11 +506,7 @@ fn plan_probe(
     program: ProbeProgram,
     function: Function,
 ) -> Result<PlannedProbe> {
-    let code = binary.function_code(&function)?;
-    let spot =
-        prologue::probe_spot(code, function.address, &program.read_registers()).map_err(|err| {
-            Error::unsupported(format!("{}: {}: {err}", binary.path().display(), function.name))
-        })?;
+    let spot = binary.probe_spot(&function, &program.read_registers())?;
     let file_offset = binary.file_offset(function.address + spot.offset)?;
     Ok(PlannedProbe {
         program,
@@ -531,8 +525,8 @@ fn plan_probe(
 const DEFERPROC: &str = "runtime.deferproc";
 const DEFERRETURN: &str = "runtime.deferreturn";
 
-/// A probe on a `CALL callee` instruction (5 bytes, `CALL rel32`, which the kernel emulates
-/// rather than single-steps) inside `call.function`.
+/// A probe on a direct call of `callee` (`CALL rel32`, `BL`: the kernel emulates both rather
+/// than single-stepping them) inside `call.function`.
 fn plan_call_probe(
     binary: &GoBinary,
     program: ProbeProgram,
@@ -546,7 +540,7 @@ fn plan_call_probe(
         symbol: call.function.name.clone(),
         address: call.function.address,
         size: call.function.size,
-        instruction: "call".into(),
+        instruction: binary.arch().call_mnemonic().into(),
         emulated: true,
         count_when: CountWhen::Always,
         call_to: Some(callee),
@@ -574,11 +568,19 @@ mod tests {
     use super::*;
     use crate::binary::testbin::{self, Program, TempFile, Variant};
 
-    /// Every register a program says it reads is one the placement can check.
+    /// Every register a program says it reads is a register on each architecture (never an
+    /// argument passed on the stack), and all but the program counter are left for the
+    /// placement to check.
     #[test]
     fn read_registers_cover_what_programs_read() {
         for program in ProbeProgram::ALL {
-            let named = program.registers().iter().filter(|(name, _)| *name != "rip").count();
+            for arch in Arch::ALL {
+                for (register, _) in program.registers() {
+                    assert_ne!(arch.register_name(*register), "stack", "{program:?} {arch}");
+                }
+            }
+            let named =
+                program.registers().iter().filter(|(name, _)| *name != GoRegister::Pc).count();
             assert_eq!(program.read_registers().len(), named, "{program:?}");
         }
     }
@@ -600,7 +602,11 @@ mod tests {
                         false => LayoutSource::Dwarf,
                     };
                     assert_eq!(plan.layout_source, source, "{what}");
-                    assert_eq!(Some(plan.layout), layout::for_release(plan.release), "{what}");
+                    assert_eq!(
+                        Some(plan.layout),
+                        layout::for_release(plan.arch, plan.release),
+                        "{what}"
+                    );
                     let symbols: Vec<&str> =
                         plan.probes.iter().map(|p| p.symbol.as_str()).collect();
                     let probe = plan.probes.iter().find(|p| p.symbol == "runtime.mallocgc");
@@ -728,7 +734,11 @@ mod tests {
                 let problem = binary.runtime_layout_from_dwarf().unwrap_err().to_string();
                 let plan = ProbePlan::build(&binary, &PlanOptions::default()).unwrap();
                 assert_eq!(plan.layout_source, LayoutSource::ReleaseTable, "{what} {section}");
-                assert_eq!(Some(plan.layout), layout::for_release(plan.release), "{what}");
+                assert_eq!(
+                    Some(plan.layout),
+                    layout::for_release(plan.arch, plan.release),
+                    "{what}"
+                );
                 let note = plan.layout_note.unwrap_or_else(|| panic!("{what}: no note"));
                 assert_eq!(
                     note,

@@ -153,7 +153,12 @@ impl Target {
     /// executable or library, not `/proc/PID/...`.
     pub fn open_binary(&mut self) -> Result<GoBinary> {
         let not_go = match GoBinary::open(&self.exe) {
-            Ok(binary) => return Ok(binary),
+            Ok(binary) => {
+                binary
+                    .require_host_arch()
+                    .map_err(|err| self.named(err, &self.exe, &self.exe_name))?;
+                return Ok(binary);
+            }
             Err(err @ BinaryError::NotGo { .. }) => err,
             Err(err) => return Err(self.named(err, &self.exe, &self.exe_name)),
         };
@@ -172,6 +177,7 @@ impl Target {
             return Err(error);
         };
         let binary = GoBinary::open(&chosen.open_path)
+            .and_then(|binary| binary.require_host_arch().map(|()| binary))
             .map_err(|err| self.named(err, &chosen.open_path, &chosen.name))?;
         if modules.len() > 1 {
             self.notes.push(format!(
@@ -208,14 +214,16 @@ impl Target {
 /// Opens and analyses the executable of a command (`run -- CMD`): one that is not Go is
 /// refused with [`C_SHARED_HINT`].
 pub fn open_command(path: &Path) -> Result<GoBinary> {
-    GoBinary::open(path).map_err(|err| {
-        let not_go = matches!(err, BinaryError::NotGo { .. });
-        let mut error = Error::from(err);
-        if not_go {
-            error.message += &format!("; {C_SHARED_HINT}");
-        }
-        error
-    })
+    GoBinary::open(path).and_then(|binary| binary.require_host_arch().map(|()| binary)).map_err(
+        |err| {
+            let not_go = matches!(err, BinaryError::NotGo { .. });
+            let mut error = Error::from(err);
+            if not_go {
+                error.message += &format!("; {C_SHARED_HINT}");
+            }
+            error
+        },
+    )
 }
 
 /// A Go binary a process has mapped (a shared library, or the executable itself).

@@ -456,37 +456,7 @@ fn program_name(base: &str, mode: AttachMode) -> String {
     }
 }
 
-// A function of deferprobe itself for the calibration probe, exported under a fixed name so
-// the probe finds it in /proc/self/exe's symbol table. It starts with `push rbp`, like the
-// instructions the real probes sit on (just after a Go function's stack check): the kernel
-// emulates that instruction instead of single-stepping it, and the cost measured is theirs.
-// The calibration target holds one instruction of each class the probe plan uses, so that
-// a hit on each is timed: a JBE like a Go function's stack check, falling through (TEST clears
-// CF, RSP is not zero), probed with the fall-through cookie so the kernel program's flags check
-// runs as it does there; and a CALL, like the `CALL runtime.deferproc` / `deferreturn` sites.
-std::arch::global_asm!(
-    ".globl deferprobe_calibration_target",
-    ".type deferprobe_calibration_target, @function",
-    "deferprobe_calibration_target:",
-    "test rsp, rsp",
-    "jbe 1f",
-    "1:",
-    "push rbp",
-    "mov rbp, rsp",
-    "call deferprobe_calibration_leaf",
-    "pop rbp",
-    "ret",
-    ".size deferprobe_calibration_target, . - deferprobe_calibration_target",
-    ".type deferprobe_calibration_leaf, @function",
-    "deferprobe_calibration_leaf:",
-    "lea rax, [rdi + 1]",
-    "ret",
-    ".size deferprobe_calibration_leaf, . - deferprobe_calibration_leaf",
-);
-
-unsafe extern "C" {
-    fn deferprobe_calibration_target(value: u64) -> u64;
-}
+use crate::calibration_target::{self, deferprobe_calibration_target};
 
 /// Times `calls` calls of the calibration target.
 fn time_calls(calls: u64) -> Duration {
@@ -529,8 +499,8 @@ fn calibrate(ebpf: &mut Ebpf, mode: AttachMode) -> Option<Calibration> {
     let name = program_name("calibrate", mode);
     let uprobe: &mut UProbe = ebpf.program_mut(&name)?.try_into().ok()?;
     uprobe.load().ok()?;
-    let jbe = calibrate_at(uprobe, CALIBRATION_JBE_OFFSET, Some(COOKIE_FALLS_THROUGH))?;
-    let call = calibrate_at(uprobe, CALIBRATION_CALL_OFFSET, None)?;
+    let jbe = calibrate_at(uprobe, calibration_target::BRANCH_OFFSET, Some(COOKIE_FALLS_THROUGH))?;
+    let call = calibrate_at(uprobe, calibration_target::CALL_OFFSET, None)?;
     Some(Calibration { jbe, call })
 }
 
@@ -579,11 +549,6 @@ fn calibrate_at(uprobe: &mut UProbe, offset: u64, cookie: Option<u64>) -> Option
     );
     Some(Duration::from_nanos(cold.max(1.0) as u64))
 }
-
-/// The calibration target's JBE, after `test rsp, rsp` (3 bytes), and its CALL, after the JBE
-/// (2), `push rbp` (1) and `mov rbp, rsp` (3).
-const CALIBRATION_JBE_OFFSET: u64 = 3;
-const CALIBRATION_CALL_OFFSET: u64 = 9;
 
 /// What the calibration touches between two calls: about an L2 cache.
 const CALIBRATION_WORK_BYTES: usize = 512 * 1024;
@@ -684,27 +649,9 @@ mod tests {
     use super::*;
     use crate::error::ErrorKind;
 
-    // Two JBEs like a Go stack check's: one falls through (TEST clears CF, RSP is not zero),
-    // one is taken (XOR sets ZF), at +3 and +2.
-    std::arch::global_asm!(
-        ".globl deferprobe_test_falls_through",
-        "deferprobe_test_falls_through:",
-        "test rsp, rsp",
-        "jbe 1f",
-        "1:",
-        "ret",
-        ".globl deferprobe_test_branch_taken",
-        "deferprobe_test_branch_taken:",
-        "xor eax, eax",
-        "jbe 2f",
-        "2:",
-        "ret",
-    );
-
-    unsafe extern "C" {
-        fn deferprobe_test_falls_through();
-        fn deferprobe_test_branch_taken();
-    }
+    use crate::calibration_target::stack_checks::{
+        self, deferprobe_test_branch_taken, deferprobe_test_falls_through,
+    };
 
     /// The kernel side of a probe on a stack check's JBE: with the fall-through cookie, a hit
     /// counts only when the flags say the branch falls through (a taken one goes to morestack,
@@ -729,13 +676,14 @@ mod tests {
             counters.get(&0, 0).unwrap().iter().map(|c| c.get(counter)).sum()
         };
         for (cookie, expected_taken) in [(COOKIE_FALLS_THROUGH, 0), (0, 100)] {
-            let points =
-                [("deferprobe_test_falls_through", 3), ("deferprobe_test_branch_taken", 2)].map(
-                    |(symbol, offset)| UProbeAttachPoint {
-                        location: UProbeAttachLocation::SymbolOffset(symbol, offset),
-                        cookie: Some(cookie),
-                    },
-                );
+            let points = [
+                ("deferprobe_test_falls_through", stack_checks::OFFSETS[0]),
+                ("deferprobe_test_branch_taken", stack_checks::OFFSETS[1]),
+            ]
+            .map(|(symbol, offset)| UProbeAttachPoint {
+                location: UProbeAttachLocation::SymbolOffset(symbol, offset),
+                cookie: Some(cookie),
+            });
             let links: Vec<_> = points
                 .into_iter()
                 .map(|point| {

@@ -207,7 +207,8 @@ fn executable_deleted_or_replaced_on_disk_still_traced() {
 }
 
 /// Go executables for other systems and processors, cross-built here with the default release:
-/// `inspect` and `run -- FILE` name what the file is (exit 65) and never run it.
+/// `inspect` and `run -- FILE` name what the file is (exit 65) and never run it. A linux/arm64
+/// one is read by `inspect`, and `run` refuses it on this amd64 machine the same way.
 #[test]
 fn other_systems_and_processors_exit_65() {
     require_root();
@@ -225,7 +226,7 @@ fn other_systems_and_processors_exit_65() {
         ("freebsd", "amd64", "a FreeBSD ELF file (GOOS=freebsd)"),
         ("windows", "amd64", "a Windows PE file"),
         ("darwin", "amd64", "a macOS Mach-O file"),
-        ("linux", "arm64", "a linux/arm64 ELF file"),
+        ("linux", "arm64", "a linux/arm64 Go binary"),
     ] {
         let output = scratch.dir.join(format!("hello-{goos}-{goarch}"));
         let built = std::process::Command::new(&go)
@@ -242,8 +243,21 @@ fn other_systems_and_processors_exit_65() {
             .output()
             .unwrap();
         assert!(built.status.success(), "{goos}/{goarch}: {}", text(&built).1);
-        let expected =
-            format!("{}: {what}; deferprobe traces linux/amd64 Go binaries", output.display());
+        if goarch == "arm64" {
+            let (_, inspection) = inspect(&output);
+            assert_eq!(inspection["plan"]["arch"], "arm64");
+            let expected = format!(
+                "{}: {what}; this deferprobe runs on linux/amd64 and traces only linux/amd64 \
+                 programs (`inspect` reads both)",
+                output.display()
+            );
+            assert_fails(&["run", "--", path_arg(&output)], EXIT_UNSUPPORTED, &expected);
+            continue;
+        }
+        let expected = format!(
+            "{}: {what}; deferprobe reads linux/amd64 and linux/arm64 Go binaries",
+            output.display()
+        );
         assert_fails(&["inspect", path_arg(&output)], EXIT_UNSUPPORTED, &expected);
         assert_fails(&["inspect", "--json", path_arg(&output)], EXIT_UNSUPPORTED, &expected);
         assert_fails(&["run", "--", path_arg(&output)], EXIT_UNSUPPORTED, &expected);

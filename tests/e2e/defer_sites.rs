@@ -4,7 +4,8 @@
 //! the functions nothing reaches. So every site inspect lists must be on the compiler's list,
 //! and every one of the main package's must be in the binary. Checked on the test programs and
 //! on a program linking most of the standard library, with the oldest and newest releases of
-//! tests/go/releases.txt. The build cache (target/defer-sites-cache) replays the compiler's
+//! tests/go/releases.txt, for linux/amd64 and linux/arm64 (cross-built: `inspect` reads arm64
+//! binaries on any machine). The build cache (target/defer-sites-cache) replays the compiler's
 //! output, so only the first run compiles the standard library.
 
 use std::{collections::BTreeSet, path::Path, process::Command};
@@ -16,10 +17,15 @@ const PROGRAMS: [&str; 5] = ["pending", "captures", "workload", "stress", "stdli
 
 /// `(absolute file, line)` of every heap-allocated defer the compiler reports for `program`,
 /// and the binary it built.
-fn compiler_sites(release: &str, program: &str) -> (BTreeSet<(String, u64)>, std::path::PathBuf) {
+fn compiler_sites(
+    release: &str,
+    goarch: &str,
+    program: &str,
+) -> (BTreeSet<(String, u64)>, std::path::PathBuf) {
     let root = workspace_root();
     let sources = root.join("tests/go");
-    let out = root.join("target/defer-sites").join(format!("go{release}")).join(program);
+    let out =
+        root.join("target/defer-sites").join(format!("go{release}")).join(goarch).join(program);
     let go = root.join("target/go").join(release).join("go/bin/go");
     assert!(go.exists(), "{} is missing: run `cargo xtask setup`", go.display());
     let output = Command::new(&go)
@@ -28,13 +34,14 @@ fn compiler_sites(release: &str, program: &str) -> (BTreeSet<(String, u64)>, std
         .arg(format!("./{program}"))
         .current_dir(&sources)
         .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", root.join("target/defer-sites-cache").join(release))
+        .env("GOARCH", goarch)
+        .env("GOCACHE", root.join("target/defer-sites-cache").join(format!("{release}-{goarch}")))
         .env("GOFLAGS", "-mod=mod")
         .env("CGO_ENABLED", "0")
         .output()
         .unwrap();
     let (stdout, stderr) = text(&output);
-    assert!(output.status.success(), "go{release} build ./{program}: {stderr}{stdout}");
+    assert!(output.status.success(), "go{release} {goarch} build ./{program}: {stderr}{stdout}");
     let sites = stderr
         .lines()
         .filter(|line| line.ends_with(": heap-allocated defer"))
@@ -56,13 +63,23 @@ fn compiler_sites(release: &str, program: &str) -> (BTreeSet<(String, u64)>, std
 
 #[test]
 fn inspect_heap_defer_sites_are_the_compilers_own() {
+    heap_defer_sites_are_the_compilers_own("amd64");
+}
+
+#[test]
+fn inspect_arm64_heap_defer_sites_are_the_compilers_own() {
+    heap_defer_sites_are_the_compilers_own("arm64");
+}
+
+fn heap_defer_sites_are_the_compilers_own(goarch: &str) {
     let mut releases = go_releases();
     releases.sort_by_key(|r| r.split('.').map(|n| n.parse::<u32>().unwrap()).collect::<Vec<_>>());
     for release in [releases[0].clone(), releases[releases.len() - 1].clone()] {
         for program in PROGRAMS {
-            let what = format!("go{release} {program}");
-            let (compiler, binary) = compiler_sites(&release, program);
+            let what = format!("go{release} {goarch} {program}");
+            let (compiler, binary) = compiler_sites(&release, goarch, program);
             let (_, inspection) = inspect(&binary);
+            assert_eq!(inspection["plan"]["arch"], goarch, "{what}");
             let inspected: BTreeSet<(String, u64)> = inspection["heap_defer_sites"]
                 .as_array()
                 .unwrap()

@@ -1496,9 +1496,12 @@ fn governor_summary(report: &Value) -> Value {
     let governor = &report["governor"];
     let duration = f(&report["duration_secs"]);
     let mut duty = json!({});
+    // The measured cost of a hit: every probe alike, and each sampled family's own.
+    let mut measured = json!({ "all": governor["measured_hit_cost_ns"] });
     for family in governor["sampled"].as_array().into_iter().flatten() {
         if let Some(name) = family["family"].as_str() {
             duty[name] = family["mean_duty_cycle"].clone();
+            measured[name] = family["measured_hit_cost_ns"].clone();
         }
     }
     let mut hits = json!({});
@@ -1509,7 +1512,12 @@ fn governor_summary(report: &Value) -> Value {
             hits[name] = json!(count / duration);
         }
     }
-    json!({"hit_cost_ns": governor["hit_cost_ns"], "duty_cycles": duty, "hits_per_sec": hits})
+    json!({
+        "hit_cost_ns": governor["hit_cost_ns"],
+        "measured_ns": measured,
+        "duty_cycles": duty,
+        "hits_per_sec": hits,
+    })
 }
 
 /// The median, key by key, of objects of numbers (a key missing from some is the median of
@@ -1522,7 +1530,10 @@ fn median_by_key(objects: &[&Value]) -> Value {
     let mut out = json!({});
     for key in keys {
         let mut values: Vec<f64> = objects.iter().filter_map(|o| o[key].as_f64()).collect();
-        out[key] = json!(median(&mut values));
+        out[key] = match values.is_empty() {
+            true => Value::Null,
+            false => json!(median(&mut values)),
+        };
     }
     out
 }
@@ -1534,6 +1545,7 @@ fn median_summary(summaries: &[Value]) -> Value {
         summaries.iter().filter_map(|s| s["hit_cost_ns"].as_f64()).collect();
     json!({
         "hit_cost_ns": median(&mut hit_cost),
+        "measured_ns": median_by_key(&field("measured_ns")),
         "duty_cycles": median_by_key(&field("duty_cycles")),
         "hits_per_sec": median_by_key(&field("hits_per_sec")),
     })
@@ -2039,19 +2051,24 @@ fn render_servers(s: &mut String, sv: &Value) {
     }
     let _ = writeln!(
         s,
-        "\nFrom deferprobe's reports (medians over the phases): the calibrated `governor.hit_cost_ns`, \
-         the mean duty cycle of each sampled family (a family not listed was always on), and probe \
-         hits per second of each counter (counts / duration_secs); their estimated cost, hits/s × \
-         hit cost, in % of a CPU.\n\n\
-         | server | configuration | hit cost (ns) | duty cycles | hits/s | est. % of a CPU |\n\
-         |---|---|---|---|---|---|"
+        "\nFrom deferprobe's reports (medians over the phases): the calibrated `governor.hit_cost_ns`; \
+         the measured real cost of a hit (`measured_hit_cost_ns`: `all` every probe alike, then each \
+         sampled family's own; — where a phase had too few windows to measure it); the mean duty \
+         cycle of each sampled family (a family not listed was always on), and probe hits per \
+         second of each counter (counts / duration_secs); their estimated cost, hits/s × \
+         calibrated hit cost, in % of a CPU.\n\n\
+         | server | configuration | hit cost (ns) | measured (ns) | duty cycles | hits/s | est. % of a CPU |\n\
+         |---|---|---|---|---|---|---|"
     );
     let entries = |object: &Value, format: fn(f64) -> String| {
         let text = object
             .as_object()
             .into_iter()
             .flatten()
-            .map(|(k, v)| format!("{k} {}", format(f(v))))
+            .map(|(k, v)| match v.is_null() {
+                true => format!("{k} —"),
+                false => format!("{k} {}", format(f(v))),
+            })
             .collect::<Vec<_>>()
             .join(", ");
         if text.is_empty() { "—".to_owned() } else { text }
@@ -2064,8 +2081,9 @@ fn render_servers(s: &mut String, sv: &Value) {
                 governor["hits_per_sec"].as_object().into_iter().flatten().map(|(_, v)| f(v)).sum();
             let _ = writeln!(
                 s,
-                "| {} | {label} | {hit_cost:.0} | {} | {} | {:.1} |",
+                "| {} | {label} | {hit_cost:.0} | {} | {} | {} | {:.1} |",
                 server["server"].as_str().unwrap_or("?"),
+                entries(&governor["measured_ns"], |v| format!("{v:.0}")),
                 entries(&governor["duty_cycles"], |v| format!("{v:.3}")),
                 entries(&governor["hits_per_sec"], |v| format!("{v:.0}")),
                 hits * hit_cost / 1e7,

@@ -2,7 +2,8 @@
 //! (`RELEASE_TABLE` in deferprobe/src/layout.rs), which stripped binaries rely on.
 //!
 //! Builds a small probe program with every Go toolchain installed here (tests/go/releases.txt,
-//! the releases of tests/go/matrix.txt, Debian's Go 1.19), reads the offsets from each binary's
+//! the releases of tests/go/matrix.txt, Debian's Go 1.19), for each architecture deferprobe
+//! supports (GOARCH=amd64 and arm64: Go cross-builds), reads the offsets from each binary's
 //! DWARF with `deferprobe inspect --json` (`plan.layout`, which must come from DWARF), prints
 //! one row per release and fails if any differs from the built-in row (`release_table_layout`).
 //! To add a release, raise `plan::NEWEST_SUPPORTED` and run this: it prints the new row.
@@ -17,6 +18,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
 use super::{cargo, go_binary, go_releases, workspace_root};
+
+/// The architectures whose tables are checked.
+const GOARCHES: [&str; 2] = ["amd64", "arm64"];
 
 /// Debian's Go 1.19 (golang-1.19-go).
 const DEBIAN_GO_119: &str = "/usr/lib/go-1.19/bin/go";
@@ -75,28 +79,32 @@ pub fn layout_table() -> Result<()> {
     std::fs::write(sources.join("go.mod"), PROBE_GO_MOD)?;
     std::fs::write(sources.join("main.go"), PROBE_MAIN_GO)?;
 
-    // By release (major.minor): a patch release never changes these structures.
-    let mut rows: BTreeMap<(u64, u64), Row> = BTreeMap::new();
-    for (label, go) in &toolchains {
-        let binary = root.join(label).join("probe");
-        build_probe(go, label, &sources, &binary)?;
-        let (release, row) = read_row(&deferprobe, &binary)?;
-        if let Some(seen) = rows.get(&release) {
-            ensure!(
-                seen.from_dwarf == row.from_dwarf,
-                "{} and {} have different struct offsets",
-                seen.version,
-                row.version
-            );
-        } else {
-            rows.insert(release, row);
+    // By architecture and release (major.minor): a patch release never changes these
+    // structures.
+    let mut rows: BTreeMap<(&str, (u64, u64)), Row> = BTreeMap::new();
+    for goarch in GOARCHES {
+        for (label, go) in &toolchains {
+            let binary = root.join(label).join(goarch).join("probe");
+            build_probe(go, label, goarch, &sources, &binary)?;
+            let (release, row) = read_row(&deferprobe, &binary)?;
+            let release = (goarch, release);
+            if let Some(seen) = rows.get(&release) {
+                ensure!(
+                    seen.from_dwarf == row.from_dwarf,
+                    "{goarch}: {} and {} have different struct offsets",
+                    seen.version,
+                    row.version
+                );
+            } else {
+                rows.insert(release, row);
+            }
         }
     }
 
     let header: Vec<&str> = FIELDS.iter().map(|(_, column)| *column).collect();
-    println!("{:<10} {}  built-in table", "release", header.join(" "));
+    println!("{:<6} {:<10} {}  built-in table", "arch", "release", header.join(" "));
     let mut differ = Vec::new();
-    for ((major, minor), row) in &rows {
+    for ((goarch, (major, minor)), row) in &rows {
         let cells: Vec<String> = FIELDS
             .iter()
             .zip(&row.from_dwarf)
@@ -110,9 +118,9 @@ pub fn layout_table() -> Result<()> {
             Some(built_in) => format!("DIFFERS: {built_in:?}"),
             None => "MISSING".to_owned(),
         };
-        println!("{:<10} {}  {verdict}", format!("{major}.{minor}"), cells.join(" "));
+        println!("{goarch:<6} {:<10} {}  {verdict}", format!("{major}.{minor}"), cells.join(" "));
         if verdict != "same" {
-            differ.push(format!("{major}.{minor} ({})", row.version));
+            differ.push(format!("{goarch} {major}.{minor} ({})", row.version));
         }
     }
     if !differ.is_empty() {
@@ -121,7 +129,7 @@ pub fn layout_table() -> Result<()> {
             differ.join(", ")
         );
     }
-    println!("RELEASE_TABLE matches the DWARF of {} Go release(s)", rows.len());
+    println!("RELEASE_TABLE matches the DWARF of {} Go release × architecture(s)", rows.len());
     Ok(())
 }
 
@@ -179,15 +187,17 @@ fn build_deferprobe() -> Result<PathBuf> {
     Ok(target_dir.join("debug/deferprobe"))
 }
 
-fn build_probe(go: &Path, label: &str, sources: &Path, binary: &Path) -> Result<()> {
+fn build_probe(go: &Path, label: &str, goarch: &str, sources: &Path, binary: &Path) -> Result<()> {
     let root = workspace_root();
+    let cache = format!("{}-{goarch}", label.trim_start_matches("go"));
     let output = Command::new(go)
         .args(["build", "-o"])
         .arg(binary)
         .arg(".")
         .current_dir(sources)
         .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", root.join("target/go-cache").join(label.trim_start_matches("go")))
+        .env("GOARCH", goarch)
+        .env("GOCACHE", root.join("target/go-cache").join(cache))
         .env("GOPATH", root.join("target/go-path"))
         .env("GOFLAGS", "-mod=mod")
         .env("CGO_ENABLED", "0")
@@ -195,7 +205,7 @@ fn build_probe(go: &Path, label: &str, sources: &Path, binary: &Path) -> Result<
         .with_context(|| format!("running {}", go.display()))?;
     ensure!(
         output.status.success(),
-        "{label}: go build of the probe program failed: {}",
+        "{label} {goarch}: go build of the probe program failed: {}",
         String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(())

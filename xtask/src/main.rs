@@ -7,6 +7,8 @@
 //! - `test`         everything above, then the whole test suite (what CI runs)
 //! - `test-matrix`  every Go release × build variant of tests/go/matrix.txt, and its e2e tests
 //! - `layout-table` check deferprobe's built-in struct offsets against every toolchain's DWARF
+//! - `cross-build`  deferprobe for linux/arm64 (aarch64-unknown-linux-gnu, static)
+//! - `test-arm64`   the cross-built deferprobe traces arm64 Go programs in an arm64 VM (qemu)
 //! - `fuzz`         run the cargo-fuzz targets of fuzz/ (docs/FUZZING.md)
 //! - `bench`        the performance benchmarks of BENCHMARKS.md
 use std::{
@@ -19,7 +21,9 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 
+mod arm64_vm;
 mod bench;
+mod cross;
 mod fuzz;
 mod layout_table;
 mod matrix;
@@ -58,6 +62,12 @@ enum Task {
     /// Print the runtime struct offsets every installed Go toolchain's DWARF gives, and fail if
     /// they differ from deferprobe's built-in table (deferprobe/src/layout.rs).
     LayoutTable,
+    /// Build deferprobe for linux/arm64 (aarch64-unknown-linux-gnu, statically linked),
+    /// installing the Rust target and Debian's arm64 cross linker when missing.
+    CrossBuild,
+    /// Boot Debian's arm64 kernel under qemu-system-aarch64 with the cross-built deferprobe
+    /// and arm64 Go programs, trace them there and check the results (needs root, apt-get).
+    TestArm64,
     /// Run the cargo-fuzz targets (fuzz/, docs/FUZZING.md) for a set time each, seeded from the
     /// Go test programs' sections.
     Fuzz {
@@ -104,6 +114,12 @@ fn run(task: Task) -> Result<()> {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::TestMatrix { test_args } => matrix::test_matrix(&test_args),
         Task::LayoutTable => layout_table::layout_table(),
+        Task::TestArm64 => arm64_vm::test_arm64(),
+        Task::CrossBuild => {
+            let binary = cross::cross_build()?;
+            eprintln!("[xtask] built {}", binary.display());
+            Ok(())
+        }
         Task::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Task::Bench { reps, calls, service_secs, server_reps, server_secs, only } => {
             let servers = bench::ServerPhases { reps: server_reps, secs: server_secs };

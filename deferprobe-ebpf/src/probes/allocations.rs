@@ -5,14 +5,13 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::programs::ProbeContext;
 use deferprobe_common::{AllocSampled, Counter, EventKind};
 
-use crate::{context::*, maps::*};
+use crate::{arch, context::*, maps::*};
 
-/// `runtime.mallocgc(size, typ, needzero)`: RAX = size. Sizes it forwards to the Go 1.26+
+/// `runtime.mallocgc(size, typ, needzero)`: argument 0 = size. Sizes it forwards to the Go 1.26+
 /// size-specialized entries are counted there instead.
 #[inline(always)]
 pub(crate) fn on_mallocgc(ctx: &ProbeContext) -> u32 {
-    let r = regs(ctx);
-    let size = r.rax;
+    let size = arch::args(regs(ctx))[0];
     if size != 0 && size <= PROBE_CONFIG.load().size_specialized_max {
         return 0;
     }
@@ -24,7 +23,7 @@ pub(crate) fn on_mallocgc(ctx: &ProbeContext) -> u32 {
 /// registers as mallocgc: called directly by user code, or by mallocgc (which left them out).
 #[inline(always)]
 pub(crate) fn on_mallocgc_size_class(ctx: &ProbeContext) -> u32 {
-    count_allocation(regs(ctx).rax);
+    count_allocation(arch::args(regs(ctx))[0]);
     0
 }
 
@@ -44,10 +43,10 @@ pub(crate) fn count_allocation(size: u64) {
 }
 
 /// `runtime.profilealloc(mp, x, size)` (`--alloc-mode profiled`): the runtime sampled this
-/// allocation for its memory profile. RCX = size (rounded to its size class).
+/// allocation for its memory profile. Argument 2 = size (rounded to its size class).
 #[inline(always)]
 pub(crate) fn on_profilealloc(ctx: &ProbeContext) -> u32 {
-    let size = regs(ctx).rcx;
+    let size = arch::args(regs(ctx))[2];
     bump(Counter::AllocSamples, 1);
     bump(Counter::AllocSampledBytes, size);
     emit(AllocSampled { header: header(EventKind::AllocSampled, 0), size });

@@ -2,16 +2,15 @@
 //! `runtime.deferprocStack`, `CALL runtime.deferreturn` sites, and `runtime.fatalpanic`.
 
 use aya_ebpf::{bindings::pt_regs, programs::ProbeContext};
-use deferprobe_common::{
-    CALL_REL32_LEN, Counter, DeferRegistered, DeferReturn, EventKind, GoroutinePanicked,
-};
+use deferprobe_common::{Counter, DeferRegistered, DeferReturn, EventKind, GoroutinePanicked};
 
-use crate::context::*;
+use crate::{arch, context::*};
 
-/// A heap defer: `runtime.deferproc(fn)`, probed on each `CALL runtime.deferproc` (the probe's
-/// address gives the defer site: its return address is the CALL + 5, and RSP is the calling
-/// frame's SP); `runtime.deferprocat(fn, frame)`, probed at its entry (the return address is
-/// read from the stack). RAX = the closure, sent as it is: what it captures is read from the
+/// A heap defer: `runtime.deferproc(fn)`, probed on each `CALL`/`BL runtime.deferproc` (the
+/// probe's address gives the defer site: its return address is the call + its length, and SP is
+/// the calling frame's SP); `runtime.deferprocat(fn, frame)`, probed at its entry (the return
+/// address is read from the stack on amd64, the link register on arm64). Argument 0 = the
+/// closure, sent as it is: what it captures is read from the
 /// runtime's state by userspace's snapshots, with the closure's type from the binary.
 ///
 /// User-memory reads are what a hit costs most (about 120 ns each on the development VMs): a
@@ -19,17 +18,17 @@ use crate::context::*;
 #[inline(always)]
 pub(crate) fn on_deferproc_call(ctx: &ProbeContext) -> u32 {
     let r = regs(ctx);
-    // The kernel sets the ip to the probed instruction before running handlers.
-    on_heap_defer(r, r.rip + CALL_REL32_LEN, r.rsp, Reads::new())
+    on_heap_defer(r, arch::pc(r) + arch::CALL_LEN, arch::sp(r), Reads::new())
 }
 
-/// `runtime.deferprocat` at its entry, after the stack check: the return address is at [RSP].
+/// `runtime.deferprocat` at its entry, on its stack check's branch: the return address and the
+/// caller's SP are still where the call left them.
 #[inline(always)]
 pub(crate) fn on_deferprocat(ctx: &ProbeContext) -> u32 {
     let r = regs(ctx);
     let mut reads = Reads::new();
-    let caller_pc = reads.u64(r.rsp);
-    on_heap_defer(r, caller_pc, r.rsp + 8, reads)
+    let caller_pc = arch::return_address(r, &mut reads);
+    on_heap_defer(r, caller_pc, arch::caller_sp_at_entry(r), reads)
 }
 
 /// The event of a heap defer registered by the frame at `caller_sp`, at `caller_pc`: the
@@ -37,13 +36,14 @@ pub(crate) fn on_deferprocat(ctx: &ProbeContext) -> u32 {
 #[inline(always)]
 pub(crate) fn on_heap_defer(r: &pt_regs, caller_pc: u64, caller_sp: u64, mut reads: Reads) -> u32 {
     bump(Counter::DeferProc, 1);
+    let g = arch::g(r);
     let event = DeferRegistered {
-        header: timed_header(EventKind::DeferRegistered, goid_of(r.r14).unwrap_or(0)),
-        closure: r.rax,
+        header: timed_header(EventKind::DeferRegistered, goid_of(g).unwrap_or(0)),
+        closure: arch::args(r)[0],
         caller_pc,
         caller_sp,
-        g: r.r14,
-        stack_hi: reads.u64(r.r14 + G_STACK_HI),
+        g,
+        stack_hi: reads.u64(g + G_STACK_HI),
     };
     reads.finish();
     emit(event);
@@ -57,20 +57,20 @@ pub(crate) fn on_deferproc_stack(_ctx: &ProbeContext) -> u32 {
     0
 }
 
-/// A `CALL runtime.deferreturn` in a frame that owns heap records (the probe sits on the call,
-/// not on deferreturn's entry: see the probe plan): RSP is the frame's SP, the records it runs
+/// A `CALL`/`BL runtime.deferreturn` in a frame that owns heap records (the probe sits on the
+/// call, not on deferreturn's entry: see the probe plan): SP is the frame's SP, the records it runs
 /// are those with that sp. Reads the goroutine id (cached) and `g.stack.hi`.
 #[inline(always)]
 pub(crate) fn on_deferreturn(ctx: &ProbeContext) -> u32 {
     bump(Counter::DeferReturn, 1);
     let r = regs(ctx);
+    let g = arch::g(r);
     let mut reads = Reads::new();
     let event = DeferReturn {
-        header: header(EventKind::DeferReturn, goid_of(r.r14).unwrap_or(0)),
-        // The kernel sets the ip to the probed instruction before running handlers.
-        caller_pc: r.rip + CALL_REL32_LEN,
-        caller_sp: r.rsp,
-        stack_hi: reads.u64(r.r14 + G_STACK_HI),
+        header: header(EventKind::DeferReturn, goid_of(g).unwrap_or(0)),
+        caller_pc: arch::pc(r) + arch::CALL_LEN,
+        caller_sp: arch::sp(r),
+        stack_hi: reads.u64(g + G_STACK_HI),
     };
     reads.finish();
     emit(event);
@@ -81,11 +81,11 @@ pub(crate) fn on_deferreturn(ctx: &ProbeContext) -> u32 {
 pub(crate) const G_STACK_HI: u64 = 8;
 
 /// `runtime.fatalpanic(msgs)`, which `gopanic` calls when nothing recovered the panic of the
-/// goroutine in R14: every deferred call of that goroutine has run (none through deferreturn),
+/// current goroutine (g): every deferred call of that goroutine has run (none through deferreturn),
 /// and the process dies next. Hit once in a program's life, so the goroutine id is read here.
 #[inline(always)]
 pub(crate) fn on_fatalpanic(ctx: &ProbeContext) -> u32 {
-    let goid = goid_of(regs(ctx).r14).unwrap_or(0);
+    let goid = goid_of(arch::g(regs(ctx))).unwrap_or(0);
     emit(GoroutinePanicked { header: header(EventKind::GoroutinePanicked, goid) });
     0
 }

@@ -3,9 +3,9 @@
 use aya_ebpf::programs::ProbeContext;
 use deferprobe_common::{Counter, EventKind, GoroutineExit};
 
-use crate::{context::*, maps::*};
+use crate::{arch, context::*, maps::*};
 
-/// `runtime.goexit1()`: the goroutine in R14 is ending; g structs are reused afterwards, so its
+/// `runtime.goexit1()`: the current goroutine (g) is ending; g structs are reused afterwards, so its
 /// id is forgotten. Only goroutines the defer probes have seen (their id is cached in this
 /// generation) can hold records userspace tracks: only their exits are events. In a service
 /// that starts a goroutine per request, most exits are of goroutines that never deferred on the
@@ -15,7 +15,7 @@ use crate::{context::*, maps::*};
 #[inline(always)]
 pub(crate) fn on_goexit1(ctx: &ProbeContext) -> u32 {
     bump(Counter::GoroutineExit, 1);
-    let g = regs(ctx).r14;
+    let g = arch::g(regs(ctx));
     // SAFETY: the value is copied out at once.
     let Some(cached) = (unsafe { GOROUTINE_IDS.get(&g) }).copied() else { return 0 };
     let _ = GOROUTINE_IDS.remove(&g);

@@ -7,10 +7,10 @@ use deferprobe_common::{
     Counter, EventKind, KnownMap, MapSeen, RECENT_MAP_FLUSH_EVERY, recent_map_slot,
 };
 
-use crate::{context::*, maps::*};
+use crate::{arch, context::*, maps::*};
 
-/// `runtime.mapassign`, `_fast32`, `_fast64`, `_fast64ptr`, `_faststr`: RAX = map type,
-/// RBX = the map. A new map enters the known-maps set and is announced to userspace once.
+/// `runtime.mapassign`, `_fast32`, `_fast64`, `_fast64ptr`, `_faststr`: argument 0 = map
+/// type, argument 1 = the map. A new map enters the known-maps set and is announced to userspace once.
 ///
 /// Maps are mostly written in runs (a loop filling one map), so a per-CPU cache of recently
 /// written maps sits in front of the set: a write to the map in its slot only bumps the slot's
@@ -20,7 +20,7 @@ use crate::{context::*, maps::*};
 pub(crate) fn on_mapassign(ctx: &ProbeContext) -> u32 {
     bump(Counter::MapAssign, 1);
     let r = regs(ctx);
-    let map = r.rbx;
+    let [map_type, map, _] = arch::args(r);
     let mut writes = 1;
     if let Some(slot) = RECENT_MAPS.get_ptr_mut(recent_map_slot(map)) {
         // SAFETY: a per-CPU map value. Counts only change by atomic adds (the BPF target here
@@ -55,15 +55,15 @@ pub(crate) fn on_mapassign(ctx: &ProbeContext) -> u32 {
     if add_known_map_writes(map, writes) {
         return 0;
     }
-    let known = KnownMap { writes, map_type: r.rax };
+    let known = KnownMap { writes, map_type };
     if KNOWN_MAPS.insert(&map, &known, 0).is_ok() {
         bump(Counter::MapsSeen, 1);
         let mut reads = Reads::new();
         // The goroutine is only informative here: a missing one makes the event incomplete.
-        let goid = reads.u64(r.r14 + PROBE_CONFIG.load().g_goid);
-        let caller_pc = reads.u64(r.rsp);
+        let goid = reads.u64(arch::g(r) + PROBE_CONFIG.load().g_goid);
+        let caller_pc = arch::return_address(r, &mut reads);
         reads.finish();
-        emit(MapSeen { header: header(EventKind::MapSeen, goid), map, map_type: r.rax, caller_pc });
+        emit(MapSeen { header: header(EventKind::MapSeen, goid), map, map_type, caller_pc });
     }
     0
 }

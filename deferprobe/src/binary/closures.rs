@@ -14,13 +14,11 @@ use std::{
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use iced_x86::{Code, FlowControl, InstructionInfoFactory, Mnemonic, OpKind, Register};
-
 use super::{
     GoBinary,
     gotypes::{GoType, TypeKind, TypeReader},
-    prologue::{instructions, register_slot as slot, written_registers},
 };
+use crate::arch::GoRegister;
 
 /// What a closure function's closure object holds, from its struct type.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,7 +109,7 @@ impl ClosureTypes<'_> {
         let Some(function) = self.binary.function_at(address) else { return };
         let Ok(code) = self.binary.function_code(&function) else { return };
         let is_function = |a: u64| self.binary.function_at(a).is_some_and(|f| f.address == a);
-        let found = closures_built(
+        let found = self.binary.isa().closures_built(
             code,
             function.address,
             &self.callees,
@@ -231,9 +229,9 @@ fn enclosing_functions(name: &str) -> Vec<String> {
 
 /// The allocator a closure object is built with, and the register of its type argument.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Allocator {
+pub(crate) struct Allocator {
     pub address: u64,
-    pub type_register: Register,
+    pub type_register: GoRegister,
 }
 
 /// The closure a `defer` passes to `runtime.deferproc` / `deferprocat` (in RAX).
@@ -245,9 +243,25 @@ pub enum Deferred {
     Funcval(u64),
 }
 
+impl Deferred {
+    /// What a defer call passes in its closure register: the object just built (when its
+    /// code pointer was stored into it), else a static funcval's address, else unknown.
+    pub(crate) fn passed(
+        object: bool,
+        object_code: Option<u64>,
+        address: Option<u64>,
+    ) -> Option<Deferred> {
+        match (object, object_code, address) {
+            (true, Some(code), _) => Some(Deferred::Code(code)),
+            (false, _, Some(funcval)) => Some(Deferred::Funcval(funcval)),
+            _ => None,
+        }
+    }
+}
+
 /// What one function's code says about its closures.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(super) struct Built {
+pub(crate) struct Built {
     /// Closure code address → closure type descriptor address.
     pub types: HashMap<u64, u64>,
     /// Return address of each `CALL` to a defer function → the closure it passes.
@@ -256,184 +270,19 @@ pub(super) struct Built {
 
 /// The runtime functions a closure-building scan tells apart.
 #[derive(Clone, Debug, Default)]
-pub(super) struct Callees {
+pub(crate) struct Callees {
     pub allocators: Vec<Allocator>,
     /// `runtime.deferproc`, `runtime.deferprocat`.
     pub defer_functions: Vec<u64>,
-    /// `runtime.gcWriteBarrier*`: they keep every general register but R11, so a call to one
-    /// (on the write barrier's slow path, between building a closure and deferring it) ends
-    /// nothing the scan follows.
+    /// `runtime.gcWriteBarrier*`: they keep every general register but one (R11 on amd64, R25
+    /// on arm64), so a call to one (on the write barrier's slow path, between building a closure
+    /// and deferring it) ends nothing the scan follows.
     pub write_barriers: Vec<u64>,
-}
-
-/// Every closure built in `code` (the function at `address`), and the closure each call to a
-/// defer function passes. `is_type` says whether an address can be a type descriptor,
-/// `is_function` whether it is a function's entry.
-pub(super) fn closures_built(
-    code: &[u8],
-    address: u64,
-    callees: &Callees,
-    is_type: &dyn Fn(u64) -> bool,
-    is_function: &dyn Fn(u64) -> bool,
-) -> Built {
-    let Callees { allocators, defer_functions, write_barriers } = callees;
-    let mut found = Built::default();
-    let mut info = InstructionInfoFactory::new();
-    // RIP-relative addresses in registers, and the registers holding the newest allocation
-    // (with its type).
-    let mut addresses: [Option<u64>; 16] = [None; 16];
-    let mut object: [bool; 16] = [false; 16];
-    let mut object_type: Option<u64> = None;
-    // The code stored into word 0 of the object the registers in `object` hold.
-    let mut object_code: Option<u64> = None;
-    let rax = slot(Register::RAX).unwrap();
-    for instruction in instructions(code, address) {
-        let Ok(instruction) = instruction else { break };
-        if instruction.flow_control() == FlowControl::Call {
-            let target = instruction.near_branch_target();
-            let direct = instruction.code() == Code::Call_rel32_64;
-            if direct && write_barriers.contains(&target) {
-                let r11 = slot(Register::R11).unwrap();
-                (addresses[r11], object[r11]) = (None, false);
-                continue;
-            }
-            if direct && defer_functions.contains(&target) {
-                let closure = match (object[rax], object_code, addresses[rax]) {
-                    (true, Some(code), _) => Some(Deferred::Code(code)),
-                    (false, _, Some(funcval)) => Some(Deferred::Funcval(funcval)),
-                    _ => None,
-                };
-                if let Some(closure) = closure {
-                    found.deferred.insert(instruction.next_ip(), closure);
-                }
-            }
-            let allocator =
-                direct.then(|| allocators.iter().find(|a| a.address == target)).flatten();
-            object = [false; 16];
-            object_type = None;
-            object_code = None;
-            if let Some(allocator) = allocator
-                && let Some(typ) = slot(allocator.type_register).and_then(|s| addresses[s])
-                && is_type(typ)
-            {
-                object[slot(Register::RAX).unwrap()] = true;
-                object_type = Some(typ);
-            }
-            addresses = [None; 16];
-            continue;
-        }
-        let destination = (instruction.op_count() > 0
-            && instruction.op0_kind() == OpKind::Register)
-            .then(|| instruction.op0_register());
-        // LEA reg, [rip+disp]
-        if instruction.mnemonic() == Mnemonic::Lea
-            && instruction.memory_base() == Register::RIP
-            && let Some(to) = destination.and_then(slot)
-        {
-            addresses[to] = Some(instruction.memory_displacement64());
-            object[to] = false;
-            continue;
-        }
-        if instruction.mnemonic() == Mnemonic::Mov && instruction.op_count() == 2 {
-            // MOV [obj], reg: the code pointer into word 0.
-            if instruction.op0_kind() == OpKind::Memory
-                && instruction.memory_index() == Register::None
-                && instruction.memory_displacement64() == 0
-                && slot(instruction.memory_base()).is_some_and(|s| object[s])
-                && instruction.op1_kind() == OpKind::Register
-                && let Some(code) = slot(instruction.op1_register()).and_then(|s| addresses[s])
-                && is_function(code)
-                && let Some(typ) = object_type.take()
-            {
-                found.types.entry(code).or_insert(typ);
-                object_code = Some(code);
-                continue;
-            }
-            // MOV reg, reg: copies of what we follow.
-            if instruction.op1_kind() == OpKind::Register
-                && let (Some(to), Some(from)) =
-                    (destination.and_then(slot), slot(instruction.op1_register()))
-                && instruction.op0_register().size() == 8
-            {
-                addresses[to] = addresses[from];
-                object[to] = object[from];
-                continue;
-            }
-        }
-        for register in written_registers(&mut info, &instruction) {
-            if let Some(s) = slot(register) {
-                addresses[s] = None;
-                object[s] = false;
-            }
-        }
-    }
-    found
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const NEWOBJECT: u64 = 0x2000;
-    const TYPE: u64 = 0x9000;
-    const CLOSURE: u64 = 0x1800;
-
-    fn lea_rip(register_code: u8, at: u64, target: u64, rex: u8) -> Vec<u8> {
-        // REX.W 8D /r with ModRM 00 reg 101 (RIP-relative), disp32.
-        let next = at + 7;
-        let disp = (target.wrapping_sub(next)) as i32;
-        let mut bytes = vec![rex, 0x8d, (register_code << 3) | 0b101];
-        bytes.extend(disp.to_le_bytes());
-        bytes
-    }
-
-    fn call(at: u64, target: u64) -> Vec<u8> {
-        let rel = target.wrapping_sub(at + 5) as i32;
-        [&[0xe8][..], &rel.to_le_bytes()].concat()
-    }
-
-    const DEFERPROC: u64 = 0x2800;
-    const FUNCVAL: u64 = 0x9800;
-
-    const WRITE_BARRIER: u64 = 0x2c00;
-
-    fn built(code: &[u8], type_register: Register) -> Built {
-        let callees = Callees {
-            allocators: vec![Allocator { address: NEWOBJECT, type_register }],
-            defer_functions: vec![DEFERPROC],
-            write_barriers: vec![WRITE_BARRIER],
-        };
-        closures_built(code, 0x1000, &callees, &|a| a == TYPE, &|a| a == CLOSURE)
-    }
-
-    fn scan(code: &[u8], type_register: Register) -> HashMap<u64, u64> {
-        built(code, type_register).types
-    }
-
-    #[test]
-    fn the_closure_each_defer_passes() {
-        // lea rax, [rip+TYPE]; call newobject; lea rcx, [rip+CLOSURE]; mov [rax], rcx;
-        // call deferproc (the object in rax)
-        let mut code = lea_rip(0, 0x1000, TYPE, 0x48);
-        code.extend(call(0x1007, NEWOBJECT));
-        code.extend(lea_rip(1, 0x100c, CLOSURE, 0x48));
-        code.extend([0x48, 0x89, 0x08]);
-        code.extend(call(0x1016, DEFERPROC));
-        // lea rax, [rip+FUNCVAL]; call deferproc (a static closure)
-        code.extend(lea_rip(0, 0x101b, FUNCVAL, 0x48));
-        code.extend(call(0x1022, DEFERPROC));
-        // call deferproc with rax unknown (loaded from the stack: mov rax, [rsp+8])
-        code.extend([0x48, 0x8b, 0x44, 0x24, 0x08]);
-        code.extend(call(0x102c, DEFERPROC));
-        let found = built(&code, Register::RAX);
-        assert_eq!(
-            found.deferred,
-            HashMap::from([
-                (0x101b, Deferred::Code(CLOSURE)),
-                (0x1027, Deferred::Funcval(FUNCVAL))
-            ])
-        );
-    }
 
     #[test]
     fn enclosing_functions_by_name() {
@@ -442,36 +291,5 @@ mod tests {
         assert_eq!(enclosing_functions("main.f-range1.1"), ["main.f-range1", "main.f"]);
         assert_eq!(enclosing_functions("main.f.deferwrap1"), ["main.f"]);
         assert_eq!(enclosing_functions("example.com/x/y.(*T).m.func1"), ["example.com/x/y.(*T).m"]);
-    }
-
-    #[test]
-    fn go119_newobject_then_code_pointer() {
-        // lea rax, [rip+TYPE]; call newobject; lea rcx, [rip+CLOSURE]; mov [rax], rcx
-        let mut code = lea_rip(0, 0x1000, TYPE, 0x48);
-        code.extend(call(0x1007, NEWOBJECT));
-        code.extend(lea_rip(1, 0x100c, CLOSURE, 0x48));
-        code.extend([0x48, 0x89, 0x08]); // mov [rax], rcx
-        assert_eq!(scan(&code, Register::RAX), HashMap::from([(CLOSURE, TYPE)]));
-        // The same code, but the type argument is not in the allocator's register.
-        assert_eq!(scan(&code, Register::RBX), HashMap::new());
-    }
-
-    #[test]
-    fn object_followed_through_a_copy_and_other_calls_forget() {
-        // lea rbx, [rip+TYPE]; call newobject; mov rdx, rax; lea rcx, [rip+CLOSURE];
-        // mov [rdx], rcx
-        let mut code = lea_rip(3, 0x1000, TYPE, 0x48);
-        code.extend(call(0x1007, NEWOBJECT));
-        code.extend([0x48, 0x89, 0xc2]); // mov rdx, rax
-        code.extend(lea_rip(1, 0x100f, CLOSURE, 0x48));
-        code.extend([0x48, 0x89, 0x0a]); // mov [rdx], rcx
-        assert_eq!(scan(&code, Register::RBX), HashMap::from([(CLOSURE, TYPE)]));
-        // A call in between (not the allocator) ends the object.
-        let mut code = lea_rip(3, 0x1000, TYPE, 0x48);
-        code.extend(call(0x1007, NEWOBJECT));
-        code.extend(call(0x100c, 0x3000));
-        code.extend(lea_rip(1, 0x1011, CLOSURE, 0x48));
-        code.extend([0x48, 0x89, 0x08]);
-        assert_eq!(scan(&code, Register::RBX), HashMap::new());
     }
 }

@@ -171,7 +171,7 @@ mod tests {
                 let from_dwarf = binary.runtime_layout_from_dwarf().unwrap();
                 let from_dwarf =
                     from_dwarf.unwrap_or_else(|| panic!("go{release} {program:?}: no DWARF"));
-                let table = layout::for_release(binary.build_info().release);
+                let table = layout::for_release(binary.arch(), binary.build_info().release);
                 assert_eq!(Some(from_dwarf), table, "go{release} {program:?}: DWARF vs layout.rs");
             }
         }

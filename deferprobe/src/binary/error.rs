@@ -15,8 +15,16 @@ pub enum BinaryError {
     NotElf { path: PathBuf },
     /// An executable for another system or processor, named by what it is (`a Windows PE
     /// file`, `a FreeBSD ELF file (GOOS=freebsd)`, `a linux/arm64 ELF file`).
-    #[error("{}: {what}; deferprobe traces linux/amd64 Go binaries", path.display())]
+    #[error("{}: {what}; deferprobe reads linux/amd64 and linux/arm64 Go binaries", path.display())]
     UnsupportedPlatform { path: PathBuf, what: String },
+    /// A Go binary for another processor than the one deferprobe runs on: `inspect` reads it,
+    /// but its processes can't be probed from here.
+    #[error(
+        "{}: a linux/{binary} Go binary; this deferprobe runs on linux/{host} and traces only \
+         linux/{host} programs (`inspect` reads both)",
+        path.display()
+    )]
+    ForeignArch { path: PathBuf, binary: crate::arch::Arch, host: crate::arch::Arch },
     #[error("{}: malformed ELF: {reason}", path.display())]
     MalformedElf { path: PathBuf, reason: String },
     #[error("{}: not a Go binary (no .go.buildinfo section)", path.display())]

@@ -6,7 +6,7 @@ use std::{convert::Infallible, path::Path};
 
 use gimli::{DwarfSections, SectionId};
 
-use super::{BuildInfo, calls, dwarf, pclntab::Pclntab, prologue};
+use super::{BuildInfo, amd64, dwarf, pclntab::Pclntab};
 
 /// The path errors name (there is no file).
 const PATH: &str = "<fuzz input>";
@@ -71,13 +71,13 @@ pub fn dwarf(data: &[u8]) {
 /// A function's machine code at [`CODE_ADDRESS`]: the probe offset after the stack check, the
 /// RET offsets, and the direct calls to the target of the first `E8 rel32` byte pattern.
 pub fn code(data: &[u8]) {
-    let _ = prologue::probe_offset(data, CODE_ADDRESS);
-    let _ = prologue::ret_offsets(data, CODE_ADDRESS);
+    let _ = amd64::prologue::probe_offset(data, CODE_ADDRESS);
+    let _ = amd64::prologue::ret_offsets(data, CODE_ADDRESS);
     let target = data.windows(5).position(|bytes| bytes[0] == 0xe8).map(|at| {
         let rel = i32::from_le_bytes(data[at + 1..at + 5].try_into().unwrap());
         (CODE_ADDRESS + at as u64 + 5).wrapping_add_signed(i64::from(rel))
     });
-    let _ = calls::direct_calls(data, CODE_ADDRESS, &[target.unwrap_or(CODE_ADDRESS)]);
+    let _ = amd64::calls::direct_calls(data, CODE_ADDRESS, &[target.unwrap_or(CODE_ADDRESS)]);
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
-//! Static analysis of the traced Go executable (linux/amd64 ELF): build info, function symbols,
-//! pc → source line, virtual address → file offset for uprobes, probe placement in machine
-//! code, heap-defer call sites, and runtime struct offsets from DWARF. [`GoBinary`]
-//! memory-maps the file and owns the ELF-level parts; the submodules own one format each.
+//! Static analysis of the traced Go executable (linux/amd64 or linux/arm64 ELF): build info,
+//! function symbols, pc → source line, virtual address → file offset for uprobes, probe
+//! placement in machine code, heap-defer call sites, and runtime struct offsets from DWARF.
+//! [`GoBinary`] memory-maps the file and owns the ELF-level parts; the submodules own one
+//! format each, and `isa` (with `amd64`, `arm64`) the machine code of each architecture.
 
+pub(crate) mod amd64;
+pub(crate) mod arm64;
 mod buildinfo;
-mod calls;
 mod closures;
 mod dwarf;
 mod error;
@@ -12,6 +14,7 @@ mod error;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod gotypes;
+pub(crate) mod isa;
 mod pclntab;
 pub mod prologue;
 mod symbols;
@@ -39,7 +42,7 @@ pub use prologue::ProbeOffset;
 pub use symbols::{Function, FunctionSource};
 pub use variables::AllgVariables;
 
-use crate::layout::RuntimeLayout;
+use crate::{arch::Arch, layout::RuntimeLayout};
 use gotypes::{TypeReader, TypesRange};
 use pclntab::Pclntab;
 use serde::Serialize;
@@ -80,6 +83,7 @@ pub struct HeapDeferFrameCalls {
 pub struct GoBinary {
     path: PathBuf,
     map: Mmap,
+    arch: Arch,
     pie: bool,
     /// File-backed parts of the PT_LOAD segments.
     segments: Vec<Segment>,
@@ -134,7 +138,7 @@ impl GoBinary {
         // SAFETY: a read-only private mapping. Like every reader of a mapped file we rely on it
         // not being truncated underneath us (executables are replaced, not rewritten in place).
         let map = unsafe { Mmap::map(&file) }.map_err(read_error)?;
-        check_platform(path, &map)?;
+        let arch = check_platform(path, &map)?;
         let elf = parse_elf(path, &map)?;
         let endian = elf.endian();
         let segments = load_segments(path, &elf, map.len())?;
@@ -145,6 +149,7 @@ impl GoBinary {
         Ok(GoBinary {
             path: path.to_owned(),
             map,
+            arch,
             pie,
             segments,
             build_info,
@@ -160,6 +165,29 @@ impl GoBinary {
 
     pub fn build_info(&self) -> &BuildInfo {
         &self.build_info
+    }
+
+    /// The processor the binary is built for (its ELF machine).
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// Refuses a binary for another processor than the one deferprobe runs on: its
+    /// processes can't be probed from here (`run`, `snapshot`; `inspect` reads any).
+    pub fn require_host_arch(&self) -> Result<(), BinaryError> {
+        match self.arch == Arch::host() {
+            true => Ok(()),
+            false => Err(BinaryError::ForeignArch {
+                path: self.path.clone(),
+                binary: self.arch,
+                host: Arch::host(),
+            }),
+        }
+    }
+
+    /// The machine-code decoder of [`GoBinary::arch`].
+    pub(crate) fn isa(&self) -> &'static dyn isa::Isa {
+        isa::for_arch(self.arch)
     }
 
     /// ELF virtual address range `[start, end)` of the file-backed parts of the PT_LOAD
@@ -237,7 +265,9 @@ impl GoBinary {
                 continue;
             }
             let code = self.function_code(function)?;
-            let calls = calls::direct_calls(code, function.address, &targets)
+            let calls = self
+                .isa()
+                .direct_calls(code, function.address, &targets)
                 .map_err(|err| self.in_function(function, err))?;
             for call in calls {
                 let callee = callees
@@ -283,7 +313,9 @@ impl GoBinary {
         let targets: Vec<u64> = markers.iter().copied().chain(deferreturn).collect();
         for function in self.functions.all() {
             let code = self.function_code(function)?;
-            let calls = calls::direct_calls(code, function.address, &targets)
+            let calls = self
+                .isa()
+                .direct_calls(code, function.address, &targets)
                 .map_err(|err| self.in_function(function, err))?;
             if !calls.iter().any(|call| markers.contains(&call.target)) {
                 continue;
@@ -411,7 +443,7 @@ impl GoBinary {
             return Some(AllgVariables { allglen, allgptr });
         }
         let allgadd = self.function("runtime.allgadd")?;
-        variables::from_allgadd(self.function_code(&allgadd).ok()?, allgadd.address)
+        self.isa().allg_from_allgadd(self.function_code(&allgadd).ok()?, allgadd.address)
     }
 
     /// The runtime functions the closure scan tells apart ([`closures::Callees`]).
@@ -432,17 +464,18 @@ impl GoBinary {
 
     /// The allocators a closure object is built with ([`closures`]).
     fn closure_allocators(&self) -> Vec<closures::Allocator> {
-        use iced_x86::Register;
+        use crate::arch::GoRegister;
+        // mallocgc(size, typ, needzero) and the size-specialized entries; newobject(typ).
         let mut allocators: Vec<closures::Allocator> = self
             .functions_with_prefix("runtime.mallocgc")
             .into_iter()
             .filter(|f| !f.name.contains("SlowPath"))
-            .map(|f| closures::Allocator { address: f.address, type_register: Register::RBX })
+            .map(|f| closures::Allocator { address: f.address, type_register: GoRegister::Arg(1) })
             .collect();
         if let Some(newobject) = self.function("runtime.newobject") {
             allocators.push(closures::Allocator {
                 address: newobject.address,
-                type_register: Register::RAX,
+                type_register: GoRegister::Arg(0),
             });
         }
         allocators
@@ -478,17 +511,33 @@ impl GoBinary {
         catalog
     }
 
-    /// [`prologue::probe_offset`] for `function`, with errors naming the file and function.
-    pub fn probe_offset(&self, function: &Function) -> Result<ProbeOffset, BinaryError> {
+    /// [`isa::Isa::probe_spot`] for `function`, with errors naming the file and function.
+    pub fn probe_spot(
+        &self,
+        function: &Function,
+        reads: &[crate::arch::GoRegister],
+    ) -> Result<prologue::ProbeSpot, BinaryError> {
         let code = self.function_code(function)?;
-        prologue::probe_offset(code, function.address)
+        self.isa()
+            .probe_spot(code, function.address, reads)
             .map_err(|err| self.in_function(function, err))
     }
 
-    /// [`prologue::ret_offsets`] for `function`, with errors naming the file and function.
+    /// amd64: the offset just after `function`'s stack check, with errors naming the file and
+    /// function (the tests compare it across variants).
+    #[cfg(test)]
+    pub fn probe_offset(&self, function: &Function) -> Result<ProbeOffset, BinaryError> {
+        let code = self.function_code(function)?;
+        amd64::prologue::probe_offset(code, function.address)
+            .map_err(|err| self.in_function(function, err))
+    }
+
+    /// amd64: the offsets of `function`'s RET instructions.
+    #[cfg(test)]
     pub fn ret_offsets(&self, function: &Function) -> Result<Vec<u64>, BinaryError> {
         let code = self.function_code(function)?;
-        prologue::ret_offsets(code, function.address).map_err(|err| self.in_function(function, err))
+        amd64::prologue::ret_offsets(code, function.address)
+            .map_err(|err| self.in_function(function, err))
     }
 
     /// Offsets of `runtime.g` (`_defer`, `m`, `goid`), `runtime.m` (`curg`) and
@@ -559,19 +608,15 @@ fn load_segments(
         .collect()
 }
 
-/// The one platform deferprobe traces, as (GOOS, architecture): the place to widen (issue 16,
-/// linux/arm64).
-const SUPPORTED_PLATFORMS: [(&str, Architecture); 1] = [("linux", Architecture::X86_64)];
-
 /// GOOS values that run on the Linux kernel (Android's binaries are Linux ELF files).
 const LINUX_GOOS: [&str; 2] = ["linux", "android"];
 
-/// Refuses anything but a linux/amd64 ELF file, naming what the file is instead: another
+/// Refuses anything but a linux/amd64 or linux/arm64 ELF file, naming what the file is instead: another
 /// object format ([`FileKind`]), another OS (the ELF OS ABI, or the `GOOS=` build setting of a
 /// Go binary), another processor (`e_machine`, which a patched or odd `GOARCH=` setting can't
 /// contradict). Files of no known format are
 /// [`BinaryError::NotElf`].
-fn check_platform(path: &Path, data: &[u8]) -> Result<(), BinaryError> {
+fn check_platform(path: &Path, data: &[u8]) -> Result<Arch, BinaryError> {
     let refuse = |what: String| BinaryError::UnsupportedPlatform { path: path.to_owned(), what };
     let malformed = |err: object::Error| BinaryError::MalformedElf {
         path: path.to_owned(),
@@ -615,11 +660,9 @@ fn check_platform(path: &Path, data: &[u8]) -> Result<(), BinaryError> {
         None => (goos_of_os_abi(os_abi).to_owned(), format!("ELF OS ABI {}", os_abi.0)),
     };
     let linux = LINUX_GOOS.contains(&goos.as_str());
-    let supported = SUPPORTED_PLATFORMS
-        .iter()
-        .any(|&(os, supported)| (goos == os || (os == "linux" && linux)) && arch == supported);
-    if supported {
-        return Ok(());
+    // Linux on any processor [`Arch::from_elf`] knows.
+    if let Some(arch) = linux.then(|| Arch::from_elf(arch)).flatten() {
+        return Ok(arch);
     }
     Err(refuse(match linux {
         true => format!("a {goos}/{} ELF file", goarch_name(arch)),
@@ -655,7 +698,7 @@ fn os_name(goos: &str) -> String {
     format!("{} {name}", if vowel { "n" } else { "" })
 }
 
-/// Parses `data`, already checked by [`check_platform`], as a little-endian x86-64 ELF file
+/// Parses `data`, already checked by [`check_platform`], as a little-endian 64-bit ELF file
 /// whose sections all lie in the file.
 fn parse_elf<'data>(
     path: &Path,
@@ -669,7 +712,7 @@ fn parse_elf<'data>(
     if !file.is_little_endian() {
         return Err(BinaryError::MalformedElf {
             path: path.to_owned(),
-            reason: "big-endian x86-64".to_owned(),
+            reason: "big-endian".to_owned(),
         });
     }
     // A truncated copy would otherwise lose section names (`.shstrtab` comes last) and so,
@@ -752,8 +795,9 @@ mod tests {
             let what = format!("go{}", toolchain.version);
             let plain = open(&toolchain, Program::Pending, Variant::Plain);
             let allgadd = plain.function("runtime.allgadd").unwrap();
-            let decoded =
-                variables::from_allgadd(plain.function_code(&allgadd).unwrap(), allgadd.address);
+            let decoded = plain
+                .isa()
+                .allg_from_allgadd(plain.function_code(&allgadd).unwrap(), allgadd.address);
             assert_eq!(decoded, plain.allg_variables(), "{what}");
             assert!(decoded.is_some(), "{what}");
             let range = plain.types().range().unwrap_or_else(|| panic!("{what}: no types"));
@@ -1174,14 +1218,30 @@ mod tests {
     #[test]
     fn other_architectures() {
         let path = testbin::build(&testbin::toolchains()[0], Program::Workload, Variant::Plain);
+        // An arm64 machine is read (`inspect`), and refused for tracing on this processor.
         let arm64 = TempFile::patched(&path, |bytes| {
             bytes[18..20].copy_from_slice(&elf::EM_AARCH64.0.to_le_bytes());
         });
+        let binary = GoBinary::open(arm64.path()).unwrap();
+        assert_eq!(binary.arch(), Arch::Arm64);
+        #[cfg(target_arch = "x86_64")]
         assert_eq!(
-            open_err(&arm64),
+            binary.require_host_arch().unwrap_err().to_string(),
             format!(
-                "{}: a linux/arm64 ELF file; deferprobe traces linux/amd64 Go binaries",
+                "{}: a linux/arm64 Go binary; this deferprobe runs on linux/amd64 and traces \
+                 only linux/amd64 programs (`inspect` reads both)",
                 arm64.path().display()
+            )
+        );
+        let s390 = TempFile::patched(&path, |bytes| {
+            bytes[18..20].copy_from_slice(&elf::EM_S390.0.to_le_bytes());
+        });
+        assert_eq!(
+            open_err(&s390),
+            format!(
+                "{}: a linux/s390x ELF file; deferprobe reads linux/amd64 and linux/arm64 Go \
+                 binaries",
+                s390.path().display()
             )
         );
         // The binary's own GOOS setting (every copy of modinfo patched, same length).
@@ -1193,7 +1253,8 @@ mod tests {
             }
             assert!(patched > 0);
         });
-        let expected = ": a netbs ELF file (GOOS=netbs); deferprobe traces linux/amd64 Go binaries";
+        let expected = ": a netbs ELF file (GOOS=netbs); deferprobe reads linux/amd64 and \
+                        linux/arm64 Go binaries";
         assert!(open_err(&netbsd).ends_with(expected), "{}", open_err(&netbsd));
         // A bare 32-bit i386 ELF header.
         let mut header = vec![0u8; 52];
@@ -1211,10 +1272,9 @@ mod tests {
         header[20..24].copy_from_slice(&1u32.to_le_bytes());
         header[40..42].copy_from_slice(&52u16.to_le_bytes());
         let i386 = TempFile::new("i386", &header);
-        assert!(
-            open_err(&i386)
-                .ends_with(": a linux/386 ELF file; deferprobe traces linux/amd64 Go binaries")
-        );
+        assert!(open_err(&i386).ends_with(
+            ": a linux/386 ELF file; deferprobe reads linux/amd64 and linux/arm64 Go binaries"
+        ));
         for (magic, what) in [
             (&b"MZ\x90\0"[..], "a Windows PE file"),
             (&[0xcf, 0xfa, 0xed, 0xfe][..], "a macOS Mach-O file"),

@@ -25,8 +25,9 @@ use super::BinaryError;
 
 const MAGIC_GO118: u32 = 0xffff_fff0;
 const MAGIC_GO120: u32 = 0xffff_fff1;
-/// pcHeader bytes 4..8: two zero pads, the instruction size quantum (1 on amd64), pointer size.
-const HEADER_TAIL: [u8; 4] = [0, 0, 1, 8];
+/// pcHeader bytes 4..8: two zero pads, the instruction size quantum (1 on amd64, 4 on arm64:
+/// pc deltas in the pcvalue tables count in it), pointer size.
+const HEADER_TAILS: [[u8; 4]; 2] = [[0, 0, 1, 8], [0, 0, 4, 8]];
 /// pcHeader words (8 bytes each) after the first 8 bytes.
 const HEADER_SIZE: usize = 72;
 const NFUNC_OFFSET: usize = 8;
@@ -76,6 +77,8 @@ pub(super) struct Pclntab {
     /// The table in the file (from its header on).
     range: Range<usize>,
     func_id_offset: usize,
+    /// The instruction size quantum: pcvalue tables count pc deltas in it.
+    quantum: u32,
     nfunc: usize,
     /// `runtime.text`: function entries are offsets from it.
     text_start: u64,
@@ -148,11 +151,14 @@ impl Pclntab {
             Some(magic) => return Err(corrupt(format!("unsupported magic {magic:#x}"))),
             None => return Err(corrupt("truncated header".into())),
         };
-        if data.get(4..8) != Some(&HEADER_TAIL[..]) {
+        let Some(tail) = data.get(4..8).filter(|tail| HEADER_TAILS.iter().any(|t| t == tail))
+        else {
             return Err(corrupt(
-                "header is not for amd64 (1-byte instructions, 8-byte pointers)".into(),
+                "header is not for amd64 or arm64 (1- or 4-byte instructions, 8-byte pointers)"
+                    .into(),
             ));
-        }
+        };
+        let quantum = u32::from(tail[2]);
         if data.len() < HEADER_SIZE {
             return Err(corrupt("truncated header".into()));
         }
@@ -183,6 +189,7 @@ impl Pclntab {
             address: 0,
             range,
             func_id_offset,
+            quantum,
             nfunc,
             text_start: read.u64(TEXT_START_OFFSET).unwrap_or(0),
             funcnames,
@@ -299,7 +306,7 @@ impl Pclntab {
         let size = u32::try_from(entry.size).ok()?;
         let table = |field: usize| {
             let offset = data.u32(record + field)?;
-            decode_pcvalue(data.data.get(self.pctab..)?, offset, size)
+            decode_pcvalue(data.data.get(self.pctab..)?, offset, size, self.quantum)
         };
         let tables = Arc::new(LineTables { files: table(FUNC_PCFILE)?, lines: table(FUNC_PCLN)? });
         cache.insert(index, Arc::clone(&tables));
@@ -326,8 +333,9 @@ fn value_at(runs: &[(u32, i32)], offset: u32) -> Option<i32> {
 
 /// Decodes the pcvalue table at `offset` in `pctab` for a function of `size` bytes: runs of
 /// (value delta as a zig-zag varint, pc delta as a varint), starting from value -1, until a
-/// zero value delta after the first run, or the function's end.
-fn decode_pcvalue(pctab: &[u8], offset: u32, size: u32) -> Option<Vec<(u32, i32)>> {
+/// zero value delta after the first run, or the function's end. Pc deltas count in `quantum`
+/// bytes (the instruction size quantum).
+fn decode_pcvalue(pctab: &[u8], offset: u32, size: u32, quantum: u32) -> Option<Vec<(u32, i32)>> {
     if offset == 0 {
         return None; // no table
     }
@@ -344,7 +352,7 @@ fn decode_pcvalue(pctab: &[u8], offset: u32, size: u32) -> Option<Vec<(u32, i32)
         let (pc_delta, used) = read_varint32(pctab.get(at..)?)?;
         at += used;
         value = value.wrapping_add(((delta >> 1) as i32) ^ -((delta & 1) as i32));
-        pc = pc.checked_add(pc_delta)?;
+        pc = pc.checked_add(pc_delta.checked_mul(quantum)?)?;
         runs.push((pc, value));
     }
     Some(runs)
@@ -391,7 +399,7 @@ fn candidates(elf: &ElfFile64<'_, Endianness>, file: &[u8]) -> Vec<(u64, Range<u
             let magic = &bytes[at..at + 4];
             let signature = (magic == MAGIC_GO118.to_le_bytes()
                 || magic == MAGIC_GO120.to_le_bytes())
-                && bytes[at + 4..at + 8] == HEADER_TAIL;
+                && HEADER_TAILS.iter().any(|tail| bytes[at + 4..at + 8] == *tail);
             if signature {
                 found.push((address + at as u64, range.start + at..range.end));
             }
@@ -674,7 +682,7 @@ mod tests {
     fn pcvalue_tables() {
         // value -1 + 21 = 10 (zig-zag 20) for 4 bytes, then +1 (2) for 3, then -2 (3) for 1.
         let table = [0, 20, 4, 2, 3, 3, 1, 0];
-        let runs = decode_pcvalue(&table, 1, 8).unwrap();
+        let runs = decode_pcvalue(&table, 1, 8, 1).unwrap();
         assert_eq!(runs, [(4, 9), (7, 10), (8, 8)]);
         assert_eq!(value_at(&runs, 0), Some(9));
         assert_eq!(value_at(&runs, 3), Some(9));
@@ -682,12 +690,12 @@ mod tests {
         assert_eq!(value_at(&runs, 7), Some(8));
         assert_eq!(value_at(&runs, 8), None);
         // Stops at the function's end even without the terminator.
-        assert_eq!(decode_pcvalue(&table[..5], 1, 4).unwrap(), [(4, 9)]);
+        assert_eq!(decode_pcvalue(&table[..5], 1, 4, 1).unwrap(), [(4, 9)]);
         // Truncated, or a varint running off the end.
-        assert_eq!(decode_pcvalue(&table[..4], 1, 8), None);
-        assert_eq!(decode_pcvalue(&[0, 0x80, 0x80], 1, 8), None);
-        assert_eq!(decode_pcvalue(&table, 0, 8), None);
-        assert_eq!(decode_pcvalue(&table, 100, 8), None);
+        assert_eq!(decode_pcvalue(&table[..4], 1, 8, 1), None);
+        assert_eq!(decode_pcvalue(&[0, 0x80, 0x80], 1, 8, 1), None);
+        assert_eq!(decode_pcvalue(&table, 0, 8, 1), None);
+        assert_eq!(decode_pcvalue(&table, 100, 8, 1), None);
         assert_eq!(read_varint32(&[0xac, 0x02]), Some((300, 2)));
         assert_eq!(read_varint32(&[0xff; 6]), None);
     }

@@ -14,6 +14,8 @@ use std::{
 
 use object::{Object as _, ObjectSection as _, read::elf::ElfFile64};
 
+use crate::arch::Arch;
+
 /// Runtime functions every supported release has.
 pub const FUNCTIONS: [&str; 5] = [
     "runtime.deferproc",
@@ -101,6 +103,8 @@ pub enum Program {
 
 impl Program {
     pub const ALL: [Program; 3] = [Program::Workload, Program::Demo, Program::Cgo];
+    /// What the arm64 tests cross-build (cgo would need an arm64 C toolchain).
+    pub const ARM64: [Program; 2] = [Program::Workload, Program::Demo];
 
     pub fn dir(self) -> &'static str {
         match self {
@@ -150,13 +154,19 @@ impl Variant {
     }
 }
 
-type BuildKey = (String, Program, Variant);
+type BuildKey = (Arch, String, Program, Variant);
 
 /// target/binary-tests/go<version>/<variant>/<workload|demo|cgo>, built now unless it is newer than its
 /// sources and toolchain (once per test process).
 pub fn build(toolchain: &Toolchain, program: Program, variant: Variant) -> PathBuf {
+    build_for(Arch::Amd64, toolchain, program, variant)
+}
+
+/// [`build`] for `arch`: GOARCH=arm64 builds go to target/binary-tests/go<version>/arm64/…
+/// (Go cross-compiles natively; cgo can't be cross-built here, see [`Program::ARM64`]).
+pub fn build_for(arch: Arch, toolchain: &Toolchain, program: Program, variant: Variant) -> PathBuf {
     static BUILDS: OnceLock<Mutex<HashMap<BuildKey, Arc<OnceLock<PathBuf>>>>> = OnceLock::new();
-    let key = (toolchain.version.clone(), program, variant);
+    let key = (arch, toolchain.version.clone(), program, variant);
     let slot = BUILDS
         .get_or_init(Mutex::default)
         .lock()
@@ -164,14 +174,20 @@ pub fn build(toolchain: &Toolchain, program: Program, variant: Variant) -> PathB
         .entry(key)
         .or_default()
         .clone();
-    slot.get_or_init(|| build_now(toolchain, program, variant)).clone()
+    slot.get_or_init(|| build_now(arch, toolchain, program, variant)).clone()
 }
 
-fn build_now(toolchain: &Toolchain, program: Program, variant: Variant) -> PathBuf {
+fn build_now(arch: Arch, toolchain: &Toolchain, program: Program, variant: Variant) -> PathBuf {
+    assert!(arch == Arch::Amd64 || program != Program::Cgo, "no cgo cross-build to {arch}");
     let sources = workspace().join("tests/go");
+    let arch_dir = match arch {
+        Arch::Amd64 => String::new(),
+        other => other.goarch().to_owned(),
+    };
     let out = workspace()
         .join("target/binary-tests")
         .join(format!("go{}", toolchain.version))
+        .join(arch_dir)
         .join(format!("{variant:?}").to_lowercase())
         .join(format!("{program:?}").to_lowercase());
     let modified = |path: &Path| std::fs::metadata(path).and_then(|meta| meta.modified()).ok();
@@ -193,7 +209,18 @@ fn build_now(toolchain: &Toolchain, program: Program, variant: Variant) -> PathB
         .arg(format!("./{}", program.dir()))
         .current_dir(&sources)
         .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", workspace().join("target/go-cache").join(&toolchain.version))
+        .env("GOARCH", arch.goarch())
+        .env(
+            "GOCACHE",
+            workspace().join("target/go-cache").join(format!(
+                "{}{}",
+                toolchain.version,
+                match arch {
+                    Arch::Amd64 => "",
+                    Arch::Arm64 => "-arm64",
+                }
+            )),
+        )
         .env("GOPATH", workspace().join("target/go-path"))
         .env("GOFLAGS", "-mod=mod")
         .env("CGO_ENABLED", cgo)

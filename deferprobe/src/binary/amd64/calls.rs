@@ -1,23 +1,14 @@
-//! Direct calls in machine code: the `CALL rel32` instructions of a function that go to given
+//! amd64: direct calls in machine code, the `CALL rel32` instructions of a function that go to given
 //! addresses, found by decoding the function with iced-x86 (used to list the call sites of
 //! `runtime.deferproc` / `runtime.deferprocat`, the heap-defer sites).
 
 use iced_x86::Code;
 
-use super::{BinaryError, prologue::instructions};
+use super::prologue::instructions;
+use crate::binary::{BinaryError, isa::DirectCall};
 
 const CALL_REL32: u8 = 0xe8;
-const CALL_REL32_LEN: usize = deferprobe_common::CALL_REL32_LEN as usize;
-
-/// One `CALL rel32`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DirectCall {
-    /// The CALL instruction.
-    pub address: u64,
-    /// The instruction after it: what the callee sees as its return address.
-    pub return_address: u64,
-    pub target: u64,
-}
+const CALL_REL32_LEN: usize = deferprobe_common::amd64::CALL_LEN as usize;
 
 /// Every `CALL rel32` in `code` (the function at `address`) whose target is one of `targets`.
 /// A byte scan for `E8 rel32` with such a target comes first, so only functions that may call
