@@ -7,7 +7,12 @@
 //! [`slice_variance`]), and the larger of the two is kept. While it is detached (duty 0), nothing is seen: a detached span is
 //! bridged by the mean of the rates measured on either side of it (the governor's refresh
 //! windows measure again every few ticks), with the half-difference of those rates as its
-//! uncertainty. Only windows of at least [`MIN_RATE_WINDOW_SECS`] attached measure a rate: the
+//! uncertainty. A program busy on its CPUs runs slower while probes trap it, so its windows see
+//! fewer calls than the rest of the time holds: where the probes took more than
+//! [`SLOWED_SHARE`] of its time in the windows, that share of the tick's estimate is added to
+//! its uncertainty, and the estimate says it may be low (correcting for it would divide by
+//! the program's own share of its time, which a small error in the cost of a hit swamps).
+//! Only windows of at least [`MIN_RATE_WINDOW_SECS`] attached measure a rate: the
 //! first milliseconds of a trace (often a start-up burst) are counted, never extrapolated. A span still open when tracing ends can only carry the last rate measured: the
 //! estimate is then weak, and says so. Pure: the governor's sampler feeds it tick by tick.
 
@@ -15,6 +20,18 @@
 /// governor's refresh windows (2 % of a 1 s tick; the timers that open and close its slices
 /// may shorten it a little). Its first decision comes after half a second.
 pub const MIN_RATE_WINDOW_SECS: f64 = 0.015;
+
+/// The share of a program's time in its windows above which the probes may have slowed it
+/// enough to bias the estimate (see the module's comment).
+pub const SLOWED_SHARE: f64 = 0.2;
+
+/// The most a slowed tick's estimate may be low by, as a share of it: the estimate rests on a
+/// program whose own time in the windows is 1 − share, and it may be low by share / (1 − share);
+/// past 0.9 the uncertainty is counted as that of 0.9 (nine times the estimate).
+fn slowed_uncertainty(share: f64) -> f64 {
+    let share = share.min(0.9);
+    share / (1.0 - share)
+}
 
 /// One family's estimate, built tick by tick.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -43,6 +60,9 @@ pub struct FamilyEstimate {
     open_gap: f64,
     /// Seconds traced, and seconds not covered by a measured rate on both sides.
     seconds: f64,
+    /// The largest share of a program's time the probes took in a tick's windows, over
+    /// [`SLOWED_SHARE`] (None: never that much).
+    slowed_share: Option<f64>,
 }
 
 /// A family's estimate over the whole trace.
@@ -52,25 +72,22 @@ pub struct Estimate {
     /// One standard deviation, in calls.
     pub error: f64,
     /// Whether the estimate rests on extrapolating a rate over a span no measurement closes
-    /// (longer than a tenth of the trace), or on nothing at all.
+    /// (longer than a tenth of the trace), or on nothing at all, or on windows in which the
+    /// probes may have slowed the program (see `slowed_share`).
     pub weak: bool,
+    /// The largest share of the program's time the probes took in a tick's windows, when over
+    /// [`SLOWED_SHARE`]: a CPU-bound program ran slower there, and the estimate may be low.
+    pub slowed_share: Option<f64>,
 }
 
 impl FamilyEstimate {
     /// One tick of `seconds`, the family attached for `fraction` of it, seeing `hits`.
     pub fn tick(&mut self, seconds: f64, fraction: f64, hits: u64) {
-        self.tick_with_variance(seconds, fraction, hits, None);
+        self.tick_with_windows(seconds, fraction, hits, Windows::default());
     }
 
-    /// [`FamilyEstimate::tick`], with the variance of the tick's estimate as its windows
-    /// showed it (see [`slice_variance`]), if known.
-    pub fn tick_with_variance(
-        &mut self,
-        seconds: f64,
-        fraction: f64,
-        hits: u64,
-        windows_variance: Option<f64>,
-    ) {
+    /// [`FamilyEstimate::tick`], with what the tick's windows showed.
+    pub fn tick_with_windows(&mut self, seconds: f64, fraction: f64, hits: u64, windows: Windows) {
         self.seconds += seconds;
         if fraction <= 0.0 || seconds <= 0.0 {
             if self.pool_seconds > 0.0 {
@@ -84,7 +101,13 @@ impl FamilyEstimate {
         let hits = hits as f64;
         self.sampled += hits / fraction;
         let poisson = hits * (1.0 - fraction) / (fraction * fraction);
-        let variance = windows_variance.map_or(poisson, |v| v.max(poisson));
+        let mut variance = windows.variance.map_or(poisson, |v| v.max(poisson));
+        if let Some(share) = windows.probe_share.filter(|share| *share > SLOWED_SHARE)
+            && fraction < 1.0
+        {
+            variance += windows.low_by * windows.low_by;
+            self.slowed_share = Some(self.slowed_share.unwrap_or(0.0).max(share));
+        }
         self.sampled_variance += variance;
         // Short windows are pooled until together they stand for a rate: a detached span
         // around them waits for it.
@@ -125,7 +148,37 @@ impl FamilyEstimate {
         Estimate {
             calls: self.sampled + self.bridged + open,
             error: variance.sqrt(),
-            weak: self.last_rate.is_none() || self.open_gap > self.seconds / 10.0,
+            weak: self.last_rate.is_none()
+                || self.open_gap > self.seconds / 10.0
+                || self.slowed_share.is_some(),
+            slowed_share: self.slowed_share,
+        }
+    }
+}
+
+/// What a tick's windows showed of a family, beyond its hits.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Windows {
+    /// The variance of the tick's estimate ([`slice_variance`]).
+    pub variance: Option<f64>,
+    /// The largest share of the program's time the probes took in one of the family's
+    /// windows: the probes' hits times their cost, over the longer of the wall time and the
+    /// program's CPU time in it.
+    pub probe_share: Option<f64>,
+    /// How many calls the tick's estimate may be low by: of each window with a share over
+    /// [`SLOWED_SHARE`], its calls scaled up to its slice times share / (1 − share).
+    pub low_by: f64,
+}
+
+impl Windows {
+    /// One window, its calls scaled up to its slice, and the share of the program's time the
+    /// probes took in it.
+    pub fn add_window(&mut self, scaled_calls: f64, probe_share: f64) {
+        // More than the whole time: the cost of a hit was overestimated (a calibrated one).
+        let probe_share = probe_share.min(1.0);
+        self.probe_share = Some(self.probe_share.unwrap_or(0.0).max(probe_share));
+        if probe_share > SLOWED_SHARE {
+            self.low_by += scaled_calls * slowed_uncertainty(probe_share);
         }
     }
 }
@@ -168,7 +221,12 @@ mod tests {
         // Scaled: 8000, 12000, 8000, 8000, 12000 → mean 9600, sample variance 4.8 M, × 5 × 0.9.
         assert!((variance - 21.6e6).abs() < 1.0, "{variance}");
         let mut family = FamilyEstimate::default();
-        family.tick_with_variance(1.0, 0.1, 4800, Some(variance));
+        family.tick_with_windows(
+            1.0,
+            0.1,
+            4800,
+            Windows { variance: Some(variance), ..Windows::default() },
+        );
         let poisson = 4800.0 * 0.9 / 0.01;
         assert!(variance > 40.0 * poisson);
         assert_eq!(family.estimate().error, variance.sqrt());
@@ -177,13 +235,43 @@ mod tests {
         assert_eq!(slice_variance(&[(10, 0.5)]), None);
     }
 
+    /// A CPU-bound loop in windows where the probes took 60 % of its time: the estimate says it
+    /// may be low, and its error covers it.
+    #[test]
+    fn a_slowed_program_is_flagged_and_uncertain() {
+        let mut family = FamilyEstimate::default();
+        let mut windows = Windows { variance: Some(0.0), ..Windows::default() };
+        // Two windows scaled up to 1000 calls each, the probes taking 60 % and 10 %.
+        windows.add_window(1000.0, 0.6);
+        windows.add_window(1000.0, 0.1);
+        for _ in 0..5 {
+            family.tick_with_windows(1.0, 0.5, 1000, windows);
+        }
+        let estimate = family.estimate();
+        assert_eq!(estimate.calls, 10_000.0);
+        assert!(estimate.weak);
+        assert_eq!(estimate.slowed_share, Some(0.6));
+        // Each tick may be low by 1000 × 0.6 / 0.4 = 1500, besides Poisson's 2000 × 0.5 / 0.25:
+        // √(5 × (1500² + 2000)).
+        assert!((estimate.error - 3355.6).abs() < 0.1, "{estimate:?}");
+        // A paced program whose probes took 4 % of its time: no flag.
+        let mut paced = FamilyEstimate::default();
+        let mut windows = Windows::default();
+        windows.add_window(2000.0, 0.04);
+        paced.tick_with_windows(1.0, 0.5, 1000, windows);
+        assert_eq!(paced.estimate().slowed_share, None);
+    }
+
     #[test]
     fn fully_attached_is_exact() {
         let mut family = FamilyEstimate::default();
         for _ in 0..10 {
             family.tick(1.0, 1.0, 1000);
         }
-        assert_eq!(family.estimate(), Estimate { calls: 10_000.0, error: 0.0, weak: false });
+        assert_eq!(
+            family.estimate(),
+            Estimate { calls: 10_000.0, error: 0.0, weak: false, slowed_share: None }
+        );
     }
 
     #[test]

@@ -386,6 +386,10 @@ pub struct SamplingReport {
     /// The estimate extrapolates a rate over a span no measurement closes (longer than a tenth
     /// of the trace), or rests on no measurement: a note says so.
     pub estimate_weak: bool,
+    /// The largest share of the program's time the probes took in a tick's windows, when over
+    /// a fifth: a program busy on its CPUs ran slower in the windows, and the estimate may be
+    /// low (its error includes that much). Null otherwise.
+    pub estimate_slowed_share: Option<f64>,
     /// For allocations: bytes scaled up the same way.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimated_bytes: Option<u64>,
@@ -697,6 +701,7 @@ pub(crate) mod tests {
                     estimated_calls: 4000,
                     estimated_calls_error: 110,
                     estimate_weak: false,
+                    estimate_slowed_share: None,
                     estimated_bytes: Some(123_456),
                     measured_hit_cost_ns: Some(900),
                     measured_hit_cost_error_ns: Some(150),

@@ -393,12 +393,17 @@ fn governor_notes(governor: &GovernorReport) -> Vec<String> {
             sampled.mean_duty_cycle * 100.0,
             sampled.estimated_calls,
             sampled.estimated_calls_error,
-            match sampled.estimate_weak {
-                true => {
-                    ", a weak one: it holds the last rate measured over a long span no later \
-                     window measured"
-                }
-                false => "",
+            match (sampled.estimate_weak, sampled.estimate_slowed_share) {
+                (true, Some(share)) => format!(
+                    ", a weak one: the probes took up to {:.0}% of the program's time in its \
+                     windows, so a program busy on its CPUs ran slower there, and the estimate \
+                     may be low (its error counts that much)",
+                    share * 100.0
+                ),
+                (true, None) => ", a weak one: it holds the last rate measured over a long span \
+                                 no later window measured"
+                    .to_owned(),
+                (false, _) => String::new(),
             },
             match sampled.family {
                 SampledFamily::MapWrites => {

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use crate::{
     cost::{Attached, GROUPS, Mark, Measured, RealCost},
     error::Result,
-    estimate::{FamilyEstimate, slice_variance},
+    estimate::{FamilyEstimate, Windows, slice_variance},
     governor::{
         Governor, MIN_OBSERVATION_SECS, Observation, SAMPLED_FAMILIES, SampledFamily,
         planned_hit_ns,
@@ -103,9 +103,9 @@ pub(super) struct Sampler {
     cost: RealCost,
     tick_marks: Vec<(Mark, Attached)>,
     tick_disturbed: bool,
-    /// For the tick that just ended, each family's estimate variance as its windows showed it
-    /// (None: no windows, or not all of them marked).
-    windows_variance: [Option<f64>; SAMPLED_FAMILIES],
+    /// For the tick that just ended, what each family's windows showed (nothing: no windows,
+    /// or not all of them marked).
+    windows_seen: [Windows; SAMPLED_FAMILIES],
     measured: Option<Measured>,
     measured_by_family: [Option<Measured>; SAMPLED_FAMILIES],
     /// The target's threads at the last mark, sorted.
@@ -200,7 +200,7 @@ impl Sampler {
             cost: RealCost::default(),
             tick_marks: Vec::new(),
             tick_disturbed: false,
-            windows_variance: [None; SAMPLED_FAMILIES],
+            windows_seen: [Windows::default(); SAMPLED_FAMILIES],
             measured: None,
             measured_by_family: [None; SAMPLED_FAMILIES],
             threads: Vec::new(),
@@ -486,8 +486,8 @@ impl Sampler {
             stats.duty_seconds += fraction * seconds;
             stats.observed += sampled_hits[index];
             stats.observed_bytes += bytes[index];
-            let variance = self.windows_variance[index].take();
-            stats.estimate.tick_with_variance(seconds, fraction, sampled_hits[index], variance);
+            let windows = std::mem::take(&mut self.windows_seen[index]);
+            stats.estimate.tick_with_windows(seconds, fraction, sampled_hits[index], windows);
         }
         let defer_hits = defer_hits(&delta);
         let required_hits = self.governor.required_hits(&sampled_hits);
@@ -551,7 +551,8 @@ impl Sampler {
         if self.tick_disturbed {
             return Ok(());
         }
-        self.windows_variance = windows_variance(&marks);
+        let costs = std::array::from_fn(|group| self.best_hit_ns(group));
+        self.windows_seen = windows_seen(&marks, costs);
         self.cost.tick(&marks);
         self.measured = self.cost.measured();
         self.measured_by_family = self.cost.by_family();
@@ -579,6 +580,17 @@ impl Sampler {
     /// Each sampled family's duty cycle now (1: always attached).
     pub(super) fn duty_cycles(&self) -> [(SampledFamily, f64); SAMPLED_FAMILIES] {
         SampledFamily::ALL.map(|family| (family, self.governor.duty(family)))
+    }
+
+    /// The best figure for what a hit of a mark's hit group costs (see [`GROUPS`]): its own
+    /// measured cost, else every probe's, else the calibrated one (no planning headroom).
+    fn best_hit_ns(&self, group: usize) -> f64 {
+        let own = group.checked_sub(1).and_then(|family| self.measured_by_family[family]);
+        own.or(self.measured)
+            .filter(Measured::is_solid)
+            .map(|m| m.ns_per_hit)
+            .or(self.hit_cost_ns.map(|ns| ns as f64))
+            .unwrap_or(Self::FALLBACK_HIT_COST.as_nanos() as f64)
     }
 
     /// Closes the windows that are due (detaching their families), then opens the next slice's
@@ -632,6 +644,7 @@ impl Sampler {
                 estimated_calls: estimate(&stats).calls.round() as u64,
                 estimated_calls_error: estimate(&stats).error.round() as u64,
                 estimate_weak: estimate(&stats).weak,
+                estimate_slowed_share: estimate(&stats).slowed_share,
                 // At the mean size of the allocations seen.
                 estimated_bytes: (family == SampledFamily::Allocations).then(|| {
                     let mean_size = stats.observed_bytes / stats.observed.max(1) as f64;
@@ -657,26 +670,39 @@ impl Sampler {
     }
 }
 
-/// Each family's windows in a tick's marks (runs of segments with it attached), as hits and
-/// share of a slice, and the variance they give its estimate ([`slice_variance`]).
-fn windows_variance(marks: &[(Mark, Attached)]) -> [Option<f64>; SAMPLED_FAMILIES] {
+/// Each family's windows in a tick's marks (runs of segments with it attached): the variance
+/// their hits give its estimate ([`slice_variance`]), and in each the share of the program's
+/// time the probes took (their hits at `costs` ns a hit per group, over the longer of the wall
+/// time and the program's CPU time), with what that may have cost the estimate.
+fn windows_seen(marks: &[(Mark, Attached)], costs: [f64; GROUPS]) -> [Windows; SAMPLED_FAMILIES] {
     let slice_ns = (GOVERNOR_TICK / SLICES_PER_TICK).as_nanos() as f64;
     std::array::from_fn(|family| {
         let mut windows = Vec::new();
+        let mut seen = Windows::default();
         let mut open: Option<&Mark> = None;
         for (mark, attached) in marks {
             match (open, attached[family]) {
                 (None, true) => open = Some(mark),
                 (Some(start), false) => {
                     let hits = mark.hits[1 + family].saturating_sub(start.hits[1 + family]);
-                    let share = mark.at_ns.saturating_sub(start.at_ns) as f64 / slice_ns;
+                    let wall_ns = mark.at_ns.saturating_sub(start.at_ns) as f64;
+                    let share = wall_ns / slice_ns;
                     windows.push((hits, share));
+                    let cpu_ns = mark.cpu_ns.saturating_sub(start.cpu_ns) as f64;
+                    let probe_ns: f64 = (0..GROUPS)
+                        .map(|g| mark.hits[g].saturating_sub(start.hits[g]) as f64 * costs[g])
+                        .sum();
+                    if wall_ns > 0.0 && share > 0.0 {
+                        let probe_share = probe_ns / wall_ns.max(cpu_ns);
+                        seen.add_window(hits as f64 / share, probe_share);
+                    }
                     open = None;
                 }
                 _ => {}
             }
         }
-        slice_variance(&windows)
+        seen.variance = slice_variance(&windows);
+        seen
     })
 }
 
