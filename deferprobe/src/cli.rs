@@ -170,9 +170,13 @@ pub struct RunArgs {
     /// With `-- CMD`: also trace the Go programs the command starts, directly or through its
     /// children (`go test`, a shell script), each from its first instruction, in a report
     /// section of its own. Programs that are not Go are listed and skipped. Not with
-    /// --metrics-addr or --report-every (a followed tree has no interim reports yet); SIGUSR1
-    /// is forwarded to the command.
-    #[arg(long, requires = "command", conflicts_with_all = ["pid", "metrics_addr", "report_every"])]
+    /// --metrics-addr, --report-every (a followed tree has no interim reports yet) or --pprof
+    /// (nor a profile); SIGUSR1 is forwarded to the command.
+    #[arg(
+        long,
+        requires = "command",
+        conflicts_with_all = ["pid", "metrics_addr", "report_every", "pprof"]
+    )]
     pub follow: bool,
 
     /// Command to start with probes attached before its first instruction (after `--`).
@@ -394,6 +398,7 @@ mod tests {
             &["run", "--pid", "1", "--follow"],
             &["run", "--follow", "--metrics-addr", "127.0.0.1:9464", "--", "prog"],
             &["run", "--follow", "--report-every", "1m", "--", "prog"],
+            &["run", "--follow", "--pprof", "p.pb.gz", "--", "prog"],
         ] {
             let err = parse(args).expect_err(&format!("{args:?} should fail"));
             assert_eq!(err.exit_code(), 2, "{args:?}"); // clap's; main.rs makes it 64
