@@ -333,6 +333,7 @@ impl Sampler {
         }
         self.decide(tracer)?;
         self.recent_checks.clear();
+        let mut detached = false;
         for (index, family) in SampledFamily::ALL.into_iter().enumerate() {
             let duty = self.governor.duty(family);
             if duty < self.planned[index] {
@@ -340,7 +341,12 @@ impl Sampler {
                 self.plan(index, duty);
                 (self.window_ends[index], self.windowed[index]) = (None, 0.0);
                 self.set_family(tracer, index, false)?;
+                detached = true;
             }
+        }
+        // The windows' ends are marked, for what they saw (the tick is not compared).
+        if detached && !self.tick_marks.is_empty() {
+            self.push_mark(tracer)?;
         }
         Ok(())
     }
@@ -355,12 +361,17 @@ impl Sampler {
         }
         self.governor.require(family);
         info!("a heap defer is pending: goroutine exits are probed, always on, while one is");
-        if std::mem::take(&mut self.windowed[family.index()]) > 0.0 {
+        let windowed = std::mem::take(&mut self.windowed[family.index()]) > 0.0;
+        if windowed {
             self.window_ends[family.index()] = None;
             self.tick_disturbed = true;
         }
         self.plan(family.index(), 1.0);
-        self.set_family(tracer, family.index(), true)
+        self.set_family(tracer, family.index(), true)?;
+        if windowed && !self.tick_marks.is_empty() {
+            self.push_mark(tracer)?;
+        }
+        Ok(())
     }
 
     /// Accounts for the time since the last tick and lets the governor decide; logs what
@@ -546,13 +557,13 @@ impl Sampler {
         if marks.len() < 2 {
             return Ok(());
         }
-        // A budget check that detached a family mid-tick left no mark: its windows aren't
-        // known then.
+        let costs = std::array::from_fn(|group| self.best_hit_ns(group));
+        self.windows_seen = windows_seen(&marks, costs);
+        // A tick whose families changed otherwise (a budget check detached one) or whose
+        // threads changed is not compared into the real cost.
         if self.tick_disturbed {
             return Ok(());
         }
-        let costs = std::array::from_fn(|group| self.best_hit_ns(group));
-        self.windows_seen = windows_seen(&marks, costs);
         self.cost.tick(&marks);
         self.measured = self.cost.measured();
         self.measured_by_family = self.cost.by_family();
