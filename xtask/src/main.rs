@@ -23,6 +23,10 @@ use clap::{Parser, Subcommand};
 
 mod arm64_vm;
 mod bench;
+/// The end-to-end tests' checks of reports against ground truth, for the arm64 VM's results.
+#[path = "../../tests/e2e/checks.rs"]
+#[allow(dead_code)]
+mod checks;
 mod cross;
 mod fuzz;
 mod layout_table;
@@ -67,7 +71,10 @@ enum Task {
     CrossBuild,
     /// Boot Debian's arm64 kernel under qemu-system-aarch64 with the cross-built deferprobe
     /// and arm64 Go programs, trace them there and check the results (needs root, apt-get).
-    TestArm64,
+    TestArm64 {
+        /// Run only the cases whose names contain one of these (e.g. `stress`, `1.27.3-plain`).
+        filters: Vec<String>,
+    },
     /// Run the cargo-fuzz targets (fuzz/, docs/FUZZING.md) for a set time each, seeded from the
     /// Go test programs' sections.
     Fuzz {
@@ -114,9 +121,9 @@ fn run(task: Task) -> Result<()> {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::TestMatrix { test_args } => matrix::test_matrix(&test_args),
         Task::LayoutTable => layout_table::layout_table(),
-        Task::TestArm64 => arm64_vm::test_arm64(),
+        Task::TestArm64 { filters } => arm64_vm::test_arm64(&filters),
         Task::CrossBuild => {
-            let binary = cross::cross_build()?;
+            let binary = cross::cross_build("release")?;
             eprintln!("[xtask] built {}", binary.display());
             Ok(())
         }
