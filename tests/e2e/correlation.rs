@@ -6,7 +6,7 @@ use std::{thread, time::Duration};
 
 use serde_json::Value;
 
-use crate::support::*;
+use crate::{checks::*, support::*};
 
 /// The oldest and the newest release in tests/go/releases.txt.
 fn oldest_and_newest() -> Vec<String> {
@@ -47,55 +47,6 @@ fn trace_scenario(release: &str, scenario: &str, args: &[&str]) -> Traced {
     assert_eq!(code, 0, "{stdout}\n{}", stderr.join("\n"));
     target.end();
     Traced { report: read_json(&report_file), truth, stderr, peak_rss_kib }
-}
-
-fn u64_of(value: &Value, key: &str) -> u64 {
-    value[key].as_u64().unwrap_or_else(|| panic!("no {key} in {value}"))
-}
-
-/// The one finding a scenario holding `-n` defers in one frame must produce.
-fn assert_single_finding(report: &Value, truth: &Value, by_reference: bool) {
-    let findings = report["findings"].as_array().unwrap();
-    assert_eq!(findings.len(), 1, "{report}");
-    let finding = &findings[0];
-    assert_eq!(finding["kind"], "defer_accumulation");
-    assert_eq!(u64_of(finding, "pending_defers"), u64_of(truth, "pending_defers"), "{finding}");
-    assert_eq!(u64_of(finding, "captured_maps"), u64_of(truth, "captured_maps"), "{finding}");
-    let (by_value, by_ref) =
-        (u64_of(finding, "captured_maps_by_value"), u64_of(finding, "captured_maps_by_reference"));
-    if by_reference {
-        assert_eq!((by_value, by_ref), (0, u64_of(truth, "captured_maps")), "{finding}");
-    } else {
-        assert_eq!((by_value, by_ref), (u64_of(truth, "captured_maps"), 0), "{finding}");
-    }
-    assert_eq!(
-        u64_of(finding, "captured_map_entries"),
-        u64_of(truth, "captured_map_entries"),
-        "{finding}"
-    );
-    assert_eq!(finding["function"], truth["function"], "{finding}");
-    assert_eq!(finding["file"], truth["file"], "{finding}");
-    assert_eq!(finding["line"], truth["line"], "{finding}");
-    // Every map was written while traced, in one place (newMap, or where it is inlined):
-    // tracing starts before the program works.
-    let origins = finding["captured_map_origins"].as_array().unwrap();
-    assert_eq!(origins.len(), 1, "{finding}");
-    assert!(origins[0]["function"].is_string(), "{finding}");
-    assert_eq!(u64_of(&origins[0], "maps"), u64_of(truth, "captured_maps"), "{finding}");
-    assert_eq!(u64_of(&origins[0], "entries"), u64_of(truth, "captured_map_entries"), "{finding}");
-    assert!(finding["oldest_pending_secs"].as_f64().unwrap() > 0.0);
-    // At least the _defer records (48 bytes or more each) and the closures.
-    assert!(u64_of(finding, "est_bytes") > u64_of(finding, "pending_defers") * 64, "{finding}");
-    assert_eq!(u64_of(&report["pending"], "heap_defers"), u64_of(truth, "pending_defers"));
-    assert_eq!(u64_of(&report["pending"], "goroutines"), u64_of(truth, "pending_goroutines"));
-    let goroutine = &report["goroutines"][0];
-    assert_eq!(goroutine["goid"], finding["goid"]);
-    assert_eq!(goroutine["pending_defers"], finding["pending_defers"]);
-    assert_eq!(goroutine["captured_maps"], finding["captured_maps"]);
-    assert_eq!(goroutine["captured_map_entries"], finding["captured_map_entries"]);
-    let site = &goroutine["defer_sites"][0];
-    assert_eq!(site["line"], truth["line"]);
-    assert_eq!(site["pending"], finding["pending_defers"]);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod c_shared;
+mod checks;
 mod cli_errors;
 mod containers;
 mod correlation;

