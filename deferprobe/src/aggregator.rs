@@ -207,9 +207,19 @@ struct GoroutineState {
     g: u64,
     /// Oldest first.
     pending: Vec<PendingDefer>,
+    /// Records released by a `deferreturn` whose chain records the runtime may not have run
+    /// and unlinked yet: the probe fires as the frame calls `deferreturn`, which then runs
+    /// them one by one. A chain read meanwhile still shows them; they are not adopted (they
+    /// would be released twice). Kept until a chain read no longer shows them, at most
+    /// [`MAX_RETURNING`].
+    returning: Vec<PendingDefer>,
     /// This goroutine's totals per defer site.
     sites: GoroutineSites,
 }
+
+/// The most records a goroutine keeps in [`GoroutineState::returning`] (the oldest go first):
+/// without chain reads (`--counts-only`) nothing would clear them.
+const MAX_RETURNING: usize = 256;
 
 impl Default for GoroutineState {
     /// Most goroutines hold one record at one site: start small (vectors otherwise reserve
@@ -218,6 +228,7 @@ impl Default for GoroutineState {
         GoroutineState {
             g: 0,
             pending: Vec::with_capacity(1),
+            returning: Vec::new(),
             sites: GoroutineSites(Vec::with_capacity(1)),
         }
     }
@@ -366,7 +377,7 @@ impl Aggregator {
                     return;
                 }
                 let frame = Frame { sp: e.caller_sp, stack_hi: e.stack_hi };
-                self.release(goid, |record| record.frame().same_as(frame));
+                self.release_returning(goid, frame);
                 if let Some(releases) = &mut self.releases {
                     releases.frames.entry(goid).or_default().push(frame);
                 }
@@ -511,6 +522,21 @@ impl Aggregator {
     }
 
     /// Releases the pending records of `goid` that `runs` selects; returns how many.
+    /// Releases `goid`'s records of `frame`, which called `deferreturn`, and keeps them as
+    /// [`GoroutineState::returning`] until the runtime has run them.
+    fn release_returning(&mut self, goid: u64, frame: Frame) {
+        let Some(goroutine) = self.goroutines.get_mut(&goid) else { return };
+        let returned: Vec<PendingDefer> =
+            goroutine.pending.iter().filter(|r| r.frame().same_as(frame)).copied().collect();
+        if returned.is_empty() {
+            return;
+        }
+        goroutine.returning.extend(returned);
+        let excess = goroutine.returning.len().saturating_sub(MAX_RETURNING);
+        goroutine.returning.drain(..excess);
+        self.release(goid, |record| record.frame().same_as(frame));
+    }
+
     fn release(&mut self, goid: u64, mut runs: impl FnMut(&PendingDefer) -> bool) -> u64 {
         let Some(goroutine) = self.goroutines.get_mut(&goid) else { return 0 };
         let before = goroutine.pending.len();
@@ -595,11 +621,27 @@ impl Aggregator {
     /// takes the adopted record's place (see [`Aggregator::apply`]). Returns how many records
     /// were adopted.
     pub fn adopt(&mut self, g: u64, runtime: &RuntimeGoroutine, found_ns: u64) -> u64 {
-        if runtime.goid == 0 || runtime.defers.iter().all(|record| !record.heap) {
+        if runtime.goid == 0 {
+            return 0;
+        }
+        if runtime.defers.iter().all(|record| !record.heap) {
+            if let Some(goroutine) = self.goroutines.get_mut(&runtime.goid) {
+                goroutine.returning.clear();
+            }
             return 0;
         }
         let goroutine = self.goroutines.entry(runtime.goid).or_default();
-        let (_, paired) = pair_with_chain(&goroutine.pending, &runtime.defers);
+        // Records released by a deferreturn still running them are known too: only what
+        // neither accounts for is adopted. Those the chain no longer shows are done.
+        let pending = goroutine.pending.len();
+        let known: Vec<PendingDefer> =
+            goroutine.pending.iter().chain(&goroutine.returning).copied().collect();
+        let (pairs, paired) = pair_with_chain(&known, &runtime.defers);
+        let still_running: Vec<PendingDefer> = (goroutine.returning.iter().zip(&pairs[pending..]))
+            .filter(|(_, pair)| pair.is_some())
+            .map(|(record, _)| *record)
+            .collect();
+        goroutine.returning = still_running;
         // Oldest first, as `pending` is kept. A record with pc 0 is not one: deferproc links a
         // record before filling it in, and a record that ran is zeroed (`*d = _defer{}`) as it
         // goes back to the pool, so a chain read racing a registration or a panic running the
@@ -632,7 +674,7 @@ impl Aggregator {
         let mut found = found;
         found.append(&mut goroutine.pending);
         goroutine.pending = found;
-        if goroutine.pending.is_empty() {
+        if goroutine.pending.is_empty() && goroutine.returning.is_empty() {
             self.goroutines.remove(&runtime.goid);
         }
         adopted
@@ -1099,6 +1141,27 @@ mod tests {
         agg.apply(&exited(8));
         assert_eq!(agg.goroutine_sites(8).count(), 0);
         assert_eq!(agg.pending_heap_defers(), 0);
+    }
+
+    /// Found by the arm64 VM's stress case, and on amd64 with `--interval 100ms`: a chain read
+    /// while a frame's `deferreturn` runs its records (the probe fired as it was called, and
+    /// released them) still shows them. Adopting them released them twice (429,001–429,019
+    /// released of 429,000 registered).
+    #[test]
+    fn records_a_deferreturn_is_still_running_are_not_adopted() {
+        let mut agg = Aggregator::new();
+        agg.apply(&registered_at(6, 0xc000_0300, 0xc000_8000, 10));
+        agg.apply(&registered_at(6, 0xc000_0400, 0xc000_8000, 11));
+        agg.apply(&returned(6, 0xc000_8000));
+        assert_eq!(agg.pending_heap_defers(), 0);
+        // The runtime has run one of the two so far.
+        let running = chain(6, &[(0xc000_0300, 0xc000_8000)]);
+        assert_eq!(agg.adopt(0xc000_1000, &running, 50), 0);
+        // Done: a record the frame's next registration links is adopted again as usual.
+        assert_eq!(agg.adopt(0xc000_1000, &chain(6, &[]), 60), 0);
+        assert_eq!(agg.adopt(0xc000_1000, &running, 70), 1);
+        let totals = agg.sites().next().unwrap().1;
+        assert_eq!((totals.registered, totals.adopted, totals.released), (2, 1, 2));
     }
 
     #[test]
