@@ -55,15 +55,6 @@ fn traced(ctx: &Ctx, phases: &Path, args: &[&str], budget: &str, name: &str) -> 
     Ok(json!({ "program": serde_json::from_str::<Value>(program)?, "report": report }))
 }
 
-/// A family's estimate in a report: the estimate if it was sampled, else its exact count.
-fn estimate(report: &Value, family: &str, counter: &str) -> (f64, Option<f64>, bool) {
-    let sampled = report["governor"]["sampled"].as_array().into_iter().flatten();
-    match sampled.into_iter().find(|s| s["family"] == family) {
-        Some(s) => (f(&s["estimated_calls"]), s["estimated_calls_error"].as_f64(), true),
-        None => (f(&report["counts"][counter]), Some(0.0), false),
-    }
-}
-
 pub(super) fn estimates(ctx: &Ctx, phases: &Path) -> Result<Value> {
     let mut rows = Vec::new();
     for (name, args) in WORKLOADS {
@@ -110,21 +101,25 @@ pub(super) fn estimates(ctx: &Ctx, phases: &Path) -> Result<Value> {
 /// One family of one sampled run against the exact run of the same workload.
 fn compare(exact: &Value, sampled: &Value, family: &str, counter: &str) -> Value {
     let reference = f(&exact["report"]["counts"][counter]);
-    let (estimated, error, was_sampled) = estimate(&sampled["report"], family, counter);
-    let duty = sampled["report"]["governor"]["sampled"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["family"] == family)
-        .map(|s| s["mean_duty_cycle"].clone())
-        .unwrap_or(json!(1.0));
+    let report = &sampled["report"];
+    // A family the governor never sampled was counted whole: its count is exact.
+    let entry = (report["governor"]["sampled"].as_array().into_iter().flatten())
+        .find(|s| s["family"] == family);
+    let (estimated, error, duty) = match entry {
+        Some(s) => (
+            f(&s["estimated_calls"]),
+            s["estimated_calls_error"].clone(),
+            s["mean_duty_cycle"].clone(),
+        ),
+        None => (f(&report["counts"][counter]), json!(0.0), json!(1.0)),
+    };
     json!({
         "program": sampled["program"][family],
         "exact": reference,
-        "observed": sampled["report"]["counts"][counter],
+        "observed": report["counts"][counter],
         "estimated": estimated,
         "estimated_error": error,
-        "sampled": was_sampled,
+        "sampled": entry.is_some(),
         "mean_duty_cycle": duty,
         "relative_error": estimated / reference.max(1.0) - 1.0,
     })
