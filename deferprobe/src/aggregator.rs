@@ -19,8 +19,8 @@ use deferprobe_common::{
 };
 
 use crate::state::{
-    Captures, DeferRecord, GoroutineHeader, PendingGoroutine, PendingRecord, Snapshot,
-    memory::{ChainRecord, RuntimeGoroutine},
+    Captures, DeferRecord, GoroutineDefers, GoroutineHeader, PendingGoroutine, PendingRecord,
+    Snapshot,
 };
 
 /// One decoded ring-buffer event.
@@ -259,7 +259,7 @@ impl GoroutineSites {
 /// pending record, its chain record, and for each chain record whether it was paired.
 fn pair_with_chain(
     pending: &[PendingDefer],
-    chain: &[ChainRecord],
+    chain: &[DeferRecord],
 ) -> (Vec<Option<usize>>, Vec<bool>) {
     let mut by_frame: HashMap<(u64, u64), Vec<usize>> = HashMap::new();
     for (index, record) in chain.iter().enumerate().rev() {
@@ -574,10 +574,10 @@ impl Aggregator {
     pub fn reconcile(
         &mut self,
         goid: u64,
-        runtime: &RuntimeGoroutine,
+        runtime: &GoroutineDefers,
         settled_ns: u64,
     ) -> Reconciled {
-        if runtime.goid != goid {
+        if runtime.header.goid != goid {
             let released = self.release(goid, |_| true);
             self.goroutines.remove(&goid);
             return Reconciled { released, ..Reconciled::default() };
@@ -586,13 +586,13 @@ impl Aggregator {
         let mut gone = Vec::new();
         if let Some(goroutine) = self.goroutines.get_mut(&goid) {
             gone.resize(goroutine.pending.len(), false);
-            let (pairs, _) = pair_with_chain(&goroutine.pending, &runtime.defers);
+            let (pairs, _) = pair_with_chain(&goroutine.pending, &runtime.records);
             for ((record, pair), gone) in goroutine.pending.iter_mut().zip(pairs).zip(&mut gone) {
                 match pair {
                     Some(chain_index) => {
                         record.missed = false;
-                        let sp = runtime.defers[chain_index].sp;
-                        record.stack_hi = runtime.stack_hi;
+                        let sp = runtime.records[chain_index].sp;
+                        record.stack_hi = runtime.header.stack_hi;
                         if sp != record.caller_sp {
                             record.caller_sp = sp;
                             moved += 1;
@@ -620,23 +620,24 @@ impl Aggregator {
     /// whose registration event was still in flight is adopted too; when that event arrives it
     /// takes the adopted record's place (see [`Aggregator::apply`]). Returns how many records
     /// were adopted.
-    pub fn adopt(&mut self, g: u64, runtime: &RuntimeGoroutine, found_ns: u64) -> u64 {
-        if runtime.goid == 0 {
+    pub fn adopt(&mut self, runtime: &GoroutineDefers, found_ns: u64) -> u64 {
+        let (g, goid) = (runtime.header.g, runtime.header.goid);
+        if goid == 0 {
             return 0;
         }
-        if runtime.defers.iter().all(|record| !record.heap) {
-            if let Some(goroutine) = self.goroutines.get_mut(&runtime.goid) {
+        if runtime.records.iter().all(|record| !record.heap) {
+            if let Some(goroutine) = self.goroutines.get_mut(&goid) {
                 goroutine.returning.clear();
             }
             return 0;
         }
-        let goroutine = self.goroutines.entry(runtime.goid).or_default();
+        let goroutine = self.goroutines.entry(goid).or_default();
         // Records released by a deferreturn still running them are known too: only what
         // neither accounts for is adopted. Those the chain no longer shows are done.
         let pending = goroutine.pending.len();
         let known: Vec<PendingDefer> =
             goroutine.pending.iter().chain(&goroutine.returning).copied().collect();
-        let (pairs, paired) = pair_with_chain(&known, &runtime.defers);
+        let (pairs, paired) = pair_with_chain(&known, &runtime.records);
         let still_running: Vec<PendingDefer> = (goroutine.returning.iter().zip(&pairs[pending..]))
             .filter(|(_, pair)| pair.is_some())
             .map(|(record, _)| *record)
@@ -647,7 +648,7 @@ impl Aggregator {
         // goes back to the pool, so a chain read racing a registration or a panic running the
         // records can meet one. The next read settles it.
         let found: Vec<PendingDefer> = runtime
-            .defers
+            .records
             .iter()
             .zip(paired)
             .rev()
@@ -656,7 +657,7 @@ impl Aggregator {
                 closure: record.closure,
                 caller_pc: record.pc,
                 caller_sp: record.sp,
-                stack_hi: runtime.stack_hi,
+                stack_hi: runtime.header.stack_hi,
                 registered_ns: found_ns,
                 adopted: true,
                 missed: false,
@@ -675,7 +676,7 @@ impl Aggregator {
         found.append(&mut goroutine.pending);
         goroutine.pending = found;
         if goroutine.pending.is_empty() && goroutine.returning.is_empty() {
-            self.goroutines.remove(&runtime.goid);
+            self.goroutines.remove(&goid);
         }
         adopted
     }
@@ -1029,20 +1030,30 @@ mod tests {
         })
     }
 
-    fn chain(goid: u64, records: &[(u64, u64)]) -> RuntimeGoroutine {
-        RuntimeGoroutine {
-            goid,
-            stack_hi: 0,
-            defers: records
+    /// Goroutine `goid`'s chain, read from the g at 0xc000_1000: `(closure, sp)` heap records
+    /// of the site at 0x401000, newest first.
+    fn chain(goid: u64, records: &[(u64, u64)]) -> GoroutineDefers {
+        GoroutineDefers {
+            header: GoroutineHeader { g: 0xc000_1000, goid, ..Default::default() },
+            records: records
                 .iter()
-                .map(|&(closure, sp)| crate::state::memory::ChainRecord {
+                .map(|&(closure, sp)| DeferRecord {
+                    address: 0xc010_0000,
                     closure,
                     sp,
                     pc: 0x401000,
                     heap: true,
+                    in_range_loop: false,
                 })
                 .collect(),
         }
+    }
+
+    /// `runtime` as read from the g at `g`.
+    fn on_g(g: u64, runtime: &GoroutineDefers) -> GoroutineDefers {
+        let mut runtime = runtime.clone();
+        runtime.header.g = g;
+        runtime
     }
 
     #[test]
@@ -1156,10 +1167,10 @@ mod tests {
         assert_eq!(agg.pending_heap_defers(), 0);
         // The runtime has run one of the two so far.
         let running = chain(6, &[(0xc000_0300, 0xc000_8000)]);
-        assert_eq!(agg.adopt(0xc000_1000, &running, 50), 0);
+        assert_eq!(agg.adopt(&on_g(0xc000_1000, &running), 50), 0);
         // Done: a record the frame's next registration links is adopted again as usual.
-        assert_eq!(agg.adopt(0xc000_1000, &chain(6, &[]), 60), 0);
-        assert_eq!(agg.adopt(0xc000_1000, &running, 70), 1);
+        assert_eq!(agg.adopt(&on_g(0xc000_1000, &chain(6, &[])), 60), 0);
+        assert_eq!(agg.adopt(&on_g(0xc000_1000, &running), 70), 1);
         let totals = agg.sites().next().unwrap().1;
         assert_eq!((totals.registered, totals.adopted, totals.released), (2, 1, 2));
     }
@@ -1174,13 +1185,15 @@ mod tests {
             4,
             &[(0xc000_0300, 0xc000_8000), (0xc000_0200, 0xc000_8000), (0xc000_0100, 0xc000_8000)],
         );
-        runtime.defers.push(crate::state::memory::ChainRecord {
+        runtime.records.push(DeferRecord {
+            address: 0xc000_8f00,
             closure: 0xc000_0050,
             sp: 0xc000_9000,
             pc: 0x402000,
             heap: false,
+            in_range_loop: false,
         });
-        assert_eq!(agg.adopt(0xc000_1000, &runtime, 99), 2);
+        assert_eq!(agg.adopt(&on_g(0xc000_1000, &runtime), 99), 2);
         assert_eq!(agg.pending_heap_defers(), 3);
         let (_, records) = agg.pending_by_goroutine().next().unwrap();
         assert_eq!(
@@ -1188,7 +1201,7 @@ mod tests {
             [(0xc000_0100, true), (0xc000_0200, true), (0xc000_0300, false)]
         );
         // A second look adopts nothing more.
-        assert_eq!(agg.adopt(0xc000_1000, &runtime, 120), 0);
+        assert_eq!(agg.adopt(&on_g(0xc000_1000, &runtime), 120), 0);
         let totals = agg.sites().next().unwrap().1;
         assert_eq!((totals.registered, totals.adopted, totals.pending()), (1, 2, 3));
         // deferreturn of the frame releases adopted and registered records alike.
@@ -1201,14 +1214,14 @@ mod tests {
     fn adopts_goroutines_never_seen_registering() {
         let mut agg = Aggregator::new();
         let runtime = chain(12, &[(0xc000_0100, 0xc000_8000)]);
-        assert_eq!(agg.adopt(0xc000_5000, &runtime, 5), 1);
+        assert_eq!(agg.adopt(&on_g(0xc000_5000, &runtime), 5), 1);
         assert_eq!(agg.goroutines_to_reconcile(), [(12, 0xc000_5000)]);
         // An empty chain adopts nothing and creates no goroutine.
-        assert_eq!(agg.adopt(0xc000_6000, &chain(13, &[]), 5), 0);
+        assert_eq!(agg.adopt(&on_g(0xc000_6000, &chain(13, &[])), 5), 0);
         // Nor does a record not filled in yet, or zeroed after it ran (a racing read).
         let mut racing = chain(14, &[(0, 0)]);
-        racing.defers[0].pc = 0;
-        assert_eq!(agg.adopt(0xc000_7000, &racing, 5), 0);
+        racing.records[0].pc = 0;
+        assert_eq!(agg.adopt(&on_g(0xc000_7000, &racing), 5), 0);
         assert_eq!(agg.pending_by_goroutine().count(), 1);
     }
 
@@ -1218,7 +1231,7 @@ mod tests {
         // The chain, read by 500, already links the record registered at 400 whose event
         // had not been drained yet.
         let runtime = chain(4, &[(0xc000_0100, 0xc000_8000)]);
-        assert_eq!(agg.adopt(0xc000_1000, &runtime, 500), 1);
+        assert_eq!(agg.adopt(&on_g(0xc000_1000, &runtime), 500), 1);
         agg.apply(&registered_at(4, 0xc000_0100, 0xc000_8000, 400));
         assert_eq!(agg.pending_heap_defers(), 1);
         let totals = agg.sites().next().unwrap().1;
@@ -1246,7 +1259,7 @@ mod tests {
             ],
         );
         assert_eq!(agg.reconcile(4, &runtime, 1_000), Reconciled::default());
-        assert_eq!(agg.adopt(0xc000_1000, &runtime, 2_000), 1);
+        assert_eq!(agg.adopt(&on_g(0xc000_1000, &runtime), 2_000), 1);
         agg.apply(&registered_at(4, 0x4f_0000, 0xc000_8d00, 1_500));
         assert_eq!(agg.pending_heap_defers(), 4);
         // Each level returns through deferreturn with its own SP: nothing is left.

@@ -139,13 +139,19 @@ pub fn trace_command_with(name: &str, flags: &[&str], program: &Path, args: &[&s
     trace_in(name, deferprobe(), flags, &command)
 }
 
-/// `deferprobe run --interval 1s FLAGS --report FILE -- COMMAND…`, with `deferprobe`'s
-/// environment and directory. Panics, with deferprobe's output, if it wrote no report.
+/// `deferprobe run --interval 1s FLAGS --report FILE -- COMMAND…` (FLAGS may set another
+/// `--interval`), with `deferprobe`'s environment and directory. Panics, with deferprobe's
+/// output, if it wrote no report.
 pub fn trace_in(name: &str, mut deferprobe: Command, flags: &[&str], command: &[&str]) -> Traced {
     let report_file = report_path(name);
     let _ = std::fs::remove_file(&report_file);
+    let interval: &[&str] = match flags.contains(&"--interval") {
+        true => &[],
+        false => &["--interval", "1s"],
+    };
     let output = deferprobe
-        .args(["run", "--interval", "1s"])
+        .arg("run")
+        .args(interval)
         .args(ALL_PROBES_ON)
         .args(flags)
         .arg("--report")

@@ -320,9 +320,6 @@ fn demo(duration: &str) -> Result<()> {
     Ok(())
 }
 
-/// The arm64 VM's cases `test` runs: all but the stress ones (see [`test`]).
-const ARM64_CASES_IN_TEST: [&str; 3] = ["counts", "captures", "pending"];
-
 fn test(extra: &[String]) -> Result<()> {
     go_programs()?;
     // The default members: every crate but deferprobe-ebpf, which only builds for the BPF target.
@@ -331,15 +328,8 @@ fn test(extra: &[String]) -> Result<()> {
     // The whole suite includes the arm64 VM's cases; arguments for `cargo test` (a filter, a
     // single test) ask for less, so they leave the VM out, and say so.
     if extra.is_empty() {
-        eprintln!(
-            "[xtask] the arm64 cases in an arm64 VM (cargo xtask test-arm64 {}); left out: the \
-             stress cases, whose site totals a known reconciliation race (amd64 too, see README \
-             \"Architectures\") can put a release or more over the registrations: `cargo xtask \
-             test-arm64 stress` runs them",
-            ARM64_CASES_IN_TEST.join(" ")
-        );
-        let filters = ARM64_CASES_IN_TEST.map(str::to_owned);
-        arm64_vm::test_arm64(&filters).context("cargo xtask test-arm64")?;
+        eprintln!("[xtask] the arm64 cases in an arm64 VM (cargo xtask test-arm64)");
+        arm64_vm::test_arm64(&[]).context("cargo xtask test-arm64")?;
     } else {
         eprintln!(
             "[xtask] not running the arm64 VM's cases (cargo test arguments given): \

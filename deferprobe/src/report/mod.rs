@@ -350,8 +350,8 @@ pub struct GovernorReport {
     /// The calibrated cost of a hit per instruction class (`jbe`, `call`).
     pub calibrated_ns: Option<BTreeMap<&'static str, u64>>,
     /// What the governor counted a hit as costing at the end: the measured real cost (plus its
-    /// error) once it was solid, else the calibrated cost (or a fallback) with headroom for
-    /// what a hit costs a busy program beyond it.
+    /// error) once it was solid, never under the calibrated cost, else the calibrated cost (or
+    /// a fallback) with headroom for what a hit costs a busy program beyond it.
     pub planned_hit_cost_ns: u64,
     /// What a hit really cost the target (its CPU time against its hits, between sampling
     /// windows and the rest of each tick: see `cost.rs`), every probe alike; null until enough

@@ -416,6 +416,14 @@ fn governor_notes(governor: &GovernorReport) -> Vec<String> {
             }
         ));
     }
+    if let (Some(measured), Some(error), Some(calibrated)) =
+        (governor.measured_hit_cost_ns, governor.measured_hit_cost_error_ns, governor.hit_cost_ns)
+        && measured + error < calibrated
+    {
+        notes.push(format!(
+            "a probe hit measured {measured} ± {error} ns of the target's CPU time, under the              {calibrated} ns calibrated: a program that uses all the CPU it gets does less work              while probes are on rather than spend more time, which its CPU time can't show, so              the budget was kept on the calibrated cost"
+        ));
+    }
     // Under half a second over budget is a rounding of one check, not a finding.
     if governor.defers_over_budget_secs >= 0.5 {
         notes.push(format!(
@@ -465,4 +473,36 @@ fn end_notes(
         ));
     }
     notes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn governor(measured: Option<(u64, u64)>) -> GovernorReport {
+        GovernorReport {
+            max_overhead_percent: 5.0,
+            hit_cost_ns: Some(883),
+            calibrated_ns: None,
+            planned_hit_cost_ns: 1325,
+            measured_hit_cost_ns: measured.map(|(ns, _)| ns),
+            measured_hit_cost_error_ns: measured.map(|(_, error)| error),
+            measured_ticks: 13,
+            sampled: Vec::new(),
+            defer_probes_percent: 0.4,
+            defers_over_budget_secs: 0.0,
+        }
+    }
+
+    /// A measured cost under the calibrated one (a CPU-saturated target) is said, with both
+    /// figures; one above it, or none, says nothing.
+    #[test]
+    fn a_measured_cost_under_the_calibrated_one_is_noted() {
+        let notes = governor_notes(&governor(Some((108, 121))));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("108 ± 121 ns") && notes[0].contains("883 ns"), "{notes:?}");
+        assert!(governor_notes(&governor(Some((1700, 100)))).is_empty());
+        assert!(governor_notes(&governor(Some((800, 100)))).is_empty());
+        assert!(governor_notes(&governor(None)).is_empty());
+    }
 }

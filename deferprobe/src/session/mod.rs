@@ -240,9 +240,6 @@ fn trace_process(
     };
 
     let child = started_command.then_some(target.pid);
-    // Every g the runtime made, to find defers already pending before tracing started. Only
-    // binaries with a symbol table name it; stripped ones fall back to the goroutines seen.
-    let allgs = binary.data_symbol("runtime.allgs").map(|address| address.wrapping_add(bias));
     // Runtime address of runtime.MemProfileRate, to unsample with the rate in force.
     let memprofile_rate = match memory_profiling {
         MemoryProfiling::Enabled { rate_variable, .. } if profiled && !args.counts_only => {
@@ -288,7 +285,6 @@ fn trace_process(
         layout: plan.layout,
         plan: &plan,
         memprofile_rate,
-        allgs,
         modules: crate::modules::Modules::new(
             target.pid,
             &target.exe,

@@ -2,12 +2,6 @@
 //! tracer (attaching and detaching sampled families in windows), checks the budget between
 //! ticks, and keeps the per-family figures the report presents sampled counts with.
 
-//! `deferprobe run`: the thin runtime shell around the pure parts. It finds or starts the
-//! target, attaches the probe plan, then runs one tokio loop that drains the ring buffer on a
-//! short timer into the [`Aggregator`], reconciles it with the runtime's `_defer` chains and
-//! logs counts every `--interval`, and stops on the duration, SIGINT/SIGTERM or the target's
-//! exit. Then it writes the report.
-
 use std::{
     collections::VecDeque,
     time::{Duration, Instant},
@@ -53,10 +47,9 @@ pub(super) const BUDGET_CHECK_EVERY: Duration = Duration::from_millis(20);
 /// (a burst shorter than this, such as a program's start-up, is absorbed by the rest).
 pub(super) const BUDGET_WINDOW: Duration = Duration::from_millis(500);
 
-/// Applies the governor's duty cycles to the tracer (a family with duty d is attached for the
-/// first d of each of the tick's [`SLICES_PER_TICK`] slices, its window closing on its own)
-/// and keeps what the report needs to present sampled counts as
-/// estimates.
+/// Applies the governor's duty cycles to the tracer (a family with duty d is attached for d of
+/// each of the tick's [`SLICES_PER_TICK`] slices, from a random offset, its window closing on
+/// its own) and keeps what the report needs to present sampled counts as estimates.
 pub(super) struct Sampler {
     governor: Governor,
     /// Sampling in windows needs cheap attach/detach (multi-uprobe links); otherwise a family
@@ -569,11 +562,17 @@ impl Sampler {
         self.measured_by_family = self.cost.by_family();
         let Some(measured) = self.measured.filter(Measured::is_solid) else { return Ok(()) };
         let was = self.governor.hit_ns();
-        let budget_ns = measured.ns_per_hit + measured.error_ns;
+        // Never below the calibrated cost: that is the kernel's own path for a hit, which the
+        // target pays whatever else it does. A figure under it means the target's CPU time
+        // can't show the cost: a program using all the CPU it gets does less work while the
+        // probes are on, rather than spending more time.
+        let floor = self.hit_cost_ns.unwrap_or(0) as f64;
+        let budget_ns = (measured.ns_per_hit + measured.error_ns).max(floor);
         self.governor.set_hit_ns(budget_ns);
         for family in SampledFamily::ALL {
             let own = self.measured_by_family[family.index()].filter(Measured::is_solid);
-            self.governor.set_family_hit_ns(family, own.map(|m| m.ns_per_hit + m.error_ns));
+            let own = own.map(|m| (m.ns_per_hit + m.error_ns).max(floor));
+            self.governor.set_family_hit_ns(family, own);
         }
         if (budget_ns - was).abs() > was / 4.0 {
             info!(

@@ -31,7 +31,10 @@ use crate::{
     plan::ProbePlan,
     report::{Counts, EndReason, GovernorReport, InterimCause, InterimReport, LostEvents, Report},
     snapshot::RuntimeReader,
-    state::memory::{Memory as _, ProcessMemory, RuntimeGoroutine, read_allgs, read_goroutine},
+    state::{
+        GoroutineDefers, goroutines,
+        memory::{Memory as _, ProcessMemory},
+    },
     state::{Snapshot, monotonic_ns},
     target,
     tracer::Tracer,
@@ -97,8 +100,6 @@ pub(super) struct TraceContext<'a> {
     /// Runtime address of `runtime.MemProfileRate` with `--alloc-mode profiled`, when the
     /// binary has symbols: read while tracing, to unsample with the rate in force.
     pub(super) memprofile_rate: Option<u64>,
-    /// Runtime address of `runtime.allgs`, when the binary has symbols.
-    pub(super) allgs: Option<u64>,
     /// Go plugins found in the target: looked for before the loop and every `--interval`,
     /// each probed when found.
     pub(super) modules: std::cell::RefCell<crate::modules::Modules>,
@@ -652,28 +653,29 @@ pub(super) fn reconcile(
         return Reconciled::default();
     }
     let tracked = aggregator.goroutines_to_reconcile();
-    let gs: Vec<u64> = match context.allgs.and_then(|allgs| read_allgs(&context.memory, allgs)) {
+    // Every g the runtime made (to find records pending before tracing started), else the
+    // goroutines seen registering.
+    let all = (context.reader)
+        .and_then(|reader| goroutines::read_allgs(&context.memory, reader.context().allg));
+    let gs: Vec<u64> = match all {
         Some(all) => all,
         None => tracked.iter().map(|(_, g)| *g).collect(),
     };
-    // Each chain with when its reading began and ended: a record registered after the start
-    // may be missing from it, and any record in it was registered (its probe fired) before the
-    // end. An unreadable chain (target gone, chain changing under us) proves nothing.
-    let read = |g: u64| {
-        let started_ns = monotonic_ns();
-        let chain = read_goroutine(&context.memory, &context.layout, g)?;
-        Some(ChainRead { started_ns, ended_ns: monotonic_ns(), chain })
-    };
-    let chains: HashMap<u64, ChainRead> =
-        gs.into_iter().filter_map(|g| Some((g, read(g)?))).collect();
+    let mut chains = read_chains(context, &gs);
+    // A tracked goroutine whose chain could not be read consistently gets a second try.
+    let again: Vec<u64> =
+        tracked.iter().map(|(_, g)| *g).filter(|g| !chains.contains_key(g)).collect();
+    if !again.is_empty() {
+        chains.extend(read_chains(context, &again));
+    }
     let grace = LINK_GRACE.as_nanos() as u64;
     let mut total = Reconciled::default();
     for (goid, g) in tracked {
-        let Some(read) = chains.get(&g).cloned().or_else(|| read(g)) else { continue };
+        let Some(read) = chains.get(&g) else { continue };
         total += aggregator.reconcile(goid, &read.chain, read.started_ns.saturating_sub(grace));
     }
-    for (g, read) in &chains {
-        total.adopted += aggregator.adopt(*g, &read.chain, read.ended_ns);
+    for read in chains.values() {
+        total.adopted += aggregator.adopt(&read.chain, read.ended_ns);
     }
     if total.released + total.moved + total.adopted > 0 {
         info!(
@@ -686,12 +688,27 @@ pub(super) fn reconcile(
     total
 }
 
-/// One goroutine's `_defer` chain and when it was read.
-#[derive(Clone)]
+/// One goroutine's `_defer` chain and when its reading began and ended: a record registered
+/// after the start may be missing from it, and any record in it was registered (its probe
+/// fired) before the end.
 pub(super) struct ChainRead {
     started_ns: u64,
     ended_ns: u64,
-    chain: RuntimeGoroutine,
+    chain: GoroutineDefers,
+}
+
+/// The chains of the goroutines at `gs`, by g, read as snapshots read them
+/// ([`goroutines::read_defers`]). A chain that can't be read consistently (the target is gone,
+/// the chain changed under every try) proves nothing and is left out.
+fn read_chains(context: &TraceContext, gs: &[u64]) -> HashMap<u64, ChainRead> {
+    let started_ns = monotonic_ns();
+    let headers = goroutines::read_headers(&context.memory, &context.layout, gs);
+    (gs.iter().zip(headers))
+        .filter_map(|(&g, header)| {
+            let chain = goroutines::read_defers(&context.memory, &context.layout, header?).ok()?;
+            Some((g, ChainRead { started_ns, ended_ns: monotonic_ns(), chain }))
+        })
+        .collect()
 }
 
 /// Losses so far, by cause.

@@ -10,9 +10,11 @@
 //!   `rangefunc` set and no `fn` on the chain of the frame that owns the loop; the loop body's
 //!   records hang off its `head` list (`deferprocat`) until that frame returns. They are read
 //!   too, as records of the owning frame. `badDefer` (1) ends such a list once the loop ended.
-//! - Every read is checked: a chain longer than [`MAX_CHAIN`] or with a cycle, or a g whose
-//!   `goid` or chain head changed while it was read (re-read after the walk), is retried, and
-//!   after [`ATTEMPTS`] dropped and counted as torn, never guessed.
+//! - Every read is checked: a chain longer than [`MAX_CHAIN`] or with a cycle, a record whose
+//!   frame is not on the g's stack (the walk followed a record freed and reused by another
+//!   goroutine), or a g whose `goid`, stack or chain head changed while it was read (re-read
+//!   after the walk), is retried, and after [`ATTEMPTS`] dropped and counted as torn, never
+//!   guessed.
 
 use std::collections::HashSet;
 
@@ -207,6 +209,7 @@ pub fn read_defers(
         let again = read_headers(memory, layout, &[header.g])[0].ok_or(Torn::Unreadable)?;
         let same = again.goid == header.goid
             && again.defers == header.defers
+            && (again.stack_lo, again.stack_hi) == (header.stack_lo, header.stack_hi)
             && again.status & !G_SCAN != G_COPYSTACK;
         match walked {
             Ok(records) if same => return Ok(GoroutineDefers { header, records }),
@@ -238,6 +241,12 @@ fn walk_chain(
             |at: u64| u64::from_le_bytes(buf[at as usize..at as usize + 8].try_into().unwrap());
         let rangefunc = layout.defer_rangefunc.is_some_and(|at| buf[at as usize] != 0);
         let sp = word(layout.defer_sp);
+        // Every record belongs to a frame of this goroutine. One that doesn't was freed while
+        // we walked and reused by another goroutine (records are pooled per P): the walk left
+        // this chain for that one's.
+        if !(header.stack_lo..=header.stack_hi).contains(&sp) {
+            return Err(Torn::Changed);
+        }
         match (rangefunc, layout.defer_head) {
             (true, Some(head)) => pending_lists.push((word(head), sp)),
             _ => records.push(DeferRecord {

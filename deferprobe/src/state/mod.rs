@@ -9,7 +9,9 @@ pub mod objects;
 pub mod stacks;
 
 use crate::{binary::ClosureTypes, layout::RuntimeLayout};
-pub use goroutines::{AllgAddresses, DeferRecord, GoroutineHeader, SavedContext, Torn};
+pub use goroutines::{
+    AllgAddresses, DeferRecord, GoroutineDefers, GoroutineHeader, SavedContext, Torn,
+};
 pub use memory::{Memory, MemoryImage, ProcessMemory, Recording};
 pub use objects::{CapturedValue, MapLayout, Value, capture_kind};
 pub use stacks::{Frame, GoroutineStack, StackEnd, Unwalked};
@@ -354,6 +356,18 @@ mod tests {
                     assert!(damaged.write_u64(record + reader.model.layout.defer_link, record));
                     let snapshot = take(reader, &damaged);
                     assert_eq!(snapshot.corrupt, 1, "{what}");
+                    assert_eq!(snapshot.goroutines.len(), live.goroutines.len() - 1, "{what}");
+
+                    // A walk that leaves the chain for another goroutine's (a record freed
+                    // and reused by it meanwhile): its frames are not on this goroutine's
+                    // stack, so the read is torn, not merged.
+                    let other = live.goroutines.iter().find(|g| g.header.g != victim.header.g);
+                    let other = other.expect("the pending program has several goroutines");
+                    let mut damaged = image.clone();
+                    let link = record + reader.model.layout.defer_link;
+                    assert!(damaged.write_u64(link, other.records[0].record.address));
+                    let snapshot = take(reader, &damaged);
+                    assert_eq!(snapshot.torn, 1, "{what}");
                     assert_eq!(snapshot.goroutines.len(), live.goroutines.len() - 1, "{what}");
 
                     // A record that can't be read: that goroutine is dropped as unreadable.
