@@ -1078,6 +1078,32 @@ fn loss_points(traced: f64, before: f64, after: f64) -> f64 {
     100.0 * (1.0 - traced / ((before + after) / 2.0))
 }
 
+/// What one A/B/A loss would scatter by (1σ, in points) with nothing traced, from the scatter
+/// of consecutive untraced phases: one phase's relative scatter σ is that of their
+/// differences over √2, and a loss compares a phase with the mean of two, √(1 + 1/2) σ. None
+/// with fewer than three phases.
+fn loss_noise_points(untraced: &[f64]) -> Option<f64> {
+    let differences: Vec<f64> =
+        untraced.windows(2).map(|pair| 200.0 * (pair[1] - pair[0]) / (pair[1] + pair[0])).collect();
+    if differences.len() < 2 {
+        return None;
+    }
+    let n = differences.len() as f64;
+    let mean = differences.iter().sum::<f64>() / n;
+    let variance = differences.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    Some((variance / 2.0).sqrt() * 1.5f64.sqrt())
+}
+
+/// A loss against its goal: "met" or "missed" when the median is more than two standard
+/// errors from the goal, else "unsettled" (the machine's noise can't tell).
+fn loss_verdict(loss: f64, error: Option<f64>, goal: f64) -> &'static str {
+    match error {
+        Some(error) if (loss - goal).abs() <= 2.0 * error => "unsettled",
+        _ if loss <= goal => "met",
+        _ => "missed",
+    }
+}
+
 /// What a phase measured of the server: requests/s, and its CPU time per request.
 #[derive(Clone, Copy)]
 struct Sample {
@@ -1134,11 +1160,13 @@ impl Phases {
         let rps = |samples: &[Sample]| samples.iter().map(|s| s.rps).collect::<Vec<_>>();
         let cpu =
             |samples: &[Sample]| samples.iter().map(|s| s.cpu_us_per_request).collect::<Vec<_>>();
+        let noise = loss_noise_points(&rps(&self.untraced));
         let mut rows = json!({
             "untraced": {
                 "requests_per_sec": median(&mut rps(&self.untraced)),
                 "samples": rps(&self.untraced),
                 "cpu_us_per_request": median(&mut cpu(&self.untraced)),
+                "loss_noise_points": noise,
             },
         });
         for (index, name) in configs.iter().enumerate() {
@@ -1157,6 +1185,8 @@ impl Phases {
                 "requests_per_sec": median(&mut rps(&traced)),
                 "samples": rps(&traced),
                 "loss_points": median(&mut losses.clone()),
+                // The median's standard error (1.25 σ/√n for a median) at the untraced noise.
+                "loss_error_points": noise.map(|noise| 1.25 * noise / (losses.len() as f64).sqrt()),
                 "losses": losses,
                 "cpu_us_per_request": median(&mut cpu(&traced)),
                 "cpu_loss_points": median(&mut cpu_losses.clone()),
@@ -1423,8 +1453,13 @@ impl Server {
     }
 
     fn wrk(&self, pinning: &Pinning, secs: u64) -> Command {
+        self.wrk_with(pinning, secs, 4)
+    }
+
+    /// wrk with `connections` connections.
+    fn wrk_with(&self, pinning: &Pinning, secs: u64, connections: u32) -> Command {
         let mut cmd = pinning.other("wrk");
-        cmd.args(["-t1", "-c4", &format!("-d{secs}s")]);
+        cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s")]);
         if let Some(script) = &self.wrk_script {
             cmd.arg("-s").arg(script);
         }
@@ -1475,8 +1510,19 @@ impl Server {
 
 /// One wrk run of `secs` seconds: the requests/s it measured (every answer a 2xx).
 fn wrk_phase(server: &Server, pinning: &Pinning, pid: &str, secs: u64) -> Result<Sample> {
+    wrk_phase_with(server, pinning, pid, secs, 4)
+}
+
+/// [`wrk_phase`] with `connections` connections.
+fn wrk_phase_with(
+    server: &Server,
+    pinning: &Pinning,
+    pid: &str,
+    secs: u64,
+    connections: u32,
+) -> Result<Sample> {
     let cpu = cpu_secs(pid)?;
-    let out = server.wrk(pinning, secs).stdin(Stdio::null()).output()?;
+    let out = server.wrk_with(pinning, secs, connections).stdin(Stdio::null()).output()?;
     let cpu = cpu_secs(pid)? - cpu;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "wrk failed on {}: {text}", server.name);
@@ -1580,14 +1626,18 @@ fn server_phases(ctx: &Ctx, server: &Server, reps: usize, secs: u64) -> Result<V
             },
         )
     });
+    let measured = phases.as_ref().ok().map(|_| measuring_phase(ctx, server, &pinning, &pid));
     let _ = child.kill();
     let _ = child.wait();
     let phases = phases?;
+    let measured = measured.expect("measured after the phases")?;
     let mut results = phases.rows(&names);
     for (index, (name, _, _, goal)) in SERVER_CONFIGS.iter().enumerate() {
         let loss = f(&results[*name]["loss_points"]);
+        let error = results[*name]["loss_error_points"].as_f64();
         results[*name]["goal_points"] = json!(goal);
         results[*name]["met"] = json!(loss <= *goal);
+        results[*name]["verdict"] = json!(loss_verdict(loss, error, *goal));
         results[*name]["governor"] = median_summary(&summaries[index]);
         results[*name]["governor_phases"] = json!(summaries[index]);
     }
@@ -1598,6 +1648,61 @@ fn server_phases(ctx: &Ctx, server: &Server, reps: usize, secs: u64) -> Result<V
         "load": server.what,
         "wrk": wrk,
         "results": results,
+        "measured": measured,
+    }))
+}
+
+/// The measuring phase: wrk with one connection, [`MEASURE_FLAGS`], [`MEASURE_SECS`].
+const MEASURE_CONNECTIONS: u32 = 1;
+/// A budget low enough for the governor to sample (its windows are what the real cost of a
+/// hit is measured across).
+const MEASURE_FLAGS: [&str; 2] = ["--max-overhead", "2"];
+/// Long enough for the 10 comparisons a measured cost needs.
+const MEASURE_SECS: u64 = 20;
+
+/// What a hit really costs `server` as deferprobe measures it while tracing (its CPU time
+/// against its hits across the sampling windows, `governor.measured_hit_cost_ns`), every probe
+/// alike and per sampled family, with errors. Under wrk with one connection: a server whose
+/// CPU is saturated can't show the cost in its CPU time (it does less work instead), and the
+/// server's CPU share is recorded to tell.
+fn measuring_phase(ctx: &Ctx, server: &Server, pinning: &Pinning, pid: &str) -> Result<Value> {
+    eprintln!("[bench]   {} measuring the real cost of a hit", server.name);
+    let (report, tracer_log) = (server.dir.join("measure.json"), server.dir.join("measure.log"));
+    let mut tracer = attach_deferprobe(ctx, pinning, pid, &MEASURE_FLAGS, &report, &tracer_log)?;
+    let phase = wrk_phase_with(server, pinning, pid, 1, MEASURE_CONNECTIONS).and_then(|_settle| {
+        let cpu = cpu_secs(pid)?;
+        let sample = wrk_phase_with(server, pinning, pid, MEASURE_SECS, MEASURE_CONNECTIONS)?;
+        Ok((sample, cpu_secs(pid)? - cpu))
+    });
+    interrupt(&mut tracer)?;
+    let (sample, cpu) = phase?;
+    let full: Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    let governor = &full["governor"];
+    let mut families = json!({});
+    for family in governor["sampled"].as_array().into_iter().flatten() {
+        if let Some(name) = family["family"].as_str() {
+            families[name] = json!({
+                "ns": family["measured_hit_cost_ns"],
+                "error_ns": family["measured_hit_cost_error_ns"],
+                "mean_duty_cycle": family["mean_duty_cycle"],
+            });
+        }
+    }
+    Ok(json!({
+        "flags": MEASURE_FLAGS.join(" "),
+        "connections": MEASURE_CONNECTIONS,
+        "secs": MEASURE_SECS,
+        "go": full["target"]["go_version"],
+        "requests_per_sec": sample.rps,
+        "server_cpu_share": cpu / MEASURE_SECS as f64,
+        "calibrated_ns": governor["calibrated_ns"],
+        "hit_cost_ns": governor["hit_cost_ns"],
+        "all": {
+            "ns": governor["measured_hit_cost_ns"],
+            "error_ns": governor["measured_hit_cost_error_ns"],
+            "ticks": governor["measured_ticks"],
+        },
+        "families": families,
     }))
 }
 
@@ -1997,6 +2102,46 @@ fn render_per_hit_by_release(s: &mut String, per_hit: &Value) {
 }
 
 /// Section 8: one table of the losses, one of what the governor did.
+/// The servers' measuring phases: what a hit really cost each, by family and Go release.
+fn render_measured(s: &mut String, servers: &[Value]) {
+    let _ = writeln!(
+        s,
+        "\nThe real cost of a hit as deferprobe measures it while tracing (its CPU time against its \
+         hits across the sampling windows, ± one standard error), in one more traced phase per \
+         server: `{}` for {MEASURE_SECS} s under wrk with {MEASURE_CONNECTIONS} connection, after \
+         the phases above. The server's CPU share says whether it was saturated: a server using \
+         all the CPU it gets (near 100 %) does less work while probes are on rather than spend \
+         more time, so its CPU time can't show their cost, and the figures read low (deferprobe \
+         then keeps its budget on the calibrated cost). — : too few comparisons, or the family's \
+         hits moved with another's.\n\n\
+         | server | Go | server CPU | calibrated (ns) | measured, every probe (ns) | measured by family (ns, duty cycle) |\n\
+         |---|---|---|---|---|---|",
+        MEASURE_FLAGS.join(" ")
+    );
+    let figure = |m: &Value| match (m["ns"].as_f64(), m["error_ns"].as_f64()) {
+        (Some(ns), Some(error)) => format!("{ns:.0} ± {error:.0}"),
+        _ => "—".to_owned(),
+    };
+    for server in servers {
+        let measured = &server["measured"];
+        let families = measured["families"].as_object().into_iter().flatten();
+        let families = families
+            .map(|(name, m)| format!("{name} {} ({:.2})", figure(m), f(&m["mean_duty_cycle"])))
+            .collect::<Vec<_>>();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} % | {:.0} | {} ({} comparisons) | {} |",
+            server["server"].as_str().unwrap_or("?"),
+            measured["go"].as_str().unwrap_or("?"),
+            100.0 * f(&measured["server_cpu_share"]),
+            f(&measured["hit_cost_ns"]),
+            figure(&measured["all"]),
+            measured["all"]["ticks"],
+            if families.is_empty() { "—".to_owned() } else { families.join("; ") },
+        );
+    }
+}
+
 fn render_servers(s: &mut String, sv: &Value) {
     let servers = sv["servers"].as_array().map(Vec::as_slice).unwrap_or_default();
     let _ = writeln!(
@@ -2013,10 +2158,13 @@ fn render_servers(s: &mut String, sv: &Value) {
          defers` (at the default budget, 5). CPU loss: the same from the server's CPU time per \
          request (/proc/PID/stat user + system, where the uprobe traps are charged), 100 × (1 − \
          untraced / traced): the throughput lost at equal CPU time, whatever share of its CPU \
-         other processes take; it still moves with the CPU's speed.\n",
+         other processes take; it still moves with the CPU's speed. Noise: what one phase's \
+         loss scatters by (1σ) with nothing traced, from the untraced phases' own scatter; the \
+         verdict is `met` or `missed` only when the median loss is more than two standard \
+         errors (1.25 × noise / √phases) from the goal, else `unsettled`.\n",
         sv["pinning"].as_str().unwrap_or("not recorded")
     );
-    let mut header = "| server | load | untraced requests/s, CPU µs/request |".to_owned();
+    let mut header = "| server | load | untraced requests/s, CPU µs/request; noise |".to_owned();
     for (_, label, ..) in SERVER_CONFIGS {
         let _ = write!(header, " {label}: loss (phases); CPU loss (phases); goal |");
     }
@@ -2028,11 +2176,12 @@ fn render_servers(s: &mut String, sv: &Value) {
     for server in servers {
         let results = &server["results"];
         let mut row = format!(
-            "| {} | {} | {:.0}, {:.1} |",
+            "| {} | {} | {:.0}, {:.1}; ±{:.1} |",
             server["server"].as_str().unwrap_or("?"),
             server["load"].as_str().unwrap_or("?"),
             f(&results["untraced"]["requests_per_sec"]),
             f(&results["untraced"]["cpu_us_per_request"]),
+            f(&results["untraced"]["loss_noise_points"]),
         );
         for (name, ..) in SERVER_CONFIGS {
             let config = &results[name];
@@ -2044,7 +2193,11 @@ fn render_servers(s: &mut String, sv: &Value) {
                 f(&config["cpu_loss_points"]),
                 each(&config["cpu_losses"]),
                 config["goal_points"],
-                goal(config["met"].as_bool().unwrap_or(false))
+                match config["verdict"].as_str() {
+                    Some("missed") => "**missed**",
+                    Some(verdict) => verdict,
+                    None => goal(config["met"].as_bool().unwrap_or(false)),
+                }
             );
         }
         let _ = writeln!(s, "{row}");
@@ -2090,6 +2243,7 @@ fn render_servers(s: &mut String, sv: &Value) {
             );
         }
     }
+    render_measured(s, servers);
     let _ = writeln!(s, "\nCommands:\n\n```sh");
     for server in servers {
         let _ = writeln!(
@@ -2123,7 +2277,7 @@ fn write_benchmarks_md(path: &Path, generated: &str) -> Result<()> {
 mod tests {
     use serde_json::json;
 
-    use super::{cpu_list, render_per_hit_by_release};
+    use super::{cpu_list, loss_noise_points, loss_verdict, render_per_hit_by_release};
 
     #[test]
     fn per_hit_by_release() {
@@ -2140,6 +2294,20 @@ mod tests {
         assert!(s.contains("| map | 1.19 | 120 | 1300 | 1.62 | **missed** |"), "{s}");
         assert!(s.contains("| defer | 1.19 | 170 | 900 | 1.10 | — |"), "{s}");
         assert!(!s.contains("stack"), "{s}");
+    }
+
+    /// Untraced phases alternating ±10 % around 100 scatter a loss by about 20 points; a
+    /// verdict needs the median two standard errors from the goal.
+    #[test]
+    fn losses_are_judged_against_the_noise() {
+        assert_eq!(loss_noise_points(&[100.0, 100.0]), None);
+        assert_eq!(loss_noise_points(&[100.0, 100.0, 100.0]), Some(0.0));
+        let noise = loss_noise_points(&[90.0, 110.0, 90.0, 110.0, 90.0]).unwrap();
+        assert!((noise - 20.0).abs() < 0.1, "{noise}");
+        assert_eq!(loss_verdict(3.0, Some(1.0), 5.5), "met");
+        assert_eq!(loss_verdict(8.0, Some(1.0), 5.5), "missed");
+        assert_eq!(loss_verdict(7.0, Some(1.0), 5.5), "unsettled");
+        assert_eq!(loss_verdict(7.0, None, 5.5), "missed");
     }
 
     #[test]
