@@ -1453,14 +1453,17 @@ impl Server {
     }
 
     fn wrk(&self, pinning: &Pinning, secs: u64) -> Command {
-        self.wrk_with(pinning, secs, 4)
+        self.wrk_with(pinning, secs, Load::Saturating)
     }
 
-    /// wrk with `connections` connections.
-    fn wrk_with(&self, pinning: &Pinning, secs: u64, connections: u32) -> Command {
+    fn wrk_with(&self, pinning: &Pinning, secs: u64, load: Load) -> Command {
         let mut cmd = pinning.other("wrk");
+        let (connections, script) = match load {
+            Load::Saturating => (4, self.wrk_script.clone()),
+            Load::Paced => (1, Some(self.dir.join("paced.lua"))),
+        };
         cmd.args(["-t1", &format!("-c{connections}"), &format!("-d{secs}s")]);
-        if let Some(script) = &self.wrk_script {
+        if let Some(script) = &script {
             cmd.arg("-s").arg(script);
         }
         cmd.arg(format!("http://{}{}", self.addr, self.load));
@@ -1510,19 +1513,33 @@ impl Server {
 
 /// One wrk run of `secs` seconds: the requests/s it measured (every answer a 2xx).
 fn wrk_phase(server: &Server, pinning: &Pinning, pid: &str, secs: u64) -> Result<Sample> {
-    wrk_phase_with(server, pinning, pid, secs, 4)
+    wrk_phase_with(server, pinning, pid, secs, Load::Saturating)
 }
 
-/// [`wrk_phase`] with `connections` connections.
+/// How wrk loads a server.
+#[derive(Clone, Copy)]
+enum Load {
+    /// Four connections, each sending its next request on the last answer: the server's CPU
+    /// is saturated, and what it loses shows as requests/s.
+    Saturating,
+    /// One connection waiting 1 ms after each answer ([`PACED_SCRIPT`]): the server has CPU to
+    /// spare, so what the probes cost it shows as CPU time.
+    Paced,
+}
+
+/// wrk's Lua hook for [`Load::Paced`], appended to the server's own script.
+const PACED_SCRIPT: &str = "function delay()\n  return 1\nend\n";
+
+/// [`wrk_phase`] under `load`.
 fn wrk_phase_with(
     server: &Server,
     pinning: &Pinning,
     pid: &str,
     secs: u64,
-    connections: u32,
+    load: Load,
 ) -> Result<Sample> {
     let cpu = cpu_secs(pid)?;
-    let out = server.wrk_with(pinning, secs, connections).stdin(Stdio::null()).output()?;
+    let out = server.wrk_with(pinning, secs, load).stdin(Stdio::null()).output()?;
     let cpu = cpu_secs(pid)? - cpu;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "wrk failed on {}: {text}", server.name);
@@ -1652,26 +1669,29 @@ fn server_phases(ctx: &Ctx, server: &Server, reps: usize, secs: u64) -> Result<V
     }))
 }
 
-/// The measuring phase: wrk with one connection, [`MEASURE_FLAGS`], [`MEASURE_SECS`].
-const MEASURE_CONNECTIONS: u32 = 1;
-/// A budget low enough for the governor to sample (its windows are what the real cost of a
-/// hit is measured across).
-const MEASURE_FLAGS: [&str; 2] = ["--max-overhead", "2"];
-/// Long enough for the 10 comparisons a measured cost needs.
-const MEASURE_SECS: u64 = 20;
+/// The measuring phase's budget: low enough for the governor to sample the families a paced
+/// server's requests hit (its windows are what the real cost of a hit is measured across).
+const MEASURE_FLAGS: [&str; 2] = ["--max-overhead", "0.5"];
+/// Long enough for the 10 comparisons a measured cost needs, and a few more.
+const MEASURE_SECS: u64 = 30;
 
 /// What a hit really costs `server` as deferprobe measures it while tracing (its CPU time
 /// against its hits across the sampling windows, `governor.measured_hit_cost_ns`), every probe
-/// alike and per sampled family, with errors. Under wrk with one connection: a server whose
-/// CPU is saturated can't show the cost in its CPU time (it does less work instead), and the
-/// server's CPU share is recorded to tell.
+/// alike and per sampled family, with errors, under [`Load::Paced`]: a server whose CPU is
+/// saturated can't show the cost in its CPU time (it does less work instead). The server's
+/// CPU share is recorded to tell.
 fn measuring_phase(ctx: &Ctx, server: &Server, pinning: &Pinning, pid: &str) -> Result<Value> {
     eprintln!("[bench]   {} measuring the real cost of a hit", server.name);
+    let own = match &server.wrk_script {
+        Some(script) => std::fs::read_to_string(script)?,
+        None => String::new(),
+    };
+    std::fs::write(server.dir.join("paced.lua"), own + PACED_SCRIPT)?;
     let (report, tracer_log) = (server.dir.join("measure.json"), server.dir.join("measure.log"));
     let mut tracer = attach_deferprobe(ctx, pinning, pid, &MEASURE_FLAGS, &report, &tracer_log)?;
-    let phase = wrk_phase_with(server, pinning, pid, 1, MEASURE_CONNECTIONS).and_then(|_settle| {
+    let phase = wrk_phase_with(server, pinning, pid, 1, Load::Paced).and_then(|_settle| {
         let cpu = cpu_secs(pid)?;
-        let sample = wrk_phase_with(server, pinning, pid, MEASURE_SECS, MEASURE_CONNECTIONS)?;
+        let sample = wrk_phase_with(server, pinning, pid, MEASURE_SECS, Load::Paced)?;
         Ok((sample, cpu_secs(pid)? - cpu))
     });
     interrupt(&mut tracer)?;
@@ -1690,7 +1710,6 @@ fn measuring_phase(ctx: &Ctx, server: &Server, pinning: &Pinning, pid: &str) -> 
     }
     Ok(json!({
         "flags": MEASURE_FLAGS.join(" "),
-        "connections": MEASURE_CONNECTIONS,
         "secs": MEASURE_SECS,
         "go": full["target"]["go_version"],
         "requests_per_sec": sample.rps,
@@ -2108,12 +2127,12 @@ fn render_measured(s: &mut String, servers: &[Value]) {
         s,
         "\nThe real cost of a hit as deferprobe measures it while tracing (its CPU time against its \
          hits across the sampling windows, ± one standard error), in one more traced phase per \
-         server: `{}` for {MEASURE_SECS} s under wrk with {MEASURE_CONNECTIONS} connection, after \
-         the phases above. The server's CPU share says whether it was saturated: a server using \
+         server: `{}` for {MEASURE_SECS} s under wrk with one connection waiting 1 ms after \
+         each answer, after the phases above. Paced, the server has CPU to spare: a server using \
          all the CPU it gets (near 100 %) does less work while probes are on rather than spend \
          more time, so its CPU time can't show their cost, and the figures read low (deferprobe \
-         then keeps its budget on the calibrated cost). — : too few comparisons, or the family's \
-         hits moved with another's.\n\n\
+         then keeps its budget on the calibrated cost). — : too few comparisons (a family \
+         sampled down to its refresh windows), or the family's hits moved with another's.\n\n\
          | server | Go | server CPU | calibrated (ns) | measured, every probe (ns) | measured by family (ns, duty cycle) |\n\
          |---|---|---|---|---|---|",
         MEASURE_FLAGS.join(" ")
