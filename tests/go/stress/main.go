@@ -128,18 +128,20 @@ func main() {
 				st := &states[i]
 				var anchor int
 				before := uintptr(unsafe.Pointer(&anchor))
-				defer func() {
-					moved[i] = uintptr(unsafe.Pointer(&anchor)) != before
-					done.Done()
-				}()
+				defer done.Done()
 				started.Done()
 				<-gate
-				bottom := func() {}
-				switch i % 3 {
-				case 1:
-					bottom = func() { panic(stressPanic{}) }
-				case 2:
-					bottom = func() { st.goexited = true; runtime.Goexit() }
+				// Looked at the bottom, where the stack is deepest: once the frames returned,
+				// a GC may shrink the stack back into the very block it started in.
+				bottom := func() {
+					moved[i] = uintptr(unsafe.Pointer(&anchor)) != before
+					switch i % 3 {
+					case 1:
+						panic(stressPanic{})
+					case 2:
+						st.goexited = true
+						runtime.Goexit()
+					}
 				}
 				descend(st, *depth, *depth/2, bottom)
 			}(i)
