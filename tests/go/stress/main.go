@@ -29,6 +29,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"runtime/metrics"
 	"sync"
 	"time"
 	"unsafe"
@@ -64,6 +65,18 @@ func descend(st *state, depth, guardAt int, bottom func()) int {
 		return 0
 	}
 	return descend(st, depth-1, guardAt, bottom) + 1 + pad[depth%len(pad)] - depth - depth%len(pad)
+}
+
+// startingStackSize is the stack goroutines start with now (Go 1.19+ sizes it from the
+// stacks the last GC saw), from runtime/metrics since Go 1.21; before, unknown (the largest
+// uintptr, so that only an address tells a copy).
+func startingStackSize() uintptr {
+	sample := []metrics.Sample{{Name: "/gc/stack/starting-size:bytes"}}
+	metrics.Read(sample)
+	if sample[0].Value.Kind() != metrics.KindUint64 {
+		return ^uintptr(0)
+	}
+	return uintptr(sample[0].Value.Uint64())
 }
 
 // guard recovers a stressPanic from below and lets the frames above return normally.
@@ -119,6 +132,7 @@ func main() {
 	for round := 0; round < *rounds; round++ {
 		states := make([]state, *goroutines)
 		moved := make([]bool, *goroutines)
+		starting := startingStackSize()
 		var started, done sync.WaitGroup
 		gate := make(chan struct{})
 		started.Add(*goroutines)
@@ -132,9 +146,13 @@ func main() {
 				started.Done()
 				<-gate
 				// Looked at the bottom, where the stack is deepest: once the frames returned,
-				// a GC may shrink the stack back into the very block it started in.
+				// a GC may shrink the stack back into the very block it started in. Even
+				// there the grown stack can end where the first one did (its block freed
+				// and reused), so a stack used deeper than goroutines start with counts too.
 				bottom := func() {
-					moved[i] = uintptr(unsafe.Pointer(&anchor)) != before
+					var deep int
+					used := before - uintptr(unsafe.Pointer(&deep))
+					moved[i] = uintptr(unsafe.Pointer(&anchor)) != before || used > starting
 					switch i % 3 {
 					case 1:
 						panic(stressPanic{})
