@@ -6,8 +6,9 @@
 // -goroutines G goroutines start together and wait at a gate, so all G are alive at once. Each
 // then recurses -depth levels; every level registers one loop (heap) defer and keeps a 256-byte
 // pad in its frame, so the 8 KiB starting stack is grown and copied several times on the way
-// down (checked: the address of a local of the goroutine's first frame must change). Halfway
-// down a guard frame defers a recover. At the bottom, goroutine i:
+// down (checked at the bottom: a local of the goroutine's first frame has moved, or the stack
+// is used deeper than goroutines start with). Halfway down a guard frame defers a recover. At
+// the bottom, goroutine i:
 //   - i%3 == 0 returns normally: every record runs through deferreturn;
 //   - i%3 == 1 panics: the records below the guard run during the panic, the guard recovers,
 //     and the frames above return normally;
