@@ -8,7 +8,7 @@ use std::{path::PathBuf, process::Command, thread, time::Duration};
 
 use serde_json::Value;
 
-use crate::{bad_input::Scratch, cli_errors::assert_fails, support::*};
+use crate::{bad_input::Scratch, checks::*, cli_errors::assert_fails, support::*};
 
 /// Builds the library with the default release and the host with cc: (host, library).
 fn build(scratch: &Scratch) -> (PathBuf, PathBuf) {
@@ -47,13 +47,7 @@ fn u64_of(value: &Value, key: &str) -> u64 {
 
 /// The report's site for `truth`'s defer statement.
 fn site<'a>(report: &'a Value, truth: &Value) -> &'a Value {
-    let site = &truth["site"];
-    report["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["function"] == site["function"] && s["line"] == site["line"])
-        .unwrap_or_else(|| panic!("no site {site} in {report:#}"))
+    site_at(&report["sites"], &truth["site"])
 }
 
 #[test]

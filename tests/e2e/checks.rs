@@ -10,6 +10,22 @@ pub fn u64_of(value: &Value, key: &str) -> u64 {
     value[key].as_u64().unwrap_or_else(|| panic!("no {key} in {value}"))
 }
 
+/// The entry of `sites` (a report's `sites`, a goroutine's `defer_sites`, `inspect`'s
+/// `heap_defer_sites`) in `function`; its first, if several.
+pub fn site_named<'a>(sites: &'a Value, function: &str) -> &'a Value {
+    let entries = sites.as_array().unwrap_or_else(|| panic!("not a list of sites: {sites}"));
+    let site = entries.iter().find(|s| s["function"] == function);
+    site.unwrap_or_else(|| panic!("no {function} site in {sites}"))
+}
+
+/// The entry of `sites` for the defer statement `site` names (its `function` and `line`).
+pub fn site_at<'a>(sites: &'a Value, site: &Value) -> &'a Value {
+    let entries = sites.as_array().unwrap_or_else(|| panic!("not a list of sites: {sites}"));
+    let found =
+        entries.iter().find(|s| s["function"] == site["function"] && s["line"] == site["line"]);
+    found.unwrap_or_else(|| panic!("no site {site} in {sites}"))
+}
+
 // tests/go/captures (correlation.rs).
 
 /// The one finding a scenario holding `-n` defers in one frame must produce.
@@ -86,12 +102,8 @@ pub fn expected_capture(site: &Value) -> (&'static str, String) {
 /// `inspect --json`'s `inspection` names, for every truth site of the `pending` program, the
 /// closure its defer passes and what it captures.
 pub fn check_inspection(inspection: &Value, truth: &Value) {
-    let sites = inspection["heap_defer_sites"].as_array().unwrap();
     for site in truth["sites"].as_array().unwrap() {
-        let inspected = sites
-            .iter()
-            .find(|s| s["function"] == site["function"] && s["line"] == site["line"])
-            .unwrap_or_else(|| panic!("inspect: no heap defer site for {site}"));
+        let inspected = site_at(&inspection["heap_defer_sites"], site);
         let captures = inspected["closure"]["captures"]
             .as_array()
             .unwrap_or_else(|| panic!("inspect: no closure for {inspected}"));
@@ -176,12 +188,7 @@ pub fn check_report(report: &Value, truth: &Value, what: &str) {
 
         // The site says the same, and that nothing was registered while traced (all of it
         // was pending before: null registrations without probes).
-        let site_report = report["sites"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["function"] == site["function"] && s["line"] == site["line"])
-            .unwrap_or_else(|| panic!("{}", context(&format!("no site for {site}"))));
+        let site_report = site_at(&report["sites"], site);
         let detail = context(&format!("{site_report:#}\ntruth {site}"));
         assert_eq!(u64_of(site_report, "pending"), pending, "{detail}");
         assert_eq!(u64_of(site_report, "pending_before_trace"), pending, "{detail}");
@@ -198,12 +205,7 @@ pub fn check_report(report: &Value, truth: &Value, what: &str) {
             .iter()
             .find(|g| g["goid"] == site["goid"])
             .unwrap_or_else(|| panic!("{}", context(&format!("no goroutine for {site}"))));
-        let goroutine_site = goroutine["defer_sites"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["line"] == site["line"] && s["function"] == site["function"])
-            .unwrap_or_else(|| panic!("{}", context(&format!("{goroutine}"))));
+        let goroutine_site = site_at(&goroutine["defer_sites"], site);
         assert_eq!(u64_of(goroutine_site, "pending"), pending, "{goroutine_site}");
         assert_eq!(u64_of(goroutine_site, "pending_before_trace"), pending, "{goroutine_site}");
     }
@@ -259,12 +261,7 @@ pub fn assert_exact(report: &Value, truth: &Value) {
         assert_eq!(value, 0, "lost.{cause}: {report}");
     }
     assert_eq!(report["pending"]["heap_defers"], 0, "{report}");
-    let site = report["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["function"] == "main.descend")
-        .unwrap_or_else(|| panic!("no main.descend site: {report}"));
+    let site = site_named(&report["sites"], "main.descend");
     assert_eq!(site["registered"], STRESS_DEFERS, "{report}");
     assert_eq!(site["released"], STRESS_DEFERS, "{report}");
 }

@@ -79,12 +79,7 @@ fn per_request_handler_releases_everything() {
         let Traced { report, truth, .. } = trace_scenario(&release, "handler", &["-n", "1000"]);
         assert_eq!(report["findings"].as_array().unwrap().len(), 0, "{report}");
         assert_eq!(u64_of(&report["pending"], "heap_defers"), 0, "{report}");
-        let site = report["sites"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["function"] == truth["function"])
-            .unwrap_or_else(|| panic!("no {} site: {report}", truth["function"]));
+        let site = site_named(&report["sites"], truth["function"].as_str().unwrap());
         assert_eq!(u64_of(site, "registered"), u64_of(&truth, "registered"), "{site}");
         assert_eq!(u64_of(site, "released"), u64_of(&truth, "released"), "{site}");
         assert_eq!(u64_of(site, "pending"), 0);

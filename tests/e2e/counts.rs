@@ -5,7 +5,7 @@ use std::{thread, time::Duration};
 
 use serde_json::Value;
 
-use crate::support::*;
+use crate::{checks::*, support::*};
 
 /// Work the workload does in every test: 20 calls × 25 loop defers, plus 10 goroutines with 2
 /// loop defers each.
@@ -36,12 +36,7 @@ fn assert_counts_match(report: &Value, truth: &GroundTruth) {
     assert!(report["probes"]["attached"].as_u64().unwrap() >= 8, "{report}");
     // Every registered defer of the workload ran: nothing pending at the end.
     assert_eq!(report["pending"]["heap_defers"], 0, "{report}");
-    let loop_site = report["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["function"] == "main.loopDefers")
-        .unwrap_or_else(|| panic!("no main.loopDefers site: {report}"));
+    let loop_site = site_named(&report["sites"], "main.loopDefers");
     assert_eq!(loop_site["registered"], truth.heap_defers);
     assert_eq!(loop_site["released"], truth.heap_defers);
 }

@@ -3,7 +3,7 @@
 
 use std::{thread, time::Duration};
 
-use crate::support::*;
+use crate::{checks::*, support::*};
 
 #[test]
 fn governor_samples_hot_families_and_keeps_defers_exact() {
@@ -59,12 +59,7 @@ fn governor_samples_hot_families_and_keeps_defers_exact() {
     assert!(stdout.contains("sampled to stay under 0.1% of a CPU"), "{stdout}");
 
     // Defer probes stayed on: the leak's site accounts for every pending record.
-    let pump = report["sites"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["function"] == "main.pumpBatches")
-        .unwrap_or_else(|| panic!("no pump site: {report}"));
+    let pump = site_named(&report["sites"], "main.pumpBatches");
     let registered = pump["registered"].as_u64().unwrap();
     assert!(registered >= 100, "one batch per 20 ms for 4 s: {pump}");
     assert_eq!(

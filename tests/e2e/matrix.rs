@@ -25,7 +25,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::support::*;
+use crate::{checks::*, support::*};
 
 /// The variants whose program is the workload (cgo-linked or not), one test each.
 const COUNT_VARIANTS: [&str; 4] = ["plain", "stripped", "pie", "cgo"];
@@ -306,12 +306,7 @@ fn check_workload(target: &Target) {
         }),
         "inspect must list the heap-defer site main.loopDefers at tests/go{file_line}:\n{text}"
     );
-    let static_site = json["heap_defer_sites"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no heap_defer_sites in inspect --json"))
-        .iter()
-        .find(|s| s["function"] == "main.loopDefers")
-        .unwrap_or_else(|| panic!("no main.loopDefers in heap_defer_sites: {json}"));
+    let static_site = site_named(&json["heap_defer_sites"], "main.loopDefers");
     assert_eq!(static_site["line"], line, "{static_site}");
     let call_address = static_site["call_address"].as_u64().expect("call_address");
     assert!(

@@ -14,7 +14,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::support::*;
+use crate::{checks::*, support::*};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 
@@ -272,14 +272,6 @@ fn interim_paths(stderr: &[String]) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The report's site of the ground truth's `site`.
-fn site_of<'r>(report: &'r Value, site: &Value) -> &'r Value {
-    let sites = report["sites"].as_array().unwrap();
-    let found =
-        sites.iter().find(|s| s["function"] == site["function"] && s["line"] == site["line"]);
-    found.unwrap_or_else(|| panic!("no site {site} in {report}"))
-}
-
 /// Checks an interim report against the program's truth at that moment.
 fn assert_interim(report: &Value, truth: &Value, cause: &str) {
     assert_eq!(report["ended_by"], Value::Null, "{report}");
@@ -287,7 +279,7 @@ fn assert_interim(report: &Value, truth: &Value, cause: &str) {
     assert_eq!(report["counts"]["deferproc"], truth["heap_defers"], "{report}");
     assert_eq!(report["pending"]["heap_defers"], truth["pending_defers"], "{report}");
     assert_eq!(report["pending"]["captured_maps"], truth["pending_defers"], "{report}");
-    let site = site_of(report, &truth["pending_site"]);
+    let site = site_at(&report["sites"], &truth["pending_site"]);
     assert_eq!(site["pending"], truth["pending_defers"], "{report}");
     assert_eq!(site["registered"], truth["pending_defers"], "{report}");
     assert_released(report, truth);
@@ -296,7 +288,7 @@ fn assert_interim(report: &Value, truth: &Value, cause: &str) {
 /// The released site's registrations and releases, and the deferreturn calls, are exact.
 fn assert_released(report: &Value, truth: &Value) {
     assert_eq!(report["counts"]["deferreturn"], truth["heap_defer_frame_returns"], "{report}");
-    let site = site_of(report, &truth["released_site"]);
+    let site = site_at(&report["sites"], &truth["released_site"]);
     assert_eq!((&site["registered"], &site["released"]), (&truth["released"], &truth["released"]));
     assert_eq!(site["pending"], 0, "{report}");
 }

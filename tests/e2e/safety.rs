@@ -80,8 +80,7 @@ fn reconciling_mid_recursion_releases_each_record_once() {
         assert_eq!(traced.count("deferproc"), defers, "{detail}");
         assert_eq!(traced.report["counts"]["lost_events"], 0, "{detail}");
         assert_eq!(traced.report["pending"]["heap_defers"], 0, "{detail}");
-        let sites = traced.report["sites"].as_array().unwrap();
-        let site = sites.iter().find(|s| s["function"] == "main.descend").expect("main.descend");
+        let site = site_named(&traced.report["sites"], "main.descend");
         assert_eq!((&site["registered"], &site["released"]), (&defers.into(), &defers.into()));
         // Long enough for several reconciliations to land mid-run.
         let secs = traced.report["duration_secs"].as_f64().unwrap();
